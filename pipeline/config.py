@@ -1,0 +1,273 @@
+"""Typed configuration: one dataclass per params.json section, strictly validated.
+
+Every key has a type and, where it matters, a range or a list of choices. Unknown keys,
+wrong types, NaN/Infinity, duplicate keys and out-of-range values are errors that name the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import PipelineError
+
+STAGES = ("extract", "head", "logistic", "finetune")
+
+
+class ConfigError(PipelineError):
+    """A params file or override that cannot be used; the message names the key."""
+
+
+def _c(default: Any, help: str, **constraints: Any) -> Any:
+    """A field with a help text and constraints (gt, ge, le, choices, item_choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default),
+                     metadata={"help": help, **constraints})
+    return field(default=default, metadata={"help": help, **constraints})
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    name: str = _c("demo", "run folder name under output_dir", nonempty=True)
+    output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
+    device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
+    seed: int = _c(0, "seed for splits, initialisation and shuffling", ge=0)
+    stages: list[str] = _c(list(STAGES), "stages run when none are named on the command line",
+                           item_choices=STAGES)
+    num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
+
+
+@dataclass
+class DataConfig:
+    root: str = _c("demo:digits", "ImageFolder root with train/ and val/, or demo:digits", nonempty=True)
+    num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = _c("efficientnet_lite0", "efficientnet_lite0 or any torchvision classification model",
+                   nonempty=True)
+    weights: str = _c("DEFAULT", "DEFAULT, a weights enum name, a local .pth state dict, or none",
+                      nonempty=True)
+    image_size: Optional[int] = _c(None, "input crop size; null keeps the weights' own", gt=0)
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = _c(64, "images per forward pass", gt=0)
+    cache_dir: str = _c("cache", "folder for the HDF5 feature files", nonempty=True)
+    dtype: str = _c("float32", "storage dtype of cached features", choices=("float32", "float16"))
+
+
+@dataclass
+class HeadConfig:
+    epochs: int = _c(25, "training epochs", gt=0)
+    batch_size: int = _c(4, "samples per SGD step", gt=0)
+    lr: float = _c(0.001, "SGD learning rate", gt=0)
+    momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
+    step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
+    gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
+
+
+@dataclass
+class LogisticConfig:
+    c_grid: list[float] = _c([0.001, 0.01, 0.1, 1.0, 10.0], "inverse regularisation strengths tried",
+                             item_gt=0, nonempty=True)
+    cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2)
+    max_iter: int = _c(1000, "solver iterations", gt=0)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = _c(25, "training epochs", gt=0)
+    batch_size: int = _c(16, "images per SGD step", gt=0)
+    lr: float = _c(0.001, "SGD learning rate", gt=0)
+    momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
+    step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
+    gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
+    augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    logistic: LogisticConfig = field(default_factory=LogisticConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# ----------------------------------------------------------------------------- loading
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed (use a finite number)")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key '{key}'")
+        out[key] = value
+    return out
+
+
+def parse_json_text(text: str, source: str) -> Any:
+    """Parse JSON strictly: no NaN/Infinity, no duplicate keys; errors name the line."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        if meta.get("nonempty") and not value:
+            raise ConfigError(f"{key}: must not be empty")
+        items = [_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value)]
+        allowed = meta.get("item_choices")
+        for i, v in enumerate(items):
+            if allowed is not None and v not in allowed:
+                raise ConfigError(f"{key}[{i}]: '{v}' is not one of {', '.join(allowed)}")
+            if "item_gt" in meta and not v > meta["item_gt"]:
+                raise ConfigError(f"{key}[{i}]: must be > {meta['item_gt']}, got {v}")
+        return items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if meta.get("nonempty") and not value.strip():
+            raise ConfigError(f"{key}: must not be empty")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}")
+    for op, test, word in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
+                           ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")):
+        if op in meta and not test(value, meta[op]):
+            raise ConfigError(f"{key}: must be {word} {meta[op]}, got {value}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected an object of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{name}.{unknown[0]}' (known keys in '{name}': "
+                          f"{', '.join(fields)})")
+    values = {k: _check_value(f"{name}.{k}", v, hints[k], dict(fields[k].metadata))
+              for k, v in raw.items()}
+    return cls(**values)
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    """Build a validated Config from a nested dict (missing keys take their defaults)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be an object of sections")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)})")
+    return Config(**{name: _build_section(name, cls, raw.get(name, {}))
+                     for name, cls in SECTIONS.items()})
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    dotted, value_text = text.split("=", 1)
+    if dotted.count(".") != 1:
+        raise ConfigError(f"--set '{text}': expected section.key=value (e.g. head.lr=0.01)")
+    section, key = dotted.split(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set '{text}': unknown section '{section}' (known: {', '.join(SECTIONS)})")
+    field_names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in field_names:
+        raise ConfigError(f"unknown key '{section}.{key}' (known keys in '{section}': "
+                          f"{', '.join(field_names)})")
+    tp = typing.get_type_hints(SECTIONS[section])[key]
+    try:
+        value = parse_json_text(value_text, f"--set {dotted}")
+    except ConfigError:
+        value = value_text  # a bare word such as resnet18 or /data/ants
+    if tp is str and not isinstance(value, str):
+        value = value_text  # run.name=123 means the string "123"
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load params JSON (or the defaults when path is None) and apply section.key=value overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read params file '{path}': {e.strerror}") from None
+        raw = parse_json_text(text, str(path))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be an object of sections")
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected an object of keys")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, str(path) if path else "params")
+
+
+def describe_keys() -> str:
+    """One line per key: name, default and help, for --help."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {name}.{f.name} (default {json.dumps(default)}): {f.metadata['help']}")
+    return "\n".join(lines)

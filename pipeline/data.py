@@ -1,0 +1,231 @@
+"""ImageFolder discovery, image loading and the per-model transform presets."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from pipeline import PipelineError
+
+DEMO_PREFIX = "demo:"
+DEMO_DATASETS = ("digits",)
+# Folders and files a camera, an OS or a notebook leaves behind; never classes, never images.
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that turns an image file into the backbone's input tensor."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   str(d["interpolation"]))
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's images: paths relative to the data root (POSIX), and their class indices."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    root: Path
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val}[name]
+
+
+# ----------------------------------------------------------------------------- discovery
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_ignored(e.name))
+
+
+def _scan_split(root: Path, split: str, classes: list[str]) -> Split:
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        cls_dir = root / split / cls
+        files = []
+        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+            files += [Path(dirpath, f) for f in sorted(filenames)
+                      if not _is_ignored(f) and _is_image(f)]
+        if not files:
+            raise PipelineError(f"class folder '{cls_dir}' has no images "
+                                f"(extensions: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+        paths += [f.relative_to(root).as_posix() for f in files]
+        labels += [label] * len(files)
+    return Split(tuple(paths), tuple(labels))
+
+
+def discover_image_folder(root: str | Path) -> ImageFolderData:
+    """Index root/train/<class>/* and root/val/<class>/*; classes and their order come from train."""
+    root = Path(root)
+    layout = f"(expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)"
+    if not root.is_dir():
+        raise PipelineError(f"data.root '{root}' is not a folder {layout}")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise PipelineError(f"data.root '{root}' has no '{split}' folder {layout}")
+    classes = _class_dirs(root / "train")
+    if not classes:
+        raise PipelineError(f"'{root / 'train'}' has no class folders {layout}")
+    val_classes = _class_dirs(root / "val")
+    missing = sorted(set(classes) - set(val_classes))
+    extra = sorted(set(val_classes) - set(classes))
+    if missing:
+        raise PipelineError(f"class '{missing[0]}' is in '{root / 'train'}' but not in '{root / 'val'}' "
+                            "(every class needs validation images)")
+    if extra:
+        raise PipelineError(f"class '{extra[0]}' is in '{root / 'val'}' but not in '{root / 'train'}' "
+                            "(a head cannot predict a class it never saw)")
+    return ImageFolderData(root, tuple(classes), _scan_split(root, "train", classes),
+                           _scan_split(root, "val", classes))
+
+
+def demo_dir() -> Path:
+    """The repo's data folder where demo datasets are written (ignored by git)."""
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def write_digits_demo(target: Path, val_fraction: float = 0.25, seed: int = 0) -> None:
+    """Write scikit-learn's 1,797 handwritten digits as an ImageFolder of 8x8 grayscale PNGs.
+
+    The split is stratified and seeded with a fixed seed so the folder never depends on run.seed.
+    Written into a temporary folder and renamed, so an interrupted write leaves nothing half-done.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), values 0..16
+    idx = np.arange(len(pixels))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target,
+                                          random_state=seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for split, ids in (("train", train_idx), ("val", val_idx)):
+            for i in sorted(ids):
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i], mode="L").save(folder / f"digit_{i:04d}.png")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_data_root(root: str) -> Path:
+    """data.root as a folder; 'demo:digits' is materialised once under the repo's data/ folder."""
+    if not root.startswith(DEMO_PREFIX):
+        return Path(root).expanduser()
+    name = root[len(DEMO_PREFIX):]
+    if name not in DEMO_DATASETS:
+        raise PipelineError(f"data.root '{root}': unknown demo dataset (available: "
+                            f"{', '.join(DEMO_PREFIX + d for d in DEMO_DATASETS)})")
+    target = demo_dir() / name
+    if not target.exists():
+        print(f"writing the '{name}' demo dataset to {target} (once)")
+        write_digits_demo(target)
+    return target
+
+
+def load_image_folder(root: str) -> ImageFolderData:
+    return discover_image_folder(resolve_data_root(root))
+
+
+# ----------------------------------------------------------------------------- images
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float images to 8-bit instead of clipping them."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr.astype(np.float64) * (255.0 / 65535.0)
+    elif img.mode == "F":
+        arr = arr.astype(np.float64) * (255.0 if arr.max(initial=0) <= 1.0 else 1.0)
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB whatever its mode (L, LA, P, RGBA, CMYK, 16-bit), EXIF orientation applied."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            img = _to_8bit(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+_INTERPOLATIONS = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
+                   "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def eval_transform(pre: Preprocess) -> T.Compose:
+    """Resize, center-crop, normalise: what the backbone saw on ImageNet validation."""
+    interp = _INTERPOLATIONS[pre.interpolation]
+    return T.Compose([T.Resize(pre.resize_size, interpolation=interp, antialias=True),
+                      T.CenterCrop(pre.crop_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def train_transform(pre: Preprocess) -> T.Compose:
+    """The tutorial's train-time augmentation: RandomResizedCrop + horizontal flip."""
+    interp = _INTERPOLATIONS[pre.interpolation]
+    return T.Compose([T.RandomResizedCrop(pre.crop_size, interpolation=interp, antialias=True),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+class ImageListDataset(Dataset):
+    """(image tensor, label) for a list of paths relative to root."""
+
+    def __init__(self, root: Path, split: Split, transform) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.root / self.split.paths[i]
+        try:
+            img = load_image(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise PipelineError(f"cannot read image '{path}': {e}") from None
+        return self.transform(img), self.split.labels[i]

@@ -1,0 +1,92 @@
+"""train_one_epoch / evaluate, shared by the linear head (on cached features) and finetuning."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from pipeline.runtime import progress
+
+
+class TensorBatches:
+    """Mini-batches (x, y) from in-memory tensors, reshuffled every pass by a seeded generator.
+
+    Indexing RAM-resident tensors directly avoids a DataLoader's per-sample overhead, which would
+    dominate a linear head's training step.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+        self.x, self.y, self.batch_size, self.shuffle, self.generator = x, y, batch_size, shuffle, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+def compute_loss(outputs, targets: torch.Tensor, criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, main logits); auxiliary classifiers add their weighted loss in training mode.
+
+    Inception v3 returns (logits, aux_logits): loss + 0.4 * aux_loss, as in its paper.
+    GoogLeNet returns (logits, aux2, aux1): loss + 0.3 * (aux1 + aux2).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, targets), outputs
+    logits = outputs[0]
+    aux = [a for a in outputs[1:] if a is not None]
+    weight = 0.4 if len(aux) == 1 else 0.3
+    loss = criterion(logits, targets) + weight * sum(criterion(a, targets) for a in aux)
+    return loss, logits
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterable, device: torch.device, desc: Optional[str] = None) -> dict:
+    """One pass of SGD over batches; returns mean loss and accuracy on what it trained on."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = progress(batches, desc=desc, unit="batch", leave=False) if desc else batches
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = compute_loss(model(x), y, criterion)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), targets (N,)) on CPU for every batch, model in eval mode."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in batches:
+        logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        targets.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(targets)
+
+
+def evaluate(model: nn.Module, criterion: nn.Module, batches: Iterable, device: torch.device) -> dict:
+    """Mean loss and top-1 accuracy over batches."""
+    logits, targets = predict(model, batches, device)
+    return {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+
+
+def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float):
+    """SGD with momentum and a StepLR schedule, as in the PyTorch transfer-learning tutorial."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)

@@ -1,0 +1,60 @@
+"""The run folder's metrics.json: every stage merges its own entry; the results table reads it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a crash never leaves a half-written file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_metrics(run_dir: Path, stage: str, entry: dict) -> dict:
+    """Replace this stage's entry in metrics.json, keeping the other stages' entries."""
+    metrics = read_metrics(run_dir)
+    metrics[stage] = entry
+    write_json(Path(run_dir) / METRICS_FILE, metrics)
+    return metrics
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def format_results(metrics: dict) -> str:
+    """A plain-text table of the stages in metrics.json."""
+    rows = [("stage", "val_acc", "seconds", "details")]
+    for stage, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        if stage == "extract":
+            details = (f"{m.get('images')} images, cache {'hit' if m.get('cache_hit') else 'miss'}"
+                       + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else ""))
+        else:
+            details = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
+        rows.append((stage, _fmt(m.get("val_acc")), _fmt(m.get("seconds")), details))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

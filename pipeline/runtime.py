@@ -1,0 +1,66 @@
+"""Device, seeding and environment facts shared by every stage (no module-level state)."""
+from __future__ import annotations
+
+import platform
+import random
+import sys
+
+import numpy as np
+import torch
+
+from pipeline import PipelineError
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn run.device ('auto', 'cpu', 'cuda', 'cuda:1', 'mps') into a torch.device that exists."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PipelineError(f"run.device '{name}' is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"run.device '{name}' asked for CUDA but torch sees no CUDA device "
+                            "(use run.device=auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(f"run.device '{name}': only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError(f"run.device '{name}' asked for MPS but it is not available (use auto or cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"run.device '{name}' is not supported (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions and hardware facts recorded next to results."""
+    import torchvision
+
+    info = {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "device": str(device),
+        "num_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar that refreshes often in a terminal and every 30 s in a log file."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, mininterval=0.2 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)

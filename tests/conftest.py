@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny generated ImageFolders and a config for a small random backbone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+
+# Each class gets its own colour so that even random features separate them.
+COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 220, 40)]
+
+
+def make_image_folder(root: Path, classes=("ants", "bees"), n_train: int = 6, n_val: int = 3,
+                      size: int = 24, seed: int = 0) -> Path:
+    """Write root/{train,val}/<class>/img_<i>.png: noisy images tinted by class."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.array(COLOURS[c % len(COLOURS)], dtype=np.float64)
+                img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+def tiny_overrides(tmp_path: Path, root: Path) -> list[str]:
+    return [f"data.root={root}", "data.num_workers=0", "backbone.name=resnet18", "backbone.weights=none",
+            "backbone.image_size=32", f"extract.cache_dir={tmp_path / 'cache'}", "extract.batch_size=8",
+            f"run.output_dir={tmp_path / 'runs'}", "run.name=t", "run.device=cpu", "head.epochs=3",
+            "head.batch_size=4", "logistic.cv_folds=2", "logistic.c_grid=[0.1, 1.0]", "finetune.epochs=1",
+            "finetune.batch_size=4"]
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "imgs")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, image_root: Path):
+    """A config that runs every stage in seconds: resnet18, random weights, 32 px, CPU."""
+    def make(*extra: str):
+        return load_config(None, tiny_overrides(tmp_path, image_root) + list(extra))
+    return make
+
+
+@pytest.fixture
+def params_file(tmp_path: Path, image_root: Path) -> Path:
+    """A params.json for the tiny setup, for CLI tests."""
+    cfg = load_config(None, tiny_overrides(tmp_path, image_root))
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    return path

@@ -1,0 +1,142 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.backbones import (LITE0, BackboneError, build_classifier, build_feature_extractor, build_network,
+                                classifier_path, resolve_backbone)
+from pipeline.config import BackboneConfig
+
+
+def spec_of(name, weights="none", image_size=None):
+    cfg = BackboneConfig(name=name, weights=weights, image_size=image_size)
+    return cfg, resolve_backbone(cfg, seed=0)
+
+
+def test_preprocessing_comes_from_the_weights():
+    assert spec_of("resnet18", "DEFAULT")[1].preprocess.crop_size == 224
+    inception = spec_of("inception_v3", "DEFAULT")[1].preprocess
+    assert (inception.resize_size, inception.crop_size) == (342, 299)
+    vit = spec_of("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")[1].preprocess
+    assert (vit.crop_size, vit.interpolation) == (384, "bicubic")
+
+
+def test_image_size_override_keeps_resize_ratio():
+    pre = spec_of("resnet18", "DEFAULT", image_size=112)[1].preprocess
+    assert (pre.resize_size, pre.crop_size) == (128, 112)
+
+
+def test_weights_identity():
+    _, enum_spec = spec_of("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    assert enum_spec.weights_id.startswith("ResNet18_Weights.IMAGENET1K_V1:https://")
+    assert spec_of("resnet18", "IMAGENET1K_V1")[1].weights_id == enum_spec.weights_id
+    _, lite = spec_of(LITE0, "DEFAULT")
+    assert "sha256=" in lite.weights_id and lite.preprocess.mean[0] == pytest.approx(127 / 255)
+    assert spec_of("resnet18")[1].weights_id == "none(seed=0)"
+
+
+def test_unknown_name_lists_supported():
+    with pytest.raises(BackboneError, match="not supported; choose efficientnet_lite0 .*resnet18"):
+        spec_of("resnet19")
+
+
+def test_unknown_weights_lists_choices():
+    with pytest.raises(BackboneError, match="IMAGENET1K_V1"):
+        spec_of("resnet18", "IMAGENET22K")
+
+
+def test_missing_local_file():
+    with pytest.raises(BackboneError, match="is not a file"):
+        spec_of("resnet18", "/no/such/file.pth")
+
+
+def test_download_failure_names_the_fixes(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    cfg, spec = spec_of("resnet18", "DEFAULT")
+    with pytest.raises(BackboneError) as err:
+        build_network(cfg, spec)
+    text = str(err.value)
+    assert "could not download" in text and "resnet18-f37072fd.pth" in text
+    assert "backbone.weights" in text and LITE0 in text
+
+
+def test_local_state_dict_loads_body(tmp_path):
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=7)  # a finetuned file: other class count
+    torch.save(source.state_dict(), tmp_path / "mine.pth")
+    cfg, spec = spec_of("resnet18", str(tmp_path / "mine.pth"))
+    assert spec.weights_id.startswith("file:sha256=")
+    net = build_network(cfg, spec)
+    assert torch.equal(net.conv1.weight, source.conv1.weight)
+
+
+def test_local_file_that_does_not_fit(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
+    cfg, spec = spec_of("resnet18", str(tmp_path / "bad.pth"))
+    with pytest.raises(BackboneError, match="does not fit resnet18"):
+        build_network(cfg, spec)
+
+
+def test_pickled_object_is_refused(tmp_path):
+    torch.save({"x": torch.nn.ReLU()}, tmp_path / "evil.pth")  # a module needs full unpickling
+    cfg, spec = spec_of("resnet18", str(tmp_path / "evil.pth"))
+    with pytest.raises(BackboneError, match="not a loadable state dict"):
+        build_network(cfg, spec)
+
+
+@pytest.mark.parametrize("name, dim, path", [("resnet18", 512, "fc"), ("vgg11", 4096, "classifier.6"),
+                                             ("alexnet", 4096, "classifier.6"),
+                                             ("squeezenet1_1", 512, "classifier.1"),
+                                             ("mobilenet_v3_small", 1024, "classifier.3")])
+def test_features_are_the_classifier_input(name, dim, path):
+    cfg, spec = spec_of(name, image_size=64)
+    torch.manual_seed(0)
+    net = build_network(cfg, spec)
+    assert classifier_path(name, net) == path
+    torch.manual_seed(0)
+    extractor = build_feature_extractor(cfg, spec)
+    assert extractor.feature_dim == dim and not extractor.training
+    assert all(not p.requires_grad for p in extractor.parameters())
+    feats = extractor(torch.randn(2, 3, 64, 64))
+    assert feats.shape == (2, dim)
+
+
+def test_features_equal_penultimate_activations():
+    cfg, spec = spec_of("resnet18", image_size=32)
+    torch.manual_seed(0)
+    net = build_network(cfg, spec).eval()
+    torch.manual_seed(0)
+    extractor = build_feature_extractor(cfg, spec)
+    x = torch.randn(2, 3, 32, 32)
+    captured = {}
+    net.fc.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    with torch.no_grad():
+        net(x)
+        assert torch.allclose(extractor(x), captured["x"])
+
+
+def test_lite0_real_weights_classify_imagenet_photos():
+    """The shipped weights and their preprocessing recognise scikit-learn's bundled photos."""
+    from sklearn.datasets import load_sample_images
+    from PIL import Image
+    from pipeline.data import eval_transform
+
+    cfg, spec = spec_of(LITE0, "DEFAULT")
+    net = build_network(cfg, spec).eval()
+    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    tf = eval_transform(spec.preprocess)
+    x = torch.stack([tf(Image.fromarray(img)) for img in load_sample_images().images])
+    with torch.inference_mode():
+        top = net(x).argmax(1).tolist()
+    assert [categories[i] for i in top] == ["palace", "daisy"]
+
+
+def test_classifier_replacement_includes_inception_aux():
+    cfg, spec = spec_of("inception_v3")
+    net = build_classifier(cfg, spec, num_classes=3)
+    assert net.fc.out_features == 3 and net.AuxLogits.fc.out_features == 3
+    cfg, spec = spec_of("squeezenet1_1")
+    assert build_classifier(cfg, spec, num_classes=3)(torch.randn(1, 3, 64, 64)).shape == (1, 3)

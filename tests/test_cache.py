@@ -1,0 +1,100 @@
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import cache as fc
+
+
+def manifest(paths, labels):
+    return fc.SplitManifest(tuple(paths), tuple(labels), tuple(f"{i:064x}" for i in range(len(paths))))
+
+
+def write(path, key="k", config_key="c", feats=None, manifests=None):
+    manifests = manifests or {"train": manifest(["train/a/1.png", "train/b/2.png"], [0, 1]),
+                              "val": manifest(["val/a/3.png"], [0])}
+    with fc.CacheWriter(path, feature_dim=3, dtype="float32") as w:
+        for split, m in manifests.items():
+            w.create_split(split, m)
+            w.write_rows(split, 0, np.arange(len(m) * 3, dtype=np.float32).reshape(len(m), 3))
+        w.commit({"format_version": fc.FORMAT_VERSION, "key": key, "config_key": config_key,
+                  "classes": ["a", "b"], "feature_dim": 3})
+    return manifests
+
+
+def test_roundtrip(tmp_path):
+    path = tmp_path / "c.h5"
+    write(path)
+    cache = fc.read_cache(path, key="k")
+    assert cache.classes == ("a", "b") and cache.feature_dim == 3
+    assert cache.train.paths == ["train/a/1.png", "train/b/2.png"]
+    assert cache.train.labels.tolist() == [0, 1]
+    assert np.array_equal(cache.train.features, np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_keeps_previous_cache_and_removes_temp(tmp_path):
+    path = tmp_path / "c.h5"
+    write(path, key="old")
+    with pytest.raises(RuntimeError):
+        with fc.CacheWriter(path, feature_dim=3, dtype="float32") as w:
+            w.create_split("train", manifest(["x"], [0]))
+            raise RuntimeError("killed mid-write")
+    assert fc.read_cache(path).attrs["key"] == "old"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_file_without_completion_marker_is_not_a_cache(tmp_path):
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["key"] = "k"
+    assert fc.read_attrs(path) is None
+    with pytest.raises(fc.CacheError, match="incomplete"):
+        fc.read_cache(path)
+
+
+def test_structure_is_checked_before_reading(tmp_path):
+    path = tmp_path / "c.h5"
+    write(path)
+    with h5py.File(path, "a") as f:
+        del f["val/paths"]
+    with pytest.raises(fc.CacheError, match="no dataset 'val/paths'"):
+        fc.read_cache(path)
+
+
+def test_missing_cache_says_run_extract(tmp_path):
+    with pytest.raises(fc.CacheError, match="run the extract stage"):
+        fc.read_cache(tmp_path / "none.h5")
+
+
+def test_miss_reasons(tmp_path):
+    path = tmp_path / "c.h5"
+    old = write(path, key="k1", config_key="c1")
+    assert fc.miss_reason(path, "k1", "c1", old) is None
+    assert "backbone, weights or preprocessing" in fc.miss_reason(path, "k2", "c2", old)
+    new = dict(old)
+    new["train"] = fc.SplitManifest(("train/a/1.png", "train/b/9.png", "train/b/10.png"), (0, 1, 1),
+                                    (old["train"].sha256[0], "f" * 64, "e" * 64))
+    assert fc.miss_reason(path, "k2", "c1", new) == "images changed (train: 2 added, 1 removed, 0 changed or relabelled)"
+    relabelled = dict(old)
+    relabelled["val"] = fc.SplitManifest(("val/a/3.png",), (1,), old["val"].sha256)
+    assert "val: 0 added, 0 removed, 1 changed" in fc.miss_reason(path, "k3", "c1", relabelled)
+    assert fc.miss_reason(tmp_path / "other.h5", "k", "c", old) == "no complete cache file yet"
+
+
+def test_manifest_hashes_bytes(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"one")
+    m1 = fc.build_manifest(tmp_path, ("a.png",), (0,))
+    (tmp_path / "a.png").write_bytes(b"two")
+    m2 = fc.build_manifest(tmp_path, ("a.png",), (0,))
+    assert m1.sha256 != m2.sha256
+    assert fc.manifest_digest(("a",), {"train": m1}) != fc.manifest_digest(("a",), {"train": m2})
+
+
+def test_float16_storage(tmp_path):
+    with fc.CacheWriter(tmp_path / "h.h5", feature_dim=2, dtype="float16") as w:
+        for split in fc.SPLITS:
+            w.create_split(split, manifest(["p"], [0]))
+            w.write_rows(split, 0, np.array([[0.5, 1.5]], dtype=np.float32))
+        w.commit({"key": "k", "classes": ["a"], "feature_dim": 2})
+    cache = fc.read_cache(tmp_path / "h.h5")
+    assert cache.train.features.dtype == np.float16 and cache.train.features.tolist() == [[0.5, 1.5]]

@@ -1,0 +1,96 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    p = tmp_path / "p.json"
+    p.write_text(text)
+    return p
+
+
+def test_repo_params_load_and_have_required_keys():
+    cfg = load_config(REPO / "params.json")
+    for dotted in ("data.root", "backbone.name", "backbone.weights", "backbone.image_size", "head.epochs",
+                   "finetune.epochs", "run.name", "run.output_dir", "run.device", "run.seed", "run.stages"):
+        section, key = dotted.split(".")
+        assert hasattr(getattr(cfg, section), key), dotted
+    assert cfg.backbone.name == "efficientnet_lite0"
+
+
+def test_defaults_follow_the_tutorial():
+    head = Config().head
+    assert (head.lr, head.momentum, head.step_size, head.gamma, head.epochs) == (0.001, 0.9, 7, 0.1, 25)
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["head.lr=0.01", "backbone.name=resnet18", "run.name=123",
+                             "backbone.image_size=null", "finetune.augment=false", "run.stages=[\"head\"]"])
+    assert cfg.head.lr == 0.01 and cfg.backbone.name == "resnet18" and cfg.run.name == "123"
+    assert cfg.backbone.image_size is None and cfg.finetune.augment is False and cfg.run.stages == ["head"]
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["head.lr=1"]).head.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("head.lrr=0.1", "unknown key 'head.lrr'"),
+    ("heads.lr=0.1", "unknown section 'heads'"),
+    ("head.lr=fast", "head.lr: expected a number"),
+    ("head.lr=-1", "head.lr: must be > 0"),
+    ("head.epochs=2.5", "head.epochs: expected an integer"),
+    ("head.epochs=true", "head.epochs: expected an integer"),
+    ("backbone.image_size=-5", "backbone.image_size: must be > 0"),
+    ("finetune.augment=yes", "finetune.augment: expected true or false"),
+    ("extract.dtype=int8", "extract.dtype: 'int8' is not one of float32, float16"),
+    ("run.stages=[\"train\"]", "run.stages[0]: 'train' is not one of"),
+    ("head.momentum=1", "head.momentum: must be < 1"),
+    ("logistic.c_grid=[]", "logistic.c_grid: must not be empty"),
+    ("head.lr", "expected section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'head.learning_rate'"):
+        load_config(write(tmp_path, '{"head": {"learning_rate": 0.1}}'))
+
+
+def test_nan_and_infinity_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="NaN is not allowed"):
+        load_config(write(tmp_path, '{"head": {"lr": NaN}}'))
+    with pytest.raises(ConfigError, match="Infinity is not allowed"):
+        load_config(write(tmp_path, '{"head": {"lr": Infinity}}'))
+
+
+def test_duplicate_key_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(write(tmp_path, '{"head": {"lr": 0.1, "lr": 0.2}}'))
+
+
+def test_invalid_json_names_line(tmp_path):
+    with pytest.raises(ConfigError, match="line 3"):
+        load_config(write(tmp_path, '{\n "head": {"lr": 0.1},\n "run": {,}\n}'))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load_config(tmp_path / "nope.json")
+
+
+def test_section_must_be_object(tmp_path):
+    with pytest.raises(ConfigError, match="head: expected an object"):
+        load_config(write(tmp_path, '{"head": 3}'))
+
+
+def test_roundtrip_through_json(tmp_path):
+    cfg = load_config(None, ["head.lr=0.05", "run.seed=7"])
+    assert load_config(write(tmp_path, json.dumps(cfg.to_dict()))) == cfg

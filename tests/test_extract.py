@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.extract as ex
+from pipeline import cache as fc
+from pipeline.metrics import read_metrics
+
+CPU = torch.device("cpu")
+
+
+def no_forward(*args, **kwargs):
+    raise AssertionError("the backbone was built: expected a cache hit")
+
+
+def test_extract_writes_aligned_features(tiny_cfg):
+    cfg = tiny_cfg()
+    entry = ex.run_extract(cfg, CPU)
+    assert entry["cache_hit"] is False and entry["images"] == 18 and entry["images_per_second"] > 0
+    cache = fc.read_cache(entry["cache_file"])
+    assert cache.classes == ("ants", "bees")
+    assert cache.train.features.shape == (12, 512) and cache.val.features.shape == (6, 512)
+    for split in (cache.train, cache.val):
+        for path, label in zip(split.paths, split.labels):
+            assert path.split("/")[1] == cache.classes[label]
+    assert cache.attrs["backbone"]["name"] == "resnet18"
+    assert cache.attrs["preprocess"]["crop_size"] == 32
+    assert read_metrics(cfg.run_dir)["extract"]["cache_file"] == entry["cache_file"]
+
+
+def test_rows_equal_a_direct_forward_pass(tiny_cfg):
+    """Row i of the cache is the backbone's output for paths[i], nothing shuffled."""
+    from pipeline.backbones import build_feature_extractor
+    from pipeline.data import eval_transform, load_image
+
+    cfg = tiny_cfg()
+    plan, _ = ex.ensure_cache(cfg, CPU)
+    cache = fc.read_cache(plan.path)
+    torch.manual_seed(cfg.run.seed)
+    extractor = build_feature_extractor(cfg.backbone, plan.spec)
+    tf = eval_transform(plan.spec.preprocess)
+    i = 4
+    x = tf(load_image(plan.data.root / cache.val.paths[i]))[None]
+    with torch.no_grad():
+        assert np.allclose(extractor(x).numpy()[0], cache.val.features[i], atol=1e-5)
+
+
+def test_second_run_is_a_hit_without_forward_pass(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg()
+    first = ex.run_extract(cfg, CPU)
+    monkeypatch.setattr(ex, "build_feature_extractor", no_forward)
+    second = ex.run_extract(cfg, CPU)
+    assert second["cache_hit"] is True and second["cache_file"] == first["cache_file"]
+
+
+def test_head_only_change_is_a_hit(tiny_cfg, monkeypatch):
+    ex.run_extract(tiny_cfg(), CPU)
+    monkeypatch.setattr(ex, "build_feature_extractor", no_forward)
+    for change in ("head.lr=0.5", "head.epochs=9", "finetune.lr=0.3", "logistic.cv_folds=4", "run.name=other"):
+        assert ex.run_extract(tiny_cfg(change), CPU)["cache_hit"] is True, change
+
+
+@pytest.mark.parametrize("change", ["backbone.image_size=40", "backbone.name=resnet34", "run.seed=3",
+                                    "extract.dtype=float16"])
+def test_feature_changes_are_a_miss(tiny_cfg, change):
+    first = ex.run_extract(tiny_cfg(), CPU)
+    second = ex.run_extract(tiny_cfg(change), CPU)
+    assert second["cache_hit"] is False
+    assert second["miss_reason"] == "no complete cache file yet"
+    assert second["cache_file"] != first["cache_file"]
+
+
+def test_edited_image_is_a_miss_with_reason(tiny_cfg, image_root):
+    cfg = tiny_cfg()
+    ex.run_extract(cfg, CPU)
+    Image.new("RGB", (24, 24), (0, 0, 0)).save(image_root / "train" / "ants" / "img_000.png")
+    (image_root / "val" / "bees" / "img_002.png").unlink()
+    entry = ex.run_extract(cfg, CPU)
+    assert entry["cache_hit"] is False
+    assert entry["miss_reason"] == ("images changed (train: 0 added, 0 removed, 1 changed or relabelled; "
+                                    "val: 0 added, 1 removed, 0 changed or relabelled)")
+    assert len(fc.read_cache(entry["cache_file"]).val.paths) == 5
+
+
+def test_extraction_is_deterministic(tiny_cfg, tmp_path):
+    a = fc.read_cache(ex.run_extract(tiny_cfg(), CPU)["cache_file"])
+    b = fc.read_cache(ex.run_extract(tiny_cfg(f"extract.cache_dir={tmp_path / 'other'}"), CPU)["cache_file"])
+    assert np.array_equal(a.train.features, b.train.features)
+
+
+def test_unwritable_cache_dir_is_a_clear_error(tiny_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(fc.CacheError, match="cannot write to cache folder"):
+        ex.run_extract(tiny_cfg(f"extract.cache_dir={blocker / 'sub'}"), CPU)

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import run_pipeline
+from pipeline.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_all_stages_from_one_params_file(params_file, tmp_path, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "extract", "head", "logistic", "finetune"]) == 0
+    out = capsys.readouterr().out
+    metrics = read_metrics(tmp_path / "runs" / "t")
+    assert set(metrics) == {"extract", "head", "logistic", "finetune"}
+    assert set(metrics["extract"]) >= {"images", "seconds", "images_per_second", "cache_hit", "cache_file"}
+    for stage in ("head", "logistic", "finetune"):
+        assert set(metrics[stage]) >= {"val_acc", "seconds"}
+        assert f"{metrics[stage]['val_acc']:.4f}" in out
+    assert "best_epoch" in metrics["head"] and "C" in metrics["logistic"]
+    saved = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
+    assert saved["backbone"]["name"] == "resnet18"
+
+
+def test_single_stage_and_overrides(params_file, tmp_path):
+    assert run_pipeline.main(["--params", str(params_file), "head", "--set", "head.epochs=2",
+                              "--set", "run.name=other"]) == 0
+    metrics = read_metrics(tmp_path / "runs" / "other")
+    assert metrics["head"]["epochs"] == 2 and set(metrics) == {"extract", "head"}
+
+
+def test_second_run_reports_cache_hit(params_file, capsys):
+    run_pipeline.main(["--params", str(params_file), "extract"])
+    capsys.readouterr()
+    run_pipeline.main(["--params", str(params_file), "extract"])
+    assert "cache hit" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_without_traceback(params_file, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "--set", "head.lr=-1"]) == 2
+    assert run_pipeline.main(["--params", str(params_file), "train"]) == 2
+    assert run_pipeline.main(["--params", str(params_file), "--set", "data.root=/no/such/dir"]) == 2
+    err = capsys.readouterr().err
+    assert "head.lr: must be > 0" in err and "unknown stage 'train'" in err
+    assert "data.root '/no/such/dir' is not a folder" in err and "Traceback" not in err
+
+
+def test_help_lists_stages_and_keys():
+    out = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    for word in ("extract", "head", "logistic", "finetune", "backbone.image_size", "--set"):
+        assert word in out
