@@ -55,7 +55,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     batches: Iterable, device: torch.device, desc: Optional[str] = None) -> dict:
     """One pass of SGD over batches; returns mean loss and accuracy on what it trained on."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    # Running sums stay on the device: a .item() per step would wait for the GPU every step.
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     bar = progress(batches, desc=desc, unit="batch", leave=False) if desc else batches
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -63,10 +66,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         loss, logits = compute_loss(model(x), y, criterion)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        with torch.no_grad():
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+    return {"loss": total_loss.item() / max(seen, 1), "acc": correct.item() / max(seen, 1)}
 
 
 @torch.inference_mode()
