@@ -41,6 +41,8 @@ class RunConfig:
     stages: list[str] = _c(list(STAGES), "stages run when none are named on the command line",
                            item_choices=STAGES)
     num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
+    trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
+                               "(--trust); joblib/pickle files can run code when loaded")
 
 
 @dataclass
