@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # extraction saves its finished chunks first and says how to resume
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     return 0
 

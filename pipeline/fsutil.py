@@ -59,10 +59,10 @@ def publish(tmp: Path, path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, tmp: Optional[Path] = None) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on any error it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = tmp or temp_path(path)
     try:
         yield tmp
         publish(tmp, path)
@@ -71,8 +71,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: Path, data: bytes, tmp: Optional[Path] = None) -> Path:
+    with atomic_path(path, tmp) as tmp:
         tmp.write_bytes(data)
     return path
 
