@@ -32,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.json", help="params JSON file (default: params.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key; repeatable (default: none)")
+    parser.add_argument("--trust", action="store_true",
+                        help="load model files whose SHA-256 is not recorded in their run folder; they can run "
+                             "code when loaded (default: refuse them); same as --set run.trust_artifacts=true")
     return parser
 
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in args.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
-        cfg = load_config(args.params, args.overrides)
+        overrides = args.overrides + (["run.trust_artifacts=true"] if args.trust else [])
+        cfg = load_config(args.params, overrides)
         import torch
 
         from pipeline.runtime import resolve_device, seed_everything
@@ -69,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # extraction saves its finished chunks first and says how to resume
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -41,12 +41,17 @@ class RunConfig:
     stages: list[str] = _c(list(STAGES), "stages run when none are named on the command line",
                            item_choices=STAGES)
     num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
+    trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
+                               "(--trust); joblib/pickle files can run code when loaded")
 
 
 @dataclass
 class DataConfig:
     root: str = _c("demo:digits", "ImageFolder root with train/ and val/, or demo:digits", nonempty=True)
     num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0)
+    max_bad_fraction: float = _c(0.05, "unreadable image files tolerated (skipped, listed in bad_files.json) "
+                                 "as a fraction of all image files; more aborts before extracting",
+                                 ge=0, le=1)
 
 
 @dataclass
@@ -63,6 +68,13 @@ class ExtractConfig:
     batch_size: int = _c(64, "images per forward pass", gt=0)
     cache_dir: str = _c("cache", "folder for the HDF5 feature files", nonempty=True)
     dtype: str = _c("float32", "storage dtype of cached features", choices=("float32", "float16"))
+    chunk_size: int = _c(512, "images per saved chunk: an interrupted extraction redoes at most one chunk",
+                         gt=0)
+    verify: str = _c("stat", "how unchanged images are recognised: stat (size, mtime, ctime, inode; "
+                     "hash only files whose stat changed) or content (hash and decode every file, every run)",
+                     choices=("stat", "content"))
+    lock_timeout: Optional[float] = _c(None, "seconds to wait for another extraction of the same features; "
+                                       "null waits until it ends, 0 exits at once", ge=0)
 
 
 @dataclass
@@ -251,6 +263,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read params file '{path}': {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"cannot read params file '{path}': not UTF-8 text (byte {e.start}); "
+                              "save it as UTF-8") from None
         raw = parse_json_text(text, str(path))
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be an object of sections")

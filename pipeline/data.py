@@ -1,15 +1,20 @@
 """ImageFolder discovery, image loading and the per-model transform presets."""
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -20,6 +25,13 @@ DEMO_PREFIX = "demo:"
 DEMO_DATASETS = ("digits",)
 # Folders and files a camera, an OS or a notebook leaves behind; never classes, never images.
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+# Bump when decode_image changes the pixels a file decodes to: it is part of the cache key.
+DECODE_VERSION = 1
+# macOS writes a "._<name>" AppleDouble file next to every file it copies to a foreign disk.
+APPLEDOUBLE_PREFIX = "._"
+# First bytes of the formats in IMG_EXTENSIONS: tells a damaged image from a file that never was one.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
+                    b"GIF8", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7")
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class ImageFolderData:
     classes: tuple[str, ...]
     train: Split
     val: Split
+    metadata_files: tuple[str, ...] = ()  # macOS ._* files with image extensions: listed, never read
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val}[name]
@@ -77,21 +90,70 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_ignored(e.name))
 
 
-def _scan_split(root: Path, split: str, classes: list[str]) -> Split:
-    paths, labels = [], []
+def _inside(real: str, allowed: tuple[str, ...]) -> bool:
+    return any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed)
+
+
+def _escape_error(root: Path, rel: str, real: str) -> PipelineError:
+    return PipelineError(f"'{rel}' is a link to '{real}', outside data.root '{root}'; copy the files into "
+                         "the data folder or remove the link")
+
+
+def _check_file_link(root: Path, full: str, rel: str, allowed: tuple[str, ...]) -> None:
+    """A symlinked image must resolve inside the data root; a link loop is an error."""
+    try:
+        os.stat(full)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PipelineError(f"symlink loop at '{rel}' in data.root '{root}': the link never reaches a "
+                                "file; remove it") from None
+        return  # a dangling link: the pre-scan lists it as unreadable
+    real = os.path.realpath(full)
+    if not _inside(real, allowed):
+        raise _escape_error(root, rel, real)
+
+
+def _walk_class(root: Path, cls_dir: Path, allowed: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Image files under one class folder (links followed, loops and escapes refused), and ._* files."""
+    files, metadata = [], []
+    seen: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        real = os.path.realpath(dirpath)
+        if not _inside(real, allowed):
+            raise _escape_error(root, rel_dir, real)
+        if real in seen:
+            raise PipelineError(f"symlink loop in data.root '{root}': '{rel_dir}' leads back to "
+                                f"'{seen[real]}'; remove the link")
+        seen[real] = rel_dir
+        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        for name in sorted(filenames):
+            if not _is_image(name):
+                continue
+            rel = f"{rel_dir}/{name}"
+            if name.startswith(APPLEDOUBLE_PREFIX):
+                metadata.append(rel)
+            elif not _is_ignored(name):
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    _check_file_link(root, full, rel, allowed)
+                files.append(rel)
+    return files, metadata
+
+
+def _scan_split(root: Path, split: str, classes: list[str]) -> tuple[Split, list[str]]:
+    paths, labels, metadata = [], [], []
+    allowed = (os.path.realpath(root), os.path.realpath(root / split))
     for label, cls in enumerate(classes):
         cls_dir = root / split / cls
-        files = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-            files += [Path(dirpath, f) for f in sorted(filenames)
-                      if not _is_ignored(f) and _is_image(f)]
+        files, meta = _walk_class(root, cls_dir, allowed)
         if not files:
             raise PipelineError(f"class folder '{cls_dir}' has no images "
                                 f"(extensions: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
-        paths += [f.relative_to(root).as_posix() for f in files]
+        paths += files
         labels += [label] * len(files)
-    return Split(tuple(paths), tuple(labels))
+        metadata += meta
+    return Split(tuple(paths), tuple(labels)), metadata
 
 
 def discover_image_folder(root: str | Path) -> ImageFolderData:
@@ -115,8 +177,18 @@ def discover_image_folder(root: str | Path) -> ImageFolderData:
     if extra:
         raise PipelineError(f"class '{extra[0]}' is in '{root / 'val'}' but not in '{root / 'train'}' "
                             "(a head cannot predict a class it never saw)")
-    return ImageFolderData(root, tuple(classes), _scan_split(root, "train", classes),
-                           _scan_split(root, "val", classes))
+    train, train_meta = _scan_split(root, "train", classes)
+    val, val_meta = _scan_split(root, "val", classes)
+    return ImageFolderData(root, tuple(classes), train, val, tuple(train_meta + val_meta))
+
+
+def resolve_in_root(root: Path, rel: str) -> Path:
+    """root / rel for a POSIX path relative to the data root; absolute paths and '..' are refused."""
+    parts = PurePosixPath(rel).parts
+    if not rel or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise PipelineError(f"image path '{rel}' escapes data.root '{root}' (paths must be relative to it, "
+                            "without '..')")
+    return Path(root, *parts)
 
 
 def demo_dir() -> Path:
@@ -182,15 +254,55 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB whatever its mode (L, LA, P, RGBA, CMYK, 16-bit), EXIF orientation applied."""
-    with Image.open(path) as img:
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes as RGB whatever the mode (L, LA, P, RGBA, CMYK, 16-bit), EXIF orientation applied.
+
+    Decodes every pixel, so a truncated or damaged file raises here rather than halfway through a run.
+    Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) raise DecompressionBombError.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels "
+                                               f"exceeds Pillow's limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+        img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "F") or img.mode.startswith("I;16"):
             img = _to_8bit(img)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (see decode_image)."""
+    return decode_image(Path(path).read_bytes())
+
+
+def image_problem(data: bytes) -> Optional[tuple[str, str]]:
+    """None if data decodes as an image, else (reason code, detail) for the bad-files report.
+
+    Codes: empty, not_an_image, truncated, corrupt, decompression_bomb.
+    """
+    if not data:
+        return "empty", "empty file (0 bytes)"
+    try:
+        decode_image(data)
+    except Image.DecompressionBombError as e:
+        return "decompression_bomb", f"decompression bomb: {e}"
+    except UnidentifiedImageError:
+        if data.startswith(IMAGE_SIGNATURES):
+            return "corrupt", "starts like an image but Pillow cannot identify it (damaged header)"
+        return "not_an_image", "not an image: no image signature and Pillow cannot identify it"
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, struct.error...
+        detail = f"{type(e).__name__}: {e}"
+        return ("truncated" if "truncated" in str(e).lower() else "corrupt"), detail
+    return None
+
+
+def ignore_sigint(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave Ctrl-C to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _INTERPOLATIONS = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
@@ -212,20 +324,32 @@ def train_transform(pre: Preprocess) -> T.Compose:
 
 
 class ImageListDataset(Dataset):
-    """(image tensor, label) for a list of paths relative to root."""
+    """(image tensor, label) for a list of paths relative to root.
 
-    def __init__(self, root: Path, split: Split, transform) -> None:
+    sha256: when given, each file's bytes must still hash to sha256[i], so the tensor is exactly the
+    content the cache key was computed from (a file edited mid-run is an error, not a stale row).
+    """
+
+    def __init__(self, root: Path, split: Split, transform, sha256: Optional[Sequence[str]] = None) -> None:
         self.root = Path(root)
         self.split = split
         self.transform = transform
+        self.sha256 = sha256
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.root / self.split.paths[i]
+        path = resolve_in_root(self.root, self.split.paths[i])
         try:
-            img = load_image(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            data = path.read_bytes()
+        except OSError as e:
+            raise PipelineError(f"cannot read image '{path}': {e.strerror}") from None
+        if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:
+            raise PipelineError(f"image '{path}' changed during extraction (its bytes no longer match the "
+                                "pre-scan); run the extract stage again")
+        try:
+            img = decode_image(data)
+        except Exception as e:  # noqa: BLE001 - see image_problem
             raise PipelineError(f"cannot read image '{path}': {e}") from None
         return self.transform(img), self.split.labels[i]

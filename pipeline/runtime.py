@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import platform
 import random
+import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -50,12 +52,47 @@ def environment_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
+        "numpy": str(np.__version__),
+        "pillow": _pillow_version(),
         "device": str(device),
         "num_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _pillow_version() -> str:
+    import PIL
+
+    return str(PIL.__version__)
+
+
+class GracefulInterrupt:
+    """Within the block, a first Ctrl-C only sets `requested` (the loop finishes its step and stops
+    cleanly); a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{self.message}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def progress(iterable=None, **kwargs):

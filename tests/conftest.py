@@ -57,3 +57,33 @@ def params_file(tmp_path: Path, image_root: Path) -> Path:
     path = tmp_path / "params.json"
     path.write_text(json.dumps(cfg.to_dict()))
     return path
+
+
+def assert_aligned(cache, root: Path) -> None:
+    """Every row's label is its folder's class and its sha256 is its own file's bytes; no path twice."""
+    import hashlib
+
+    for split_name, split in cache.splits.items():
+        assert len(set(split.paths)) == len(split.paths), split_name
+        assert len(split.paths) == len(split.labels) == len(split.sha256) == len(split.features)
+        for path, label, sha in zip(split.paths, split.labels, split.sha256):
+            parts = path.split("/")
+            assert parts[0] == split_name and parts[1] == cache.classes[label], path
+            assert hashlib.sha256((Path(root) / path).read_bytes()).hexdigest() == sha, path
+
+
+def assert_features_are_the_images(cache, cfg, plan) -> None:
+    """Row i's features are the backbone's output for paths[i] (one batch per split, tolerance for batching)."""
+    import torch
+
+    from pipeline.backbones import build_feature_extractor
+    from pipeline.data import eval_transform, load_image
+
+    torch.manual_seed(cfg.run.seed)
+    extractor = build_feature_extractor(cfg.backbone, plan.spec)
+    tf = eval_transform(plan.spec.preprocess)
+    for split in cache.splits.values():
+        x = torch.stack([tf(load_image(plan.data.root / p)) for p in split.paths])
+        with torch.no_grad():
+            expected = extractor(x).numpy()
+        assert np.allclose(expected, split.features.astype(np.float32), atol=1e-4)

@@ -9,22 +9,22 @@ def manifest(paths, labels):
     return fc.SplitManifest(tuple(paths), tuple(labels), tuple(f"{i:064x}" for i in range(len(paths))))
 
 
-def write(path, key="k", config_key="c", feats=None, manifests=None):
+def write(path, config_key="c", manifests=None):
+    """A complete cache; its key is derived from config_key and the rows, as the writer records it."""
     manifests = manifests or {"train": manifest(["train/a/1.png", "train/b/2.png"], [0, 1]),
                               "val": manifest(["val/a/3.png"], [0])}
     with fc.CacheWriter(path, feature_dim=3, dtype="float32") as w:
         for split, m in manifests.items():
             w.create_split(split, m)
             w.write_rows(split, 0, np.arange(len(m) * 3, dtype=np.float32).reshape(len(m), 3))
-        w.commit({"format_version": fc.FORMAT_VERSION, "key": key, "config_key": config_key,
-                  "classes": ["a", "b"], "feature_dim": 3})
-    return manifests
+        w.commit({"format_version": fc.FORMAT_VERSION, "config_key": config_key, "classes": ["a", "b"]})
+    return manifests, fc.cache_key(config_key, fc.manifest_digest(("a", "b"), manifests))
 
 
 def test_roundtrip(tmp_path):
     path = tmp_path / "c.h5"
-    write(path)
-    cache = fc.read_cache(path, key="k")
+    _, key = write(path)
+    cache = fc.read_cache(path, key=key)
     assert cache.classes == ("a", "b") and cache.feature_dim == 3
     assert cache.train.paths == ["train/a/1.png", "train/b/2.png"]
     assert cache.train.labels.tolist() == [0, 1]
@@ -34,12 +34,12 @@ def test_roundtrip(tmp_path):
 
 def test_failed_write_keeps_previous_cache_and_removes_temp(tmp_path):
     path = tmp_path / "c.h5"
-    write(path, key="old")
+    write(path, config_key="old")
     with pytest.raises(RuntimeError):
         with fc.CacheWriter(path, feature_dim=3, dtype="float32") as w:
             w.create_split("train", manifest(["x"], [0]))
             raise RuntimeError("killed mid-write")
-    assert fc.read_cache(path).attrs["key"] == "old"
+    assert fc.read_cache(path).attrs["config_key"] == "old"
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -68,8 +68,8 @@ def test_missing_cache_says_run_extract(tmp_path):
 
 def test_miss_reasons(tmp_path):
     path = tmp_path / "c.h5"
-    old = write(path, key="k1", config_key="c1")
-    assert fc.miss_reason(path, "k1", "c1", old) is None
+    old, k1 = write(path, config_key="c1")
+    assert fc.miss_reason(path, k1, "c1", old) is None
     assert "backbone, weights or preprocessing" in fc.miss_reason(path, "k2", "c2", old)
     new = dict(old)
     new["train"] = fc.SplitManifest(("train/a/1.png", "train/b/9.png", "train/b/10.png"), (0, 1, 1),
@@ -95,6 +95,6 @@ def test_float16_storage(tmp_path):
         for split in fc.SPLITS:
             w.create_split(split, manifest(["p"], [0]))
             w.write_rows(split, 0, np.array([[0.5, 1.5]], dtype=np.float32))
-        w.commit({"key": "k", "classes": ["a"], "feature_dim": 2})
+        w.commit({"config_key": "c", "classes": ["a"]})
     cache = fc.read_cache(tmp_path / "h.h5")
     assert cache.train.features.dtype == np.float16 and cache.train.features.tolist() == [[0.5, 1.5]]

@@ -61,13 +61,16 @@ def test_head_only_change_is_a_hit(tiny_cfg, monkeypatch):
         assert ex.run_extract(tiny_cfg(change), CPU)["cache_hit"] is True, change
 
 
-@pytest.mark.parametrize("change", ["backbone.image_size=40", "backbone.name=resnet34", "run.seed=3",
-                                    "extract.dtype=float16"])
-def test_feature_changes_are_a_miss(tiny_cfg, change):
+@pytest.mark.parametrize("change, reason", [
+    ("backbone.image_size=40", "preprocessing changed (crop_size 32 -> 40, resize_size 37 -> 46)"),
+    ("backbone.name=resnet34", "backbone changed (resnet18 -> resnet34)"),
+    ("run.seed=3", "weights changed"),  # random-init weights depend on the seed
+    ("extract.dtype=float16", "storage dtype changed (float32 -> float16)")])
+def test_feature_changes_are_a_miss_that_says_why(tiny_cfg, change, reason):
     first = ex.run_extract(tiny_cfg(), CPU)
     second = ex.run_extract(tiny_cfg(change), CPU)
     assert second["cache_hit"] is False
-    assert second["miss_reason"] == "no complete cache file yet"
+    assert second["miss_reason"] == reason
     assert second["cache_file"] != first["cache_file"]
 
 
@@ -94,3 +97,62 @@ def test_unwritable_cache_dir_is_a_clear_error(tiny_cfg, tmp_path):
     blocker.write_text("x")
     with pytest.raises(fc.CacheError, match="cannot write to cache folder"):
         ex.run_extract(tiny_cfg(f"extract.cache_dir={blocker / 'sub'}"), CPU)
+
+
+def test_changes_reextract_only_new_content_and_keep_other_rows_bitwise(tiny_cfg, image_root):
+    from tests.conftest import assert_aligned
+
+    cfg = tiny_cfg()
+    before = fc.read_cache(ex.run_extract(cfg, CPU)["cache_file"])
+    old = {sha: feats for split in before.splits.values() for sha, feats in zip(split.sha256, split.features)}
+    Image.new("RGB", (24, 24), (9, 9, 9)).save(image_root / "val" / "ants" / "added.png")        # added
+    Image.new("RGB", (24, 24), (0, 0, 0)).save(image_root / "train" / "bees" / "img_002.png")    # edited
+    (image_root / "train" / "ants" / "img_005.png").unlink()                                      # removed
+    (image_root / "val" / "bees" / "img_000.png").rename(image_root / "val" / "bees" / "renamed.png")
+    (image_root / "train" / "ants" / "img_001.png").rename(image_root / "train" / "bees" / "was_ant.png")
+    entry = ex.run_extract(cfg, CPU)
+    assert entry["cache_hit"] is False
+    assert (entry["rows_extracted"], entry["rows_reused"], entry["chunks_written"]) == (2, 16, 1)
+    after = fc.read_cache(entry["cache_file"])
+    assert_aligned(after, image_root)
+    assert "train/bees/was_ant.png" in after.train.paths and "val/bees/renamed.png" in after.val.paths
+    reused = 0
+    for split in after.splits.values():
+        for sha, feats in zip(split.sha256, split.features):
+            if sha in old:
+                assert np.array_equal(feats, old[sha])  # copied, not recomputed: bitwise
+                reused += 1
+    assert reused == 16
+
+
+def test_pure_renames_need_no_backbone(tiny_cfg, image_root, monkeypatch):
+    cfg = tiny_cfg()
+    ex.run_extract(cfg, CPU)
+    (image_root / "val" / "bees" / "img_000.png").rename(image_root / "val" / "bees" / "renamed.png")
+    monkeypatch.setattr(ex, "build_feature_extractor", no_forward)
+    entry = ex.run_extract(cfg, CPU)
+    assert entry["cache_hit"] is False and entry["rows_extracted"] == 0 and entry["images_per_second"] is None
+    assert "val/bees/renamed.png" in fc.read_cache(entry["cache_file"]).val.paths
+
+
+def test_lock_held_elsewhere_with_timeout_zero_names_the_holder(tiny_cfg):
+    import os
+
+    from pipeline.fsutil import FileLock
+
+    cfg = tiny_cfg("extract.lock_timeout=0")
+    plan = ex.plan_cache(cfg)
+    plan.path.parent.mkdir(parents=True)
+    with FileLock(fc.lock_path(plan.path)):
+        with pytest.raises(fc.CacheError, match=f"is locked by pid {os.getpid()}: another extraction"):
+            ex.run_extract(cfg, CPU)
+    assert ex.run_extract(cfg, CPU)["cache_hit"] is False  # free again
+
+
+def test_metrics_report_rows_and_bad_files(tiny_cfg):
+    cfg = tiny_cfg("extract.chunk_size=5")
+    entry = ex.run_extract(cfg, CPU)
+    assert (entry["rows_extracted"], entry["rows_reused"], entry["chunks_written"]) == (18, 0, 4)
+    assert entry["bad_files"] == 0 and entry["bad_files_report"].endswith("bad_files.json")
+    hit = ex.run_extract(cfg, CPU)
+    assert (hit["rows_extracted"], hit["rows_reused"]) == (0, 18)

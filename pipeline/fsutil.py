@@ -1,0 +1,176 @@
+"""Crash-safe file operations: atomic replace with fsync, an inter-process lock, stale temp cleanup.
+
+Every file another stage or a later run relies on is written under a temporary name, fsynced,
+renamed into place and its folder fsynced: after a crash or `kill -9` a reader sees either the old
+file or the new one, never a torn one. Temporary names carry the writer's pid
+(`.<name>.<pid>.tmp`) so a later run can tell leftovers of a dead process from live work.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from pipeline import PipelineError
+
+POLL_SECONDS = 0.1
+
+
+class LockedError(PipelineError):
+    """Another live process holds the lock."""
+
+    def __init__(self, message: str, pid: Optional[int]) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name `path` is written under before the atomic rename."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> Path:
+    """fsync tmp, rename it to path atomically and fsync the folder."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path, tmp: Optional[Path] = None) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path`, on any error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp or temp_path(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp: Optional[Path] = None) -> Path:
+    with atomic_path(path, tmp) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str, any_pid: bool = False) -> int:
+    """Delete `.<name>.<pid>.tmp` files left by dead processes (by every process when any_pid)."""
+    removed = 0
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        pid_text = tmp.name[len(name) + 2:-len(".tmp")]
+        if not pid_text.isdigit():
+            continue
+        if any_pid or not pid_alive(int(pid_text)):
+            try:
+                tmp.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class FileLock:
+    """An exclusive `fcntl.flock` on `path`, holding the owner's pid.
+
+    The kernel drops the lock when its process dies, even by `kill -9`, so a lock is never stale.
+    timeout: seconds to wait for another holder; None waits as long as it takes, 0 not at all.
+    """
+
+    def __init__(self, path: Path, timeout: Optional[float] = None,
+                 on_wait: Optional[Callable[[Optional[int]], None]] = None) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self.on_wait = on_wait
+        self._fd: Optional[int] = None
+
+    def _try_lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+
+    def acquire(self) -> "FileLock":
+        """Take the lock (waiting as timeout allows); LockedError if another process keeps it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not self._try_lock(fd):
+                holder = _read_pid(fd)
+                if self.timeout == 0:
+                    raise LockedError(f"'{self.path}' is locked by pid {holder}", holder)
+                if self.on_wait is not None:
+                    self.on_wait(holder)
+                deadline = None if self.timeout is None else time.monotonic() + self.timeout
+                while not self._try_lock(fd):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        holder = _read_pid(fd)
+                        raise LockedError(f"'{self.path}' is still locked by pid {holder} after "
+                                          f"{self.timeout:g} s", holder)
+                    time.sleep(POLL_SECONDS)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
