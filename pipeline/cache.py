@@ -57,7 +57,7 @@ import h5py
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
+from pipeline.fsutil import atomic_path, atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
@@ -696,3 +696,40 @@ def remove_stale_scan_temps(path: Path) -> None:
 def iter_unique(hashes: Iterable[str]) -> list[str]:
     """Hashes in first-seen order, each once."""
     return list(dict.fromkeys(hashes))
+
+
+# ----------------------------------------------------------------------------- augmented-view bank
+def views_path(path: Path, views_key: str) -> Path:
+    """The view bank of the cache at path: <cache stem>.views-<views_key[:16]>.h5 beside it."""
+    return Path(path).with_name(f"{Path(path).stem}.views-{views_key[:16]}.h5")
+
+
+def write_views(path: Path, views: np.ndarray, attrs: dict) -> Path:
+    """Write /train/views (n_views, n_train, feature_dim) under a temporary name, then rename it."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            k, n, d = views.shape
+            f.create_dataset("train/views", data=views, chunks=(1, max(1, min(n, ROW_CHUNK)), d) if n else None,
+                             fletcher32=True)
+            for name, value in attrs.items():
+                f.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+            f.attrs["complete"] = True
+    return path
+
+
+def read_views(path: Path, views_key: str, cache_key: str, n_train: int, feature_dim: int) -> Optional[np.ndarray]:
+    """The bank (n_views, n_train, feature_dim) if path holds one for exactly these keys, else None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete") or f.attrs.get("views_key") != views_key \
+                    or f.attrs.get("cache_key") != cache_key:
+                return None
+            ds = f.get("train/views")
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.shape[1:] != (n_train, feature_dim) \
+                    or ds.dtype not in FEATURE_DTYPES:
+                return None
+            return ds[()]
+    except OSError:  # unreadable or a checksum failed: rebuild, never reuse
+        return None

@@ -75,6 +75,9 @@ class ExtractConfig:
                      choices=("stat", "content"))
     lock_timeout: Optional[float] = _c(None, "seconds to wait for another extraction of the same features; "
                                        "null waits until it ends, 0 exits at once", ge=0)
+    train_views: int = _c(0, "seeded augmented views (RandomResizedCrop + flip) stored per train image; "
+                          "the head draws one per image per epoch; 0 = none", ge=0)
+    views_seed: int = _c(0, "seed of the augmented views (part of their key)", ge=0)
 
 
 @dataclass

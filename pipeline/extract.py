@@ -253,7 +253,12 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
 
 
 def run_extract(cfg: Config, device: torch.device) -> dict:
-    _, entry = ensure_cache(cfg, device)
+    from pipeline.views import ensure_views  # views build on this module
+
+    plan, entry = ensure_cache(cfg, device)
+    if cfg.extract.train_views:
+        bank = ensure_views(cfg, plan, int(fc.read_attrs(plan.path)["feature_dim"]), device)
+        entry.update(train_views=cfg.extract.train_views, views_file=bank.path, views_built=bank.built)
     update_metrics(cfg.run_dir, "extract", entry)
     return entry
 

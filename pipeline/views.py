@@ -1,0 +1,103 @@
+"""The augmented-view bank: K seeded random augmentations of every train image, as cached features.
+
+Heads get the tutorial's augmentation (RandomResizedCrop + horizontal flip) at cache speed: each
+epoch draws one of the K views per image instead of recomputing the backbone on a fresh crop.
+
+View k of an image is drawn with the seed SHA-256(views_seed, k, image bytes' SHA-256), so a view
+depends only on the image and the seed — not on its position, the batch size or the loader workers —
+and the bank is reproducible. The bank lives beside the clean cache in its own file, keyed by the
+clean cache's key, K, the seed and the augmentation; val is never augmented.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import cache as fc
+from pipeline.backbones import build_feature_extractor
+from pipeline.config import Config
+from pipeline.data import ImageListDataset, train_transform
+from pipeline.runtime import progress
+
+AUGMENTATION = "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip(0.5)"
+
+
+def view_seed(views_seed: int, k: int, image_sha256: str) -> int:
+    return int(hashlib.sha256(f"{views_seed}:{k}:{image_sha256}".encode()).hexdigest()[:16], 16)
+
+
+class AugmentedViews(Dataset):
+    """Item i: the K augmented views of train image i, (K, 3, H, W), each from its own seed."""
+
+    def __init__(self, images: ImageListDataset, sha256: tuple[str, ...], n_views: int, views_seed: int) -> None:
+        self.images, self.sha256, self.n_views, self.views_seed = images, sha256, n_views, views_seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        views = []
+        for k in range(self.n_views):
+            # fork_rng: the seeded draw leaves the caller's (or the worker's) RNG state untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.views_seed, k, self.sha256[i]))
+                views.append(self.images[i][0])
+        return torch.stack(views)
+
+
+@dataclass
+class ViewBank:
+    views: np.ndarray   # (n_views, n_train, feature_dim)
+    path: str
+    built: bool
+
+
+def views_key(plan, n_views: int, views_seed: int) -> str:
+    return fc.digest({"cache_key": plan.key, "n_views": n_views, "views_seed": views_seed,
+                      "augmentation": AUGMENTATION, "preprocess": plan.spec.preprocess.to_dict()})
+
+
+@torch.inference_mode()
+def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
+    """Run the frozen backbone over K augmented views of every train image: (K, n_train, feature_dim)."""
+    k = cfg.extract.train_views
+    torch.manual_seed(cfg.run.seed)  # random-init backbones ('none') depend on it, as in extract
+    extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
+    images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
+    dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, cfg.extract.views_seed)
+    loader = DataLoader(dataset, batch_size=max(1, cfg.extract.batch_size // k), shuffle=False,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    out = np.empty((k, len(dataset), extractor.feature_dim), dtype=cfg.extract.dtype)
+    start = 0
+    with progress(total=len(dataset) * k, desc="views", unit="img") as bar:
+        for batch in loader:  # (B, K, 3, H, W)
+            b = len(batch)
+            x = batch.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            feats = extractor(x).float().cpu().numpy().reshape(b, k, -1)  # (B, K, D)
+            out[:, start:start + b] = feats.transpose(1, 0, 2)
+            start += b
+            bar.update(b * k)
+    return out
+
+
+def ensure_views(cfg: Config, plan, feature_dim: int, device: torch.device) -> ViewBank | None:
+    """The view bank for cfg (building it if missing or stale), or None when extract.train_views is 0."""
+    k = cfg.extract.train_views
+    if k == 0:
+        return None
+    key = views_key(plan, k, cfg.extract.views_seed)
+    path = fc.views_path(plan.path, key)
+    views = fc.read_views(path, key, plan.key, len(plan.data.train), feature_dim)
+    if views is not None:
+        print(f"views: bank hit {path} ({k} views x {views.shape[1]} train images)")
+        return ViewBank(views, str(path), built=False)
+    print(f"views: extracting {k} augmented views of {len(plan.data.train)} train images")
+    views = extract_views(cfg, plan, device)
+    fc.write_views(path, views, {"views_key": key, "cache_key": plan.key, "n_views": k,
+                                 "views_seed": cfg.extract.views_seed, "augmentation": AUGMENTATION,
+                                 "seeds": "sha256(views_seed:k:image_sha256)[:16] per view"})
+    return ViewBank(views, str(path), built=True)
