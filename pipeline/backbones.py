@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -114,6 +115,19 @@ def _weights_enum(name: str, weights: str) -> Optional[WeightsEnum]:
     return enum[short]
 
 
+def check_hub_file(enum: WeightsEnum) -> None:
+    """A downloaded weights file must still match the SHA-256 prefix in its name.
+
+    torchvision names its files '<model>-<sha256 prefix>.pth' and torch checks the prefix only when
+    downloading; checking the cached copy too makes the URL in the cache key stand for the bytes.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    found = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if found and path.is_file() and not file_sha256(path).startswith(found.group(1)):
+        raise BackboneError(f"weights file '{path}' does not match the SHA-256 prefix '{found.group(1)}' in its "
+                            "name (damaged or replaced); delete it so that it is downloaded again")
+
+
 def _default_preprocess(name: str) -> Preprocess:
     if name == LITE0:
         return LITE0_PREPROCESS
@@ -157,6 +171,7 @@ def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
         weights_id, pre = f"{path.name}:sha256={file_sha256(path)}", LITE0_PREPROCESS
     else:
         enum = _weights_enum(cfg.name, weights)
+        check_hub_file(enum)
         weights_id, pre = f"{type(enum).__name__}.{enum.name}:{enum.url}", preprocess_from_weights(enum)
     return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size))
 

@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-PRELOAD = ["torch", "torchvision", "h5py", "PIL.Image", "pipeline.extract", "run_pipeline"]
+PRELOAD = ["torch", "torchvision", "h5py", "PIL.Image", "pipeline.extract", "pipeline.head", "pipeline.logistic",
+           "pipeline.finetune", "run_pipeline"]
 
 
 def context() -> mp.context.BaseContext:

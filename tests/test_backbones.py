@@ -140,3 +140,12 @@ def test_classifier_replacement_includes_inception_aux():
     assert net.fc.out_features == 3 and net.AuxLogits.fc.out_features == 3
     cfg, spec = spec_of("squeezenet1_1")
     assert build_classifier(cfg, spec, num_classes=3)(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_replaced_hub_weights_file_is_refused(tmp_path, monkeypatch):
+    """The cache key names torchvision weights by URL; the URL carries the file's SHA-256 prefix, checked here."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"not the published weights")
+    with pytest.raises(BackboneError, match="resnet18-f37072fd.pth' does not match the SHA-256 prefix 'f37072fd'"):
+        resolve_backbone(BackboneConfig(name="resnet18", weights="DEFAULT"), seed=0)
