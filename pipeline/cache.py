@@ -337,6 +337,8 @@ def miss_reason(path: Path, key: str, config_key: str, manifests: dict[str, Spli
 
 
 def _describe_config_change(old: dict, new: dict) -> str:
+    if old.get("format_version") != new.get("format_version"):  # other keys may differ only by format
+        return f"cache format changed ({old.get('format_version')} -> {new.get('format_version')})"
     parts = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -347,8 +349,6 @@ def _describe_config_change(old: dict, new: dict) -> str:
         elif k == "preprocess" and isinstance(a, dict) and isinstance(b, dict):
             fields = ", ".join(f"{f} {a.get(f)} -> {b.get(f)}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
             parts.append(f"preprocessing changed ({fields})")
-        elif k == "format_version":
-            parts.append(f"cache format changed ({a} -> {b})")
         elif k == "dtype":
             parts.append(f"storage dtype changed ({a} -> {b})")
         else:
