@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import joblib
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -13,12 +12,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import PipelineError
+from pipeline.artifacts import MODEL_FILES, save_joblib
 from pipeline.config import Config, LogisticConfig
 from pipeline.extract import load_features
 from pipeline.metrics import update_metrics
 from pipeline.runtime import environment_info
 
-LOGISTIC_FILE = "logistic.joblib"
+LOGISTIC_FILE = MODEL_FILES["logistic"]
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int) -> GridSearchCV:
@@ -49,13 +49,11 @@ def run_logistic(cfg: Config, device: torch.device) -> dict:
     fit_seconds = time.perf_counter() - t1
     val_acc = float(search.score(x_val, features.val.labels))
     best_c = float(search.best_params_["clf__C"])
-    path = cfg.run_dir / LOGISTIC_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump({"kind": "logistic", "model": search.best_estimator_, "classes": list(features.classes),
+    path = save_joblib({"kind": "logistic", "model": search.best_estimator_, "classes": list(features.classes),
                  "feature_dim": features.feature_dim, "backbone_config": dataclasses.asdict(cfg.backbone),
                  "backbone": plan.spec.to_dict(), "logistic_config": dataclasses.asdict(cfg.logistic),
                  "C": best_c, "seed": cfg.run.seed, "cache_key": plan.key, "versions": environment_info(device)},
-                path)
+                       cfg.run_dir / LOGISTIC_FILE)
     entry = {"val_acc": round(val_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
              "fit_seconds": round(fit_seconds, 3), "C": best_c,
              "cv_accuracy": round(float(search.best_score_), 4), "model_file": str(path)}
