@@ -56,6 +56,8 @@ class BackboneConfig:
     weights: str = _c("DEFAULT", "DEFAULT, a weights enum name, a local .pth state dict, or none",
                       nonempty=True)
     image_size: Optional[int] = _c(None, "input crop size; null keeps the weights' own", gt=0)
+    cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
+                  "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
 
 
 @dataclass
@@ -67,6 +69,8 @@ class ExtractConfig:
 
 @dataclass
 class HeadConfig:
+    type: str = _c("linear", "linear (a new nn.Linear) or classifier (the backbone's own pretrained dense "
+                   "layers, last one replaced; needs backbone.cut=conv)", choices=("linear", "classifier"))
     epochs: int = _c(25, "training epochs", gt=0)
     batch_size: int = _c(4, "samples per SGD step", gt=0)
     lr: float = _c(0.001, "SGD learning rate", gt=0)

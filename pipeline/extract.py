@@ -32,7 +32,7 @@ class CachePlan:
 def feature_config(spec: BackboneSpec, dtype: str) -> dict:
     """Everything that changes the features except the image list (which the manifest covers)."""
     return {"format_version": fc.FORMAT_VERSION, "backbone": spec.name, "weights": spec.weights_id,
-            "preprocess": spec.preprocess.to_dict(), "dtype": dtype,
+            "cut": spec.cut, "preprocess": spec.preprocess.to_dict(), "dtype": dtype,
             "torch": ".".join(torch.__version__.split(".")[:2]),
             "torchvision": ".".join(__import__("torchvision").__version__.split(".")[:2])}
 

@@ -53,6 +53,8 @@ def test_int_accepted_for_float():
     ("head.momentum=1", "head.momentum: must be < 1"),
     ("logistic.c_grid=[]", "logistic.c_grid: must not be empty"),
     ("head.lr", "expected section.key=value"),
+    ("backbone.cut=fc7", "backbone.cut: 'fc7' is not one of pool, conv"),
+    ("head.type=mlp", "head.type: 'mlp' is not one of linear, classifier"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
