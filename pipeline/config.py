@@ -98,6 +98,9 @@ class FinetuneConfig:
     step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
     augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
+    init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
+                        choices=("none", "cached"))
+    backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
 
 
 @dataclass

@@ -55,6 +55,9 @@ def test_int_accepted_for_float():
     ("head.lr", "expected section.key=value"),
     ("backbone.cut=fc7", "backbone.cut: 'fc7' is not one of pool, conv"),
     ("head.type=mlp", "head.type: 'mlp' is not one of linear, classifier"),
+    ("finetune.init_head=yes", "finetune.init_head: 'yes' is not one of none, cached"),
+    ("finetune.backbone_lr_mult=0", "finetune.backbone_lr_mult: must be > 0"),
+    ("finetune.backbone_lr_mult=2", "finetune.backbone_lr_mult: must be <= 1"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
