@@ -13,9 +13,10 @@ import time
 
 STAGE_HELP = {
     "extract": "run the frozen backbone once over every image; write the HDF5 feature cache",
-    "head": "train a linear head (SGD + StepLR) from the cache",
-    "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache",
-    "finetune": "train the whole network on the images (skips the cache)",
+    "head": "train a head (linear, or VGG/AlexNet's own dense layers) from the cache; write reports",
+    "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
+    "finetune": "train the whole network on the images (skips the cache); write reports",
+    "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
 }
 
 
@@ -39,33 +40,32 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     from pipeline import PipelineError
-    from pipeline.config import STAGES, load_config, ConfigError
+    from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
     from pipeline.metrics import format_results, read_metrics, write_json
 
     try:
-        unknown = [s for s in args.stages if s not in STAGES]
+        stages = args.stages
+        unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
         cfg = load_config(args.params, args.overrides)
+        stages = stages or cfg.run.stages
         import torch
 
         from pipeline.runtime import resolve_device, seed_everything
-        from pipeline.extract import run_extract
-        from pipeline.finetune import run_finetune
-        from pipeline.head import run_head
-        from pipeline.logistic import run_logistic
 
-        runners = {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune}
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         device = resolve_device(cfg.run.device)
-        write_json(cfg.run_dir / "config.json", cfg.to_dict())
+        if any(s != "report" for s in stages):  # report only reads the run folder
+            write_json(cfg.run_dir / "config.json", cfg.to_dict())
         t0 = time.perf_counter()
-        for stage in args.stages or cfg.run.stages:
+        for stage in stages:
             seed_everything(cfg.run.seed)
-            runners[stage](cfg, device)
-        print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
-        print(format_results(read_metrics(cfg.run_dir)))
+            _runner(stage)(cfg, device)
+        if any(s in TRAIN_STAGES for s in stages):
+            print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
+            print(format_results(read_metrics(cfg.run_dir)))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _runner(stage: str):
+    """The run_<stage>(cfg, device) entry point; imported on demand (torch-heavy modules)."""
+    from pipeline.extract import run_extract
+    from pipeline.finetune import run_finetune
+    from pipeline.head import run_head
+    from pipeline.logistic import run_logistic
+    from pipeline.report import run_report
+
+    return {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune,
+            "report": run_report}[stage]
 
 
 if __name__ == "__main__":

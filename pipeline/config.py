@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 from pipeline import PipelineError
 
-STAGES = ("extract", "head", "logistic", "finetune")
+TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
+RUN_STAGES = TRAIN_STAGES + ("report",)
+STAGES = RUN_STAGES
 
 
 class ConfigError(PipelineError):
@@ -38,8 +40,8 @@ class RunConfig:
     output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
     device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
     seed: int = _c(0, "seed for splits, initialisation and shuffling", ge=0)
-    stages: list[str] = _c(list(STAGES), "stages run when none are named on the command line",
-                           item_choices=STAGES)
+    stages: list[str] = _c(list(TRAIN_STAGES), "stages run when none are named on the command line",
+                           item_choices=RUN_STAGES)
     num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
 
 
@@ -104,6 +106,12 @@ class FinetuneConfig:
 
 
 @dataclass
+class ReportConfig:
+    enabled: bool = _c(True, "write plots and per-class reports after each training stage")
+    grid_images: int = _c(16, "val images shown in the prediction grid", gt=0, le=64)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +120,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def run_dir(self) -> Path:

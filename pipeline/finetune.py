@@ -18,8 +18,9 @@ from pipeline.artifacts import MODEL_FILES, load_checkpoint, save_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
-from pipeline.engine import evaluate, make_sgd, train_one_epoch
+from pipeline.engine import evaluate, make_sgd, predict, train_one_epoch
 from pipeline.metrics import update_metrics
+from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 
 FINETUNE_FILE = MODEL_FILES["finetune"]
@@ -134,5 +135,10 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
              "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult,
              "model_file": str(path), "history": history}
     print(f"finetune: best val_acc {best_acc:.4f} at epoch {best_epoch}/{ft.epochs} -> {path}")
+    model.load_state_dict(load_checkpoint(path)["model"])  # the reports describe the saved model
+    logits, targets = predict(model, val_loader, device)
+    preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(data.val.paths), data.root,
+                        list(data.classes))
+    entry.update(finish_stage(cfg, "finetune", preds, artifact, history=history))
     update_metrics(cfg.run_dir, "finetune", entry)
     return entry

@@ -20,9 +20,10 @@ from pipeline import PipelineError
 from pipeline.artifacts import MODEL_FILES, save_checkpoint
 from pipeline.backbones import BackboneSpec, build_network, check_dense_classifier, dense_classifier
 from pipeline.config import Config, HeadConfig
-from pipeline.engine import TensorBatches, evaluate, make_sgd, train_one_epoch
+from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, train_one_epoch
 from pipeline.extract import load_features, to_tensors
 from pipeline.metrics import update_metrics
+from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 
 HEAD_FILE = MODEL_FILES["head"]
@@ -117,5 +118,10 @@ def run_head(cfg: Config, device: torch.device) -> dict:
              "history": result.history}
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
+    head.load_state_dict(result.state_dict)
+    logits, _ = predict(head, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False), device)
+    preds = Predictions(torch.softmax(logits, 1).numpy(), features.val.labels, features.val.paths,
+                        plan.data.root, list(features.classes))
+    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history))
     update_metrics(cfg.run_dir, "head", entry)
     return entry

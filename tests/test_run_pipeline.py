@@ -49,5 +49,7 @@ def test_errors_are_one_line_without_traceback(params_file, capsys):
 def test_help_lists_stages_and_keys():
     out = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    for word in ("extract", "head", "logistic", "finetune", "backbone.image_size", "--set"):
-        assert word in out
+    for word in ("extract", "head", "logistic", "finetune", "report", "backbone.image_size", "backbone.cut",
+                 "head.type", "finetune.init_head", "report.enabled", "--set"):
+        assert word in out, word
+
