@@ -3,6 +3,7 @@
 
     python run_pipeline.py                      # the stages listed in run.stages
     python run_pipeline.py extract head         # just these
+    python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ STAGE_HELP = {
     "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
     "finetune": "train the whole network on the images (skips the cache); write reports",
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
+    "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
 }
 
 
@@ -29,25 +31,41 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"stages:\n{stages}\n\nparams keys (--set section.key=value):\n{describe_keys()}")
     parser.add_argument("stages", nargs="*", metavar="STAGE",
-                        help="stages to run (default: run.stages from the params file)")
+                        help="stages to run (default: run.stages from the params file); "
+                             "'predict' takes the image files and folders that follow it")
     parser.add_argument("--params", default="params.json", help="params JSON file (default: params.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key; repeatable (default: none)")
+    parser.add_argument("--output", metavar="CSV", default=None,
+                        help="predict: also write the predictions to this CSV file (default: print only)")
     return parser
 
 
+def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """(stages, image paths): everything after 'predict' is a path to classify."""
+    if "predict" in tokens:
+        i = tokens.index("predict")
+        return tokens[:i + 1], tokens[i + 1:]
+    return tokens, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_intermixed_args(argv)
 
     from pipeline import PipelineError
     from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
     from pipeline.metrics import format_results, read_metrics, write_json
 
     try:
-        stages = args.stages
+        stages, paths = split_stages(args.stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
+        if "predict" in stages and not paths:
+            raise ConfigError("predict needs image files or folders after it: "
+                              "python run_pipeline.py predict IMG_OR_FOLDER [...] [--output preds.csv]")
+        if args.output and "predict" not in stages:
+            raise ConfigError("--output is for the predict stage: python run_pipeline.py predict IMG --output preds.csv")
         cfg = load_config(args.params, args.overrides)
         stages = stages or cfg.run.stages
         import torch
@@ -57,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         device = resolve_device(cfg.run.device)
-        if any(s != "report" for s in stages):  # report only reads the run folder
+        if any(s not in ("report", "predict") for s in stages):  # those two only read the run folder
             write_json(cfg.run_dir / "config.json", cfg.to_dict())
         t0 = time.perf_counter()
         for stage in stages:
             seed_everything(cfg.run.seed)
-            _runner(stage)(cfg, device)
+            if stage == "predict":
+                from pipeline.predict import run_predict
+                run_predict(cfg, device, paths, args.output)
+            else:
+                _runner(stage)(cfg, device)
         if any(s in TRAIN_STAGES for s in stages):
             print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
             print(format_results(read_metrics(cfg.run_dir)))

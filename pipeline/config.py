@@ -17,8 +17,10 @@ from typing import Any, Optional
 from pipeline import PipelineError
 
 TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
+# predict needs image paths from the command line, so it cannot be listed in run.stages.
 RUN_STAGES = TRAIN_STAGES + ("report",)
-STAGES = RUN_STAGES
+STAGES = RUN_STAGES + ("predict",)
+PREDICT_MODELS = ("head", "logistic", "finetune")
 
 
 class ConfigError(PipelineError):
@@ -112,6 +114,13 @@ class ReportConfig:
 
 
 @dataclass
+class PredictConfig:
+    model: str = _c("head", "which saved model classifies: head, logistic or finetune", choices=PREDICT_MODELS)
+    top_k: int = _c(3, "classes listed per image", gt=0)
+    batch_size: int = _c(32, "images per forward pass", gt=0)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +130,7 @@ class Config:
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -73,6 +73,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Image files under folder, recursively, sorted; hidden and OS-made files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        found += [Path(dirpath, f) for f in sorted(filenames) if not _is_ignored(f) and _is_image(f)]
+    return found
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_ignored(e.name))
 
@@ -81,11 +90,7 @@ def _scan_split(root: Path, split: str, classes: list[str]) -> Split:
     paths, labels = [], []
     for label, cls in enumerate(classes):
         cls_dir = root / split / cls
-        files = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-            files += [Path(dirpath, f) for f in sorted(filenames)
-                      if not _is_ignored(f) and _is_image(f)]
+        files = find_images(cls_dir)
         if not files:
             raise PipelineError(f"class folder '{cls_dir}' has no images "
                                 f"(extensions: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder")

@@ -58,6 +58,7 @@ def test_int_accepted_for_float():
     ("finetune.init_head=yes", "finetune.init_head: 'yes' is not one of none, cached"),
     ("finetune.backbone_lr_mult=0", "finetune.backbone_lr_mult: must be > 0"),
     ("finetune.backbone_lr_mult=2", "finetune.backbone_lr_mult: must be <= 1"),
+    ("predict.model=svm", "predict.model: 'svm' is not one of head, logistic, finetune"),
     ("run.stages=[\"predict\"]", "run.stages[0]: 'predict' is not one of"),  # predict needs paths
     ("report.grid_images=0", "report.grid_images: must be > 0"),
 ])
