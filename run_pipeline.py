@@ -3,6 +3,7 @@
 
     python run_pipeline.py                      # the stages listed in run.stages
     python run_pipeline.py extract head         # just these
+    python run_pipeline.py benchmark            # cached heads vs finetuning: table, JSON, chart
     python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
 """
@@ -17,6 +18,7 @@ STAGE_HELP = {
     "head": "train a head (linear, or VGG/AlexNet's own dense layers) from the cache; write reports",
     "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
     "finetune": "train the whole network on the images (skips the cache); write reports",
+    "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
     "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
 }
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _runner(stage: str):
     """The run_<stage>(cfg, device) entry point; imported on demand (torch-heavy modules)."""
+    from pipeline.benchmark import run_benchmark
     from pipeline.extract import run_extract
     from pipeline.finetune import run_finetune
     from pipeline.head import run_head
@@ -106,7 +109,7 @@ def _runner(stage: str):
     from pipeline.report import run_report
 
     return {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune,
-            "report": run_report}[stage]
+            "benchmark": run_benchmark, "report": run_report}[stage]
 
 
 if __name__ == "__main__":

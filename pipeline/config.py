@@ -18,7 +18,7 @@ from pipeline import PipelineError
 
 TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
 # predict needs image paths from the command line, so it cannot be listed in run.stages.
-RUN_STAGES = TRAIN_STAGES + ("report",)
+RUN_STAGES = TRAIN_STAGES + ("benchmark", "report")
 STAGES = RUN_STAGES + ("predict",)
 PREDICT_MODELS = ("head", "logistic", "finetune")
 
@@ -121,6 +121,17 @@ class PredictConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    backbones: list[str] = _c([], "backbones compared; empty means backbone.name")
+    methods: list[str] = _c(list(PREDICT_MODELS), "methods compared on the same data and seed",
+                            item_choices=PREDICT_MODELS, nonempty=True)
+    finetune_epochs: Optional[int] = _c(None, "finetune epochs in the benchmark; null uses finetune.epochs",
+                                        gt=0)
+    isolate: bool = _c(True, "run each step in its own process, so peak RSS is that step's own")
+    timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +142,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     @property
     def run_dir(self) -> Path:

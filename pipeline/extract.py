@@ -63,27 +63,30 @@ def extract_features(extractor: torch.nn.Module, loader: DataLoader, device: tor
     return start
 
 
-def _write_cache(cfg: Config, plan: CachePlan, device: torch.device) -> int:
+def _write_cache(cfg: Config, plan: CachePlan, device: torch.device) -> tuple[int, float]:
+    """Extract every split into a new cache file; (images, seconds of the image loops)."""
     torch.manual_seed(cfg.run.seed)  # random-init backbones ('none') depend on it
     # channels_last lets oneDNN / cuDNN pick faster convolution kernels (1.7x measured on CPU).
     extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
     transform = eval_transform(plan.spec.preprocess)
-    n = 0
+    n, loop_seconds = 0, 0.0
     with fc.CacheWriter(plan.path, extractor.feature_dim, cfg.extract.dtype) as writer:
         for split in fc.SPLITS:
             writer.create_split(split, plan.manifests[split])
             dataset = ImageListDataset(plan.data.root, plan.data.split(split), transform)
             loader = DataLoader(dataset, batch_size=cfg.extract.batch_size, shuffle=False,
                                 num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+            t0 = time.perf_counter()
             n += extract_features(extractor, loader, device,
                                   lambda start, f, s=split: writer.write_rows(s, start, f), desc=split)
+            loop_seconds += time.perf_counter() - t0
         writer.commit({"format_version": fc.FORMAT_VERSION, "key": plan.key, "config_key": plan.config_key,
                        "manifest_digest": fc.manifest_digest(plan.data.classes, plan.manifests),
                        "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
                        "preprocess": plan.spec.preprocess.to_dict(), "feature_dim": extractor.feature_dim,
                        "dtype": cfg.extract.dtype, "data_root": str(plan.data.root),
                        "versions": feature_config(plan.spec, cfg.extract.dtype)})
-    return n
+    return n, loop_seconds
 
 
 def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
@@ -99,12 +102,11 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
                       "cache_hit": True, "cache_file": str(plan.path)}
     print(f"extract: cache miss ({reason}); extracting {n_images} images with {plan.spec.name} "
           f"at {plan.spec.preprocess.crop_size} px on {device}")
-    t1 = time.perf_counter()
-    _write_cache(cfg, plan, device)
-    forward_seconds = time.perf_counter() - t1
+    # images/s times the image loops only (decoding, forward pass, writing), not building the network.
+    _, loop_seconds = _write_cache(cfg, plan, device)
     seconds = time.perf_counter() - t0
-    return plan, {"images": n_images, "seconds": round(seconds, 3),
-                  "images_per_second": round(n_images / forward_seconds, 1), "cache_hit": False,
+    return plan, {"images": n_images, "seconds": round(seconds, 3), "loop_seconds": round(loop_seconds, 3),
+                  "images_per_second": round(n_images / loop_seconds, 1), "cache_hit": False,
                   "cache_file": str(plan.path), "miss_reason": reason}
 
 

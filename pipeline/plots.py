@@ -155,3 +155,36 @@ def plot_prediction_grid(images: Sequence, true: Sequence[str], predicted: Seque
     fig.suptitle(_wrap(title, 2.1 * cols, 10), fontsize=10)
     return _save(fig, path)
 
+
+def plot_benchmark(rows: Sequence[dict], path: Path, title: str, note: Optional[str] = None) -> Path:
+    """Left: val top-1 and mean per-class accuracy per method; right: wall seconds split by phase."""
+    labels = [f"{r['backbone']}\n{r['method']}" for r in rows]
+    y = np.arange(len(rows))
+    fig = _figure(12, 2.2 + 0.7 * len(rows))
+    ax_acc, ax_time = fig.subplots(1, 2)
+    top1 = [r.get("val_acc") or 0.0 for r in rows]
+    per_class = [r.get("mean_per_class_acc") or 0.0 for r in rows]
+    ax_acc.barh(y - 0.2, top1, 0.4, label="val top-1")
+    ax_acc.barh(y + 0.2, per_class, 0.4, label="mean per-class")
+    for yi, v in zip(y, top1):
+        if v:
+            ax_acc.annotate(f"{v:.3f}", (v, yi - 0.2), xytext=(3, 0), textcoords="offset points",
+                            va="center", fontsize=8)
+    ax_acc.set(xlim=(0, 1.12), xlabel="accuracy", title="accuracy on val")
+    left = np.zeros(len(rows))
+    for key, name in (("extract_seconds", "extraction (one-time)"), ("fit_seconds", "head / logistic fit"),
+                      ("finetune_seconds", "finetuning")):
+        values = np.array([r.get(key) or 0.0 for r in rows])
+        ax_time.barh(y, values, 0.6, left=left, label=name)
+        left += values
+    for yi, total in zip(y, left):
+        ax_time.annotate(f"{total:.1f} s", (total, yi), xytext=(3, 0), textcoords="offset points",
+                         va="center", fontsize=8)
+    ax_time.set(xlabel="wall seconds", title="cost", xlim=(0, max(left.max(), 1) * 1.18))
+    for ax in (ax_acc, ax_time):
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+    fig.suptitle(_wrap(title + (f"\n{note}" if note else ""), 12, 10), fontsize=10)
+    return _save(fig, path)

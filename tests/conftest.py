@@ -35,7 +35,7 @@ def tiny_overrides(tmp_path: Path, root: Path) -> list[str]:
             "backbone.image_size=32", f"extract.cache_dir={tmp_path / 'cache'}", "extract.batch_size=8",
             f"run.output_dir={tmp_path / 'runs'}", "run.name=t", "run.device=cpu", "head.epochs=3",
             "head.batch_size=4", "logistic.cv_folds=2", "logistic.c_grid=[0.1, 1.0]", "finetune.epochs=1",
-            "finetune.batch_size=4", "report.enabled=false"]
+            "finetune.batch_size=4", "report.enabled=false", "benchmark.isolate=false"]
 
 
 @pytest.fixture

@@ -49,8 +49,8 @@ def test_errors_are_one_line_without_traceback(params_file, capsys):
 def test_help_lists_stages_and_keys():
     out = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    for word in ("extract", "head", "logistic", "finetune", "report", "predict PATH",
-                 "backbone.image_size", "backbone.cut", "head.type", "finetune.init_head",
+    for word in ("extract", "head", "logistic", "finetune", "benchmark", "report", "predict PATH",
+                 "backbone.image_size", "backbone.cut", "head.type", "finetune.init_head", "benchmark.backbones",
                  "predict.model", "--set", "--output"):
         assert word in out, word
 
@@ -72,3 +72,9 @@ def test_stages_then_predict_then_report(params_file, image_root, tmp_path, caps
     assert run_pipeline.main(["--params", str(params_file), "report"]) == 0
     assert (tmp_path / "runs" / "t" / "reports" / "head_confusion_matrix.png").is_file()
 
+
+def test_benchmark_from_the_cli(params_file, tmp_path, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "benchmark", "--set", "benchmark.methods=[\"logistic\"]"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | logistic (C=" in out
+    assert (tmp_path / "runs" / "t" / "benchmark.md").is_file()
