@@ -97,10 +97,11 @@ def test_unwritable_cache_dir_is_a_clear_error(tiny_cfg, tmp_path):
 
 
 def test_cut_is_part_of_the_cache_key(tiny_cfg):
-    pool = ex.run_extract(tiny_cfg("backbone.name=vgg11"), CPU)
-    conv = ex.run_extract(tiny_cfg("backbone.name=vgg11", "backbone.cut=conv", "extract.dtype=float16"), CPU)
+    alexnet = ("backbone.name=alexnet", "backbone.image_size=64")
+    pool = ex.run_extract(tiny_cfg(*alexnet), CPU)
+    conv = ex.run_extract(tiny_cfg(*alexnet, "backbone.cut=conv", "extract.dtype=float16"), CPU)
     assert conv["cache_hit"] is False and conv["cache_file"] != pool["cache_file"]
     cache = fc.read_cache(conv["cache_file"])
-    assert cache.feature_dim == 25088 and cache.train.features.dtype == np.float16
+    assert cache.feature_dim == 9216 and cache.train.features.dtype == np.float16
     assert cache.attrs["versions"]["cut"] == "conv" and cache.attrs["backbone"]["cut"] == "conv"
     assert fc.read_cache(pool["cache_file"]).feature_dim == 4096

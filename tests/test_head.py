@@ -76,10 +76,10 @@ def test_own_dense_classifier_trains_from_the_conv_cache(tmp_path, name, size):
     from pipeline.config import load_config
     from tests.conftest import make_image_folder, tiny_overrides
 
-    root = make_image_folder(tmp_path / "imgs", n_train=4, n_val=2)
+    root = make_image_folder(tmp_path / "imgs", n_train=2, n_val=1)
     cfg = load_config(None, tiny_overrides(tmp_path, root) + [
         f"backbone.name={name}", f"backbone.image_size={size}", "backbone.cut=conv", "head.type=classifier",
-        "extract.dtype=float16", "head.epochs=2", "head.lr=0.01"])
+        "extract.dtype=float16", "head.epochs=2", "head.lr=0.01"])  # 4 images, batch 4: a step per epoch
     entry = run_head(cfg, CPU)
     ckpt = load_checkpoint(cfg.run_dir / "head.pt")
     assert ckpt["head_type"] == "classifier" and ckpt["backbone_config"]["cut"] == "conv"
