@@ -103,11 +103,15 @@ def format_predictions(rows: Sequence[ImagePrediction]) -> str:
     return "\n".join(lines)
 
 
+def check_output(path: Path) -> None:
+    if not Path(path).parent.is_dir():
+        raise PipelineError(f"--output '{path}': folder '{Path(path).parent}' does not exist")
+
+
 def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
     """path, status, class_1, prob_1, ..., class_k, prob_k, error."""
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise PipelineError(f"--output '{path}': folder '{path.parent}' does not exist")
+    check_output(path)
     header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -122,6 +126,8 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
 def run_predict(cfg: Config, device: torch.device, paths: Sequence[str], output: Optional[str] = None) -> list[ImagePrediction]:
     if not paths:
         raise PipelineError("predict needs image files or folders: python run_pipeline.py predict IMG [IMG ...]")
+    if output:
+        check_output(Path(output))  # before minutes of work, not after
     predictor = load_predictor(cfg.run_dir, cfg.predict.model, device)
     found = collect_images(paths)
     files = [p for p, error in found if error is None]

@@ -58,9 +58,21 @@ def model_path(run_dir: Path, kind: str) -> Path:
     return Path(run_dir) / MODEL_FILES[kind]
 
 
+def _missing_model(run_dir: Path, kind: str) -> PipelineError:
+    """No model file: say which stage makes it, and point at sub-folders that have one (a benchmark's)."""
+    run_dir = Path(run_dir)
+    found = sorted(p.parent.name for p in run_dir.glob(f"*/{MODEL_FILES[kind]}")) if run_dir.is_dir() else []
+    hint = (f"; this folder's benchmark sub-folders have one: --set run.name={run_dir.name}/{found[0]}"
+            if found else "")
+    return PipelineError(f"no {kind} model at '{model_path(run_dir, kind)}': run the {kind} stage first, "
+                         f"or set run.name to the run folder that holds it{hint}")
+
+
 def load_artifact(run_dir: Path, kind: str) -> dict:
     """The saved model file of stage `kind` in run_dir, as a dict."""
     path = model_path(run_dir, kind)
+    if not path.is_file():
+        raise _missing_model(run_dir, kind)
     obj = load_joblib(path) if path.suffix == ".joblib" else load_checkpoint(path)
     if not isinstance(obj, dict) or "classes" not in obj:
         raise PipelineError(f"'{path}' is not a {kind} model written by this tool")

@@ -159,6 +159,9 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
     """Predictions of run_dir's saved `kind` model on val: from the cache when it still holds the
     features the model was trained on, else by running the model on the val images."""
     artifact = load_artifact(run_dir, kind)
+    if "data_root" not in artifact:
+        raise PipelineError(f"{model_path(run_dir, kind)} does not record its data folder (an older version "
+                            f"wrote it): run the {kind} stage again to get its reports")
     classes = list(artifact["classes"])
     root = Path(artifact["data_root"])
     if kind in ("head", "logistic"):
@@ -183,8 +186,10 @@ def run_report(cfg: Config, device: torch.device) -> dict:
     """Regenerate the reports of every model saved in the run folder."""
     kinds = [k for k in MODEL_FILES if model_path(cfg.run_dir, k).is_file()]
     if not kinds:
+        subs = sorted({p.parent.name for k in MODEL_FILES for p in cfg.run_dir.glob(f"*/{MODEL_FILES[k]}")})
+        hint = f" (its benchmark sub-folders have models: --set run.name={cfg.run.name}/{subs[0]})" if subs else ""
         raise PipelineError(f"no trained model in '{cfg.run_dir}' (looked for {', '.join(MODEL_FILES.values())}): "
-                            "run head, logistic or finetune first, or set run.name to the run folder")
+                            f"run head, logistic or finetune first, or set run.name to the run folder{hint}")
     metrics = read_metrics(cfg.run_dir)
     out = {}
     for kind in kinds:

@@ -115,3 +115,21 @@ def test_collect_images_keeps_the_given_order(tmp_path):
     found = collect_images([str(tmp_path / "f.tif"), str(tmp_path / "d"), str(tmp_path / "gone")])
     assert found == [(str(tmp_path / "f.tif"), None), (str(tmp_path / "d" / "a.jpg"), None),
                      (str(tmp_path / "d" / "b.png"), None), (str(tmp_path / "gone"), "no such file or folder")]
+
+
+def test_missing_model_points_at_benchmark_sub_folders(tmp_path):
+    (tmp_path / "demo" / "resnet18").mkdir(parents=True)
+    (tmp_path / "demo" / "resnet18" / "logistic.joblib").write_bytes(b"")
+    with pytest.raises(PipelineError, match="no logistic model at .*run the logistic stage first.*"
+                                            "--set run.name=demo/resnet18"):
+        load_artifact(tmp_path / "demo", "logistic")
+    with pytest.raises(PipelineError, match="no head model at .*run the head stage first"):
+        load_artifact(tmp_path / "demo", "head")
+
+
+def test_unwritable_output_fails_before_classifying(trained_run, tmp_path, monkeypatch):
+    import pipeline.predict
+
+    monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a: pytest.fail("classified first"))
+    with pytest.raises(PipelineError, match="--output .* does not exist"):
+        run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=str(tmp_path / "no" / "p.csv"))

@@ -138,5 +138,10 @@ def test_report_runs_the_backbone_when_the_cache_is_gone(trained_run, tmp_path, 
 
 
 def test_report_without_models_is_a_clear_error(tiny_cfg):
+    cfg = tiny_cfg()
     with pytest.raises(PipelineError, match="no trained model in .*run head, logistic or finetune first"):
-        run_report(tiny_cfg(), CPU)
+        run_report(cfg, CPU)
+    (cfg.run_dir / "resnet18").mkdir(parents=True)
+    (cfg.run_dir / "resnet18" / "head.pt").write_bytes(b"")  # as a benchmark leaves them
+    with pytest.raises(PipelineError, match="benchmark sub-folders have models: --set run.name=t/resnet18"):
+        run_report(cfg, CPU)
