@@ -3,6 +3,8 @@
 
     python run_pipeline.py                      # the stages listed in run.stages
     python run_pipeline.py extract head         # just these
+    python run_pipeline.py benchmark            # cached heads vs finetuning: table, JSON, chart
+    python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
 """
 from __future__ import annotations
@@ -13,9 +15,12 @@ import time
 
 STAGE_HELP = {
     "extract": "run the frozen backbone once over every image; write the HDF5 feature cache",
-    "head": "train a linear head (SGD + StepLR) from the cache",
-    "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache",
-    "finetune": "train the whole network on the images (skips the cache)",
+    "head": "train a head (linear, or VGG/AlexNet's own dense layers) from the cache; write reports",
+    "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
+    "finetune": "train the whole network on the images (skips the cache); write reports",
+    "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
+    "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
+    "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
 }
 
 
@@ -28,48 +33,67 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"stages:\n{stages}\n\nparams keys (--set section.key=value):\n{describe_keys()}")
     parser.add_argument("stages", nargs="*", metavar="STAGE",
-                        help="stages to run (default: run.stages from the params file)")
+                        help="stages to run (default: run.stages from the params file); "
+                             "'predict' takes the image files and folders that follow it")
     parser.add_argument("--params", default="params.json", help="params JSON file (default: params.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key; repeatable (default: none)")
     parser.add_argument("--trust", action="store_true",
                         help="load model files whose SHA-256 is not recorded in their run folder; they can run "
                              "code when loaded (default: refuse them); same as --set run.trust_artifacts=true")
+    parser.add_argument("--output", metavar="CSV", default=None,
+                        help="predict: also write the predictions to this CSV file (default: print only)")
     return parser
 
 
+def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """(stages, image paths): everything after 'predict' is a path to classify."""
+    if "predict" in tokens:
+        i = tokens.index("predict")
+        return tokens[:i + 1], tokens[i + 1:]
+    return tokens, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_intermixed_args(argv)
 
     from pipeline import PipelineError
-    from pipeline.config import STAGES, load_config, ConfigError
+    from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
     from pipeline.metrics import format_results, read_metrics, write_json
 
     try:
-        unknown = [s for s in args.stages if s not in STAGES]
+        stages, paths = split_stages(args.stages)
+        unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
+        if "predict" in stages and not paths:
+            raise ConfigError("predict needs image files or folders after it: "
+                              "python run_pipeline.py predict IMG_OR_FOLDER [...] [--output preds.csv]")
+        if args.output and "predict" not in stages:
+            raise ConfigError("--output is for the predict stage: python run_pipeline.py predict IMG --output preds.csv")
         overrides = args.overrides + (["run.trust_artifacts=true"] if args.trust else [])
         cfg = load_config(args.params, overrides)
+        stages = stages or cfg.run.stages
         import torch
 
         from pipeline.runtime import resolve_device, seed_everything
-        from pipeline.extract import run_extract
-        from pipeline.finetune import run_finetune
-        from pipeline.head import run_head
-        from pipeline.logistic import run_logistic
 
-        runners = {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune}
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         device = resolve_device(cfg.run.device)
-        write_json(cfg.run_dir / "config.json", cfg.to_dict())
+        if any(s not in ("report", "predict") for s in stages):  # those two only read the run folder
+            write_json(cfg.run_dir / "config.json", cfg.to_dict())
         t0 = time.perf_counter()
-        for stage in args.stages or cfg.run.stages:
+        for stage in stages:
             seed_everything(cfg.run.seed)
-            runners[stage](cfg, device)
-        print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
-        print(format_results(read_metrics(cfg.run_dir)))
+            if stage == "predict":
+                from pipeline.predict import run_predict
+                run_predict(cfg, device, paths, args.output)
+            else:
+                _runner(stage)(cfg, device)
+        if any(s in TRAIN_STAGES for s in stages):
+            print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
+            print(format_results(read_metrics(cfg.run_dir)))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _runner(stage: str):
+    """The run_<stage>(cfg, device) entry point; imported on demand (torch-heavy modules)."""
+    from pipeline.benchmark import run_benchmark
+    from pipeline.extract import run_extract
+    from pipeline.finetune import run_finetune
+    from pipeline.head import run_head
+    from pipeline.logistic import run_logistic
+    from pipeline.report import run_report
+
+    return {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune,
+            "benchmark": run_benchmark, "report": run_report}[stage]
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ def verify_artifact(path: Path, trust: bool = False) -> None:
                             f"retrain it, or {how}")
 
 
+# The model file each classifier-training stage writes into the run folder.
+MODEL_FILES = {"head": "head.pt", "logistic": "logistic.joblib", "finetune": "finetune.pt"}
+
+
 def save_checkpoint(obj: dict, path: Path) -> Path:
     """torch.save atomically and record the file's SHA-256."""
     path = Path(path)

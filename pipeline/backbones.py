@@ -35,6 +35,7 @@ AUX_CLASSIFIERS = {"inception_v3": ("AuxLogits.fc",), "googlenet": ("aux1.fc2", 
 PRETRAINED_KWARGS = {"inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
                      "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False}}
 RANDOM_KWARGS = {"inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
+CUTS = ("pool", "conv")
 
 
 class BackboneError(PipelineError):
@@ -49,10 +50,11 @@ class BackboneSpec:
     weights: str            # as configured: DEFAULT, an enum name, a path, or none
     weights_id: str         # identity used in cache keys: enum + URL, or sha256 of the file bytes
     preprocess: Preprocess
+    cut: str = "pool"       # pool: the final classifier layer's input; conv: the flattened conv trunk
 
     def to_dict(self) -> dict:
         return {"name": self.name, "weights": self.weights, "weights_id": self.weights_id,
-                "preprocess": self.preprocess.to_dict()}
+                "preprocess": self.preprocess.to_dict(), "cut": self.cut}
 
 
 # ----------------------------------------------------------------------------- names and weights
@@ -68,6 +70,22 @@ def _check_name(name: str) -> None:
     if name != LITE0 and name not in torchvision_models():
         raise BackboneError(f"backbone.name '{name}' is not supported; choose {LITE0} or a torchvision "
                             f"classification model: {', '.join(torchvision_models())}")
+
+
+def has_dense_classifier(name: str) -> bool:
+    """VGG and AlexNet: a conv trunk, an adaptive pool, then pretrained dense layers (`classifier`)."""
+    return name == "alexnet" or name.startswith("vgg")
+
+
+def dense_classifier_models() -> list[str]:
+    return [m for m in torchvision_models() if has_dense_classifier(m)]
+
+
+def check_dense_classifier(name: str, key: str, fix: str) -> None:
+    """Raise naming `key` and `fix` unless `name` is a model with its own dense classifier."""
+    if not has_dense_classifier(name):
+        raise BackboneError(f"{key} needs a backbone with its own dense classifier after a conv trunk "
+                            f"({', '.join(dense_classifier_models())}); '{name}' has none: {fix}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -154,6 +172,8 @@ def _resize_to(pre: Preprocess, image_size: Optional[int]) -> Preprocess:
 def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
     """Name, weights identity and preprocessing for cfg, without building or downloading anything."""
     _check_name(cfg.name)
+    if cfg.cut == "conv":
+        check_dense_classifier(cfg.name, "backbone.cut 'conv'", "use backbone.cut=pool")
     weights = cfg.weights
     if weights == "none":
         # Random features depend on the seed that initialised them.
@@ -173,7 +193,7 @@ def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
         enum = _weights_enum(cfg.name, weights)
         check_hub_file(enum)
         weights_id, pre = f"{type(enum).__name__}.{enum.name}:{enum.url}", preprocess_from_weights(enum)
-    return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size))
+    return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size), cfg.cut)
 
 
 # ----------------------------------------------------------------------------- building
@@ -310,11 +330,47 @@ class FeatureExtractor(nn.Module):
         return torch.flatten(self.net(x), 1)
 
 
-def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec) -> FeatureExtractor:
-    """A frozen feature extractor in eval mode."""
-    extractor = FeatureExtractor(cfg.name, build_network(cfg, spec)).eval()
+class ConvFeatureExtractor(nn.Module):
+    """VGG / AlexNet without their dense layers: conv trunk, adaptive pool, flatten.
+
+    Returns (N, C * h * w): 512 * 7 * 7 = 25,088 values for VGG, 256 * 6 * 6 = 9,216 for AlexNet,
+    whatever the input size (the adaptive pool fixes h and w). This is what `classifier` consumes.
+    """
+
+    def __init__(self, name: str, net: nn.Module) -> None:
+        super().__init__()
+        check_dense_classifier(name, "backbone.cut 'conv'", "use backbone.cut=pool")
+        self.features, self.avgpool = net.features, net.avgpool
+        self.feature_dim = next(m for m in net.classifier if isinstance(m, nn.Linear)).in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, D)
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+
+def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
+    """Wrap net as the extractor for `cut`; the network's own layers are reused, not copied."""
+    if cut == "conv":
+        return ConvFeatureExtractor(name, net)
+    return FeatureExtractor(name, net)
+
+
+def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
+    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim."""
+    extractor = make_feature_extractor(cfg.name, build_network(cfg, spec), spec.cut).eval()
     extractor.requires_grad_(False)
     return extractor
+
+
+def dense_classifier(name: str, net: nn.Module, num_classes: int) -> nn.Sequential:
+    """The network's own dense layers (pretrained weights, dropout kept), last Linear replaced.
+
+    Takes `net.classifier` out of net (no copy: VGG16's dense layers hold 120M parameters).
+    """
+    check_dense_classifier(name, "head.type 'classifier'", "use head.type=linear")
+    head = net.classifier
+    last = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)][-1]
+    head[last] = nn.Linear(head[last].in_features, num_classes)
+    return head
 
 
 def build_classifier(cfg: BackboneConfig, spec: BackboneSpec, num_classes: int) -> nn.Module:

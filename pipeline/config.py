@@ -16,7 +16,11 @@ from typing import Any, Optional
 
 from pipeline import PipelineError
 
-STAGES = ("extract", "head", "logistic", "finetune")
+TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
+# predict needs image paths from the command line, so it cannot be listed in run.stages.
+RUN_STAGES = TRAIN_STAGES + ("benchmark", "report")
+STAGES = RUN_STAGES + ("predict",)
+PREDICT_MODELS = ("head", "logistic", "finetune")
 
 
 class ConfigError(PipelineError):
@@ -38,8 +42,8 @@ class RunConfig:
     output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
     device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
     seed: int = _c(0, "seed for splits, initialisation and shuffling", ge=0)
-    stages: list[str] = _c(list(STAGES), "stages run when none are named on the command line",
-                           item_choices=STAGES)
+    stages: list[str] = _c(list(TRAIN_STAGES), "stages run when none are named on the command line",
+                           item_choices=RUN_STAGES)
     num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
     trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
                                "(--trust); joblib/pickle files can run code when loaded")
@@ -61,6 +65,8 @@ class BackboneConfig:
     weights: str = _c("DEFAULT", "DEFAULT, a weights enum name, a local .pth state dict, or none",
                       nonempty=True)
     image_size: Optional[int] = _c(None, "input crop size; null keeps the weights' own", gt=0)
+    cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
+                  "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
 
 
 @dataclass
@@ -82,6 +88,8 @@ class ExtractConfig:
 
 @dataclass
 class HeadConfig:
+    type: str = _c("linear", "linear (a new nn.Linear) or classifier (the backbone's own pretrained dense "
+                   "layers, last one replaced; needs backbone.cut=conv)", choices=("linear", "classifier"))
     epochs: int = _c(25, "training epochs", gt=0)
     batch_size: int = _c(4, "samples per SGD step", gt=0)
     lr: float = _c(0.001, "SGD learning rate", gt=0)
@@ -109,6 +117,33 @@ class FinetuneConfig:
     step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
     augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
+    init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
+                        choices=("none", "cached"))
+    backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = _c(True, "write plots and per-class reports after each training stage")
+    grid_images: int = _c(16, "val images shown in the prediction grid", gt=0, le=64)
+
+
+@dataclass
+class PredictConfig:
+    model: str = _c("head", "which saved model classifies: head, logistic or finetune", choices=PREDICT_MODELS)
+    top_k: int = _c(3, "classes listed per image", gt=0)
+    batch_size: int = _c(32, "images per forward pass", gt=0)
+
+
+@dataclass
+class BenchmarkConfig:
+    backbones: list[str] = _c([], "backbones compared; empty means backbone.name")
+    methods: list[str] = _c(list(PREDICT_MODELS), "methods compared on the same data and seed",
+                            item_choices=PREDICT_MODELS, nonempty=True)
+    finetune_epochs: Optional[int] = _c(None, "finetune epochs in the benchmark; null uses finetune.epochs",
+                                        gt=0)
+    isolate: bool = _c(True, "run each step in its own process, so peak RSS is that step's own")
+    timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0)
 
 
 @dataclass
@@ -120,6 +155,9 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     @property
     def run_dir(self) -> Path:

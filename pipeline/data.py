@@ -90,6 +90,15 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_ignored(e.name))
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Image files under folder, recursively, sorted; hidden and OS-made files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        found += [Path(dirpath, f) for f in sorted(filenames) if not _is_ignored(f) and _is_image(f)]
+    return found
+
+
 def _inside(real: str, allowed: tuple[str, ...]) -> bool:
     return any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed)
 

@@ -62,7 +62,7 @@ def feature_config(spec: BackboneSpec, dtype: str) -> dict:
     import torchvision
 
     return {"format_version": fc.FORMAT_VERSION, "backbone": spec.name, "weights": spec.weights_id,
-            "cut": "pool",  # the pooled input of the final classifier (backbones.FeatureExtractor)
+            "cut": spec.cut,  # pool: the final classifier's pooled input; conv: the flattened conv trunk
             "preprocess": spec.preprocess.to_dict(), "decode": imgdata.DECODE_VERSION, "dtype": dtype,
             "torch": ".".join(torch.__version__.split(".")[:2]),
             "torchvision": ".".join(torchvision.__version__.split(".")[:2])}

@@ -1,4 +1,9 @@
-"""Stage `finetune`: train the whole network on the images; never touches the feature cache."""
+"""Stage `finetune`: train the whole network on the images; never touches the feature cache.
+
+With finetune.init_head=cached the classifier starts from the head stage's head.pt (train the head
+with the body frozen first, then unfreeze everything, as fastai does), and finetune.backbone_lr_mult
+gives the pretrained body a smaller learning rate than the classifier.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,15 +13,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.artifacts import save_checkpoint
-from pipeline.backbones import build_classifier, resolve_backbone
+from pipeline import PipelineError
+from pipeline.artifacts import MODEL_FILES, load_checkpoint, save_checkpoint
+from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
-from pipeline.engine import evaluate, make_sgd, train_one_epoch
+from pipeline.engine import evaluate, make_sgd, predict, train_one_epoch
 from pipeline.metrics import update_metrics
+from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 
-FINETUNE_FILE = "finetune.pt"
+FINETUNE_FILE = MODEL_FILES["finetune"]
 
 
 def make_loaders(data: ImageFolderData, pre, cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader]:
@@ -33,46 +40,105 @@ def make_loaders(data: ImageFolderData, pre, cfg: Config, device: torch.device) 
     return train, val
 
 
+def load_cached_head(cfg: Config, spec: BackboneSpec, model: nn.Module, classes: tuple[str, ...]) -> list[str]:
+    """Copy head.pt's weights into model's classifier; return the module paths that now hold them."""
+    path = cfg.run_dir / MODEL_FILES["head"]
+    if not path.is_file():
+        raise PipelineError(f"finetune.init_head 'cached' starts from '{path}', which does not exist: "
+                            "run the head stage first (python run_pipeline.py head finetune)")
+    ckpt = load_checkpoint(path, cfg.run.trust_artifacts)
+    trained_on = ckpt["backbone_config"]
+    if (trained_on["name"], trained_on["image_size"], ckpt["backbone"]["weights_id"]) != \
+            (cfg.backbone.name, cfg.backbone.image_size, spec.weights_id):
+        raise PipelineError(f"finetune.init_head 'cached': '{path}' was trained on {trained_on['name']} "
+                            f"features (weights {trained_on['weights']}, image_size {trained_on['image_size']}), "
+                            "not on this backbone: run the head stage again with the same backbone settings")
+    if list(ckpt["classes"]) != list(classes):
+        raise PipelineError(f"finetune.init_head 'cached': '{path}' predicts {ckpt['classes']} but the data "
+                            f"has {list(classes)}: run the head stage again on this data")
+    if ckpt.get("head_type", "linear") == "classifier":
+        model.classifier.load_state_dict(ckpt["state_dict"])
+        return ["classifier"]
+    if trained_on.get("cut", "pool") != "pool" or cfg.backbone.name.startswith("squeezenet"):
+        raise PipelineError("finetune.init_head 'cached' needs a head that can sit in the network: a linear "
+                            "head on backbone.cut=pool features (not squeezenet, whose classifier is a conv "
+                            "followed by ReLU), or head.type=classifier")
+    layer_path = classifier_path(cfg.backbone.name, model)
+    model.get_submodule(layer_path).load_state_dict(ckpt["state_dict"])
+    return [layer_path]
+
+
+def head_parameter_groups(model: nn.Module, head_paths: list[str], lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Two SGD groups: the classifier layers at lr (first), everything else at lr * backbone_lr_mult."""
+    in_head = lambda name: any(name.startswith(p + ".") for p in head_paths)  # noqa: E731
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if in_head(n)], "lr": lr, "name": "head"},
+            {"params": [p for n, p in named if not in_head(n)], "lr": lr * backbone_lr_mult, "name": "backbone"}]
+
+
+def build_finetune_model(cfg: Config, spec: BackboneSpec, classes: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
+    """The network with new classifier layer(s), optionally warm-started; and the classifier's module paths."""
+    torch.manual_seed(cfg.run.seed)
+    model = build_classifier(cfg.backbone, spec, len(classes))
+    if cfg.finetune.init_head == "cached":
+        head_paths = load_cached_head(cfg, spec, model, classes)
+    else:
+        head_paths = [classifier_path(cfg.backbone.name, model)]
+    return model, head_paths + list(AUX_CLASSIFIERS.get(cfg.backbone.name, ()))
+
+
 def run_finetune(cfg: Config, device: torch.device) -> dict:
     t0 = time.perf_counter()
     ft = cfg.finetune
     data = load_image_folder(cfg.data.root)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-    model = build_classifier(cfg.backbone, spec, len(data.classes)).to(device)
+    model, head_paths = build_finetune_model(cfg, spec, data.classes)
+    model = model.to(device)
     train_loader, val_loader = make_loaders(data, spec.preprocess, cfg, device)
     criterion = nn.CrossEntropyLoss()
-    optimizer, scheduler = make_sgd(model.parameters(), ft.lr, ft.momentum, ft.weight_decay, ft.step_size, ft.gamma)
+    groups = head_parameter_groups(model, head_paths, ft.lr, ft.backbone_lr_mult)
+    optimizer, scheduler = make_sgd(groups, ft.lr, ft.momentum, ft.weight_decay, ft.step_size, ft.gamma)
     print(f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
-          f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}")
+          f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}"
+          + (", classifier from head.pt" if ft.init_head == "cached" else "")
+          + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else ""))
     history, best_acc, best_epoch, epoch_seconds = [], -1.0, 0, []
     path = cfg.run_dir / FINETUNE_FILE
     for epoch in range(1, ft.epochs + 1):
         te = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
         train = train_one_epoch(model, criterion, optimizer, train_loader, device,
                                 desc=f"finetune {epoch}/{ft.epochs}")
         scheduler.step()
         val = evaluate(model, criterion, val_loader, device)
         epoch_seconds.append(time.perf_counter() - te)
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
-                        "val_loss": val["loss"], "val_acc": val["acc"], "seconds": epoch_seconds[-1]})
+        history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
+                        "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
+                        "seconds": epoch_seconds[-1]})
         print(f"finetune: epoch {epoch}/{ft.epochs} train_loss {train['loss']:.4f} "
               f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s)")
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
             # A consistent snapshot of the best epoch: enough to predict, or to resume from it.
-            save_checkpoint({
+            artifact = {
                 "kind": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": best_acc,
                 "classes": list(data.classes), "backbone_config": dataclasses.asdict(cfg.backbone),
                 "backbone": spec.to_dict(), "finetune_config": dataclasses.asdict(ft), "seed": cfg.run.seed,
-                "versions": environment_info(device)}, path)
+                "data_root": str(data.root), "history": history, "versions": environment_info(device)}
+            save_checkpoint(artifact, path)
+    train_seconds = sum(epoch_seconds)
     entry = {"val_acc": round(best_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
-             "best_epoch": best_epoch, "epochs": ft.epochs,
-             "seconds_per_epoch": round(sum(epoch_seconds) / len(epoch_seconds), 3),
-             "train_images_per_second": round(len(data.train) * ft.epochs / sum(epoch_seconds), 1),
+             "best_epoch": best_epoch, "epochs": ft.epochs, "train_seconds": round(train_seconds, 3),
+             "seconds_per_epoch": round(train_seconds / len(epoch_seconds), 3),
+             "train_images_per_second": round(len(data.train) * ft.epochs / train_seconds, 1),
+             "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult,
              "model_file": str(path), "history": history}
     print(f"finetune: best val_acc {best_acc:.4f} at epoch {best_epoch}/{ft.epochs} -> {path}")
+    model.load_state_dict(load_checkpoint(path)["model"])  # the reports describe the saved model
+    logits, targets = predict(model, val_loader, device)
+    preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(data.val.paths), data.root,
+                        list(data.classes))
+    entry.update(finish_stage(cfg, "finetune", preds, artifact, history=history))
     update_metrics(cfg.run_dir, "finetune", entry)
     return entry

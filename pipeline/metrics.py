@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 METRICS_FILE = "metrics.json"
 
@@ -30,6 +32,34 @@ def update_metrics(run_dir: Path, stage: str, entry: dict) -> dict:
     metrics[stage] = entry
     write_json(Path(run_dir) / METRICS_FILE, metrics)
     return metrics
+
+
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[Optional[float]]:
+    """Accuracy on each class's own samples (its recall); None for a class with no samples.
+
+    y_true, y_pred : int arrays of shape (n_samples,)
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.shape} targets but {y_pred.shape} predictions")
+    out: list[Optional[float]] = []
+    for c in range(num_classes):
+        mine = y_true == c
+        out.append(float((y_pred[mine] == c).mean()) if mine.any() else None)
+    return out
+
+
+def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: Optional[int] = None) -> float:
+    """The unweighted mean of per-class accuracies over the classes present in y_true.
+
+    Unlike top-1 accuracy it gives a rare class the same weight as a common one.
+    """
+    y_true = np.asarray(y_true)
+    if y_true.size == 0:
+        raise ValueError("mean per-class accuracy of no samples")
+    n = int(num_classes if num_classes is not None else max(int(y_true.max()), int(np.max(y_pred))) + 1)
+    present = [a for a in per_class_accuracy(y_true, y_pred, n) if a is not None]
+    return float(np.mean(present))
 
 
 def _fmt(v: Any) -> str:

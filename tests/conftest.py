@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def tiny_overrides(tmp_path: Path, root: Path) -> list[str]:
             "backbone.image_size=32", f"extract.cache_dir={tmp_path / 'cache'}", "extract.batch_size=8",
             f"run.output_dir={tmp_path / 'runs'}", "run.name=t", "run.device=cpu", "head.epochs=3",
             "head.batch_size=4", "logistic.cv_folds=2", "logistic.c_grid=[0.1, 1.0]", "finetune.epochs=1",
-            "finetune.batch_size=4"]
+            "finetune.batch_size=4", "report.enabled=false", "benchmark.isolate=false"]
 
 
 @pytest.fixture
@@ -87,3 +88,21 @@ def assert_features_are_the_images(cache, cfg, plan) -> None:
         with torch.no_grad():
             expected = extractor(x).numpy()
         assert np.allclose(expected, split.features.astype(np.float32), atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """head, logistic and finetune trained once on a tiny folder with reports on (shared, do not modify)."""
+    import torch
+
+    from pipeline.finetune import run_finetune
+    from pipeline.head import run_head
+    from pipeline.logistic import run_logistic
+
+    tmp = tmp_path_factory.mktemp("trained")
+    root = make_image_folder(tmp / "imgs")
+    overrides = tiny_overrides(tmp, root) + ["report.enabled=true", "head.epochs=4", "head.lr=0.01",
+                                             "report.grid_images=4"]
+    cfg = load_config(None, overrides)
+    entries = {stage.__name__[4:]: stage(cfg, torch.device("cpu")) for stage in (run_head, run_logistic, run_finetune)}
+    return SimpleNamespace(tmp=tmp, root=root, overrides=overrides, cfg=cfg, entries=entries)

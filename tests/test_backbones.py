@@ -149,3 +149,39 @@ def test_a_replaced_hub_weights_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"not the published weights")
     with pytest.raises(BackboneError, match="resnet18-f37072fd.pth' does not match the SHA-256 prefix 'f37072fd'"):
         resolve_backbone(BackboneConfig(name="resnet18", weights="DEFAULT"), seed=0)
+
+
+@pytest.mark.parametrize("name, size, dim", [("vgg11", 32, 512 * 7 * 7), ("alexnet", 64, 256 * 6 * 6)])
+def test_conv_cut_is_exactly_the_dense_classifier_input(name, size, dim):
+    cfg = BackboneConfig(name=name, weights="none", image_size=size, cut="conv")
+    spec = resolve_backbone(cfg, seed=0)
+    assert spec.cut == "conv" and spec.to_dict()["cut"] == "conv"
+    torch.manual_seed(0)
+    net = build_network(cfg, spec).eval()
+    torch.manual_seed(0)
+    extractor = build_feature_extractor(cfg, spec)
+    assert extractor.feature_dim == dim
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = extractor(x)
+        assert feats.shape == (2, dim)
+        assert torch.allclose(net.classifier(feats), net(x), atol=1e-5)  # classifier(features) is the model
+
+
+def test_dense_classifier_keeps_pretrained_layers_and_dropout():
+    from pipeline.backbones import dense_classifier
+
+    cfg, spec = spec_of("vgg11", image_size=32)
+    torch.manual_seed(0)
+    net = build_network(cfg, spec)
+    fc6 = net.classifier[0].weight.clone()
+    head = dense_classifier("vgg11", net, num_classes=3)
+    assert torch.equal(head[0].weight, fc6)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in head) == 2
+    assert head[6].out_features == 3 and head[6].in_features == 4096
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_conv_cut_elsewhere_names_the_key_and_the_models(name):
+    with pytest.raises(BackboneError, match="backbone.cut 'conv' needs .*alexnet, vgg11.*use backbone.cut=pool"):
+        resolve_backbone(BackboneConfig(name=name, weights="none", cut="conv"), seed=0)

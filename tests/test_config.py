@@ -35,6 +35,15 @@ def test_overrides_parse_types():
     assert cfg.backbone.image_size is None and cfg.finetune.augment is False and cfg.run.stages == ["head"]
 
 
+def test_new_sections_have_working_defaults():
+    cfg = Config()
+    assert (cfg.backbone.cut, cfg.head.type, cfg.finetune.init_head, cfg.finetune.backbone_lr_mult) == \
+        ("pool", "linear", "none", 1.0)
+    assert cfg.benchmark.methods == ["head", "logistic", "finetune"] and cfg.benchmark.backbones == []
+    assert cfg.predict.model == "head" and cfg.report.enabled is True
+    assert load_config(None, ["run.stages=[\"benchmark\", \"report\"]"]).run.stages == ["benchmark", "report"]
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["head.lr=1"]).head.lr == 1.0
 
@@ -53,6 +62,17 @@ def test_int_accepted_for_float():
     ("head.momentum=1", "head.momentum: must be < 1"),
     ("logistic.c_grid=[]", "logistic.c_grid: must not be empty"),
     ("head.lr", "expected section.key=value"),
+    ("backbone.cut=fc7", "backbone.cut: 'fc7' is not one of pool, conv"),
+    ("head.type=mlp", "head.type: 'mlp' is not one of linear, classifier"),
+    ("finetune.init_head=yes", "finetune.init_head: 'yes' is not one of none, cached"),
+    ("finetune.backbone_lr_mult=0", "finetune.backbone_lr_mult: must be > 0"),
+    ("finetune.backbone_lr_mult=2", "finetune.backbone_lr_mult: must be <= 1"),
+    ("predict.model=svm", "predict.model: 'svm' is not one of head, logistic, finetune"),
+    ("benchmark.methods=[\"svm\"]", "benchmark.methods[0]: 'svm' is not one of head, logistic, finetune"),
+    ("benchmark.methods=[]", "benchmark.methods: must not be empty"),
+    ("benchmark.finetune_epochs=0", "benchmark.finetune_epochs: must be > 0"),
+    ("run.stages=[\"predict\"]", "run.stages[0]: 'predict' is not one of"),  # predict needs paths
+    ("report.grid_images=0", "report.grid_images: must be > 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -156,3 +156,14 @@ def test_metrics_report_rows_and_bad_files(tiny_cfg):
     assert entry["bad_files"] == 0 and entry["bad_files_report"].endswith("bad_files.json")
     hit = ex.run_extract(cfg, CPU)
     assert (hit["rows_extracted"], hit["rows_reused"]) == (0, 18)
+
+
+def test_cut_is_part_of_the_cache_key(tiny_cfg):
+    alexnet = ("backbone.name=alexnet", "backbone.image_size=64")
+    pool = ex.run_extract(tiny_cfg(*alexnet), CPU)
+    conv = ex.run_extract(tiny_cfg(*alexnet, "backbone.cut=conv", "extract.dtype=float16"), CPU)
+    assert conv["cache_hit"] is False and conv["cache_file"] != pool["cache_file"]
+    cache = fc.read_cache(conv["cache_file"])
+    assert cache.feature_dim == 9216 and cache.train.features.dtype == np.float16
+    assert cache.attrs["versions"]["cut"] == "conv" and cache.attrs["backbone"]["cut"] == "conv"
+    assert fc.read_cache(pool["cache_file"]).feature_dim == 4096

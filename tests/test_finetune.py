@@ -53,3 +53,58 @@ def test_auxiliary_loss_is_weighted():
     aux1 = torch.randn(2, 3)
     loss, _ = compute_loss((main, aux, aux1), y, criterion)
     assert torch.allclose(loss, criterion(main, y) + 0.3 * (criterion(aux, y) + criterion(aux1, y)))
+
+
+def test_init_head_cached_starts_from_head_pt(tiny_cfg):
+    from pipeline.backbones import resolve_backbone
+    from pipeline.finetune import build_finetune_model
+    from pipeline.head import run_head
+
+    run_head(tiny_cfg("head.epochs=2"), CPU)
+    head = load_checkpoint(tiny_cfg().run_dir / "head.pt")["state_dict"]
+    cfg = tiny_cfg("finetune.init_head=cached")
+    model, head_paths = build_finetune_model(cfg, resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    assert head_paths == ["fc"]
+    assert torch.equal(model.fc.weight, head["weight"]) and torch.equal(model.fc.bias, head["bias"])
+    fresh, _ = build_finetune_model(tiny_cfg(), resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    assert not torch.equal(fresh.fc.weight, head["weight"])
+
+
+def test_init_head_cached_loads_the_dense_classifier(tmp_path):
+    from pipeline.backbones import resolve_backbone
+    from pipeline.finetune import build_finetune_model
+    from pipeline.head import run_head
+
+    root = make_image_folder(tmp_path / "imgs", n_train=2, n_val=1)
+    base = tiny_overrides(tmp_path, root) + ["backbone.name=alexnet", "backbone.image_size=64", "head.epochs=1"]
+    run_head(load_config(None, base + ["backbone.cut=conv", "head.type=classifier"]), CPU)
+    head = load_checkpoint(tmp_path / "runs" / "t" / "head.pt")["state_dict"]
+    cfg = load_config(None, base + ["finetune.init_head=cached"])  # finetuning ignores the cut
+    model, head_paths = build_finetune_model(cfg, resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    assert head_paths == ["classifier"]
+    assert all(torch.equal(model.classifier.state_dict()[k], v) for k, v in head.items())
+
+
+def test_init_head_cached_needs_a_head_for_this_backbone(tiny_cfg):
+    from pipeline import PipelineError
+    from pipeline.head import run_head
+
+    with pytest.raises(PipelineError, match="finetune.init_head 'cached' starts from .*run the head stage first"):
+        run_finetune(tiny_cfg("finetune.init_head=cached"), CPU)
+    run_head(tiny_cfg("head.epochs=1"), CPU)
+    with pytest.raises(PipelineError, match="was trained on resnet18 features .* not on this backbone"):
+        run_finetune(tiny_cfg("finetune.init_head=cached", "backbone.image_size=40"), CPU)
+
+
+def test_backbone_lr_mult_gives_the_body_a_smaller_rate(tiny_cfg):
+    from pipeline.finetune import head_parameter_groups
+
+    cfg = tiny_cfg("finetune.epochs=2", "finetune.lr=0.01", "finetune.backbone_lr_mult=0.1",
+                   "finetune.step_size=1", "finetune.gamma=0.5")
+    entry = run_finetune(cfg, CPU)
+    assert [h["lr"] for h in entry["history"]] == pytest.approx([0.01, 0.005])  # StepLR drops both
+    assert [h["backbone_lr"] for h in entry["history"]] == pytest.approx([0.001, 0.0005])
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    head, body = head_parameter_groups(model, ["2"], lr=0.1, backbone_lr_mult=0.25)
+    assert (head["lr"], body["lr"]) == (0.1, 0.025)
+    assert [p.shape for p in head["params"]] == [(2, 3), (2,)] and len(body["params"]) == 2

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +60,65 @@ def test_run_head_from_cache_saves_a_rebuildable_artifact(tiny_cfg):
     assert entry["val_acc"] >= 0.5 and 1 <= entry["best_epoch"] <= 4
     ckpt = load_checkpoint(cfg.run_dir / "head.pt")
     assert ckpt["classes"] == ["ants", "bees"] and ckpt["feature_dim"] == 512
-    assert ckpt["backbone_config"] == {"name": "resnet18", "weights": "none", "image_size": 32}
+    assert ckpt["backbone_config"] == {"name": "resnet18", "weights": "none", "image_size": 32, "cut": "pool"}
+    assert ckpt["head_type"] == "linear"
     assert ckpt["backbone"]["preprocess"]["crop_size"] == 32
     metrics = read_metrics(cfg.run_dir)
     assert set(metrics) == {"extract", "head"}  # the cache was built on demand
     assert metrics["head"]["val_acc"] == entry["val_acc"] and "seconds" in metrics["head"]
+
+
+@pytest.mark.parametrize("name, size", [("vgg11", 32), ("alexnet", 64)])
+def test_own_dense_classifier_trains_from_the_conv_cache(tmp_path, name, size):
+    """The 'pre-convoluted features' recipe: cache the conv trunk, train the model's own dense layers."""
+    from pipeline import cache as fc
+    from pipeline.backbones import build_network, resolve_backbone
+    from pipeline.config import load_config
+    from tests.conftest import make_image_folder, tiny_overrides
+
+    root = make_image_folder(tmp_path / "imgs", n_train=2, n_val=1)
+    cfg = load_config(None, tiny_overrides(tmp_path, root) + [
+        f"backbone.name={name}", f"backbone.image_size={size}", "backbone.cut=conv", "head.type=classifier",
+        "extract.dtype=float16", "head.epochs=2", "head.lr=0.01"])  # 4 images, batch 4: a step per epoch
+    entry = run_head(cfg, CPU)
+    ckpt = load_checkpoint(cfg.run_dir / "head.pt")
+    assert ckpt["head_type"] == "classifier" and ckpt["backbone_config"]["cut"] == "conv"
+    cache = fc.read_cache(read_metrics(cfg.run_dir)["extract"]["cache_file"])
+    assert cache.train.features.dtype == np.float16 and cache.feature_dim == ckpt["feature_dim"]
+    linears = [k for k in ckpt["state_dict"] if k.endswith(".weight")]
+    first, last = ckpt["state_dict"][linears[0]], ckpt["state_dict"][linears[-1]]
+    assert first.shape == (4096, cache.feature_dim) and last.shape == (2, 4096)
+    # trained, starting from the backbone's own (here randomly initialised, seeded) dense weights
+    torch.manual_seed(cfg.run.seed)
+    own = build_network(cfg.backbone, resolve_backbone(cfg.backbone, cfg.run.seed)).classifier.state_dict()
+    assert not torch.equal(first, own[linears[0]])
+    assert (first - own[linears[0]]).abs().max() < 0.05 * own[linears[0]].abs().max()
+    assert 0.0 <= entry["val_acc"] <= 1.0 and len(entry["history"]) == 2
+
+
+def test_classifier_head_starts_from_the_backbone_dense_weights(tiny_cfg):
+    from pipeline.backbones import build_network, resolve_backbone
+    from pipeline.head import build_head
+
+    cfg = tiny_cfg("backbone.name=vgg11", "backbone.cut=conv", "head.type=classifier")
+    spec = resolve_backbone(cfg.backbone, cfg.run.seed)
+    head = build_head(cfg, spec, 25088, 2)
+    torch.manual_seed(cfg.run.seed)
+    net = build_network(cfg.backbone, spec)
+    assert torch.equal(head[0].weight, net.classifier[0].weight)
+    assert torch.equal(head[3].weight, net.classifier[3].weight)
+    assert head[6].out_features == 2
+    assert [type(m).__name__ for m in head] == [type(m).__name__ for m in net.classifier]  # dropout kept
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["head.type=classifier"], r"head.type 'classifier' needs a backbone with its own dense classifier .*vgg11"),
+    (["head.type=classifier", "backbone.name=vgg11"], "set backbone.cut=conv"),
+])
+def test_classifier_head_misconfigurations_name_the_key(tiny_cfg, overrides, message):
+    from pipeline import PipelineError
+
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(PipelineError, match=message):
+        run_head(cfg, CPU)
+    assert not (cfg.run_dir / "head.pt").exists() and not cfg.run_dir.exists()  # failed before extracting

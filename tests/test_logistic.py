@@ -1,4 +1,4 @@
-import joblib
+from pipeline.artifacts import load_joblib
 import numpy as np
 import pytest
 import torch
@@ -29,7 +29,7 @@ def test_one_image_class_is_a_clear_error():
 def test_run_logistic_saves_model_and_metrics(tiny_cfg):
     cfg = tiny_cfg()
     entry = run_logistic(cfg, torch.device("cpu"))
-    saved = joblib.load(cfg.run_dir / "logistic.joblib")
+    saved = load_joblib(cfg.run_dir / "logistic.joblib")
     assert saved["classes"] == ["ants", "bees"] and saved["C"] in (0.1, 1.0)
     assert entry["val_acc"] == 1.0  # colour-coded classes are separable even with random features
     assert read_metrics(cfg.run_dir)["logistic"]["C"] == entry["C"]

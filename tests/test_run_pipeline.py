@@ -49,5 +49,32 @@ def test_errors_are_one_line_without_traceback(params_file, capsys):
 def test_help_lists_stages_and_keys():
     out = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    for word in ("extract", "head", "logistic", "finetune", "backbone.image_size", "--set"):
-        assert word in out
+    for word in ("extract", "head", "logistic", "finetune", "benchmark", "report", "predict PATH",
+                 "backbone.image_size", "backbone.cut", "head.type", "finetune.init_head", "benchmark.backbones",
+                 "predict.model", "--set", "--output"):
+        assert word in out, word
+
+
+def test_predict_arguments_are_checked(params_file, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "predict"]) == 2
+    assert run_pipeline.main(["--params", str(params_file), "head", "--output", "x.csv"]) == 2
+    assert run_pipeline.main(["--params", str(params_file), "head", "img.png"]) == 2
+    err = capsys.readouterr().err
+    assert "predict needs image files or folders" in err and "--output is for the predict stage" in err
+    assert "unknown stage 'img.png'" in err
+
+
+def test_stages_then_predict_then_report(params_file, image_root, tmp_path, capsys):
+    image = image_root / "val" / "ants" / "img_000.png"
+    assert run_pipeline.main(["--params", str(params_file), "head", "predict", str(image)]) == 0
+    out = capsys.readouterr().out
+    assert "head: best val_acc" in out and str(image) in out and "1 of 1 images classified" in out
+    assert run_pipeline.main(["--params", str(params_file), "report"]) == 0
+    assert (tmp_path / "runs" / "t" / "reports" / "head_confusion_matrix.png").is_file()
+
+
+def test_benchmark_from_the_cli(params_file, tmp_path, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "benchmark", "--set", "benchmark.methods=[\"logistic\"]"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | logistic (C=" in out
+    assert (tmp_path / "runs" / "t" / "benchmark.md").is_file()

@@ -1,0 +1,144 @@
+"""Stage `predict`: classify new images (files or folders) with a saved model; print or write CSV."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import PipelineError
+from pipeline.config import Config
+from pipeline.data import eval_transform, find_images, load_image
+from pipeline.predictor import Predictor, load_predictor
+
+
+@dataclass
+class ImagePrediction:
+    path: str                                   # as the user gave it (or found in a given folder)
+    top: list[tuple[str, float]]                # (class, probability), most probable first; [] if failed
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def collect_images(paths: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+    """(path, error) in the order given: files as named (any extension: the user chose them), the image
+    files inside folders (recursively, sorted), and an error for a path that is missing or holds no images."""
+    out: list[tuple[str, Optional[str]]] = []
+    for text in paths:
+        p = Path(text)
+        if p.is_dir():
+            found = find_images(p)
+            out += [(str(f), None) for f in found] or [(text, "folder has no image files")]
+        elif p.exists():
+            out.append((text, None))
+        else:
+            out.append((text, "no such file or folder"))
+    return out
+
+
+class _Images(Dataset):
+    """(tensor or None, error or None) per file: a bad file becomes a row, never an exception."""
+
+    def __init__(self, files: Sequence[str], transform) -> None:
+        self.files, self.transform = list(files), transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(self.files[i])), None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return None, f"cannot read image: {e}"
+
+
+def _keep_errors(batch):
+    return batch  # a list of (tensor | None, error | None); stacked by classify_files
+
+
+def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """For each row of (n_images, num_classes) probabilities, the k most probable (class, p), stable order."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
+
+
+def classify_files(predictor: Predictor, files: Sequence[str], batch_size: int, k: int,
+                   num_workers: int = 0) -> list[ImagePrediction]:
+    """Predictions for files in order; unreadable ones carry their error."""
+    loader = DataLoader(_Images(files, eval_transform(predictor.preprocess)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=_keep_errors)
+    out: list[ImagePrediction] = []
+    start = 0
+    for batch in loader:
+        good = [i for i, (x, _) in enumerate(batch) if x is not None]
+        tops = top_k(predictor.probs_from_images(torch.stack([batch[i][0] for i in good])), predictor.classes,
+                     min(k, len(predictor.classes))) if good else []
+        by_index = dict(zip(good, tops))
+        for i, (_, error) in enumerate(batch):
+            out.append(ImagePrediction(files[start + i], by_index.get(i, []), error))
+        start += len(batch)
+    return out
+
+
+def format_predictions(rows: Sequence[ImagePrediction]) -> str:
+    """A plain-text table: path, top class, its probability, the other top-k classes."""
+    table = [("path", "class", "probability", "top-k")]
+    for r in rows:
+        if r.ok:
+            table.append((r.path, r.top[0][0], f"{r.top[0][1]:.4f}",
+                          ", ".join(f"{c} {p:.3f}" for c, p in r.top)))
+        else:
+            table.append((r.path, "-", "-", f"ERROR {r.error}"))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = ["  ".join([c.ljust(w) for c, w in zip(row[:3], widths)] + [row[3]]) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
+    return "\n".join(lines)
+
+
+def check_output(path: Path) -> None:
+    if not Path(path).parent.is_dir():
+        raise PipelineError(f"--output '{path}': folder '{Path(path).parent}' does not exist")
+
+
+def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
+    """path, status, class_1, prob_1, ..., class_k, prob_k, error."""
+    path = Path(path)
+    check_output(path)
+    header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r in rows:
+            cells = [v for c, p in r.top for v in (c, f"{p:.6f}")]
+            cells += [""] * (2 * k - len(cells))
+            writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or ""])
+    return path
+
+
+def run_predict(cfg: Config, device: torch.device, paths: Sequence[str], output: Optional[str] = None) -> list[ImagePrediction]:
+    if not paths:
+        raise PipelineError("predict needs image files or folders: python run_pipeline.py predict IMG [IMG ...]")
+    if output:
+        check_output(Path(output))  # before minutes of work, not after
+    predictor = load_predictor(cfg.run_dir, cfg.predict.model, device, trust=cfg.run.trust_artifacts)
+    found = collect_images(paths)
+    files = [p for p, error in found if error is None]
+    done = iter(classify_files(predictor, files, cfg.predict.batch_size, cfg.predict.top_k, cfg.data.num_workers))
+    rows = [next(done) if error is None else ImagePrediction(p, [], error) for p, error in found]
+    k = min(cfg.predict.top_k, len(predictor.classes))
+    print(f"predict: {cfg.predict.model} model of {cfg.run_dir} ({len(predictor.classes)} classes), "
+          f"{sum(r.ok for r in rows)} of {len(rows)} images classified")
+    print(format_predictions(rows))
+    if output:
+        print(f"predict: wrote {write_csv(rows, k, Path(output))}")
+    if not any(r.ok for r in rows):
+        raise PipelineError("predict: no image could be read (see the errors above)")
+    return rows

@@ -1,0 +1,159 @@
+"""Rebuild a trained classifier from its run-folder artifact: images (or cached features) -> probabilities.
+
+- head: the backbone cut as at extraction, then the saved head (linear or the dense classifier);
+- logistic: the same backbone, then the saved scikit-learn pipeline;
+- finetune: the whole network with its trained weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import PipelineError
+from pipeline.artifacts import MODEL_FILES, load_checkpoint, load_joblib
+from pipeline.backbones import (BackboneSpec, build_classifier, build_feature_extractor, dense_classifier,
+                                resolve_backbone)
+from pipeline.config import BackboneConfig
+from pipeline.data import Preprocess
+
+
+@dataclass
+class Predictor:
+    kind: str                       # head | logistic | finetune
+    classes: list[str]
+    preprocess: Preprocess
+    artifact: dict                  # the saved metadata (data_root, cache_file, seed, ...)
+    classify: Callable[[torch.Tensor], np.ndarray]  # features (images for finetune) -> (N, C) probabilities
+    extractor: Optional[nn.Module] = None            # images -> features; None for finetune
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.kind in ("head", "logistic")
+
+    @torch.inference_mode()
+    def probs_from_images(self, images: torch.Tensor) -> np.ndarray:
+        """images: (N, 3, H, W) preprocessed -> (N, num_classes) probabilities."""
+        x = images.to(self.device)
+        if self.uses_features:
+            if self.extractor is None:
+                raise RuntimeError("predictor was loaded without its backbone")
+            x = self.extractor(x.contiguous(memory_format=torch.channels_last)).float()
+        return self.classify(x)
+
+    @torch.inference_mode()
+    def probs_from_features(self, features: np.ndarray) -> np.ndarray:
+        """features: (N, feature_dim) as cached -> (N, num_classes) probabilities."""
+        if not self.uses_features:
+            raise RuntimeError("a finetuned network classifies images, not cached features")
+        return self.classify(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device))
+
+
+def model_path(run_dir: Path, kind: str) -> Path:
+    return Path(run_dir) / MODEL_FILES[kind]
+
+
+def _missing_model(run_dir: Path, kind: str) -> PipelineError:
+    """No model file: say which stage makes it, and point at sub-folders that have one (a benchmark's)."""
+    run_dir = Path(run_dir)
+    found = sorted(p.parent.name for p in run_dir.glob(f"*/{MODEL_FILES[kind]}")) if run_dir.is_dir() else []
+    hint = (f"; this folder's benchmark sub-folders have one: --set run.name={run_dir.name}/{found[0]}"
+            if found else "")
+    return PipelineError(f"no {kind} model at '{model_path(run_dir, kind)}': run the {kind} stage first, "
+                         f"or set run.name to the run folder that holds it{hint}")
+
+
+def load_artifact(run_dir: Path, kind: str, trust: bool = False) -> dict:
+    """The saved model file of stage `kind` in run_dir, as a dict."""
+    path = model_path(run_dir, kind)
+    if not path.is_file():
+        raise _missing_model(run_dir, kind)
+    obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
+    if not isinstance(obj, dict) or "classes" not in obj:
+        raise PipelineError(f"'{path}' is not a {kind} model written by this tool")
+    return obj
+
+
+def backbone_of(artifact: dict) -> tuple[BackboneConfig, BackboneSpec]:
+    """The backbone the artifact was trained with; an error if its weights are not the same any more."""
+    cfg = BackboneConfig(**artifact["backbone_config"])
+    spec = resolve_backbone(cfg, artifact["seed"])
+    saved = artifact["backbone"]["weights_id"]
+    if spec.weights_id != saved:
+        raise PipelineError(f"the backbone weights changed since this model was trained ({saved} then, "
+                            f"{spec.weights_id} now): retrain it, or restore backbone.weights '{cfg.weights}'")
+    return cfg, spec
+
+
+def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
+    cfg, spec = backbone_of(artifact)
+    torch.manual_seed(artifact["seed"])  # as at extraction: a random-init backbone must be the same one
+    return build_feature_extractor(cfg, spec).to(device, memory_format=torch.channels_last)
+
+
+def _head_module(artifact: dict) -> nn.Module:
+    num_classes = len(artifact["classes"])
+    if artifact.get("head_type", "linear") == "classifier":
+        name = artifact["backbone_config"]["name"]
+        import torchvision
+
+        with torch.device("meta"):  # only the architecture: the weights come from the artifact
+            net = torchvision.models.get_model(name, weights=None)
+        head = dense_classifier(name, net, num_classes)
+    else:
+        head = nn.Linear(artifact["feature_dim"], num_classes)
+    head.load_state_dict(artifact["state_dict"], assign=True)
+    return head.eval()
+
+
+def _softmax(module: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    def classify(x: torch.Tensor) -> np.ndarray:
+        out = module(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        return torch.softmax(logits.float(), 1).cpu().numpy()
+    return classify
+
+
+def _sklearn_proba(model, num_classes: int) -> Callable[[torch.Tensor], np.ndarray]:
+    def classify(x: torch.Tensor) -> np.ndarray:
+        proba = model.predict_proba(x.cpu().numpy())   # columns follow model.classes_
+        out = np.zeros((len(proba), num_classes), dtype=np.float64)
+        out[:, model.classes_] = proba
+        return out
+    return classify
+
+
+def predictor_from_artifact(kind: str, artifact: dict, device: torch.device, with_backbone: bool = True,
+                            network: Optional[nn.Module] = None) -> Predictor:
+    """A Predictor for an artifact dict; with_backbone=False skips building the backbone (cached features).
+
+    network: for finetune, an already-built model to use instead of rebuilding it from the artifact.
+    """
+    classes = list(artifact["classes"])
+    preprocess = Preprocess.from_dict(artifact["backbone"]["preprocess"])
+    if kind == "finetune":
+        if network is None:
+            cfg, spec = backbone_of(artifact)
+            network = build_classifier(cfg, spec, len(classes))
+            network.load_state_dict(artifact["model"])
+        network = network.to(device).eval()
+        return Predictor(kind, classes, preprocess, artifact, _softmax(network), None, device)
+    if kind == "head":
+        classify = _softmax(_head_module(artifact).to(device))
+    elif kind == "logistic":
+        classify = _sklearn_proba(artifact["model"], len(classes))
+    else:
+        raise PipelineError(f"unknown model '{kind}' (choose {', '.join(MODEL_FILES)})")
+    extractor = _build_extractor(artifact, device) if with_backbone else None
+    return Predictor(kind, classes, preprocess, artifact, classify, extractor, device)
+
+
+def load_predictor(run_dir: Path, kind: str, device: torch.device, with_backbone: bool = True,
+                   trust: bool = False) -> Predictor:
+    """Rebuild stage `kind`'s saved model from run_dir."""
+    return predictor_from_artifact(kind, load_artifact(run_dir, kind, trust), device, with_backbone)

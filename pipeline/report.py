@@ -1,0 +1,207 @@
+"""Stage `report`: confusion matrix, per-class report, training curves and a prediction grid per model.
+
+The training stages call `finish_stage` with their val predictions; `run_report` rebuilds the same
+files later from the saved artifacts (head.pt, logistic.joblib, finetune.pt) without retraining.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import PipelineError
+from pipeline import cache as fc
+from pipeline.artifacts import MODEL_FILES
+from pipeline.config import Config, ReportConfig
+from pipeline.data import ImageListDataset, Split, discover_image_folder, eval_transform, load_image
+from pipeline.metrics import mean_per_class_accuracy, per_class_accuracy, read_metrics, write_json
+from pipeline.predictor import Predictor, load_artifact, model_path, predictor_from_artifact
+
+REPORT_DIR = "reports"
+THUMBNAIL = 128
+
+
+@dataclass
+class Predictions:
+    """A model's class probabilities on the val images, in cache / folder order."""
+
+    probs: np.ndarray      # (n_samples, num_classes)
+    targets: np.ndarray    # (n_samples,) int
+    paths: list[str]       # relative to root
+    root: Path
+    classes: list[str]
+
+    @property
+    def predicted(self) -> np.ndarray:  # (n_samples,)
+        return self.probs.argmax(1)
+
+
+def summarise(preds: Predictions) -> dict:
+    """Top-1 accuracy, mean per-class accuracy and each class's accuracy, for metrics.json."""
+    y, p = np.asarray(preds.targets), preds.predicted
+    per_class = per_class_accuracy(y, p, len(preds.classes))
+    return {"val_acc_top1": round(float(np.mean(y == p)), 4),
+            "mean_per_class_acc": round(mean_per_class_accuracy(y, p, len(preds.classes)), 4),
+            "per_class_acc": {c: (None if a is None else round(a, 4)) for c, a in zip(preds.classes, per_class)}}
+
+
+# ----------------------------------------------------------------------------- files
+def report_paths(run_dir: Path, kind: str) -> dict[str, Path]:
+    folder = Path(run_dir) / REPORT_DIR
+    return {"confusion_matrix": folder / f"{kind}_confusion_matrix.png",
+            "classification_report": folder / f"{kind}_classification_report.txt",
+            "classification_report_json": folder / f"{kind}_classification_report.json",
+            "training_curves": folder / f"{kind}_training_curves.png",
+            "cv_scores": folder / f"{kind}_cv_scores.png",
+            "predictions": folder / f"{kind}_predictions.png"}
+
+
+def classification_report_dict(preds: Predictions) -> dict:
+    """scikit-learn's per-class precision / recall / F1 / support, plus the accuracies of `summarise`."""
+    from sklearn.metrics import classification_report
+
+    report = classification_report(preds.targets, preds.predicted, labels=list(range(len(preds.classes))),
+                                   target_names=preds.classes, output_dict=True, zero_division=0)
+    return {**report, **summarise(preds)}
+
+
+def _classification_report_text(preds: Predictions, title: str) -> str:
+    from sklearn.metrics import classification_report
+
+    s = summarise(preds)
+    text = classification_report(preds.targets, preds.predicted, labels=list(range(len(preds.classes))),
+                                 target_names=preds.classes, digits=3, zero_division=0)
+    return (f"{title}\n\n{text}\ntop-1 accuracy        {s['val_acc_top1']:.4f}\n"
+            f"mean per-class acc    {s['mean_per_class_acc']:.4f}\n")
+
+
+def _grid(preds: Predictions, n: int, path: Path, title: str) -> Path:
+    from pipeline.plots import grid_indices, plot_prediction_grid
+
+    confidence = preds.probs.max(1)
+    idx = grid_indices(preds.targets, preds.predicted, confidence, n)
+    images = []
+    for i in idx:
+        try:
+            img = load_image(preds.root / preds.paths[i])
+            img.thumbnail((THUMBNAIL, THUMBNAIL))
+        except (OSError, ValueError):
+            from PIL import Image
+            img = Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))  # the file went away since
+        images.append(img)
+    wrong = int(np.sum(preds.targets != preds.predicted))
+    return plot_prediction_grid(images, [preds.classes[preds.targets[i]] for i in idx],
+                                [preds.classes[preds.predicted[i]] for i in idx],
+                                [float(confidence[i]) for i in idx], path,
+                                f"{title}: {wrong} of {len(preds.targets)} val images misclassified "
+                                f"(mistakes first, most confident first, in red)")
+
+
+def write_reports(run_dir: Path, kind: str, preds: Predictions, cfg: ReportConfig, title: str,
+                  history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None) -> list[Path]:
+    """Write the report files of one model; return their paths.
+
+    history: per-epoch dicts (epoch, lr, train/val loss and acc); cv: {"best_C": c, "results": [...]}.
+    """
+    from pipeline.plots import plot_confusion_matrix, plot_cv_scores, plot_training_curves
+
+    paths = report_paths(run_dir, kind)
+    written = [plot_confusion_matrix(preds.targets, preds.predicted, preds.classes, paths["confusion_matrix"],
+                                     f"{title}: confusion matrix on val")]
+    paths["classification_report"].write_text(_classification_report_text(preds, title), encoding="utf-8")
+    write_json(paths["classification_report_json"], classification_report_dict(preds))
+    written += [paths["classification_report"], paths["classification_report_json"]]
+    if history:
+        written.append(plot_training_curves(history, paths["training_curves"], f"{title}: training curves"))
+    if cv:
+        written.append(plot_cv_scores(cv["results"], cv["best_C"], paths["cv_scores"],
+                                      f"{title}: C chosen by cross-validation"))
+    written.append(_grid(preds, cfg.grid_images, paths["predictions"], title))
+    return written
+
+
+def model_title(kind: str, artifact: dict) -> str:
+    name = artifact["backbone_config"]["name"]
+    if kind == "head":
+        cut = artifact["backbone_config"].get("cut", "pool")
+        return f"{name} + {artifact.get('head_type', 'linear')} head on cached {cut} features"
+    if kind == "logistic":
+        return f"{name} + logistic regression on cached features"
+    return f"{name} finetuned"
+
+
+def finish_stage(cfg: Config, kind: str, preds: Predictions, artifact: dict,
+                 history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None) -> dict:
+    """What a training stage adds to its metrics entry: accuracies, and the report files if enabled."""
+    summary = summarise(preds)
+    if cfg.report.enabled:
+        files = write_reports(cfg.run_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
+        summary["reports"] = [str(p) for p in files]
+    return summary
+
+
+# ----------------------------------------------------------------------------- from artifacts
+@torch.inference_mode()
+def probs_over_images(predictor: Predictor, root: Path, split: Split, batch_size: int,
+                      num_workers: int) -> np.ndarray:
+    """(n_samples, num_classes) probabilities for split's images, in order."""
+    dataset = ImageListDataset(root, split, eval_transform(predictor.preprocess))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return np.concatenate([predictor.probs_from_images(x) for x, _ in loader])
+
+
+def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: int = 64,
+                    num_workers: int = 0, trust: bool = False) -> Predictions:
+    """Predictions of run_dir's saved `kind` model on val: from the cache when it still holds the
+    features the model was trained on, else by running the model on the val images."""
+    artifact = load_artifact(run_dir, kind, trust)
+    if "data_root" not in artifact:
+        raise PipelineError(f"{model_path(run_dir, kind)} does not record its data folder (an older version "
+                            f"wrote it): run the {kind} stage again to get its reports")
+    classes = list(artifact["classes"])
+    root = Path(artifact["data_root"])
+    if kind in ("head", "logistic"):
+        try:
+            cache = fc.read_cache(artifact["cache_file"], artifact["cache_key"])
+            predictor = predictor_from_artifact(kind, artifact, device, with_backbone=False)
+            return Predictions(predictor.probs_from_features(cache.val.features), cache.val.labels,
+                               cache.val.paths, root, classes)
+        except fc.CacheError as e:
+            print(f"report: {kind}: the cached val features are not usable ({e}); running the backbone "
+                  "over the val images instead")
+    data = discover_image_folder(root)
+    if list(data.classes) != classes:
+        raise PipelineError(f"the classes in '{root}' ({', '.join(data.classes)}) are not the ones "
+                            f"{model_path(run_dir, kind).name} was trained on ({', '.join(classes)})")
+    predictor = predictor_from_artifact(kind, artifact, device)
+    probs = probs_over_images(predictor, root, data.val, batch_size, num_workers)
+    return Predictions(probs, np.asarray(data.val.labels), list(data.val.paths), root, classes)
+
+
+def run_report(cfg: Config, device: torch.device) -> dict:
+    """Regenerate the reports of every model saved in the run folder."""
+    kinds = [k for k in MODEL_FILES if model_path(cfg.run_dir, k).is_file()]
+    if not kinds:
+        subs = sorted({p.parent.name for k in MODEL_FILES for p in cfg.run_dir.glob(f"*/{MODEL_FILES[k]}")})
+        hint = f" (its benchmark sub-folders have models: --set run.name={cfg.run.name}/{subs[0]})" if subs else ""
+        raise PipelineError(f"no trained model in '{cfg.run_dir}' (looked for {', '.join(MODEL_FILES.values())}): "
+                            f"run head, logistic or finetune first, or set run.name to the run folder{hint}")
+    metrics = read_metrics(cfg.run_dir)
+    out = {}
+    for kind in kinds:
+        artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
+        preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
+                                cfg.run.trust_artifacts)
+        entry = metrics.get(kind, {})
+        history = entry.get("history") or artifact.get("history")
+        cv = entry.get("cv") or artifact.get("cv")
+        files = write_reports(cfg.run_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
+        out[kind] = {**summarise(preds), "reports": [str(p) for p in files]}
+        print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
+              f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
+    write_json(cfg.run_dir / REPORT_DIR / "summary.json", out)
+    return out

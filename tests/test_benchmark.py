@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+import torch
+
+from pipeline import PipelineError
+from pipeline.benchmark import (break_even_runs, loop_seconds_per_run, markdown_table, measure, run_benchmark)
+from pipeline.metrics import mean_per_class_accuracy, read_metrics
+from pipeline.report import val_predictions
+
+CPU = torch.device("cpu")
+
+
+def test_break_even_by_hand():
+    # extraction 30 s once; a cached run 2 s; a loop run 12 s: each run saves 10 s -> 3 runs
+    assert break_even_runs(30.0, 2.0, 12.0) == 3      # 30 + 3 * 2 = 36 <= 36 = 3 * 12
+    assert break_even_runs(31.0, 2.0, 12.0) == 4      # 3 runs: 37 > 36; 4 runs: 39 <= 48
+    assert break_even_runs(0.5, 2.0, 12.0) == 1       # the first run already pays
+    assert break_even_runs(10.0, 2.0, 2.0) is None    # nothing saved per run: never
+    assert break_even_runs(10.0, 3.0, 2.0) is None
+
+
+def test_loop_cost_by_hand():
+    # 25 epochs, each recomputing the backbone over train+val (4 s), plus the head's own 3 s
+    assert loop_seconds_per_run(25, 4.0, 3.0) == pytest.approx(103.0)
+
+
+def test_markdown_table_cells():
+    table = markdown_table([{"backbone": "resnet18", "method": "head", "val_acc": 0.9, "fit_seconds": 0.123,
+                             "total_seconds": 12.34, "break_even_runs": 2}])
+    header, rule, row = table.splitlines()
+    assert header.startswith("| backbone | method | val top-1 | mean per-class |")
+    assert rule.count("|") == header.count("|")
+    assert row.startswith("| resnet18 | head | 0.9000 | – | – | 0.12 |") and "| 12.3 |" in row
+    assert row.endswith("| 2 |")
+
+
+def test_benchmark_writes_table_json_chart(tiny_cfg, capsys):
+    cfg = tiny_cfg("finetune.epochs=3", "benchmark.finetune_epochs=1", "head.epochs=5")
+    result = run_benchmark(cfg, CPU)
+    out = capsys.readouterr().out
+    assert "| backbone | method |" in out and "pays for itself after" in out
+    saved = json.loads((cfg.run_dir / "benchmark.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (cfg.run_dir / "benchmark.md").read_text().count("| resnet18 |") == 4
+    assert (cfg.run_dir / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["num_threads"] >= 1
+
+    methods = [r["method"] for r in saved["rows"]]
+    assert methods == ["extract (cache miss)", "head (linear, 5 epochs)", "logistic (C=0.1)",
+                       "finetune (1 epoch of finetune.epochs=3)"]  # the shortened finetune is said
+    ex, head, logistic, finetune = saved["rows"]
+    run_dir = cfg.run_dir / "resnet18"
+    metrics = read_metrics(run_dir)
+    assert metrics["finetune"]["epochs"] == 1 and len(metrics["finetune"]["history"]) == 1
+
+    # the arithmetic, recomputed from the recorded measurements
+    be = saved["backbones"][0]["break_even"]
+    n_images = saved["data"]["n_train"] + saved["data"]["n_val"]
+    assert n_images == 18 and be["backbone_pass_seconds"] == pytest.approx(n_images / ex["images_per_second"])
+    assert be["loop_seconds_per_run"] == pytest.approx(5 * be["backbone_pass_seconds"] + head["fit_seconds"])
+    assert head["break_even_runs"] == break_even_runs(ex["extract_seconds"], head["fit_seconds"],
+                                                      be["loop_seconds_per_run"])
+    assert head["total_seconds"] >= ex["extract_seconds"] + head["fit_seconds"]
+    assert finetune["finetune_seconds_per_epoch"] == pytest.approx(finetune["finetune_seconds"], rel=1e-2)
+
+    # accuracies are those of the saved models
+    preds = val_predictions(run_dir, "head", CPU)
+    assert head["mean_per_class_acc"] == pytest.approx(
+        mean_per_class_accuracy(preds.targets, preds.predicted, 2), abs=1e-4)
+    assert head["val_acc"] == metrics["head"]["val_acc"] and logistic["val_acc"] == metrics["logistic"]["val_acc"]
+    assert all(r["peak_rss_mib"] > 50 for r in saved["rows"]) and all(r["peak_gpu_mib"] is None for r in saved["rows"])
+
+
+def test_second_benchmark_reuses_the_cache_and_times_a_sample(tiny_cfg):
+    cfg = tiny_cfg("benchmark.methods=[\"head\"]", "benchmark.timing_images=5")
+    run_benchmark(cfg, CPU)
+    again = run_benchmark(cfg, CPU)
+    ex = again["backbones"][0]["steps"]["extract"]
+    assert ex["cache_hit"] is True and "timed now on 5 images" in ex["source"]
+    assert again["rows"][0]["method"] == "extract (cache hit)" and ex["images_per_second"] > 0
+
+
+def test_several_backbones_each_get_a_run_folder(tiny_cfg):
+    cfg = tiny_cfg("benchmark.backbones=[\"resnet18\", \"alexnet\"]", "backbone.image_size=64",
+                   "benchmark.methods=[\"logistic\"]")
+    result = run_benchmark(cfg, CPU)
+    assert [(r["backbone"], r["method"].split(" ")[0]) for r in result["rows"]] == [
+        ("resnet18", "extract"), ("resnet18", "logistic"), ("alexnet", "extract"), ("alexnet", "logistic")]
+    assert (cfg.run_dir / "alexnet" / "logistic.joblib").is_file()
+    assert (cfg.run_dir / "resnet18" / "logistic.joblib").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["benchmark.backbones=[\"resnet18\", \"resnet19\"]"], "backbone.name 'resnet19' is not supported"),
+    (["benchmark.backbones=[\"vgg11\", \"resnet18\"]", "backbone.cut=conv"], "backbone.cut 'conv' needs"),
+])
+def test_every_backbone_is_checked_before_anything_runs(tiny_cfg, overrides, message):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(PipelineError, match=message):
+        run_benchmark(cfg, CPU)
+    assert not cfg.run_dir.exists()
+
+
+def test_isolated_step_runs_in_its_own_process(tiny_cfg):
+    step = measure("extract", tiny_cfg("benchmark.isolate=true"), CPU)
+    assert step["pid"] != os.getpid() and step["cache_hit"] is False
+    assert step["peak_rss_mib"] >= step["peak_rss_before_mib"] > 0
+    assert measure("extract", tiny_cfg(), CPU)["pid"] == os.getpid()  # benchmark.isolate=false

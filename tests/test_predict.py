@@ -1,0 +1,135 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import run_pipeline
+from pipeline import PipelineError
+from pipeline import cache as fc
+from pipeline.config import load_config
+from pipeline.predict import collect_images, run_predict
+from pipeline.predictor import load_artifact, load_predictor, predictor_from_artifact
+
+CPU = torch.device("cpu")
+
+
+def cfg_for(trained_run, model, *extra):
+    return load_config(None, trained_run.overrides + [f"predict.model={model}", *extra])
+
+
+@pytest.mark.parametrize("model", ["head", "logistic", "finetune"])
+def test_single_file(trained_run, model, capsys):
+    image = trained_run.root / "val" / "bees" / "img_001.png"
+    (row,) = run_predict(cfg_for(trained_run, model), CPU, [str(image)])
+    assert row.ok and row.path == str(image)
+    assert [c for c, _ in row.top] in (["ants", "bees"], ["bees", "ants"])  # top-k = min(3, 2 classes)
+    probs = [p for _, p in row.top]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+    assert f"{probs[0]:.4f}" in capsys.readouterr().out
+
+
+def test_folder_lists_its_images_in_order(trained_run):
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(trained_run.root / "val")])
+    assert [r.path for r in rows] == [str(trained_run.root / "val" / c / f"img_{i:03d}.png")
+                                      for c in ("ants", "bees") for i in range(3)]
+    assert all(r.ok for r in rows)
+
+
+def test_mix_with_unreadable_and_missing_files_via_cli(trained_run, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    (tmp_path / "empty").mkdir()
+    good = trained_run.root / "val" / "ants" / "img_000.png"
+    params = tmp_path / "p.json"
+    params.write_text(__import__("json").dumps(trained_run.cfg.to_dict()))
+    out_csv = tmp_path / "preds.csv"
+    args = ["--params", str(params), "--set", "predict.model=logistic", "predict", str(good), str(bad),
+            str(trained_run.root / "val" / "bees"), str(tmp_path / "missing.png"), str(tmp_path / "empty"),
+            "--output", str(out_csv)]
+    assert run_pipeline.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 of 7 images classified" in out and "ERROR cannot read image" in out
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok", "error", "error"]
+    assert rows[0]["path"] == str(good) and rows[0]["class_1"] in ("ants", "bees")
+    assert float(rows[0]["prob_1"]) >= float(rows[0]["prob_2"])
+    assert rows[5]["error"] == "no such file or folder" and rows[6]["error"] == "folder has no image files"
+    assert not (trained_run.cfg.run_dir / "config.json").exists()  # predict only reads the run folder
+
+
+def test_nothing_readable_is_an_error(trained_run, tmp_path):
+    with pytest.raises(PipelineError, match="no image could be read"):
+        run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path / "missing.png")])
+
+
+@pytest.mark.parametrize("model", ["head", "logistic"])
+def test_rebuilt_backbone_reproduces_the_cached_features(trained_run, model):
+    """Predicting from the image files gives what the model gives on the cached val features."""
+    artifact = load_artifact(trained_run.cfg.run_dir, model)
+    val = fc.read_cache(artifact["cache_file"]).val
+    files = [str(trained_run.root / p) for p in val.paths]
+    rows = run_predict(cfg_for(trained_run, model, "predict.top_k=2"), CPU, files)
+    from_images = np.array([[dict(r.top)[c] for c in ("ants", "bees")] for r in rows])
+    from_cache = predictor_from_artifact(model, artifact, CPU, with_backbone=False).probs_from_features(val.features)
+    assert np.allclose(from_images, from_cache, atol=1e-4)
+
+
+def test_finetuned_network_predicts_as_it_scored(trained_run):
+    files = sorted((trained_run.root / "val").rglob("*.png"))
+    rows = run_predict(cfg_for(trained_run, "finetune"), CPU, [str(f) for f in files])
+    accuracy = np.mean([r.top[0][0] == f.parent.name for r, f in zip(rows, files)])
+    assert accuracy == pytest.approx(trained_run.entries["finetune"]["val_acc"])
+
+
+def test_changed_backbone_weights_are_refused(trained_run):
+    artifact = dict(load_artifact(trained_run.cfg.run_dir, "head"))
+    artifact["backbone"] = {**artifact["backbone"], "weights_id": "none(seed=99)"}
+    with pytest.raises(PipelineError, match="backbone weights changed since this model was trained"):
+        predictor_from_artifact("head", artifact, CPU)
+
+
+def test_dense_classifier_head_is_rebuilt(tmp_path):
+    """AlexNet's own dense layers, trained on the conv cache, predict from images as from the cache."""
+    from pipeline.head import run_head
+    from tests.conftest import make_image_folder, tiny_overrides
+
+    root = make_image_folder(tmp_path / "imgs", n_train=2, n_val=2)
+    cfg = load_config(None, tiny_overrides(tmp_path, root) + [
+        "backbone.name=alexnet", "backbone.image_size=64", "backbone.cut=conv", "head.type=classifier",
+        "head.epochs=1"])
+    run_head(cfg, CPU)
+    predictor = load_predictor(cfg.run_dir, "head", CPU)
+    val = fc.read_cache(predictor.artifact["cache_file"]).val
+    rows = run_predict(cfg, CPU, [str(root / p) for p in val.paths])
+    from_images = np.array([[dict(r.top)[c] for c in ("ants", "bees")] for r in rows])
+    assert np.allclose(from_images, predictor.probs_from_features(val.features), atol=1e-4)
+
+
+def test_collect_images_keeps_the_given_order(tmp_path):
+    (tmp_path / "d" / ".hidden").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "notes.txt", ".hidden/x.png"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    (tmp_path / "f.tif").write_bytes(b"")
+    found = collect_images([str(tmp_path / "f.tif"), str(tmp_path / "d"), str(tmp_path / "gone")])
+    assert found == [(str(tmp_path / "f.tif"), None), (str(tmp_path / "d" / "a.jpg"), None),
+                     (str(tmp_path / "d" / "b.png"), None), (str(tmp_path / "gone"), "no such file or folder")]
+
+
+def test_missing_model_points_at_benchmark_sub_folders(tmp_path):
+    (tmp_path / "demo" / "resnet18").mkdir(parents=True)
+    (tmp_path / "demo" / "resnet18" / "logistic.joblib").write_bytes(b"")
+    with pytest.raises(PipelineError, match="no logistic model at .*run the logistic stage first.*"
+                                            "--set run.name=demo/resnet18"):
+        load_artifact(tmp_path / "demo", "logistic")
+    with pytest.raises(PipelineError, match="no head model at .*run the head stage first"):
+        load_artifact(tmp_path / "demo", "head")
+
+
+def test_unwritable_output_fails_before_classifying(trained_run, tmp_path, monkeypatch):
+    import pipeline.predict
+
+    monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a: pytest.fail("classified first"))
+    with pytest.raises(PipelineError, match="--output .* does not exist"):
+        run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=str(tmp_path / "no" / "p.csv"))

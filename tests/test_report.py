@@ -1,0 +1,147 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import PipelineError
+from pipeline import cache as fc
+from pipeline.config import ReportConfig, load_config
+from pipeline.plots import grid_indices, lr_drops
+from pipeline.report import Predictions, classification_report_dict, report_paths, run_report, write_reports
+
+CPU = torch.device("cpu")
+KINDS = ("head", "logistic", "finetune")
+
+
+def test_lr_drops_are_where_steplr_decayed():
+    history = [{"epoch": e, "lr": lr} for e, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.001], start=1)]
+    assert lr_drops(history) == [(3, 0.01), (5, 0.001)]
+    assert lr_drops(history[:2]) == []
+
+
+def test_grid_shows_the_most_confident_mistakes_first():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    y_pred = np.array([1, 0, 1, 0, 2, 0, 0, 1])        # wrong at 0, 3, 5
+    conf = np.array([0.6, 0.9, 0.9, 0.95, 0.8, 0.7, 0.9, 0.9])
+    idx = grid_indices(y_true, y_pred, conf, n=4)
+    assert idx[:2] == [3, 5]                            # half the grid at most, most confident first
+    assert len(set(idx)) == 4 and all(y_true[i] == y_pred[i] for i in idx[2:])
+    assert len({y_true[i] for i in idx[2:]}) == 2       # the correct ones come from different classes
+    assert {y_true[i] for i in grid_indices(y_true, y_pred, conf, n=6)[3:]} == {0, 1, 2}
+    assert grid_indices(y_true, y_pred, conf, n=8)[:3] == [3, 5, 0]  # every mistake when there is room
+    assert sorted(grid_indices(y_true, y_pred, conf, n=50)) == list(range(8))
+
+
+def predictions(tmp_path, y_true, y_pred, classes):
+    probs = np.full((len(y_pred), len(classes)), 0.1)
+    probs[np.arange(len(y_pred)), y_pred] = 0.9
+    for i in range(len(y_true)):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    return Predictions(probs, np.asarray(y_true), [f"{i}.png" for i in range(len(y_true))], tmp_path, classes)
+
+
+def test_classification_report_by_hand(tmp_path):
+    # ants: 2 true, predicted [ants, bees]; bees: 3 true, predicted [bees, bees, ants]
+    preds = predictions(tmp_path, [0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["ants", "bees"])
+    report = classification_report_dict(preds)
+    assert report["ants"]["precision"] == pytest.approx(1 / 2) and report["ants"]["recall"] == pytest.approx(1 / 2)
+    assert report["bees"]["precision"] == pytest.approx(2 / 3) and report["bees"]["recall"] == pytest.approx(2 / 3)
+    assert report["bees"]["f1-score"] == pytest.approx(2 / 3) and report["bees"]["support"] == 3
+    assert report["val_acc_top1"] == pytest.approx(3 / 5, abs=1e-4)
+    assert report["mean_per_class_acc"] == pytest.approx((1 / 2 + 2 / 3) / 2, abs=1e-4)
+
+
+def png_size(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_write_reports_files(tmp_path):
+    preds = predictions(tmp_path, [0, 1, 2, 2], [0, 1, 2, 0], ["cat", "dog", "a rather long class name"])
+    history = [{"epoch": e, "lr": 0.1 if e < 3 else 0.01, "train_loss": 1 / e, "val_loss": 1.2 / e,
+                "train_acc": 0.2 * e, "val_acc": 0.15 * e} for e in range(1, 5)]
+    written = write_reports(tmp_path / "run", "head", preds, ReportConfig(grid_images=3), "test", history=history)
+    paths = report_paths(tmp_path / "run", "head")
+    assert set(written) == {paths[k] for k in ("confusion_matrix", "classification_report",
+                                               "classification_report_json", "training_curves", "predictions")}
+    for key in ("confusion_matrix", "training_curves", "predictions"):
+        width, height = png_size(paths[key])
+        assert width >= 300 and height >= 200, key
+    text = paths["classification_report"].read_text()
+    assert "a rather long class name" in text and "mean per-class acc    0.8333" in text
+    assert not paths["cv_scores"].exists()  # no cross-validation without cv results
+
+
+def test_training_stages_write_reports(trained_run):
+    run_dir = trained_run.cfg.run_dir
+    for kind in KINDS:
+        paths = report_paths(run_dir, kind)
+        entry = trained_run.entries[kind]
+        assert {str(paths[k]) for k in ("confusion_matrix", "classification_report", "predictions")} <= set(entry["reports"])
+        for key in ("confusion_matrix", "predictions"):
+            assert png_size(paths[key])[0] >= 300
+        assert paths["training_curves"].exists() == (kind != "logistic")
+        assert paths["cv_scores"].exists() == (kind == "logistic")
+        report = json.loads(paths["classification_report_json"].read_text())
+        assert report["mean_per_class_acc"] == entry["mean_per_class_acc"]
+        assert report["val_acc_top1"] == entry["val_acc"]  # the saved (best) model is the one reported
+        assert set(report) >= {"ants", "bees", "macro avg"}
+
+
+def copy_run(trained_run, tmp_path):
+    """A private copy of the trained run folder (the artifacts point at the shared cache and images)."""
+    shutil.copytree(trained_run.cfg.run_dir, tmp_path / "runs" / "t")
+    return load_config(None, trained_run.overrides + [f"run.output_dir={tmp_path / 'runs'}"])
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("report retrained a model")
+
+
+def test_report_regenerates_from_artifacts_without_training(trained_run, tmp_path, monkeypatch):
+    import pipeline.engine
+    import pipeline.head
+    import pipeline.logistic
+
+    cfg = copy_run(trained_run, tmp_path)
+    shutil.rmtree(cfg.run_dir / "reports")
+    for module, name in ((pipeline.head, "train_head"), (pipeline.logistic, "fit_logistic"),
+                         (pipeline.engine, "train_one_epoch")):
+        monkeypatch.setattr(module, name, no_training)
+    out = run_report(cfg, CPU)
+    assert set(out) == set(KINDS)
+    for kind in KINDS:
+        new, old = report_paths(cfg.run_dir, kind), report_paths(trained_run.cfg.run_dir, kind)
+        assert json.loads(new["classification_report_json"].read_text()) == \
+            json.loads(old["classification_report_json"].read_text())
+        assert new["confusion_matrix"].exists() and new["predictions"].exists()
+        assert new["training_curves"].exists() == (kind != "logistic")
+
+
+def test_report_runs_the_backbone_when_the_cache_is_gone(trained_run, tmp_path, monkeypatch, capsys):
+    cfg = copy_run(trained_run, tmp_path)
+
+    def gone(*args, **kwargs):
+        raise fc.CacheError("no feature cache")
+    monkeypatch.setattr(fc, "read_cache", gone)
+    out = run_report(cfg, CPU)
+    assert "running the backbone over the val images" in capsys.readouterr().out
+    for kind in ("head", "logistic"):
+        new, old = report_paths(cfg.run_dir, kind), report_paths(trained_run.cfg.run_dir, kind)
+        assert json.loads(new["classification_report_json"].read_text()) == \
+            json.loads(old["classification_report_json"].read_text())
+        assert out[kind]["per_class_acc"] == trained_run.entries[kind]["per_class_acc"]
+
+
+def test_report_without_models_is_a_clear_error(tiny_cfg):
+    cfg = tiny_cfg()
+    with pytest.raises(PipelineError, match="no trained model in .*run head, logistic or finetune first"):
+        run_report(cfg, CPU)
+    (cfg.run_dir / "resnet18").mkdir(parents=True)
+    (cfg.run_dir / "resnet18" / "head.pt").write_bytes(b"")  # as a benchmark leaves them
+    with pytest.raises(PipelineError, match="benchmark sub-folders have models: --set run.name=t/resnet18"):
+        run_report(cfg, CPU)
