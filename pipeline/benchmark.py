@@ -65,7 +65,10 @@ def peak_rss_mib() -> Optional[float]:
 
 
 def children_peak_rss_mib() -> Optional[float]:
-    """The largest peak RSS among this process's finished children (DataLoader workers)."""
+    """The largest peak RSS among this process's finished children (DataLoader workers, helper tools).
+
+    A forked child counts the pages it shares with its parent, so this overstates the child's own use.
+    """
     try:
         import resource
     except ImportError:
@@ -141,7 +144,7 @@ def run_step(step: str, cfg: Config, device_name: str, num_threads: int) -> dict
     entry["pid"] = os.getpid()
     entry["peak_rss_mib"] = peak_rss_mib()
     entry["peak_rss_before_mib"] = rss_before
-    entry["peak_rss_workers_mib"] = children_peak_rss_mib()
+    entry["peak_rss_children_mib"] = children_peak_rss_mib()
     entry["peak_gpu_mib"] = (round(torch.cuda.max_memory_allocated(device) / MIB, 1)
                              if device.type == "cuda" else None)
     return entry
@@ -285,8 +288,9 @@ def markdown_report(result: dict) -> str:
 def _memory_note(isolate: bool) -> str:
     if isolate:
         return ("ru_maxrss of the process that ran the step alone (spawned fresh, so it includes the Python, "
-                "torch and library runtime loaded by that step; DataLoader workers are separate processes, "
-                "their peak is in benchmark.json as peak_rss_workers_mib).")
+                "torch and library runtime loaded by that step). DataLoader workers are separate processes and "
+                "not included; benchmark.json's peak_rss_children_mib is the largest child's ru_maxrss, which "
+                "counts the pages a forked worker shares with the step's process, so it overstates their own use.")
     return ("ru_maxrss of the one process that ran every step in turn (benchmark.isolate=false): "
             "a running high-water mark, so a later step's figure can be an earlier step's peak.")
 
