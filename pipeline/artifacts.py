@@ -9,14 +9,13 @@ loaded with weights_only=True, never with a fallback to full unpickling.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from pipeline import PipelineError
-from pipeline.fsutil import FileLock, atomic_path, atomic_write_bytes
+from pipeline.fsutil import FileLock, atomic_path, atomic_write_bytes, sha256_file
 
 SUMS_FILE = "SHA256SUMS"
 
@@ -25,12 +24,7 @@ class ArtifactError(PipelineError):
     pass
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file
 
 
 def _read_sums(sums: Path) -> dict[str, str]:

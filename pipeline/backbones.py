@@ -9,7 +9,6 @@ Two families share one interface:
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torchvision.models import WeightsEnum
 
 from pipeline import PipelineError
 from pipeline.config import BackboneConfig
+from pipeline.fsutil import sha256_file
 from pipeline.data import Preprocess
 
 LITE0 = "efficientnet_lite0"
@@ -90,11 +90,7 @@ def check_dense_classifier(name: str, key: str, fix: str) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -57,7 +57,7 @@ import h5py
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
+from pipeline.fsutil import sha256_file, atomic_path, atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
@@ -76,12 +76,7 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def hash_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+hash_file = sha256_file  # the image bytes' SHA-256: a row's identity
 
 
 @dataclass(frozen=True)
