@@ -81,13 +81,18 @@ def verify_artifact(path: Path, trust: bool = False) -> None:
 MODEL_FILES = {"head": "head.pt", "logistic": "logistic.joblib", "finetune": "finetune.pt"}
 
 
-def save_checkpoint(obj: dict, path: Path) -> Path:
-    """torch.save atomically and record the file's SHA-256."""
+def _save_recorded(path: Path, dump) -> Path:
+    """dump(tmp) into a temporary file, rename it to path atomically, record its SHA-256."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        dump(tmp)
     record_sha256(path)
     return path
+
+
+def save_checkpoint(obj: dict, path: Path) -> Path:
+    """torch.save atomically and record the file's SHA-256."""
+    return _save_recorded(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
@@ -103,11 +108,7 @@ def save_joblib(obj: Any, path: Path) -> Path:
     """joblib.dump atomically and record the file's SHA-256."""
     import joblib
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        joblib.dump(obj, tmp)
-    record_sha256(path)
-    return path
+    return _save_recorded(path, lambda tmp: joblib.dump(obj, tmp))
 
 
 def load_joblib(path: Path, trust: bool = False) -> Any:

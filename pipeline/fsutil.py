@@ -44,11 +44,7 @@ def fsync_file(path: Path) -> None:
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename durable: fsync the folder that holds the new name."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(folder)  # a folder opens read-only like a file
 
 
 def publish(tmp: Path, path: Path) -> Path:
