@@ -6,10 +6,12 @@
     python run_pipeline.py benchmark            # cached heads vs finetuning: table, JSON, chart
     python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
+    torchrun --nproc_per_node=4 run_pipeline.py extract finetune   # one process per GPU (or CPU share)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -22,6 +24,8 @@ STAGE_HELP = {
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
     "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
 }
+# Under torchrun these run on every rank; the others run on rank 0 while the rest wait.
+DISTRIBUTED_STAGES = ("extract", "finetune")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,7 @@ def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_intermixed_args(argv)
+    stdout = sys.stdout
 
     from pipeline import PipelineError
     from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
@@ -76,22 +81,34 @@ def main(argv: list[str] | None = None) -> int:
         stages = stages or cfg.run.stages
         import torch
 
+        from pipeline import distributed as dd
+        from pipeline.data import resolve_data_root
         from pipeline.runtime import resolve_device, seed_everything
 
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
-        device = resolve_device(cfg.run.device)
-        if any(s not in ("report", "predict") for s in stages):  # those two only read the run folder
+        launch = dd.launch_from_env()
+        device = dd.rank_device(resolve_device(cfg.run.device), launch)
+        dd.init_distributed(device, cfg.run.dist_timeout_min)
+        if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        if dd.is_main() and any(s not in ("report", "predict") for s in stages):  # those only read the run folder
             write_json(cfg.run_dir / "config.json", cfg.to_dict())
+        if dd.is_distributed():
+            print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
+                  f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
+            dd.on_main(lambda: resolve_data_root(cfg.data.root))  # a demo dataset is written once
         t0 = time.perf_counter()
         for stage in stages:
             seed_everything(cfg.run.seed)
-            if stage == "predict":
-                from pipeline.predict import run_predict
-                run_predict(cfg, device, paths, args.output)
-            else:
-                _runner(stage)(cfg, device)
-        if any(s in TRAIN_STAGES for s in stages):
+            if stage in DISTRIBUTED_STAGES or not dd.is_distributed():
+                _run_stage(stage, cfg, device, paths, args.output)
+                continue
+            if dd.is_main():
+                with dd.solo():
+                    _run_stage(stage, cfg, device, paths, args.output)
+            dd.barrier()
+        if dd.is_main() and any(s in TRAIN_STAGES for s in stages):
             print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
             print(format_results(read_metrics(cfg.run_dir)))
     except PipelineError as e:
@@ -100,7 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # extraction saves its finished chunks first and says how to resume
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:
+            from pipeline import distributed as dd
+            dd.shutdown()
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
     return 0
+
+
+def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None) -> None:
+    if stage == "predict":
+        from pipeline.predict import run_predict
+        run_predict(cfg, device, paths, output)
+    else:
+        _runner(stage)(cfg, device)
 
 
 def _runner(stage: str):

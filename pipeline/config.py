@@ -47,6 +47,8 @@ class RunConfig:
     num_threads: int = _c(0, "torch intra-op threads; 0 keeps torch's default", ge=0)
     trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
                                "(--trust); joblib/pickle files can run code when loaded")
+    dist_timeout_min: float = _c(60.0, "under torchrun: minutes a rank waits for rank 0's own work (scan, cache "
+                                 "assembly, stages only rank 0 runs) before giving up", gt=0)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def compute_loss(outputs, targets: torch.Tensor, criterion: nn.Module) -> tuple[
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable, device: torch.device, desc: Optional[str] = None) -> dict:
-    """One pass of SGD over batches; returns mean loss and accuracy on what it trained on."""
+    """One pass of SGD over batches; returns mean loss and accuracy on what it trained on, and how many samples."""
     model.train()
     # Running sums stay on the device: a .item() per step would wait for the GPU every step.
     total_loss = torch.zeros((), device=device)
@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return {"loss": total_loss.item() / max(seen, 1), "acc": correct.item() / max(seen, 1)}
+    return {"loss": total_loss.item() / max(seen, 1), "acc": correct.item() / max(seen, 1), "samples": seen}
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ starts. See pipeline/cache.py for the file layout and the crash-safety argument.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import cache as fc
 from pipeline import data as imgdata
+from pipeline import distributed as dd
 from pipeline.backbones import BackboneSpec, build_feature_extractor, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_image_folder
@@ -50,7 +52,9 @@ class BuildStats:
     rows_reused: int = 0      # images whose features were copied (previous cache or saved chunks)
     rows_resumed: int = 0     # of those, from chunks an interrupted run saved
     chunks_written: int = 0
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0  # under torchrun: the slowest rank's
+    assemble_seconds: float = 0.0
+    rows_per_process: list[int] = field(default_factory=list)  # images each rank put through the backbone
 
 
 def feature_config(spec: BackboneSpec, dtype: str) -> dict:
@@ -145,15 +149,23 @@ def _cache_attrs(cfg: Config, plan: CachePlan, device: torch.device) -> dict:
             "environment": environment_info(device), "seed": cfg.run.seed}
 
 
-def build_cache(cfg: Config, plan: CachePlan, device: torch.device, reason: str) -> BuildStats:
-    """Write the complete cache for plan, reusing every row already computed (call with the lock held)."""
+@dataclass
+class BuildWork:
+    """What rank 0 (or the only process) found still to compute, with the lock held."""
+
+    chunks: list[list[str]]                 # sha256 per chunk, in cache order
+    stats: BuildStats
+    previous: dict = field(repr=False)      # sha256 -> row of the previous complete cache
+    feature_dim: Optional[int]              # known when any row was already computed
+
+
+def plan_work(cfg: Config, plan: CachePlan, store: fc.ChunkStore, device: torch.device, reason: str) -> BuildWork:
+    """Clean up after dead writers and list the chunks to compute (call with the lock held)."""
     stats = BuildStats()
     fc.remove_stale_files(plan.path)
-    store = fc.ChunkStore(fc.partial_dir(plan.path), plan.config_key, cfg.extract.dtype)
     store.clean()
     previous, feature_dim = fc.previous_rows(plan.path, plan.config_key)
     saved, saved_dim = store.rows()
-    feature_dim = feature_dim or saved_dim
     needed = fc.iter_unique(h for s in fc.SPLITS for h in plan.manifests[s].sha256)
     todo = [h for h in needed if h not in previous]
     size = cfg.extract.chunk_size
@@ -162,20 +174,61 @@ def build_cache(cfg: Config, plan: CachePlan, device: torch.device, reason: str)
     stats.rows_extracted = sum(len(c) for c in work)
     stats.rows_reused = len(needed) - stats.rows_extracted
     stats.rows_resumed = sum(1 for h in todo if h in saved)
+    stats.chunks_written = len(work)
     resumed = f", {stats.rows_resumed} resumed from an interrupted run" if stats.rows_resumed else ""
+    ranks = f" x {dd.world_size()} processes" if dd.is_distributed() else ""
     print(f"extract: cache miss ({reason}); {stats.rows_extracted} of {len(needed)} images need the backbone "
           f"({stats.rows_reused} reused{resumed}); {plan.spec.name} at {plan.spec.preprocess.crop_size} px "
-          f"on {device}")
-    if work:
-        t0 = time.perf_counter()
-        feature_dim = extract_chunks(cfg, plan, work, store, device)
-        stats.forward_seconds = time.perf_counter() - t0
-        stats.chunks_written = len(work)
+          f"on {device}{ranks}")
+    return BuildWork(work, stats, previous, feature_dim or saved_dim)
+
+
+def _check_shared_folder(folder: Path) -> None:
+    """Every rank must see the chunk files the others write: on several nodes, a shared filesystem."""
+    token = None
+    if dd.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        token = folder / f".ranks-{os.getpid()}-{time.time_ns()}"
+        token.touch()
+    token = dd.broadcast(token)
+    seen = dd.all_gather((token.exists(), dd.host()))
+    if dd.is_main():
+        token.unlink(missing_ok=True)
+    blind = [(r, h) for r, (ok, h) in enumerate(seen) if not ok]
+    if blind:
+        raise fc.CacheError(f"extract.cache_dir '{folder.parent}' is not shared by every process: "
+                            f"{', '.join(f'rank {r} on {h}' for r, h in blind)} cannot see the files rank 0 "
+                            "writes there. Put extract.cache_dir on a filesystem every node mounts "
+                            "(NFS, Lustre, ...)")
+
+
+def build_cache(cfg: Config, plan: CachePlan, device: torch.device, reason: str) -> BuildStats:
+    """Write the complete cache for plan, reusing every row already computed (rank 0 holds the lock).
+
+    Under torchrun every rank extracts its share of the chunks (every world_size-th) into the
+    shared `<name>.partial/` folder; rank 0 then assembles the complete file from all of them,
+    in manifest order, exactly as a single process would from its own chunks.
+    """
+    store = fc.ChunkStore(fc.partial_dir(plan.path), plan.config_key, cfg.extract.dtype)
+    work = plan_work(cfg, plan, store, device, reason) if dd.is_main() else None
+    chunks, stats = dd.broadcast((work.chunks, work.stats) if work else None)
+    if dd.is_distributed() and chunks:
+        _check_shared_folder(store.folder)
+    mine = dd.shard(chunks)
+    t0 = time.perf_counter()
+    dim = extract_chunks(cfg, plan, mine, store, device) if mine else None
+    done = dd.all_gather((dim, time.perf_counter() - t0 if mine else 0.0, sum(len(c) for c in mine)))
+    if dd.is_main():
+        stats.forward_seconds = max(seconds for _, seconds, _ in done)
+        stats.rows_per_process = [n for _, _, n in done]
+        feature_dim = work.feature_dim or next(d for d, _, _ in done if d)
         saved, _ = store.rows()
-    fc.assemble_cache(plan.path, plan.manifests, feature_dim, cfg.extract.dtype, {**saved, **previous},
-                      _cache_attrs(cfg, plan, device))
-    store.remove()
-    return stats
+        t1 = time.perf_counter()
+        fc.assemble_cache(plan.path, plan.manifests, feature_dim, cfg.extract.dtype, {**saved, **work.previous},
+                          _cache_attrs(cfg, plan, device))
+        stats.assemble_seconds = time.perf_counter() - t1
+        store.remove()
+    return dd.broadcast(stats)
 
 
 def _acquire_lock(plan: CachePlan, timeout: Optional[float]) -> FileLock:
@@ -219,10 +272,14 @@ def _explain_miss(cfg: Config, plan: CachePlan) -> Optional[str]:
 
 
 def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
-    """Make sure the cache for cfg exists (extracting if needed); return the plan and metrics entry."""
+    """Make sure the cache for cfg exists (extracting if needed); return the plan and metrics entry.
+
+    Under torchrun every rank calls this: the pre-scan and the extraction are split between the
+    ranks, rank 0 decides, locks, assembles and writes the run-folder files.
+    """
     t0 = time.perf_counter()
     plan = plan_cache(cfg)
-    report = write_bad_files_report(cfg.run_dir, plan.scan, cfg.data.max_bad_fraction)
+    report = dd.on_main(lambda: write_bad_files_report(cfg.run_dir, plan.scan, cfg.data.max_bad_fraction))
     check_bad_files(plan.scan, cfg.data.max_bad_fraction, report)
     if plan.scan.bad:
         print(f"extract: skipped {plan.scan.n_bad} unreadable image file(s) of {plan.scan.n_files}; "
@@ -231,35 +288,45 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
     entry = {"images": n_images, "bad_files": plan.scan.n_bad, "bad_files_report": str(report),
              "files_hashed": plan.scan.n_hashed}
     n_unique = len({h for m in plan.manifests.values() for h in m.sha256})
-    reason = fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests)
+    reason = dd.on_main(lambda: fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests))
     if reason is not None:
-        lock = _acquire_lock(plan, cfg.extract.lock_timeout)
+        lock = _acquire_lock(plan, cfg.extract.lock_timeout) if dd.is_main() else None
         try:
-            reason = _explain_miss(cfg, plan)  # again: the process we waited for may have built it
+            # Again: the process we waited for may have built it.
+            reason = dd.on_main(lambda: _explain_miss(cfg, plan))
             stats = build_cache(cfg, plan, device, reason) if reason is not None else None
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     seconds = round(time.perf_counter() - t0, 3)
+    ranks = {"processes": dd.world_size()}
     if reason is None:
         print(f"extract: cache hit {plan.path} ({n_images} images), no forward pass")
-        _tidy_after_hit(plan)
+        if dd.is_main():
+            _tidy_after_hit(plan)
         return plan, {"images": n_images, "seconds": seconds, "images_per_second": None, "cache_hit": True,
-                      "cache_file": str(plan.path), **entry, "rows_extracted": 0, "rows_reused": n_unique}
+                      "cache_file": str(plan.path), **entry, "rows_extracted": 0, "rows_reused": n_unique, **ranks}
     rate = round(stats.rows_extracted / stats.forward_seconds, 1) if stats.forward_seconds else None
     return plan, {"images": n_images, "seconds": seconds, "images_per_second": rate, "cache_hit": False,
                   "cache_file": str(plan.path), "miss_reason": reason, **entry,
                   "rows_extracted": stats.rows_extracted, "rows_reused": stats.rows_reused,
-                  "rows_resumed": stats.rows_resumed, "chunks_written": stats.chunks_written}
+                  "rows_resumed": stats.rows_resumed, "chunks_written": stats.chunks_written,
+                  "assemble_seconds": round(stats.assemble_seconds, 3),
+                  "rows_per_process": stats.rows_per_process, **ranks}
 
 
 def run_extract(cfg: Config, device: torch.device) -> dict:
+    """Stage `extract`; under torchrun every rank runs it and rank 0 writes metrics.json."""
     from pipeline.views import ensure_views  # views build on this module
 
     plan, entry = ensure_cache(cfg, device)
     if cfg.extract.train_views:
-        bank = ensure_views(cfg, plan, int(fc.read_attrs(plan.path)["feature_dim"]), device)
-        entry.update(train_views=cfg.extract.train_views, views_file=bank.path, views_built=bank.built)
-    update_metrics(cfg.run_dir, "extract", entry)
+        def build_views() -> dict:  # rank 0 only: the bank is a few passes over the train images
+            bank = ensure_views(cfg, plan, int(fc.read_attrs(plan.path)["feature_dim"]), device)
+            return {"train_views": cfg.extract.train_views, "views_file": bank.path, "views_built": bank.built}
+        entry.update(dd.on_main(build_views))
+    if dd.is_main():
+        update_metrics(cfg.run_dir, "extract", entry)
     return entry
 
 

@@ -1,5 +1,12 @@
 """Stage `finetune`: train the whole network on the images; never touches the feature cache.
 
+Under torchrun (`torchrun --nproc_per_node=N run_pipeline.py finetune`) the model is wrapped in
+DistributedDataParallel and a DistributedSampler gives each process a disjoint 1/N of every
+epoch's shuffled train images; `finetune.batch_size` is per process, so one SGD step sees
+N x batch_size images. Each rank evaluates a contiguous slice of val and the slices are gathered,
+so every rank selects the same best epoch from the full val set; only rank 0 writes the
+checkpoint, metrics and reports. With one process nothing of this is used.
+
 With finetune.init_head=cached the classifier starts from the head stage's head.pt (train the head
 with the body frozen first, then unfreeze everything, as fastai does), and finetune.backbone_lr_mult
 gives the pretrained body a smaller learning rate than the classifier.
@@ -11,14 +18,16 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline import PipelineError
+from pipeline import distributed as dd
 from pipeline.artifacts import MODEL_FILES, load_checkpoint, save_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
-from pipeline.engine import evaluate, make_sgd, predict, train_one_epoch
+from pipeline.engine import make_sgd, predict, train_one_epoch
 from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
@@ -27,17 +36,47 @@ FINETUNE_FILE = MODEL_FILES["finetune"]
 
 
 def make_loaders(data: ImageFolderData, pre, cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders; under torchrun this rank's share of each (see the module docstring)."""
     ft = cfg.finetune
     train_tf = train_transform(pre) if ft.augment else eval_transform(pre)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
     pin = device.type == "cuda"
-    train = DataLoader(ImageListDataset(data.root, data.train, train_tf), batch_size=ft.batch_size,
-                       shuffle=True, generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
-                       persistent_workers=cfg.data.num_workers > 0)
-    val = DataLoader(ImageListDataset(data.root, data.val, eval_transform(pre)), batch_size=ft.batch_size,
-                     shuffle=False, num_workers=cfg.data.num_workers, pin_memory=pin,
-                     persistent_workers=cfg.data.num_workers > 0)
+    common = {"batch_size": ft.batch_size, "num_workers": cfg.data.num_workers, "pin_memory": pin,
+              "persistent_workers": cfg.data.num_workers > 0}
+    train_set = ImageListDataset(data.root, data.train, train_tf)
+    val_set = ImageListDataset(data.root, data.val, eval_transform(pre))
+    if dd.is_distributed():
+        sampler = DistributedSampler(train_set, num_replicas=dd.world_size(), rank=dd.rank(), shuffle=True,
+                                     seed=cfg.run.seed)
+        train = DataLoader(train_set, sampler=sampler, **common)
+        val = DataLoader(Subset(val_set, val_slice(len(val_set))), shuffle=False, **common)
+        return train, val
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    train = DataLoader(train_set, shuffle=True, generator=generator, **common)
+    val = DataLoader(val_set, shuffle=False, **common)
     return train, val
+
+
+def val_slice(n: int) -> range:
+    """This rank's contiguous part of n val images (rank order = image order; no padding, no repeats)."""
+    bounds = [n * r // dd.world_size() for r in range(dd.world_size() + 1)]
+    return range(bounds[dd.rank()], bounds[dd.rank() + 1])
+
+
+def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), targets (N,)) for all of val, in order, on every rank."""
+    logits, targets = predict(model, loader, device)
+    parts = dd.all_gather((logits, targets))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                device: torch.device, desc: str) -> dict:
+    """One epoch; under torchrun loss and accuracy are over every rank's images."""
+    out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc)
+    parts = dd.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
+    seen = sum(p[2] for p in parts)
+    return {"loss": sum(p[0] for p in parts) / max(seen, 1), "acc": sum(p[1] for p in parts) / max(seen, 1),
+            "samples": seen}
 
 
 def load_cached_head(cfg: Config, spec: BackboneSpec, model: nn.Module, classes: tuple[str, ...]) -> list[str]:
@@ -98,19 +137,27 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
     criterion = nn.CrossEntropyLoss()
     groups = head_parameter_groups(model, head_paths, ft.lr, ft.backbone_lr_mult)
     optimizer, scheduler = make_sgd(groups, ft.lr, ft.momentum, ft.weight_decay, ft.step_size, ft.gamma)
+    # DDP averages gradients over ranks in backward; `model` stays the plain network for saving.
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dd.is_distributed() else model
+    ranks = f" x {dd.world_size()} processes (DDP, {ft.batch_size} images per process per step)" \
+        if dd.is_distributed() else ""
     print(f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
-          f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}"
+          f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}{ranks}"
           + (", classifier from head.pt" if ft.init_head == "cached" else "")
           + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else ""))
     history, best_acc, best_epoch, epoch_seconds = [], -1.0, 0, []
     path = cfg.run_dir / FINETUNE_FILE
     for epoch in range(1, ft.epochs + 1):
         te = time.perf_counter()
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
         lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
-        train = train_one_epoch(model, criterion, optimizer, train_loader, device,
-                                desc=f"finetune {epoch}/{ft.epochs}")
+        train = train_epoch(trained, criterion, optimizer, train_loader, device, desc=f"finetune {epoch}/{ft.epochs}")
         scheduler.step()
-        val = evaluate(model, criterion, val_loader, device)
+        dd.sync_buffers(model)
+        logits, targets = gather_predictions(model, val_loader, device)
+        val = {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
         epoch_seconds.append(time.perf_counter() - te)
         history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
                         "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
@@ -125,20 +172,34 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": best_acc,
                 "classes": list(data.classes), "backbone_config": dataclasses.asdict(cfg.backbone),
                 "backbone": spec.to_dict(), "finetune_config": dataclasses.asdict(ft), "seed": cfg.run.seed,
-                "data_root": str(data.root), "history": history, "versions": environment_info(device)}
-            save_checkpoint(artifact, path)
+                "data_root": str(data.root), "history": history, "versions": environment_info(device),
+                "processes": dd.world_size()}
+            if dd.is_main():
+                save_checkpoint(artifact, path)
     train_seconds = sum(epoch_seconds)
     entry = {"val_acc": round(best_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
              "best_epoch": best_epoch, "epochs": ft.epochs, "train_seconds": round(train_seconds, 3),
              "seconds_per_epoch": round(train_seconds / len(epoch_seconds), 3),
              "train_images_per_second": round(len(data.train) * ft.epochs / train_seconds, 1),
-             "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult,
+             "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult, "processes": dd.world_size(),
              "model_file": str(path), "history": history}
     print(f"finetune: best val_acc {best_acc:.4f} at epoch {best_epoch}/{ft.epochs} -> {path}")
+    if dd.is_main():
+        full_val = None if dd.is_distributed() else val_loader  # rank 0 alone predicts all of val
+        with dd.solo():
+            write_finetune_reports(cfg, model, data, spec, path, entry, artifact, history, device, full_val)
+    dd.barrier()
+    return entry
+
+
+def write_finetune_reports(cfg: Config, model: nn.Module, data: ImageFolderData, spec: BackboneSpec, path,
+                           entry: dict, artifact: dict, history: list[dict], device: torch.device,
+                           val_loader: DataLoader | None) -> None:
+    """Reload the saved best epoch, predict val and write reports and the metrics entry (rank 0)."""
     model.load_state_dict(load_checkpoint(path)["model"])  # the reports describe the saved model
+    val_loader = val_loader or make_loaders(data, spec.preprocess, cfg, device)[1]
     logits, targets = predict(model, val_loader, device)
     preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(data.val.paths), data.root,
                         list(data.classes))
     entry.update(finish_stage(cfg, "finetune", preds, artifact, history=history))
     update_metrics(cfg.run_dir, "finetune", entry)
-    return entry

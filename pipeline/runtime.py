@@ -96,8 +96,11 @@ class GracefulInterrupt:
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm bar that refreshes often in a terminal and every 30 s in a log file."""
+    """A tqdm bar that refreshes often in a terminal and every 30 s in a log file; rank 0's only under torchrun."""
     from tqdm import tqdm
 
+    from pipeline.distributed import is_main
+
     interactive = sys.stderr.isatty()
+    kwargs.setdefault("disable", not is_main())
     return tqdm(iterable, mininterval=0.2 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline import cache as fc
+from pipeline import distributed as dd
 from pipeline.data import ImageFolderData, Split, image_problem, resolve_in_root
 from pipeline.metrics import write_json
 
@@ -105,6 +106,8 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
     """Hash and decode-check every image of data (threads: max(1, workers)); keep the readable ones.
 
     index_path: the stat index to read and update (None: no fast path, nothing written).
+    Under torchrun each rank checks every world_size-th file and the ranks exchange verdicts, so
+    every rank returns the same result; only rank 0 writes the index.
     """
     use_stat = verify == "stat" and index_path is not None
     known = fc.read_scan_index(index_path) if use_stat else {}
@@ -118,11 +121,13 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
     with warnings.catch_warnings():
         # Pillow warns about large images before the limit that decode_image enforces as an error.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        mine = dd.shard(todo)
         if workers > 0:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(check, todo))
+                results = list(pool.map(check, mine))
         else:
-            results = [check(rel) for rel in todo]
+            results = [check(rel) for rel in mine]
+    results = dd.unshard(dd.all_gather(results))
 
     by_path = dict(zip(todo, results))
     bad, manifests, kept = [], {}, {}
@@ -138,7 +143,7 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
                 hashes.append(entry.sha256)
         manifests[split] = fc.SplitManifest(tuple(paths), tuple(labels), tuple(hashes))
         kept[split] = Split(tuple(paths), tuple(labels))
-    if use_stat:
+    if use_stat and dd.is_main():
         _update_index(index_path, known, by_path)
     valid = ImageFolderData(data.root, data.classes, kept["train"], kept["val"], data.metadata_files)
     return ScanResult(valid, manifests, bad, data.metadata_files, len(todo),
