@@ -169,6 +169,8 @@ def plan_work(cfg: Config, plan: CachePlan, store: fc.ChunkStore, device: torch.
     needed = fc.iter_unique(h for s in fc.SPLITS for h in plan.manifests[s].sha256)
     todo = [h for h in needed if h not in previous]
     size = cfg.extract.chunk_size
+    if dd.is_distributed():  # at least 4 chunks per rank, so ranks finish within a small chunk of each other
+        size = min(size, max(1, -(-len(todo) // (4 * dd.world_size()))))
     work = [[h for h in todo[i:i + size] if h not in saved] for i in range(0, len(todo), size)]
     work = [chunk for chunk in work if chunk]
     stats.rows_extracted = sum(len(c) for c in work)

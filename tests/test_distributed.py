@@ -41,19 +41,23 @@ def cache_file(folder: Path) -> Path:
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
-    """Same key, rows in the same order, features equal within float tolerance."""
+    """Same key, rows in the same order, features equal within float tolerance.
+
+    Ranks may batch an image with different neighbours than one process does, and oneDNN's
+    float32 convolutions then round differently in the last bits (seen: 3e-6 on values ~0.1).
+    """
     ca, cb = fc.read_cache(a), fc.read_cache(b)
     assert ca.attrs["key"] == cb.attrs["key"]
     for split in fc.SPLITS:
         assert ca.splits[split].paths == cb.splits[split].paths
         assert ca.splits[split].sha256 == cb.splits[split].sha256
         np.testing.assert_array_equal(ca.splits[split].labels, cb.splits[split].labels)
-        np.testing.assert_allclose(ca.splits[split].features, cb.splits[split].features, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ca.splits[split].features, cb.splits[split].features, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    return make_image_folder(tmp_path / "imgs", n_train=20, n_val=6)  # 52 images: 7 chunks of 8
+    return make_image_folder(tmp_path / "imgs", n_train=20, n_val=6)  # 52 images
 
 
 def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_path, folder):
@@ -66,8 +70,10 @@ def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_pat
     assert "x 2 processes" in done.stdout
     assert_same_cache(cache_file(tmp_path / "cache1"), cache_file(tmp_path / "cache2"))
     entry = read_metrics(tmp_path / "runs" / "dist")["extract"]
-    assert entry["processes"] == 2 and entry["rows_extracted"] == 52 and entry["chunks_written"] == 7
-    assert entry["rows_per_process"] == [28, 24]  # chunks 0, 2, 4, 6 (the last has 4 rows) and 1, 3, 5
+    # 52 images in chunks of min(8, ceil(52 / (4 chunks x 2 ranks))) = 7: rank 0 takes chunks 0, 2, 4, 6,
+    # rank 1 chunks 1, 3, 5, 7 (the last has 3 rows).
+    assert entry["processes"] == 2 and entry["rows_extracted"] == 52 and entry["chunks_written"] == 8
+    assert entry["rows_per_process"] == [28, 24]
     assert not fc.partial_dir(cache_file(tmp_path / "cache2")).exists()
 
     make_image_folder(tmp_path / "more", n_train=22, n_val=6, seed=5)  # new content for the last 2 per class
@@ -77,7 +83,7 @@ def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_pat
     done = torchrun(["extract", *args])
     assert done.returncode == 0, done.stderr[-3000:]
     entry = read_metrics(tmp_path / "runs" / "dist")["extract"]
-    assert entry["rows_extracted"] == 4 and entry["rows_reused"] == 52 and entry["rows_per_process"] == [4, 0]
+    assert entry["rows_extracted"] == 4 and entry["rows_reused"] == 52 and entry["rows_per_process"] == [2, 2]
     assert run_pipeline.main(["extract", *single]) == 0
     assert_same_cache(cache_file(tmp_path / "cache1"), cache_file(tmp_path / "cache2"))
 
@@ -95,7 +101,7 @@ def test_a_killed_rank_loses_only_its_chunk_in_progress(tmp_path, folder):
     resumed = torchrun(["extract", *args])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     entry = read_metrics(tmp_path / "runs" / "dist")["extract"]
-    assert entry["rows_resumed"] == 8 * len(saved) and entry["rows_extracted"] == 52 - 8 * len(saved)
+    assert entry["rows_resumed"] == 7 * len(saved) and entry["rows_extracted"] == 52 - 7 * len(saved)
     assert "resuming saved work" in entry["miss_reason"]
     assert run_pipeline.main(["extract", *overrides(tmp_path, folder, "clean", "single")]) == 0
     assert_same_cache(cache_file(tmp_path / "clean"), cache_file(cache_dir))
