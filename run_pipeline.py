@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if dd.is_distributed():
             print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
                   f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
-            dd.on_main(lambda: resolve_data_root(cfg.data.root))  # a demo dataset is written once
+            if launch.local_rank == 0:  # a demo dataset is written once per node (or once on a shared disk)
+                resolve_data_root(cfg.data.root)
+            dd.barrier()
         t0 = time.perf_counter()
         for stage in stages:
             seed_everything(cfg.run.seed)

@@ -1,6 +1,6 @@
 """Distributed extraction (torchrun, N processes) against one process, on the same images, side by side.
 
-    python benchmarks/distributed_extract.py [--data demo:digits] [--nproc 2] [--repeat 1]
+    python benchmarks/distributed_extract.py [--data demo:digits] [--nproc 2] [--repeat 1] [--merge-rows 200000]
 
 Each run extracts into an empty cache folder in a fresh process (or torchrun job) and reports:
 wall time of the whole command, forward throughput (images / slowest rank's backbone time), the
@@ -10,6 +10,9 @@ order, and the largest feature difference.
 
 On a CPU, one process with T threads and N processes with T/N threads each share the same cores,
 so expect a ratio near 1 there; the gain comes with one process per GPU.
+
+--merge-rows R then times the merge alone at scale: R synthetic feature rows (feature_dim 1280,
+float32) saved as chunk files of `--chunk-rows`, as ranks save them, merged into one cache file.
 """
 from __future__ import annotations
 
@@ -54,6 +57,26 @@ def compare(a: Path, b: Path) -> tuple[bool, float]:
     return same, diff
 
 
+def time_merge(work: Path, n_rows: int, chunk_rows: int, feature_dim: int = 1280) -> tuple[float, float]:
+    """(seconds, MB/s) to merge n_rows synthetic rows from chunk files into one complete cache."""
+    rng = np.random.default_rng(0)
+    hashes = [f"{i:064x}" for i in range(n_rows)]
+    store = fc.ChunkStore(work / "merge.partial", "synthetic", "float32")
+    block = rng.standard_normal((chunk_rows, feature_dim), dtype=np.float32)
+    for start in range(0, n_rows, chunk_rows):
+        part = hashes[start:start + chunk_rows]
+        store.write(part, block[:len(part)])
+    n_train = n_rows * 3 // 4
+    manifests = {"train": fc.SplitManifest(tuple(hashes[:n_train]), (0,) * n_train, tuple(hashes[:n_train])),
+                 "val": fc.SplitManifest(tuple(hashes[n_train:]), (0,) * (n_rows - n_train), tuple(hashes[n_train:]))}
+    rows, _ = store.rows()  # verifies every chunk's checksums, as rank 0 does before merging
+    t0 = time.perf_counter()
+    fc.assemble_cache(work / "merged.h5", manifests, feature_dim, "float32", rows,
+                      {"config_key": "synthetic", "classes": ["x"]})
+    seconds = time.perf_counter() - t0
+    return seconds, n_rows * feature_dim * 4 / 1e6 / seconds
+
+
 def cache_file(folder: Path) -> Path:
     [path] = [p for p in folder.glob("*.h5") if not p.name.startswith("scan-")]
     return path
@@ -68,6 +91,10 @@ def main() -> None:
                         help="CPU threads in all: the single process gets them all, each rank its share "
                              "(default: all cores)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved; best kept (default: 1)")
+    parser.add_argument("--merge-rows", type=int, default=0,
+                        help="also time merging this many synthetic 1280-dim rows (default: 0, skip)")
+    parser.add_argument("--chunk-rows", type=int, default=512, help="rows per chunk file for --merge-rows "
+                        "(default: 512, extract.chunk_size's default)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dist-extract-"))
@@ -96,6 +123,11 @@ def main() -> None:
         print(f"\nwall-time ratio (1 process / torchrun x{args.nproc}): {s1 / s2:.2f}; "
               f"forward img/s ratio: {e2['images_per_second'] / e1['images_per_second']:.2f}")
         print(f"caches agree (key, rows, order): {same}; largest feature difference: {diff:.3g}")
+        if args.merge_rows:
+            seconds, rate = time_merge(work, args.merge_rows, args.chunk_rows)
+            size = args.merge_rows * 1280 * 4 / 1e9
+            print(f"merge at scale: {args.merge_rows} rows x 1280 float32 ({size:.2f} GB) from "
+                  f"{-(-args.merge_rows // args.chunk_rows)} chunk files in {seconds:.1f} s ({rate:.0f} MB/s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -227,7 +227,12 @@ def write_digits_demo(target: Path, val_fraction: float = 0.25, seed: int = 0) -
                 folder = tmp / split / str(digits.target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"digit_{i:04d}.png")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same (seeded) folder first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,3 +130,16 @@ def test_digits_demo_is_a_stratified_image_folder(tmp_path):
     assert np.all(np.abs(np.bincount(data.val.labels) - 0.25 * totals) <= 1)  # stratified
     assert not set(p.split("/")[-1] for p in data.train.paths) & set(p.split("/")[-1] for p in data.val.paths)
     assert load_image(data.root / data.train.paths[0]).size == (8, 8)
+
+
+def test_digits_demo_written_by_another_process_first_is_kept(tmp_path):
+    """Ranks on several nodes sharing a disk may all write the demo; the first complete folder wins."""
+    target = tmp_path / "digits"
+    write_digits_demo(target)
+    before = sorted(p.relative_to(target) for p in target.rglob("*.png"))
+    marker = target / "train" / "0" / "kept.txt"
+    marker.write_text("first writer")
+    write_digits_demo(target)  # the rename onto the finished folder fails; this writer's copy is dropped
+    assert marker.read_text() == "first writer"
+    assert sorted(p.relative_to(target) for p in target.rglob("*.png")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left behind

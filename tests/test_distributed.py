@@ -107,15 +107,17 @@ def test_a_killed_rank_loses_only_its_chunk_in_progress(tmp_path, folder):
     assert_same_cache(cache_file(tmp_path / "clean"), cache_file(cache_dir))
 
 
-def test_ddp_finetune_one_epoch(tmp_path, folder):
-    args = overrides(tmp_path, folder, "cache", "ddp")
-    done = torchrun(["finetune", *args])
+def test_ddp_finetune_one_epoch_after_a_head_trained_on_rank_0(tmp_path, folder):
+    args = overrides(tmp_path, folder, "cache", "ddp") + ["--set", "finetune.init_head=cached"]
+    done = torchrun(["extract", "head", "finetune", *args])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("head: best val_acc") == 1  # rank 0 alone trained the head
     assert done.stdout.count("finetune: best val_acc") == 1
-    assert "DDP, 4 images per process per step" in done.stdout
+    assert "DDP, 4 images per process per step" in done.stdout and "classifier from head.pt" in done.stdout
     run_dir = tmp_path / "runs" / "ddp"
-    entry = read_metrics(run_dir)["finetune"]
-    assert entry["processes"] == 2 and entry["epochs"] == 1
+    metrics = read_metrics(run_dir)
+    entry = metrics["finetune"]
+    assert entry["processes"] == 2 and entry["epochs"] == 1 and metrics["extract"]["processes"] == 2
 
     # The val accuracy the ranks computed together is the saved model's on all of val, in one process.
     predictor = load_predictor(run_dir, "finetune", torch.device("cpu"))
