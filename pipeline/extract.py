@@ -132,8 +132,9 @@ def extract_chunks(cfg: Config, plan: CachePlan, work: list[list[str]], store: f
                     n = sum(len(f) for f in feats)
                     store.write(chunk[:n], np.concatenate(feats))
                     done += n
+                    who = f"rank {dd.rank()} " if dd.is_distributed() else ""
                     raise ExtractInterrupted(
-                        f"extract: interrupted; {done} of {len(order)} images extracted in this run are saved in "
+                        f"extract: {who}interrupted; {done} of {len(order)} images extracted in this run are saved in "
                         f"{store.folder}. Run the same command again to resume: only the "
                         f"{len(order) - done} remaining images will go through the backbone")
             store.write(chunk, np.concatenate(feats))
