@@ -108,7 +108,7 @@ class LogisticConfig:
                              item_gt=0, nonempty=True)
     cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2)
     max_iter: int = _c(1000, "solver iterations", gt=0)
-    sgd_epochs: int = _c(10, "passes of the out-of-core SGDClassifier over train, per C of the grid and "
+    sgd_epochs: int = _c(20, "passes of the out-of-core SGDClassifier over train, per C of the grid and "
                          "again for the refit (streamed caches only; see head.max_memory_gb)", gt=0)
 
 
