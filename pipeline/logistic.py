@@ -32,7 +32,7 @@ from pipeline.stream import MIB, StreamBatches, budget_bytes, float32_nbytes, ne
     streamed_features
 
 LOGISTIC_FILE = MODEL_FILES["logistic"]
-SGD_BATCH = 4096    # rows per partial_fit call, at most
+SGD_BATCH = 2048    # rows per partial_fit call, at most
 SGD_ETA0 = 4.0      # first step size on rows of mean squared norm 1: 1/L of the logistic loss
 
 
@@ -121,6 +121,19 @@ def _fit_scaler(train: fc.SplitReader, batch: int, max_bytes: int) -> tuple[Stan
     return scaler, unit.fit(np.zeros((1, len(scaler.mean_)), dtype=np.float32))
 
 
+def _sgd_batch(feature_dim: int, max_bytes: int) -> int:
+    """Rows per partial_fit call: SGD_BATCH, or fewer so that a batch takes at most 1/32 of max_bytes,
+    but at least one HDF5 chunk's rows (the buffer holds one anyway; each call has a fixed cost)."""
+    return int(max(fc.ROW_CHUNK, min(SGD_BATCH, max_bytes // 32 // (4 * feature_dim))))
+
+
+def _prepare_(x: np.ndarray, scaler: StandardScaler, unit: FunctionTransformer) -> np.ndarray:
+    """scaler then unit_norm, in place on a batch the caller owns (Pipeline.transform would make two copies)."""
+    x -= scaler.mean_.astype(x.dtype)
+    x *= (unit.func.args[0] / scaler.scale_).astype(x.dtype)
+    return x
+
+
 def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int, max_bytes: int) -> StreamedLogistic:
     """Out-of-core logistic regression on a split streamed from the cache.
 
@@ -132,14 +145,13 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
        means to LogisticRegression; each C is scored on the held-out rows during every pass;
     3. the C with the best held-out accuracy in the last pass is refit on all rows, sgd_epochs passes.
     The step size decays linearly over the passes and the weights are averaged over the second half
-    of them. max_bytes bounds the buffer (half of it) and the per-call batches (an eighth of it).
+    of them. max_bytes bounds the buffer (half of it) and the per-call batches (1/32 of it each).
     """
     y_all = train.labels
     classes = np.unique(y_all)
     held = held_out_mask(y_all, cfg.cv_folds, seed)
-    batch = int(max(1, min(SGD_BATCH, max_bytes // 8 // (4 * train.feature_dim))))
+    batch = _sgd_batch(train.feature_dim, max_bytes)
     scaler, unit = _fit_scaler(train, batch, max_bytes // 2)
-    prep = Pipeline([("scale", scaler), ("unit_norm", unit)])
     factor2 = unit.func.args[0] ** 2
     batches = StreamBatches(train, batch, max_bytes // 2, shuffle=True, seed=seed)
     n_fit = int((~held).sum())
@@ -151,7 +163,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
             m.set_params(eta0=_eta(epoch, cfg.sgd_epochs))
         correct, scored = np.zeros(len(grid)), 0
         for x, y, rows in batches.iter_rows():
-            xt, y, h = prep.transform(x.numpy()), y.numpy(), held[rows.numpy()]
+            xt, y, h = _prepare_(x.numpy(), scaler, unit), y.numpy(), held[rows.numpy()]
             if (~h).any():
                 for m in grid:
                     m.partial_fit(xt[~h], y[~h], classes=classes)
@@ -167,7 +179,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
     for epoch in range(cfg.sgd_epochs):
         final.set_params(eta0=_eta(epoch, cfg.sgd_epochs))
         for x, y, _ in batches.iter_rows():
-            final.partial_fit(prep.transform(x.numpy()), y.numpy(), classes=classes)
+            final.partial_fit(_prepare_(x.numpy(), scaler, unit), y.numpy(), classes=classes)
         chunk_reads += batches.chunk_reads
     held_out = [{"C": float(c), "acc": round(h[-1], 4), "history": [round(a, 4) for a in h]}
                 for c, h in zip(cfg.c_grid, history)]
@@ -180,7 +192,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
 
 def predict_proba_streamed(model: Pipeline, split: fc.SplitReader, num_classes: int, max_bytes: int) -> np.ndarray:
     """(n_samples, num_classes) probabilities of a split read in order through a bounded buffer."""
-    batch = int(max(1, min(SGD_BATCH, max_bytes // 8 // (4 * split.feature_dim))))
+    batch = _sgd_batch(split.feature_dim, max_bytes)
     out = np.zeros((split.n_rows, num_classes))
     for x, _, rows in StreamBatches(split, batch, max_bytes // 2, shuffle=False).iter_rows():
         out[rows.numpy()[:, None], model.classes_] = model.predict_proba(x.numpy())

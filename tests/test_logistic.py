@@ -80,16 +80,20 @@ def test_streamed_fit_chooses_c_on_held_out_rows_and_refits_on_all(tmp_path):
     assert np.array_equal(again.model.named_steps["clf"].coef_, clf.coef_)  # same seed, same model
 
 
-def test_streamed_sgd_matches_in_memory_logistic_regression_on_overlapping_classes(tmp_path):
-    """Out of core and in memory, the same accuracy (1,200 val rows, classes that overlap)."""
+@pytest.mark.parametrize("c", [0.01, 1.0])
+def test_out_of_core_sgd_reaches_in_memory_accuracy_at_the_same_c(tmp_path, c):
+    """Same C, no selection: the optimiser alone (1,200 val rows, classes that overlap).
+
+    Measured over 3 overlaps x 2 draws x 3 C values: -0.9 to +0.8 points, mean -0.06.
+    """
     data = blob_cache(tmp_path / "c.h5", spread=0.45)
-    cfg = LogisticConfig(c_grid=[0.01, 0.1, 1.0], cv_folds=3)
+    cfg = LogisticConfig(c_grid=[c], cv_folds=3)
     (x, y), (vx, vy) = data["train"], data["val"]
     in_memory = fit_logistic(x, y, cfg, seed=0).score(vx, vy)
     with fc.open_features(tmp_path / "c.h5") as r:
         fit = fit_logistic_streamed(r.train, cfg, seed=0, max_bytes=2 ** 20)
         streamed = np.mean(predict_proba_streamed(fit.model, r.val, 4, 2 ** 20).argmax(1) == vy)
-    assert 0.6 < in_memory < 0.95  # neither trivial nor hopeless
+    assert 0.7 < in_memory < 0.9  # neither trivial nor hopeless
     assert abs(streamed - in_memory) <= 0.01
 
 
