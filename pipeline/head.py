@@ -31,8 +31,8 @@ from pipeline.extract import ensure_cache, load_features, to_tensors
 from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
-from pipeline.stream import (MIB, StreamBatches, budget_bytes, check_views_budget, float32_nbytes, needs_streaming,
-                             size_text, stream_message, streamed_features)
+from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
+                             float32_nbytes, needs_streaming, size_text, stream_message, streamed_features)
 from pipeline.views import ensure_views
 
 HEAD_FILE = MODEL_FILES["head"]
@@ -179,11 +179,7 @@ def _run_in_memory(cfg: Config, device: torch.device, ensured: tuple, t0: float)
 
 
 def _run_streamed(cfg: Config, device: torch.device, plan, reader: fc.FeatureReader, nbytes: int, t0: float) -> dict:
-    budget = budget_bytes(cfg.head.max_memory_gb)
-    # Half the budget buffers train; val is read in order through a smaller buffer (an eighth,
-    # and its batches are copies): the features never take more than three quarters of it.
-    train_batches = StreamBatches(reader.train, cfg.head.batch_size, budget // 2, shuffle=True, seed=cfg.run.seed)
-    val_batches = StreamBatches(reader.val, EVAL_BATCH, budget // 8, shuffle=False)
+    train_batches, val_batches = streamed_batches(reader, cfg.head.batch_size, cfg.head.max_memory_gb, cfg.run.seed)
     mix = (f", each fill drawn from {train_batches.mix_chunks} random chunks" if train_batches.mixing else "")
     print(stream_message("head", nbytes, cfg.head.max_memory_gb,
                          f"streaming from {reader.path} in chunks of {reader.train.chunk_rows} rows (buffer "
@@ -198,6 +194,15 @@ def _run_streamed(cfg: Config, device: torch.device, plan, reader: fc.FeatureRea
             "chunk_reads_per_epoch": train_batches.chunk_reads}
     data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info)
     return _save_and_report(cfg, device, plan, head, result, data, train_seconds, t0)
+
+
+def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
+                     seed: int) -> tuple[StreamBatches, StreamBatches]:
+    """(train, val) batches streamed from an open cache within head.max_memory_gb: shuffled train
+    batches from a buffer of stream.TRAIN_SHARE of the budget, val in order through VAL_SHARE."""
+    budget = budget_bytes(max_memory_gb)
+    return (StreamBatches(reader.train, batch_size, int(budget * TRAIN_SHARE), shuffle=True, seed=seed),
+            StreamBatches(reader.val, EVAL_BATCH, int(budget * VAL_SHARE), shuffle=False))
 
 
 def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, result: HeadResult,

@@ -28,8 +28,8 @@ from pipeline.extract import ensure_cache, load_features
 from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
-from pipeline.stream import MIB, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, stream_message, \
-    streamed_features
+from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
+    stream_message, streamed_features
 
 LOGISTIC_FILE = MODEL_FILES["logistic"]
 SGD_BATCH = 2048    # rows per partial_fit call, at most
@@ -145,15 +145,15 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
        means to LogisticRegression; each C is scored on the held-out rows during every pass;
     3. the C with the best held-out accuracy in the last pass is refit on all rows, sgd_epochs passes.
     The step size decays linearly over the passes and the weights are averaged over the second half
-    of them. max_bytes bounds the buffer (half of it) and the per-call batches (1/32 of it each).
+    of them. max_bytes bounds the buffer (stream.TRAIN_SHARE of it) and the per-call batches (1/32 each).
     """
     y_all = train.labels
     classes = np.unique(y_all)
     held = held_out_mask(y_all, cfg.cv_folds, seed)
     batch = _sgd_batch(train.feature_dim, max_bytes)
-    scaler, unit = _fit_scaler(train, batch, max_bytes // 2)
+    scaler, unit = _fit_scaler(train, batch, int(max_bytes * TRAIN_SHARE))
     factor2 = unit.func.args[0] ** 2
-    batches = StreamBatches(train, batch, max_bytes // 2, shuffle=True, seed=seed)
+    batches = StreamBatches(train, batch, int(max_bytes * TRAIN_SHARE), shuffle=True, seed=seed)
     n_fit = int((~held).sum())
     grid = [_sgd(factor2 / (c * n_fit), n_fit, cfg.sgd_epochs, seed) for c in cfg.c_grid]
     history: list[list[float]] = [[] for _ in grid]
@@ -194,7 +194,7 @@ def predict_proba_streamed(model: Pipeline, split: fc.SplitReader, num_classes: 
     """(n_samples, num_classes) probabilities of a split read in order through a bounded buffer."""
     batch = _sgd_batch(split.feature_dim, max_bytes)
     out = np.zeros((split.n_rows, num_classes))
-    for x, _, rows in StreamBatches(split, batch, max_bytes // 2, shuffle=False).iter_rows():
+    for x, _, rows in StreamBatches(split, batch, int(max_bytes * TRAIN_SHARE), shuffle=False).iter_rows():
         out[rows.numpy()[:, None], model.classes_] = model.predict_proba(x.numpy())
     return out
 

@@ -68,8 +68,7 @@ def test_streamed_heads_match_the_in_memory_path_on_real_features(digits_args, c
     from pipeline import cache as fc
     from pipeline.config import HeadConfig
     from pipeline.extract import to_tensors
-    from pipeline.head import EVAL_BATCH, fit_head, train_head
-    from pipeline.stream import StreamBatches, budget_bytes
+    from pipeline.head import fit_head, streamed_batches, train_head
 
     tmp, args = digits_args
     if not (tmp / "runs" / "demo" / "metrics.json").exists():
@@ -91,15 +90,14 @@ def test_streamed_heads_match_the_in_memory_path_on_real_features(digits_args, c
     cache = fc.read_cache(cache_file)
     x, y = to_tensors(cache.train)
     vx, vy = to_tensors(cache.val)
-    cfg, cpu, budget = HeadConfig(), torch.device("cpu"), budget_bytes(STREAM_BUDGET_GB)
+    cfg, cpu = HeadConfig(), torch.device("cpu")
     in_memory_accs, streamed_accs = [], []
     with fc.open_features(cache_file) as reader:
         for seed in range(4):
             in_memory_accs.append(train_head(x, y, vx, vy, 10, cfg, cpu, seed).best_acc)
             torch.manual_seed(seed)
-            train = StreamBatches(reader.train, cfg.batch_size, budget // 2, shuffle=True, seed=seed)
-            val = StreamBatches(reader.val, EVAL_BATCH, budget // 8, shuffle=False)
-            assert train.rows == fc.ROW_CHUNK and train.mixing  # as in the stage
+            train, val = streamed_batches(reader, cfg.batch_size, STREAM_BUDGET_GB, seed)  # as the stage does
+            assert train.rows == fc.ROW_CHUNK and train.mixing
             streamed_accs.append(fit_head(torch.nn.Linear(x.shape[1], 10), train, val, cfg, cpu, seed).best_acc)
     print(f"head, seeds 0-3: in memory {np.round(in_memory_accs, 4)} mean {np.mean(in_memory_accs):.4f}; "
           f"streamed {np.round(streamed_accs, 4)} mean {np.mean(streamed_accs):.4f}")
