@@ -183,7 +183,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
         chunk_reads += batches.chunk_reads
     held_out = [{"C": float(c), "acc": round(h[-1], 4), "history": [round(a, 4) for a in h]}
                 for c, h in zip(cfg.c_grid, history)]
-    cv = {"best_C": best_c, "selection": f"held-out rows (1/{_folds(y_all, cfg.cv_folds)} of train)",
+    cv = {"best_C": best_c, "selection": f"accuracy on held-out rows (1/{_folds(y_all, cfg.cv_folds)} of train)",
           "results": [{"C": r["C"], "mean": r["acc"], "std": 0.0} for r in held_out]}
     model = Pipeline([("scale", scaler), ("unit_norm", unit), ("clf", final)])
     return StreamedLogistic(model, best_c, held_out, int(held.sum()), 1 + 2 * cfg.sgd_epochs, batches.nbytes,
@@ -280,8 +280,8 @@ def _save_and_report(cfg: Config, device: torch.device, plan, fit: LogisticFit, 
     entry = {"val_acc": round(val_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
              "fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c, "cv_accuracy": round(fit.cv_accuracy, 4),
              "cv": fit.cv, **fit.info, "model_file": str(path)}
-    print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}, "
-          f"{fit.cv['selection']} {fit.cv_accuracy:.4f}, {fit.fit_seconds:.2f} s) -> {path}")
+    print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
+          f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, plan.data.root, list(fit.classes))
     entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv))
     update_metrics(cfg.run_dir, "logistic", entry)

@@ -110,7 +110,7 @@ def test_run_logistic_goes_out_of_core_above_the_budget_and_says_so(tiny_cfg, ca
     assert entry["passes"] == passes and entry["sgd_epochs"] == cfg.logistic.sgd_epochs
     assert entry["estimator"] == "SGDClassifier" and entry["streamed"] is True and entry["val_acc"] == 1.0
     assert [h["C"] for h in entry["held_out"]] == [0.1, 1.0] and entry["C"] in (0.1, 1.0)
-    assert entry["cv"]["selection"] == "held-out rows (1/2 of train)" and entry["held_out_rows"] == 6
+    assert entry["cv"]["selection"] == "accuracy on held-out rows (1/2 of train)" and entry["held_out_rows"] == 6
     saved = load_joblib(cfg.run_dir / "logistic.joblib")
     assert saved["estimator"] == "SGDClassifier" and saved["C"] == entry["C"]
     assert report_paths(cfg.run_dir, "logistic")["cv_scores"].exists()
