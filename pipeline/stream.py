@@ -55,8 +55,8 @@ def needs_streaming(shapes: dict[str, tuple[int, int]], max_memory_gb: float) ->
 
 
 def size_text(nbytes: int) -> str:
-    """2.05 GiB, or 2.7 MiB below a tenth of a GiB."""
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / MIB:.1f} MiB"
+    """2.05 GiB, or 191.9 MiB below 1 GiB."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
 
 
 def stream_message(stage: str, nbytes: int, max_memory_gb: float, how: str) -> str:
