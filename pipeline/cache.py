@@ -315,7 +315,7 @@ class SplitReader:
 
     @property
     def chunk_rows(self) -> int:
-        """Rows per HDF5 chunk: the unit one read decompresses and checksums (ROW_CHUNK in files written here)."""
+        """Rows per HDF5 chunk: the unit HDF5 reads and checksums (ROW_CHUNK in files written here)."""
         chunks = self._features.chunks
         return int(chunks[0]) if chunks else max(1, min(self.n_rows, ROW_CHUNK))
 

@@ -263,12 +263,17 @@ def run_extract(cfg: Config, device: torch.device) -> dict:
     return entry
 
 
-def discard_if_damaged(cfg: Config, plan: CachePlan) -> None:
-    """Delete the cache at plan.path unless it verifies in full (call after a failed read; takes the lock)."""
+def discard_if_damaged(cfg: Config, plan: CachePlan) -> bool:
+    """Delete the cache at plan.path unless it verifies in full (call after a failed read; takes the lock).
+
+    Returns True when it was deleted.
+    """
     lock = _acquire_lock(plan, cfg.extract.lock_timeout)
     try:
-        if not fc.is_intact(plan.path):
-            fc.discard(plan.path)  # never reuse a damaged file, not even its other rows
+        if fc.is_intact(plan.path):
+            return False
+        fc.discard(plan.path)  # never reuse a damaged file, not even its other rows
+        return True
     finally:
         lock.release()
 

@@ -2,8 +2,8 @@
 
 When the train+val features of a cache, as float32, exceed `head.max_memory_gb`, the head and the
 logistic baseline read them from disk instead of loading them whole. The unit of a read is one
-HDF5 chunk (ROW_CHUNK rows): HDF5 decompresses and checksums whole chunks, so that is what any
-read costs anyway.
+HDF5 chunk (ROW_CHUNK rows): HDF5 reads and checksums (fletcher32) whole chunks, so that is what
+any read costs anyway.
 
 Rows are stored in ImageFolder order, so one chunk holds one or two classes. A training pass
 therefore visits the chunks in a new seeded random order, fills a buffer from many of them and
@@ -86,16 +86,19 @@ def streamed_features(cfg: Config, device: torch.device,
                       ensured: tuple[CachePlan, dict]) -> Iterator[tuple[fc.FeatureReader, CachePlan]]:
     """The verified cache, open for streaming (rebuilt first if it fails to open, as in load_features).
 
-    A checksum that fails while streaming deletes the damaged file (if it does not verify in full)
-    and raises CacheError saying to run the stage again, which extracts it anew.
+    A checksum that fails while streaming deletes the damaged file (if it does not verify in full when
+    read again) and raises CacheError saying to run the stage again, which extracts it anew.
     """
     reader, plan = load_features(cfg, device, read=fc.open_features, ensured=ensured)
     try:
         yield reader, plan
     except fc.CacheError as e:
         reader.close()
-        discard_if_damaged(cfg, plan)
-        raise fc.CacheError(f"{e}; the damaged cache was removed: run the stage again to extract it anew") from None
+        if discard_if_damaged(cfg, plan):
+            raise fc.CacheError(f"{e}; the damaged cache was removed: run the stage again to extract it "
+                                "anew") from None
+        raise fc.CacheError(f"{e}; the file verifies in full when read again, so it was kept: run the stage "
+                            "again (if it fails again, check the disk)") from None
     finally:
         reader.close()
 
