@@ -296,6 +296,106 @@ def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
     return FeatureCache(path, attrs, tuple(attrs["classes"]), splits)
 
 
+# ----------------------------------------------------------------------------- streaming
+class SplitReader:
+    """One split of an open cache file, read a row range at a time; only labels and paths are in memory."""
+
+    def __init__(self, path: Path, name: str, features: h5py.Dataset, manifest: SplitManifest) -> None:
+        self.path, self.name, self._features = path, name, features
+        self.labels = np.asarray(manifest.labels, dtype=np.int64)   # (n_samples,)
+        self.paths = list(manifest.paths)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._features.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._features.shape[1])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per HDF5 chunk: the unit HDF5 reads and checksums (ROW_CHUNK in files written here)."""
+        chunks = self._features.chunks
+        return int(chunks[0]) if chunks else max(1, min(self.n_rows, ROW_CHUNK))
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Read rows [start, stop) into out[:stop - start] and return that view.
+
+        out : float32 C-contiguous ndarray of shape (>= stop - start, feature_dim); HDF5 converts a
+        float16 cache on the way. A failed fletcher32 checksum raises CacheError.
+        """
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"rows [{start}, {stop}) outside {self.name}'s {self.n_rows} rows")
+        if stop > start:
+            try:
+                self._features.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
+            except OSError as e:  # a fletcher32 checksum mismatch surfaces here
+                raise CacheError(f"cannot read rows {start}..{stop - 1} of '{self.name}/features' in cache "
+                                 f"'{self.path}': {e}") from None
+        return out[:stop - start]
+
+
+class FeatureReader:
+    """A verified cache file kept open for streaming its features; use as a context manager.
+
+    Opening checks the file exactly like `read_cache` (structure, rows against the manifest digest,
+    key) but reads no feature: `train` and `val` read row ranges on demand.
+    """
+
+    def __init__(self, path: str | Path, key: Optional[str] = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"no feature cache at '{self.path}': run the extract stage first "
+                             "(python run_pipeline.py extract)")
+        self._file = _open(self.path)
+        try:
+            self.attrs, manifests = _verify_open(self._file, self.path, key)
+        except BaseException:
+            self._file.close()
+            raise
+        self.classes = tuple(self.attrs["classes"])
+        self.splits = {s: SplitReader(self.path, s, self._file[s]["features"], manifests[s]) for s in SPLITS}
+
+    @property
+    def train(self) -> SplitReader:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> SplitReader:
+        return self.splits["val"]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.attrs["feature_dim"])
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "FeatureReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_features(path: str | Path, key: Optional[str] = None) -> FeatureReader:
+    """Open a complete cache for streaming after verifying structure, rows and key; CacheError if not."""
+    return FeatureReader(path, key)
+
+
+def feature_shapes(path: str | Path) -> dict[str, tuple[int, int]]:
+    """(n_samples, feature_dim) of each split's features, from the file's metadata alone (nothing verified)."""
+    try:
+        with _open(Path(path)) as f:
+            shapes = {s: tuple(int(v) for v in f[s]["features"].shape) for s in SPLITS}
+    except (KeyError, TypeError) as e:
+        raise CacheError(f"cache '{path}' has no train and val features: {e}") from None
+    if any(len(shape) != 2 for shape in shapes.values()):
+        raise CacheError(f"cache '{path}': features are not 2-D ({shapes})")
+    return shapes
+
+
 def _row_changes(old: dict[str, SplitManifest], new: dict[str, SplitManifest]) -> list[str]:
     parts = []
     for split in SPLITS:

@@ -99,6 +99,9 @@ class HeadConfig:
     weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
     step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
+    max_memory_gb: float = _c(4.0, "feature memory budget of the head and logistic stages, in GiB (2^30 bytes): "
+                              "a cache whose train+val features, as float32, exceed it is streamed from disk "
+                              "in chunks (logistic then uses an out-of-core SGDClassifier)", gt=0)
 
 
 @dataclass
@@ -107,6 +110,8 @@ class LogisticConfig:
                              item_gt=0, nonempty=True)
     cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2)
     max_iter: int = _c(1000, "solver iterations", gt=0)
+    sgd_epochs: int = _c(20, "passes of the out-of-core SGDClassifier over train, per C of the grid and "
+                         "again for the refit (streamed caches only; see head.max_memory_gb)", gt=0)
 
 
 @dataclass

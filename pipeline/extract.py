@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -333,21 +333,36 @@ def run_extract(cfg: Config, device: torch.device) -> dict:
     return entry
 
 
-def load_features(cfg: Config, device: torch.device) -> tuple[fc.FeatureCache, CachePlan]:
-    """The cached features for cfg, extracting first if the cache is missing or stale."""
-    plan, entry = ensure_cache(cfg, device)
+def discard_if_damaged(cfg: Config, plan: CachePlan) -> bool:
+    """Delete the cache at plan.path unless it verifies in full (call after a failed read; takes the lock).
+
+    Returns True when it was deleted.
+    """
+    lock = _acquire_lock(plan, cfg.extract.lock_timeout)
     try:
-        features = fc.read_cache(plan.path, plan.key)
+        if fc.is_intact(plan.path):
+            return False
+        fc.discard(plan.path)  # never reuse a damaged file, not even its other rows
+        return True
+    finally:
+        lock.release()
+
+
+def load_features(cfg: Config, device: torch.device, read: Callable = fc.read_cache,
+                  ensured: Optional[tuple[CachePlan, dict]] = None) -> tuple[Any, CachePlan]:
+    """The cached features for cfg, extracting first if the cache is missing or stale.
+
+    read(path, key): fc.read_cache (all in memory, the default) or fc.open_features (streamed).
+    ensured: what ensure_cache already returned for cfg, so its scan is not repeated.
+    """
+    plan, entry = ensured or ensure_cache(cfg, device)
+    try:
+        features = read(plan.path, plan.key)
     except fc.CacheError as e:  # damaged since it was written (a checksum failed), or replaced meanwhile
         print(f"extract: {e}; extracting again")
-        lock = _acquire_lock(plan, cfg.extract.lock_timeout)
-        try:
-            if not fc.is_intact(plan.path):
-                fc.discard(plan.path)  # never reuse a damaged file, not even its other rows
-        finally:
-            lock.release()
+        discard_if_damaged(cfg, plan)
         plan, entry = ensure_cache(cfg, device)
-        features = fc.read_cache(plan.path, plan.key)
+        features = read(plan.path, plan.key)
     if not entry["cache_hit"]:
         update_metrics(cfg.run_dir, "extract", entry)
     return features, plan

@@ -1,5 +1,8 @@
 """Stage `head`: a classifier trained from the feature cache with SGD + StepLR.
 
+The features are loaded whole, or, when they exceed head.max_memory_gb, streamed from the cache
+in chunks (pipeline/stream.py); both feed the same epoch loop, `fit_head`.
+
 Two head types:
 - ``linear``: a new ``nn.Linear(feature_dim, num_classes)`` (the tutorial's fixed feature extractor);
 - ``classifier``: the backbone's own pretrained dense layers (VGG, AlexNet) with the last layer
@@ -9,23 +12,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import PipelineError
+from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES, save_checkpoint
 from pipeline.backbones import BackboneSpec, build_network, check_dense_classifier, dense_classifier
 from pipeline.config import Config, HeadConfig
 from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, train_one_epoch
-from pipeline.extract import load_features, to_tensors
+from pipeline.extract import ensure_cache, load_features, to_tensors
 from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
+from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
+                             float32_nbytes, needs_streaming, size_text, stream_message, streamed_features)
 from pipeline.views import ensure_views
 
 HEAD_FILE = MODEL_FILES["head"]
@@ -64,32 +71,42 @@ def build_head(cfg: Config, spec: BackboneSpec, feature_dim: int, num_classes: i
     return nn.Linear(feature_dim, num_classes)
 
 
-def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-               num_classes: int, cfg: HeadConfig, device: torch.device, seed: int,
-               head: Optional[nn.Module] = None, train_views: Optional[torch.Tensor] = None) -> HeadResult:
-    """Fit head (default: nn.Linear(feature_dim, num_classes)) on (n_samples, feature_dim) features.
+class ViewBatches:
+    """Each pass draws one of the K augmented views of every image, then batches them like TensorBatches.
 
-    train_views : optional tensor of shape (n_views, n_samples, feature_dim); when given, every
-    epoch trains on one randomly drawn view per image instead of train_x (augmentation from cache).
-    Evaluates on val after every epoch and keeps the best epoch's weights (first best on ties).
+    views : (n_views, n_samples, feature_dim); y : (n_samples,)
     """
-    torch.manual_seed(seed)
-    head = (head if head is not None else nn.Linear(train_x.shape[1], num_classes)).to(device)
+
+    def __init__(self, views: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 view_generator: torch.Generator, device: torch.device) -> None:
+        self.views, self.y, self.batch_size = views, y, batch_size
+        self.generator, self.view_generator, self.device = generator, view_generator, device
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        choice = torch.randint(len(self.views), (len(self.y),), generator=self.view_generator)
+        x = self.views[choice, torch.arange(len(self.y))].to(self.device)  # (n_samples, feature_dim)
+        yield from TensorBatches(x, self.y, self.batch_size, shuffle=True, generator=self.generator)
+
+
+def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cfg: HeadConfig,
+             device: torch.device, seed: int) -> HeadResult:
+    """SGD + StepLR over train_batches for cfg.epochs; evaluate on val_batches after every epoch.
+
+    train_batches, val_batches : re-iterable (x, y) mini-batches, x of shape (batch, feature_dim):
+    in memory (engine.TensorBatches) or streamed from the cache (stream.StreamBatches).
+    Keeps the best epoch's weights (first best on ties).
+    """
+    torch.manual_seed(seed)  # dropout in a classifier head
+    head = head.to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer, scheduler = make_sgd(head.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                     cfg.step_size, cfg.gamma)
-    generator = torch.Generator().manual_seed(seed)
-    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
-    train_batches = TensorBatches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
-    val_batches = TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False)
-    view_generator = torch.Generator().manual_seed(seed + 1)
     best = HeadResult(copy.deepcopy(head.state_dict()), 0, -1.0)
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        if train_views is not None:
-            choice = torch.randint(len(train_views), (len(train_y),), generator=view_generator)
-            epoch_x = train_views[choice, torch.arange(len(train_y))].to(device)  # (n_samples, feature_dim)
-            train_batches = TensorBatches(epoch_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
         train = train_one_epoch(head, criterion, optimizer, train_batches, device)
         scheduler.step()
         val = evaluate(head, criterion, val_batches, device)
@@ -101,10 +118,52 @@ def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     return best
 
 
+def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+               num_classes: int, cfg: HeadConfig, device: torch.device, seed: int,
+               head: Optional[nn.Module] = None, train_views: Optional[torch.Tensor] = None) -> HeadResult:
+    """Fit head (default: nn.Linear(feature_dim, num_classes)) on in-memory (n_samples, feature_dim) features.
+
+    train_views : optional tensor of shape (n_views, n_samples, feature_dim); when given, every
+    epoch trains on one randomly drawn view per image instead of train_x (augmentation from cache).
+    """
+    torch.manual_seed(seed)
+    head = head if head is not None else nn.Linear(train_x.shape[1], num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+    if train_views is not None:
+        train_batches = ViewBatches(train_views, train_y, cfg.batch_size, generator,
+                                    torch.Generator().manual_seed(seed + 1), device)
+    else:
+        train_batches = TensorBatches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
+    return fit_head(head, train_batches, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False), cfg, device, seed)
+
+
+@dataclass
+class HeadData:
+    """What training and the reports need, whether the features are in memory or streamed."""
+
+    classes: tuple[str, ...]
+    feature_dim: int
+    val_batches: Iterable        # (x, y) in cache order
+    val_labels: np.ndarray       # (n_val,)
+    val_paths: list[str]
+    info: dict                   # for metrics.json: streamed, buffer size
+
+
 def run_head(cfg: Config, device: torch.device) -> dict:
     check_head_type(cfg)  # before spending minutes on extraction
     t0 = time.perf_counter()
-    features, plan = load_features(cfg, device)
+    plan, extract_entry = ensure_cache(cfg, device)
+    shapes = fc.feature_shapes(plan.path)
+    check_views_budget(cfg, shapes)
+    if not needs_streaming(shapes, cfg.head.max_memory_gb):
+        return _run_in_memory(cfg, device, (plan, extract_entry), t0)
+    with streamed_features(cfg, device, (plan, extract_entry)) as (reader, plan):
+        return _run_streamed(cfg, device, plan, reader, float32_nbytes(shapes), t0)
+
+
+def _run_in_memory(cfg: Config, device: torch.device, ensured: tuple, t0: float) -> dict:
+    features, plan = load_features(cfg, device, ensured=ensured)
     train_x, train_y = to_tensors(features.train)
     val_x, val_y = to_tensors(features.val)
     head = build_head(cfg, plan.spec, features.feature_dim, len(features.classes))
@@ -114,26 +173,61 @@ def run_head(cfg: Config, device: torch.device) -> dict:
     result = train_head(train_x, train_y, val_x, val_y, len(features.classes), cfg.head, device, cfg.run.seed,
                         head=head, train_views=views)
     train_seconds = time.perf_counter() - t1
+    data = HeadData(features.classes, features.feature_dim, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False),
+                    features.val.labels, features.val.paths, {"streamed": False})
+    return _save_and_report(cfg, device, plan, head, result, data, train_seconds, t0)
+
+
+def _run_streamed(cfg: Config, device: torch.device, plan, reader: fc.FeatureReader, nbytes: int, t0: float) -> dict:
+    train_batches, val_batches = streamed_batches(reader, cfg.head.batch_size, cfg.head.max_memory_gb, cfg.run.seed)
+    mix = (f", each fill drawn from {train_batches.mix_chunks} random chunks" if train_batches.mixing else "")
+    print(stream_message("head", nbytes, cfg.head.max_memory_gb,
+                         f"streaming from {reader.path} in chunks of {reader.train.chunk_rows} rows (buffer "
+                         f"{size_text(train_batches.nbytes)} for train, {size_text(val_batches.nbytes)} "
+                         f"for val{mix})"))
+    head = build_head(cfg, plan.spec, reader.feature_dim, len(reader.classes))
+    t1 = time.perf_counter()
+    result = fit_head(head, train_batches, val_batches, cfg.head, device, cfg.run.seed)
+    train_seconds = time.perf_counter() - t1
+    info = {"streamed": True, "buffer_mib": round((train_batches.nbytes + val_batches.nbytes) / MIB, 1),
+            "buffer_rows": train_batches.rows, "chunk_rows": reader.train.chunk_rows,
+            "chunk_reads_per_epoch": train_batches.chunk_reads}
+    data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info)
+    return _save_and_report(cfg, device, plan, head, result, data, train_seconds, t0)
+
+
+def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
+                     seed: int) -> tuple[StreamBatches, StreamBatches]:
+    """(train, val) batches streamed from an open cache within head.max_memory_gb: shuffled train
+    batches from a buffer of stream.TRAIN_SHARE of the budget, val in order through VAL_SHARE."""
+    budget = budget_bytes(max_memory_gb)
+    return (StreamBatches(reader.train, batch_size, int(budget * TRAIN_SHARE), shuffle=True, seed=seed),
+            StreamBatches(reader.val, EVAL_BATCH, int(budget * VAL_SHARE), shuffle=False))
+
+
+def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, result: HeadResult,
+                     data: HeadData, train_seconds: float, t0: float) -> dict:
+    """Save head.pt, print the result, predict val in cache order for the reports, record metrics."""
     artifact = {
         "kind": "head", "head_type": cfg.head.type, "state_dict": result.state_dict,
-        "classes": list(features.classes), "feature_dim": features.feature_dim,
+        "classes": list(data.classes), "feature_dim": data.feature_dim,
         "backbone_config": dataclasses.asdict(cfg.backbone), "backbone": plan.spec.to_dict(),
         "head_config": dataclasses.asdict(cfg.head), "seed": cfg.run.seed, "cache_key": plan.key,
         "cache_file": str(plan.path), "data_root": str(plan.data.root), "best_epoch": result.best_epoch,
-        "val_acc": result.best_acc, "history": result.history, "versions": environment_info(device)}
+        "val_acc": result.best_acc, "history": result.history, "streamed": data.info["streamed"],
+        "versions": environment_info(device)}
     path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
     seconds = time.perf_counter() - t0
     entry = {"val_acc": round(result.best_acc, 4), "seconds": round(seconds, 3),
              "train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
              "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
-             "model_file": str(path),
-             "history": result.history}
+             **data.info, "model_file": str(path), "history": result.history}
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
     head.load_state_dict(result.state_dict)
-    logits, _ = predict(head, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False), device)
-    preds = Predictions(torch.softmax(logits, 1).numpy(), features.val.labels, features.val.paths,
-                        plan.data.root, list(features.classes))
+    logits, _ = predict(head, data.val_batches, device)
+    preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
+                        plan.data.root, list(data.classes))
     entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history))
     update_metrics(cfg.run_dir, "head", entry)
     return entry

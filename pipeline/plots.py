@@ -93,14 +93,15 @@ def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Pat
     return _save(fig, path)
 
 
-def plot_cv_scores(cv: Sequence[dict], best_c: float, path: Path, title: str) -> Path:
-    """Cross-validated accuracy (mean +- std over folds) for each C of the grid."""
+def plot_cv_scores(cv: Sequence[dict], best_c: float, path: Path, title: str,
+                   label: str = "cv accuracy (mean ± std over folds)") -> Path:
+    """Cross-validated (or held-out) accuracy, mean +- std over folds, for each C of the grid."""
     cs = np.array([r["C"] for r in cv])
     mean = np.array([r["mean"] for r in cv])
     std = np.array([r["std"] for r in cv])
     fig = _figure(6, 4)
     ax = fig.add_subplot()
-    ax.errorbar(cs, mean, yerr=std, fmt="o-", capsize=3, label="cv accuracy (mean ± std over folds)")
+    ax.errorbar(cs, mean, yerr=std, fmt="o-", capsize=3, label=label)
     ax.axvline(best_c, color="grey", ls="--", lw=1, label=f"chosen C = {best_c:g}")
     ax.set_xscale("log")
     ax.set(xlabel="C (inverse regularisation strength)", ylabel="accuracy")

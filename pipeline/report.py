@@ -23,6 +23,7 @@ from pipeline.predictor import Predictor, load_artifact, model_path, predictor_f
 
 REPORT_DIR = "reports"
 THUMBNAIL = 128
+READ_BYTES = 64 * 2 ** 20   # cached features read at a time for the reports (the whole cache may not fit)
 
 
 @dataclass
@@ -118,8 +119,11 @@ def write_reports(run_dir: Path, kind: str, preds: Predictions, cfg: ReportConfi
     if history:
         written.append(plot_training_curves(history, paths["training_curves"], f"{title}: training curves"))
     if cv:
+        selection = cv.get("selection", "cross-validation")
+        label = ("cv accuracy (mean ± std over folds)" if "cross-validation" in selection
+                 else "accuracy on the held-out rows")
         written.append(plot_cv_scores(cv["results"], cv["best_C"], paths["cv_scores"],
-                                      f"{title}: C chosen by cross-validation"))
+                                      f"{title}: C chosen by {selection}", label))
     written.append(_grid(preds, cfg.grid_images, paths["predictions"], title))
     return written
 
@@ -130,6 +134,8 @@ def model_title(kind: str, artifact: dict) -> str:
         cut = artifact["backbone_config"].get("cut", "pool")
         return f"{name} + {artifact.get('head_type', 'linear')} head on cached {cut} features"
     if kind == "logistic":
+        if artifact.get("estimator") == "SGDClassifier":
+            return f"{name} + logistic regression (out-of-core SGD, one-vs-rest) on cached features"
         return f"{name} + logistic regression on cached features"
     return f"{name} finetuned"
 
@@ -154,6 +160,15 @@ def probs_over_images(predictor: Predictor, root: Path, split: Split, batch_size
     return np.concatenate([predictor.probs_from_images(x) for x, _ in loader])
 
 
+def cached_probs(predictor: Predictor, split: fc.SplitReader) -> np.ndarray:
+    """(n_samples, num_classes) probabilities from a split's cached features, read READ_BYTES at a time."""
+    rows = max(1, READ_BYTES // (4 * split.feature_dim))
+    buffer = np.empty((min(rows, split.n_rows), split.feature_dim), dtype=np.float32)
+    probs = [predictor.probs_from_features(split.read_rows(start, min(start + rows, split.n_rows), buffer))
+             for start in range(0, split.n_rows, rows)]
+    return np.concatenate(probs) if probs else np.zeros((0, len(predictor.classes)))
+
+
 def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: int = 64,
                     num_workers: int = 0, trust: bool = False) -> Predictions:
     """Predictions of run_dir's saved `kind` model on val: from the cache when it still holds the
@@ -166,10 +181,10 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
     root = Path(artifact["data_root"])
     if kind in ("head", "logistic"):
         try:
-            cache = fc.read_cache(artifact["cache_file"], artifact["cache_key"])
             predictor = predictor_from_artifact(kind, artifact, device, with_backbone=False)
-            return Predictions(predictor.probs_from_features(cache.val.features), cache.val.labels,
-                               cache.val.paths, root, classes)
+            with fc.open_features(artifact["cache_file"], artifact["cache_key"]) as cache:
+                return Predictions(cached_probs(predictor, cache.val), cache.val.labels, cache.val.paths, root,
+                                   classes)
         except fc.CacheError as e:
             print(f"report: {kind}: the cached val features are not usable ({e}); running the backbone "
                   "over the val images instead")

@@ -106,3 +106,34 @@ def trained_run(tmp_path_factory):
     cfg = load_config(None, overrides)
     entries = {stage.__name__[4:]: stage(cfg, torch.device("cpu")) for stage in (run_head, run_logistic, run_finetune)}
     return SimpleNamespace(tmp=tmp, root=root, overrides=overrides, cfg=cfg, entries=entries)
+
+
+def write_feature_cache(path: Path, splits: dict, classes, dtype: str = "float32", config_key: str = "test") -> str:
+    """A complete cache file holding the given features; returns its key.
+
+    splits: {"train": (features (n, d), labels (n,)), "val": (...)}; paths and hashes are made up.
+    """
+    from pipeline import cache as fc
+
+    dim = next(iter(splits.values()))[0].shape[1]
+    with fc.CacheWriter(path, dim, dtype) as writer:
+        for split, (x, y) in splits.items():
+            names = tuple(f"{split}/{classes[c]}/{i}.png" for i, c in enumerate(y))
+            writer.create_split(split, fc.SplitManifest(names, tuple(int(c) for c in y),
+                                                        tuple(fc.digest([split, i]) for i in range(len(y)))))
+            writer.write_rows(split, 0, x)
+        writer.commit({"config_key": config_key, "classes": list(classes)})
+    return fc.read_attrs(path)["key"]
+
+
+def flip_feature_byte(path: Path, split: str = "train", chunk: int = 0) -> None:
+    """Damage one byte of a stored feature chunk, so that its fletcher32 checksum fails."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[f"{split}/features"].id.get_chunk_info(chunk).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        byte = fh.read(1)
+        fh.seek(offset + 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))

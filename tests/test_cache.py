@@ -109,3 +109,52 @@ def test_config_changes_are_described():
     assert fc._describe_config_change(old, {**old, "preprocess": {**old["preprocess"], "mean": [0.4]}}) == \
         "preprocessing changed (mean [0.5] -> [0.4])"
     assert fc._describe_config_change({"format_version": 1}, {**old, "cut": "pool"}) == "cache format changed (1 -> 2)"
+
+
+# ----------------------------------------------------------------------------- streaming reader
+def test_open_features_verifies_like_read_cache_and_reads_no_features(tmp_path, monkeypatch):
+    path = tmp_path / "c.h5"
+    manifests, key = write(path)
+    with fc.open_features(path, key) as reader:
+        assert reader.classes == ("a", "b") and reader.feature_dim == 3
+        assert reader.train.n_rows == 2 and reader.train.paths == ["train/a/1.png", "train/b/2.png"]
+        assert reader.train.labels.dtype == np.int64 and reader.train.labels.tolist() == [0, 1]
+        assert reader.val.chunk_rows == 1  # a 1-row split is one 1-row chunk
+        out = np.zeros((2, 3), dtype=np.float32)
+        assert np.array_equal(reader.train.read_rows(0, 2, out), np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(fc.CacheError, match="does not match the current data"):
+        fc.open_features(path, "0" * 64)
+    with h5py.File(path, "a") as f:
+        f["train/labels"][0] = 1
+    with pytest.raises(fc.CacheError, match="manifest digest"):
+        fc.open_features(path)
+
+
+def test_read_rows_converts_a_float16_cache_exactly(tmp_path):
+    from tests.conftest import write_feature_cache
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(600, 5)) * 100).astype(np.float32)
+    write_feature_cache(tmp_path / "h.h5", {"train": (x, np.zeros(600, int)), "val": (x[:2], np.zeros(2, int))},
+                        ["a"], dtype="float16")
+    with fc.open_features(tmp_path / "h.h5") as reader:
+        assert reader.train.chunk_rows == fc.ROW_CHUNK
+        out = np.full((400, 5), np.nan, dtype=np.float32)
+        rows = reader.train.read_rows(250, 530, out)  # spans three chunks
+        assert rows.dtype == np.float32 and rows.shape == (280, 5)
+        assert np.array_equal(rows, x[250:530].astype(np.float16).astype(np.float32))
+        assert np.isnan(out[280:]).all()  # nothing written past the rows read
+    assert fc.feature_shapes(tmp_path / "h.h5") == {"train": (600, 5), "val": (2, 5)}
+
+
+def test_read_rows_raises_cache_error_on_a_failed_checksum(tmp_path):
+    from tests.conftest import flip_feature_byte, write_feature_cache
+
+    x = np.ones((600, 8), dtype=np.float32)
+    write_feature_cache(tmp_path / "c.h5", {"train": (x, np.zeros(600, int)), "val": (x[:3], np.zeros(3, int))}, ["a"])
+    flip_feature_byte(tmp_path / "c.h5", "train", chunk=1)
+    with fc.open_features(tmp_path / "c.h5") as reader:  # opening reads no features: still fine
+        out = np.empty((256, 8), dtype=np.float32)
+        reader.train.read_rows(0, 256, out)
+        with pytest.raises(fc.CacheError, match=r"cannot read rows 256\.\.511 of 'train/features'"):
+            reader.train.read_rows(256, 512, out)

@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from pipeline import cache as fc
 from pipeline.artifacts import load_checkpoint
 from pipeline.config import HeadConfig
 from pipeline.head import run_head, train_head
@@ -122,3 +125,74 @@ def test_classifier_head_misconfigurations_name_the_key(tiny_cfg, overrides, mes
     with pytest.raises(PipelineError, match=message):
         run_head(cfg, CPU)
     assert not (cfg.run_dir / "head.pt").exists() and not cfg.run_dir.exists()  # failed before extracting
+
+
+# ----------------------------------------------------------------------------- streamed from the cache
+def test_streamed_full_batch_training_equals_in_memory(tmp_path):
+    """One batch per epoch: the order of rows cannot matter, so streaming must train the same weights."""
+    from pipeline.head import fit_head
+    from pipeline.stream import StreamBatches
+    from tests.conftest import write_feature_cache
+
+    x, y = blobs(n_per_class=200)  # 600 rows: 3 chunks, class-sorted
+    vx, vy = blobs(seed=1)
+    write_feature_cache(tmp_path / "c.h5", {"train": (x.numpy(), y.numpy()), "val": (vx.numpy(), vy.numpy())},
+                        ["a", "b", "c"])
+    cfg = HeadConfig(epochs=4, batch_size=600, lr=0.05)
+    in_memory = train_head(x, y, vx, vy, 3, cfg, CPU, seed=0)
+    with fc.open_features(tmp_path / "c.h5") as r:
+        torch.manual_seed(0)
+        streamed = fit_head(torch.nn.Linear(16, 3), StreamBatches(r.train, 600, 2 ** 20, shuffle=True, seed=0),
+                            StreamBatches(r.val, 64, 2 ** 20, shuffle=False), cfg, CPU, seed=0)
+    assert torch.allclose(streamed.state_dict["weight"], in_memory.state_dict["weight"], atol=1e-5)
+    assert [h["val_acc"] for h in streamed.history] == [h["val_acc"] for h in in_memory.history]
+    assert streamed.best_epoch == in_memory.best_epoch
+
+
+def test_run_head_streams_a_cache_bigger_than_its_budget(tiny_cfg, capsys):
+    from pipeline.predictor import load_predictor
+    from pipeline.report import report_paths, run_report
+
+    in_memory = run_head(tiny_cfg("head.epochs=4", "head.lr=0.01", "run.name=memory"), CPU)
+    assert in_memory["streamed"] is False
+    capsys.readouterr()
+    cfg = tiny_cfg("head.epochs=4", "head.lr=0.01", "head.max_memory_gb=1e-5", "report.enabled=true")
+    entry = run_head(cfg, CPU)
+    out = capsys.readouterr().out
+    assert "head: cache is 0.0 MiB of float32 features > head.max_memory_gb=1e-05 (0.0 MiB): streaming from" in out
+    assert entry["streamed"] is True and entry["buffer_rows"] == 12 and entry["chunk_rows"] == 12
+    assert abs(entry["val_acc"] - in_memory["val_acc"]) <= 0.01
+    assert entry["val_acc_top1"] == entry["val_acc"]  # val streamed in order: predictions line up with labels
+    assert read_metrics(cfg.run_dir)["head"]["streamed"] is True
+    ckpt = load_checkpoint(cfg.run_dir / "head.pt")
+    assert ckpt["streamed"] is True
+    assert report_paths(cfg.run_dir, "head")["confusion_matrix"].exists()
+    assert run_report(cfg, CPU)["head"]["val_acc_top1"] == entry["val_acc"]  # the report stage reads val in chunks
+    val = fc.read_cache(ckpt["cache_file"]).val
+    probs = load_predictor(cfg.run_dir, "head", CPU).probs_from_features(val.features)
+    assert np.mean(probs.argmax(1) == val.labels) == pytest.approx(entry["val_acc"])
+
+
+def test_view_bank_beyond_the_budget_is_refused_naming_both_keys(tiny_cfg):
+    from pipeline import PipelineError
+
+    cfg = tiny_cfg("extract.train_views=2", "head.max_memory_gb=1e-5")
+    with pytest.raises(PipelineError, match=r"extract.train_views=2 keeps the view bank in memory .*"
+                                            r"head.max_memory_gb=1e-05.*set extract.train_views=0.*"
+                                            r"raise head.max_memory_gb to at least 0.001"):
+        run_head(cfg, CPU)
+    assert not list((cfg.run_dir.parent.parent / "cache").glob("*.views-*"))  # refused before building the bank
+
+
+def test_a_checksum_failing_mid_stream_removes_the_cache_and_says_to_rerun(tiny_cfg):
+    from tests.conftest import flip_feature_byte
+
+    cfg = tiny_cfg("head.max_memory_gb=1e-5")
+    run_head(cfg, CPU)  # builds the cache
+    cache_file = Path(read_metrics(cfg.run_dir)["extract"]["cache_file"])
+    flip_feature_byte(cache_file, "train", chunk=0)
+    with pytest.raises(fc.CacheError, match="cannot read rows 0..11 of 'train/features'.*the damaged cache was "
+                                            "removed: run the stage again"):
+        run_head(cfg, CPU)
+    assert not cache_file.exists()
+    assert run_head(cfg, CPU)["streamed"] is True and cache_file.exists()  # extracted anew

@@ -128,6 +128,7 @@ def test_report_runs_the_backbone_when_the_cache_is_gone(trained_run, tmp_path, 
     def gone(*args, **kwargs):
         raise fc.CacheError("no feature cache")
     monkeypatch.setattr(fc, "read_cache", gone)
+    monkeypatch.setattr(fc, "open_features", gone)
     out = run_report(cfg, CPU)
     assert "running the backbone over the val images" in capsys.readouterr().out
     for kind in ("head", "logistic"):
