@@ -142,24 +142,31 @@ class CachedSplit:
     sha256: list[str] = field(default_factory=list)
 
 
-@dataclass
-class FeatureCache:
-    path: Path
+class _Splits:
+    """`train`, `val` and `feature_dim` of a cache whose `splits` and `attrs` are set (loaded or streamed)."""
+
+    splits: dict
     attrs: dict
-    classes: tuple[str, ...]
-    splits: dict[str, CachedSplit]
 
     @property
-    def train(self) -> CachedSplit:
+    def train(self):
         return self.splits["train"]
 
     @property
-    def val(self) -> CachedSplit:
+    def val(self):
         return self.splits["val"]
 
     @property
     def feature_dim(self) -> int:
         return int(self.attrs["feature_dim"])
+
+
+@dataclass
+class FeatureCache(_Splits):
+    path: Path
+    attrs: dict
+    classes: tuple[str, ...]
+    splits: dict[str, CachedSplit]
 
 
 JSON_ATTRS = ("classes", "backbone", "preprocess", "versions", "environment")
@@ -252,13 +259,18 @@ def _open(path: Path) -> h5py.File:
         raise CacheError(f"cannot read cache '{path}': {e}") from None
 
 
-def verify_cache(path: str | Path, key: Optional[str] = None) -> tuple[dict, dict[str, SplitManifest]]:
-    """The attributes and rows of a complete, intact cache file (features not read); CacheError if not."""
-    path = Path(path)
+def _open_cache(path: Path) -> h5py.File:
+    """Open the cache file at path for reading; a missing one says to run the extract stage."""
     if not path.is_file():
         raise CacheError(f"no feature cache at '{path}': run the extract stage first "
                          "(python run_pipeline.py extract)")
-    with _open(path) as f:
+    return _open(path)
+
+
+def verify_cache(path: str | Path, key: Optional[str] = None) -> tuple[dict, dict[str, SplitManifest]]:
+    """The attributes and rows of a complete, intact cache file (features not read); CacheError if not."""
+    path = Path(path)
+    with _open_cache(path) as f:
         return _verify_open(f, path, key)
 
 
@@ -283,11 +295,8 @@ def read_manifest(path: str | Path) -> dict[str, SplitManifest]:
 def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
     """Load a complete cache into memory after verifying structure, rows and key (and `key`, when given)."""
     path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"no feature cache at '{path}': run the extract stage first "
-                         "(python run_pipeline.py extract)")
     try:
-        with _open(path) as f:
+        with _open_cache(path) as f:
             attrs, manifests = _verify_open(f, path, key)
             splits = {s: CachedSplit(f[s]["features"][()], np.asarray(manifests[s].labels, dtype=np.int64),
                                      list(manifests[s].paths), list(manifests[s].sha256)) for s in SPLITS}
@@ -336,7 +345,7 @@ class SplitReader:
         return out[:stop - start]
 
 
-class FeatureReader:
+class FeatureReader(_Splits):
     """A verified cache file kept open for streaming its features; use as a context manager.
 
     Opening checks the file exactly like `read_cache` (structure, rows against the manifest digest,
@@ -345,10 +354,7 @@ class FeatureReader:
 
     def __init__(self, path: str | Path, key: Optional[str] = None) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CacheError(f"no feature cache at '{self.path}': run the extract stage first "
-                             "(python run_pipeline.py extract)")
-        self._file = _open(self.path)
+        self._file = _open_cache(self.path)
         try:
             self.attrs, manifests = _verify_open(self._file, self.path, key)
         except BaseException:
@@ -356,18 +362,6 @@ class FeatureReader:
             raise
         self.classes = tuple(self.attrs["classes"])
         self.splits = {s: SplitReader(self.path, s, self._file[s]["features"], manifests[s]) for s in SPLITS}
-
-    @property
-    def train(self) -> SplitReader:
-        return self.splits["train"]
-
-    @property
-    def val(self) -> SplitReader:
-        return self.splits["val"]
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.attrs["feature_dim"])
 
     def close(self) -> None:
         self._file.close()

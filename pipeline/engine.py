@@ -84,10 +84,14 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[
     return torch.cat(logits), torch.cat(targets)
 
 
+def score(logits: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> dict:
+    """Mean loss and top-1 accuracy of logits (N, C) against targets (N,)."""
+    return {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+
+
 def evaluate(model: nn.Module, criterion: nn.Module, batches: Iterable, device: torch.device) -> dict:
     """Mean loss and top-1 accuracy over batches."""
-    logits, targets = predict(model, batches, device)
-    return {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+    return score(*predict(model, batches, device), criterion)
 
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float):

@@ -27,7 +27,7 @@ from pipeline.artifacts import MODEL_FILES, load_checkpoint, save_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
-from pipeline.engine import make_sgd, predict, train_one_epoch
+from pipeline.engine import make_sgd, predict, score, train_one_epoch
 from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
@@ -156,8 +156,7 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
         train = train_epoch(trained, criterion, optimizer, train_loader, device, desc=f"finetune {epoch}/{ft.epochs}")
         scheduler.step()
         dd.sync_buffers(model)
-        logits, targets = gather_predictions(model, val_loader, device)
-        val = {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+        val = score(*gather_predictions(model, val_loader, device), criterion)
         epoch_seconds.append(time.perf_counter() - te)
         history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
                         "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
