@@ -350,9 +350,17 @@ def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
     return FeatureExtractor(name, net)
 
 
-def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
-    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim."""
+def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec, fold: bool = True) -> nn.Module:
+    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim.
+
+    fold: batch norm folded into the convolutions before it (pipeline.fold; equal within float
+    rounding, and the cache key records it).
+    """
     extractor = make_feature_extractor(cfg.name, build_network(cfg, spec), spec.cut).eval()
+    if fold:
+        from pipeline.fold import fold_batchnorm
+
+        fold_batchnorm(extractor, inplace=True)
     extractor.requires_grad_(False)
     return extractor
 

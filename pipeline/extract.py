@@ -68,6 +68,7 @@ def feature_config(spec: BackboneSpec, dtype: str) -> dict:
     return {"format_version": fc.FORMAT_VERSION, "backbone": spec.name, "weights": spec.weights_id,
             "cut": spec.cut,  # pool: the final classifier's pooled input; conv: the flattened conv trunk
             "preprocess": spec.preprocess.to_dict(), "decode": imgdata.DECODE_VERSION, "dtype": dtype,
+            "rewrites": ["fold_bn"],  # inference-only rewrites of the extractor (pipeline.fold)
             "torch": ".".join(torch.__version__.split(".")[:2]),
             "torchvision": ".".join(torchvision.__version__.split(".")[:2])}
 

@@ -13,7 +13,7 @@ from pipeline import data as imgdata
 from pipeline.backbones import resolve_backbone
 
 KEY_INPUTS = {"format_version", "backbone", "weights", "cut", "preprocess", "decode", "dtype", "torch",
-              "torchvision"}
+              "torchvision", "rewrites"}
 
 
 @pytest.fixture
