@@ -59,6 +59,10 @@ def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that finish early sleep instead of spinning: on a machine other jobs are using, a
+    # spinning thread steals the core its siblings need (a batch-4 head: 10 s spinning, 0.7 s passive,
+    # load average 7 on 2 cores). Read once when torch loads OpenMP, so set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = get_args_parser().parse_intermixed_args(argv)
     stdout = sys.stdout
 
@@ -83,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from pipeline import distributed as dd
         from pipeline.data import resolve_data_root
-        from pipeline.runtime import resolve_device, seed_everything
+        from pipeline.runtime import apply_stage_threads, resolve_device, seed_everything
 
-        if cfg.run.num_threads:
-            torch.set_num_threads(cfg.run.num_threads)
         launch = dd.launch_from_env()
         device = dd.rank_device(resolve_device(cfg.run.device), launch)
         dd.init_distributed(device, cfg.run.dist_timeout_min)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for stage in stages:
             seed_everything(cfg.run.seed)
+            apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
             if stage in DISTRIBUTED_STAGES or not dd.is_distributed():
                 _run_stage(stage, cfg, device, paths, args.output)
                 continue

@@ -25,7 +25,7 @@ from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.config import Config
 from pipeline.metrics import update_metrics, write_json
-from pipeline.runtime import environment_info, seed_everything
+from pipeline.runtime import apply_stage_threads, environment_info, seed_everything
 
 BENCHMARK_JSON, BENCHMARK_MD, BENCHMARK_PNG = "benchmark.json", "benchmark.md", "benchmark.png"
 MIB = 2 ** 20
@@ -129,9 +129,9 @@ def _run_stage(name: str):
     return {"extract": extract_step, "head": run_head, "logistic": run_logistic, "finetune": run_finetune}[name]
 
 
-def run_step(step: str, cfg: Config, device_name: str, num_threads: int) -> dict:
+def run_step(step: str, cfg: Config, device_name: str) -> dict:
     """Run one step here and report its wall seconds and peak memory (the entry point of a child)."""
-    torch.set_num_threads(num_threads)
+    apply_stage_threads(step, cfg.head.type, cfg.run.num_threads)  # as the same stage run on its own
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -152,7 +152,7 @@ def run_step(step: str, cfg: Config, device_name: str, num_threads: int) -> dict
 
 def measure(step: str, cfg: Config, device: torch.device) -> dict:
     """run_step in a fresh process (benchmark.isolate) or in this one."""
-    args = (step, cfg, str(device), torch.get_num_threads())
+    args = (step, cfg, str(device))
     if not cfg.benchmark.isolate:
         return run_step(*args)
     # spawn, not fork: a forked child would start with this process's memory already resident.
