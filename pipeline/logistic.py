@@ -49,14 +49,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int) -
     """Standardise, then choose C by stratified k-fold cross-validation on train and refit on all of it.
 
     x : ndarray of shape (n_samples, n_features); y : ndarray of shape (n_samples,)
+    The (C, fold) fits run side by side on the cores the process may use, each with one BLAS thread:
+    BLAS threads spin while they wait, and on a machine other jobs were using the default threads made
+    the same search 38 times slower (107 s against 2.8 s on the digits demo's features, load average 9
+    on 2 cores; benchmarks/logistic_search.py). The fits and the result are GridSearchCV's own.
     """
+    from joblib import parallel_backend
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.runtime import available_cores
+
     folds = _folds(y, cfg.cv_folds)
     model = Pipeline([("scale", StandardScaler()),
                       ("clf", LogisticRegression(max_iter=cfg.max_iter))])
     search = GridSearchCV(model, {"clf__C": list(cfg.c_grid)},
                           cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed),
-                          scoring="accuracy", refit=True)
-    return search.fit(x, y)
+                          scoring="accuracy", refit=True, n_jobs=available_cores())
+    with threadpool_limits(1), parallel_backend("threading"):  # threads: no copies of x, no process start
+        return search.fit(x, y)
 
 
 def cv_summary(search: GridSearchCV) -> dict:
