@@ -107,3 +107,12 @@ def write_predictions_csv(path: Path, rows: Sequence[dict]) -> Path:
         writer.writerows(rows)
     os.replace(tmp, path)
     return path
+
+
+def labelled_summary(y_true, proba, classes: Sequence[str], top: int = 5) -> str:
+    """What `predict` on a labelled folder prints: top-1 and mean per-class side by side, then the
+    most confused pairs."""
+    y_pred = np.asarray(proba).argmax(1)
+    s = score_labels(y_true, y_pred)
+    return (f"top-1 {s['acc']:.4f}, mean per-class {s['mean_per_class']:.4f} on {s['n']} labelled images\n"
+            f"most confused pairs:\n{format_confused_pairs(confused_pairs(y_true, y_pred, classes, top))}")
