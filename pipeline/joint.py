@@ -61,41 +61,54 @@ class JointSGD:
         self.gammas = [float(c.gamma) for c in configs]
         self.momentum, self.weight_decay = column("momentum"), column("weight_decay")
         self.device, self.epoch, self.buffers = device, 0, None
-        self._lr = torch.tensor(self.lrs, device=device)
+        self.decay = any(c.weight_decay for c in configs)
+        self._neg_lr = -torch.tensor(self.lrs, device=device)
 
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """p -= lr * buf, buf = momentum * buf + (grad + weight_decay * p); head dimension first."""
+        """buf = (grad + weight_decay * p) + momentum * buf; p -= lr * buf; head dimension first.
+
+        In place, one pass per line (the updates are memory-bound: every head's weights each step);
+        grads are consumed.
+        """
         if self.buffers is None:
             self.buffers = [torch.zeros_like(p) for p in params]
         for p, g, buf in zip(params, grads, self.buffers):
             shape = (-1,) + (1,) * (p.ndim - 1)
-            g = g + self.weight_decay.view(shape) * p
-            buf.mul_(self.momentum.view(shape)).add_(g)
-            p.sub_(self._lr.view(shape) * buf)
+            if self.decay:
+                g.addcmul_(self.weight_decay.view(shape), p)
+            torch.addcmul(g, buf, self.momentum.view(shape), out=buf)
+            p.addcmul_(self._neg_lr.view(shape), buf)
 
     def end_epoch(self) -> None:
         """StepLR.step(): multiply a head's lr by its gamma every step_size epochs."""
         self.epoch += 1
         self.lrs = [lr * g if self.epoch % s == 0 else lr for lr, s, g in zip(self.lrs, self.step_sizes, self.gammas)]
-        self._lr = torch.tensor(self.lrs, device=self.device)
+        self._neg_lr = -torch.tensor(self.lrs, device=self.device)
+
+
+def head_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, C) logits of every head: one GEMM against the (H * C, D) stacked weights."""
+    n_heads, num_classes, n_features = weight.shape
+    return torch.addmm(bias.reshape(-1), x, weight.view(-1, n_features).T).view(len(x), n_heads, num_classes)
 
 
 def cross_entropy_grad(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                        class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head mean cross-entropy of a batch and its gradients, as nn.CrossEntropyLoss(weight) computes them.
 
-    weight (H, C, D), bias (H, C), x (B, D), y (B,) -> (loss (H,), logits (H, B, C), grad_weight, grad_bias)
+    weight (H, C, D), bias (H, C), x (B, D), y (B,) -> (loss (H,), logits (B, H, C), grad_weight, grad_bias)
     """
-    logits = torch.matmul(x, weight.transpose(1, 2)) + bias[:, None, :]      # (H, B, C)
+    logits = head_logits(weight, bias, x)                                     # (B, H, C)
     log_p = torch.log_softmax(logits, dim=2)
     rows = torch.arange(len(y), device=x.device)
     w = torch.ones(len(y), device=x.device) if class_weight is None else class_weight[y]   # (B,)
     scale = w / w.sum()
-    loss = -(log_p[:, rows, y] * scale).sum(1)                                # (H,)
-    g = log_p.exp()
-    g[:, rows, y] -= 1
-    g *= scale[None, :, None]                                                 # d loss / d logits
-    return loss, logits, torch.matmul(g.transpose(1, 2), x), g.sum(1)
+    loss = -(log_p[rows, :, y] * scale[:, None]).sum(0)                       # (H,)
+    g = log_p.exp_()
+    g[rows, :, y] -= 1
+    g *= scale[:, None, None]                                                 # d loss / d logits
+    grad_weight = (g.view(len(y), -1).T @ x).view(weight.shape)               # (H, C, D)
+    return loss, logits, grad_weight, g.sum(0)
 
 
 @torch.inference_mode()
@@ -107,11 +120,11 @@ def evaluate_heads(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y:
     total = torch.zeros((), device=x.device)
     for s in range(0, len(x), EVAL_BATCH):
         xb, yb = x[s:s + EVAL_BATCH], y[s:s + EVAL_BATCH]
-        logits = torch.matmul(xb, weight.transpose(1, 2)) + bias[:, None, :]
+        logits = head_logits(weight, bias, xb)                                # (b, H, C)
         log_p = torch.log_softmax(logits, dim=2)
         w = torch.ones(len(yb), device=x.device) if class_weight is None else class_weight[yb]
-        correct += (logits.argmax(2) == yb).float().sum(1)
-        nll -= (log_p[:, torch.arange(len(yb), device=x.device), yb] * w).sum(1)
+        correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
+        nll -= (log_p[torch.arange(len(yb), device=x.device), :, yb] * w[:, None]).sum(0)
         total += w.sum()
     return correct / len(x), nll / total
 
@@ -172,7 +185,7 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
             loss, logits, gw, gb = cross_entropy_grad(weight, bias, xb, yb, cw)
             sgd.step([weight, bias], [gw, gb])
             total_loss += loss * len(yb)
-            correct += (logits.argmax(2) == yb).float().sum(1)
+            correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
         sgd.end_epoch()
         train_loss, train_acc = (total_loss / len(x)).tolist(), (correct / len(x)).tolist()
         if x_val is not None:
@@ -200,5 +213,4 @@ def predict_proba_heads(result: JointResult, X: Array) -> np.ndarray:
     """(n_heads, n_samples, num_classes) class probabilities of every head."""
     x = as_features(X)
     with torch.inference_mode():
-        logits = torch.matmul(x, result.weight.transpose(1, 2)) + result.bias[:, None, :]
-        return torch.softmax(logits, 2).numpy()
+        return torch.softmax(head_logits(result.weight, result.bias, x), 2).permute(1, 0, 2).numpy()

@@ -70,6 +70,18 @@ class NCMConfig:
     temperature: float = 0.07     # probabilities softmax(-||z - mean_c||^2 / (2 temperature)); argmax unaffected
 
 
+# Help texts for --help once the head types are config keys (one per parameter name).
+PARAM_HELP = {
+    "epochs": "training epochs", "batch_size": "samples per SGD step", "lr": "SGD learning rate",
+    "momentum": "SGD momentum", "weight_decay": "SGD weight decay", "step_size": "StepLR: epochs between decays",
+    "gamma": "StepLR: decay factor",
+    "class_weight": "none, or balanced: each class's loss weighted by n_samples / (num_classes * its count)",
+    "hidden": "mlp: width of the hidden layer", "dropout": "mlp: dropout after the hidden ReLU",
+    "k": "knn: neighbours that vote (capped at the train size)",
+    "temperature": "knn: votes weighted by exp(cosine similarity / temperature); ncm: probabilities "
+                   "softmax(-squared distance / (2 temperature)), the predicted class does not depend on it",
+}
+
 CONFIGS = {"linear": LinearConfig, "mlp": MLPConfig, "knn": KNNConfig, "ncm": NCMConfig}
 
 # name -> (check, what is allowed): one table, as scikit-learn's _parameter_constraints.
@@ -227,6 +239,7 @@ def fit_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: Option
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device)
     x, y = x.to(device), y.to(device)
+    x_val = x_val.to(device) if x_val is not None else None     # moved once, not every epoch
     weight = loss_weights(y.cpu(), num_classes, cfg.class_weight)
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

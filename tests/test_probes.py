@@ -224,3 +224,11 @@ def test_bad_inputs_are_clear_errors():
         build_probe("ncm", num_classes=2).fit(X, y)
     with pytest.raises(ProbeError, match="integer class indices"):
         build_probe("ncm").fit(X, np.array(["a"] * len(X)))
+
+
+def test_every_parameter_has_a_help_text():
+    from pipeline.probes import CONFIGS, PARAM_HELP
+
+    for head_type in CONFIGS:
+        for name in make_config(head_type).__dataclass_fields__:
+            assert PARAM_HELP.get(name), f"{head_type}.{name} has no help text"
