@@ -130,3 +130,18 @@ def test_the_cores_import_no_sklearn_matplotlib_or_torchvision():
             "print(sorted(m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
+
+
+def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (X, y), (Xv, yv), _ = data
+    outcome = run_sweep(expand_grid({"logistic": {"C": [10.0, 0.01, 1.0]}}), X, y, Xv, yv)
+    assert [r.config.param_dict["C"] for r in outcome.results] == [0.01, 1.0, 10.0]   # the path runs C ascending
+    for r in outcome.results:
+        cold = make_pipeline(StandardScaler(), LogisticRegression(C=r.config.param_dict["C"], max_iter=1000)).fit(X, y)
+        np.testing.assert_allclose(r.model.predict_proba(Xv), cold.predict_proba(Xv), atol=1e-2)  # lbfgs tol
+        assert r.val_acc == pytest.approx((cold.predict(Xv) == yv).mean())
+    assert outcome.ranked()[0].position <= 2 and {r.position for r in outcome.results} == {0, 1, 2}
