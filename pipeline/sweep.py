@@ -195,7 +195,7 @@ def _fit_logistic_path(unit: list[SweepConfig], x: np.ndarray, y: np.ndarray, se
         yield c, model, time.perf_counter() - t1 + share
 
 
-class _Logistic:
+class LogisticModel:
     """A fitted sklearn pipeline whose predict_proba has one column per class index, present in train or not."""
 
     def __init__(self, model, num_classes: int) -> None:
@@ -295,7 +295,7 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
         return
     if head_type == "logistic":
         for c, fitted, seconds in _fit_logistic_path(unit, x.numpy(), labels.numpy(), seed):
-            model = _Logistic(fitted, num_classes)
+            model = LogisticModel(fitted, num_classes)
             s = score_proba(yv, model.predict_proba(x_val))
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
         return
@@ -399,14 +399,17 @@ def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dic
 TYPE_COLOURS = {"linear": "#1f77b4", "mlp": "#9467bd", "knn": "#2ca02c", "ncm": "#ff7f0e", "logistic": "#d62728"}
 
 
-def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 30) -> Path:
-    """Horizontal bars of val top-1, best at the top, coloured by head type; the winner outlined,
-    test top-1 marked where it was scored."""
+def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
+    """Horizontal bars of val top-1, best at the top, coloured by head type and labelled with their
+    value: the best `top` plus the best of every head type, so each type is on the chart; the winner
+    outlined, test top-1 marked where it was scored."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    ranked = outcome.ranked()[:top]
+    everything = outcome.ranked()
+    keep = {id(r) for r in everything[:top]} | {id(r) for r in outcome.chosen()}
+    ranked = [r for r in everything if id(r) in keep]
     fig = Figure(figsize=(9, 1.2 + 0.28 * len(ranked)))   # no pyplot: no global figure state, no GUI backend
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -414,20 +417,23 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 30) -> Path:
     accs = [r.val_acc for r in ranked]
     ax.barh(ys, accs, color=[TYPE_COLOURS[r.head_type] for r in ranked],
             edgecolor=["black" if i == 0 else "none" for i in range(len(ranked))], linewidth=1.5)
+    for y, acc in zip(ys, accs):
+        ax.text(acc, y, f" {acc:.4f}", va="center", fontsize=7)
     tested = [(y, r.test_acc) for y, r in zip(ys, ranked) if r.test_acc is not None]
     if tested:
         ax.scatter([t for _, t in tested], [y for y, _ in tested], marker="D", color="black", zorder=3,
                    label="test top-1 (chosen models)")
-    ax.set_yticks(ys, [f"{r.head_type} {r.config.label()}" for r in ranked], fontsize=8)
+    ranks = {id(r): i for i, r in enumerate(everything, 1)}
+    ax.set_yticks(ys, [f"#{ranks[id(r)]} {r.head_type} {r.config.label()}" for r in ranked], fontsize=8)
     low = min(accs + [t for _, t in tested])
-    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(accs) + 0.02) if max(accs) < 0.99 else 1.0)
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(accs) + 0.03) if max(accs) < 0.97 else 1.0)
     ax.set_xlabel("val top-1" + ("" if outcome.has_test else " (also used for selection)"))
-    shown = f"best {len(ranked)} of {len(outcome.results)}" if len(outcome.results) > len(ranked) else \
-        f"{len(ranked)} configurations"
+    shown = (f"best {min(top, len(everything))} of {len(everything)} and the best of each head type"
+             if len(everything) > len(ranked) else f"{len(ranked)} configurations")
     ax.set_title(f"Sweep: {shown}, winner outlined", fontsize=10)
     handles = [Patch(color=TYPE_COLOURS[t], label=t) for t in SWEEP_TYPES if any(r.head_type == t for r in ranked)]
     extra = ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles + extra, loc="lower right", fontsize=8)
+    ax.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
