@@ -14,7 +14,14 @@ from typing import Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
+
+try:                                     # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:                      # older: the method it replaced
+    def _validate_data(estimator, *args, **kwargs):
+        return estimator._validate_data(*args, **kwargs)
 
 from pipeline.probes import ProbeError, build_probe, check_head_type, make_config, param_names
 
@@ -33,15 +40,17 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         X_val, y_val : optional held-out rows; the trained types keep their best epoch on them
         (without them, the last epoch).
         """
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ProbeError(f"y must be 1-D class labels, got shape {y.shape}")
+        # scikit-learn's own checks: finite 2-D float X, 1-D class labels, n_features_in_, clear messages
+        X, y = _validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
         self.classes_ = np.unique(y)
-        encoded_val = None if y_val is None else self._encode(np.asarray(y_val), "y_val")
+        encoded_val = None
+        if X_val is not None:
+            X_val = _validate_data(self, X_val, reset=False, dtype=[np.float32, np.float64])
+            encoded_val = self._encode(np.asarray(y_val), "y_val")
         probe = build_probe(self.head_type, self._probe_params(), num_classes=len(self.classes_),
                             seed=self.seed, device=self.device, progress=self.verbose)
         self.probe_ = probe.fit(X, np.searchsorted(self.classes_, y), X_val, encoded_val)
-        self.n_features_in_ = probe.n_features
         if probe.result is not None and probe.result.history:
             self.best_epoch_, self.history_ = probe.result.best_epoch, probe.result.history
         return self
@@ -56,11 +65,12 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """(n_samples, n_classes) probabilities, columns in the order of classes_."""
         check_is_fitted(self, "probe_")
-        return self.probe_.predict_proba(X)
+        return self.probe_.predict_proba(_validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
 
     def predict(self, X) -> np.ndarray:
         """(n_samples,) the most probable label of every row, from classes_."""
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)      # first: it raises NotFittedError before classes_ exists
+        return self.classes_[proba.argmax(1)]
 
 
 class LinearHead(ProbeClassifier):

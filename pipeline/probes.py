@@ -36,7 +36,7 @@ KNN_SIM_BYTES = 256 * 2 ** 20     # the (rows, n_train) similarity block of one 
 Array = Union[np.ndarray, torch.Tensor]
 
 
-class ProbeError(PipelineError):
+class ProbeError(PipelineError, ValueError):
     """A probe parameter or input that cannot be used; the message names it and what is allowed."""
 
 

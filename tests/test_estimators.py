@@ -77,3 +77,25 @@ def test_bad_parameters_fail_in_fit_or_make_estimator():
     with pytest.raises(ProbeError, match="ncm has no parameter 'k'"):
         make_estimator("ncm", {"k": 3})
     assert isinstance(make_estimator("mlp", {"hidden": 4}, seed=1), MLPHead)
+
+
+def _expected_failures(estimator):
+    # class_weight takes none | balanced (the CLI's choices), not scikit-learn's {label: weight} dict
+    if isinstance(estimator, (LinearHead, MLPHead)):
+        return {"check_class_weight_classifiers": "class_weight is none or balanced, not a dict"}
+    return {}
+
+
+try:
+    from sklearn.utils.estimator_checks import parametrize_with_checks
+
+    _checks = parametrize_with_checks([NCMHead(), KNNHead(k=3), LinearHead(epochs=1, batch_size=64, lr=0.1),
+                                       MLPHead(hidden=16, epochs=5, batch_size=32, lr=0.1)],
+                                      expected_failed_checks=_expected_failures)
+except TypeError:   # scikit-learn < 1.6 has no expected_failed_checks
+    _checks = pytest.mark.skip(reason="needs scikit-learn >= 1.6")
+
+
+@_checks
+def test_scikit_learns_estimator_checks(estimator, check):
+    check(estimator)
