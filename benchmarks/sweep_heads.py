@@ -1,0 +1,101 @@
+"""Head zoo speed on cached features: one linear head, 24 joint linear heads, a 60+ configuration sweep.
+
+    python run_pipeline.py extract --set report.enabled=false     # the digits demo's features, once
+    python benchmarks/sweep_heads.py [--cache cache/<key>.h5] [--threads 1] [--out runs/sweep_bench]
+
+Reads the cache with h5py (train/features, train/labels, val/features, val/labels), then times, in
+this one process and one after another: one 25-epoch linear head with the head stage's defaults
+(pipeline.probes: nn.Linear + torch.optim.SGD), the same head through the batched engine of
+pipeline.joint (manual gradient, one head), 24 linear heads trained jointly (pipeline.joint; 6 lr x 4 weight_decay), and
+the sweep below (pipeline.sweep), printing each wall time and its ratio to the one linear head.
+Imports and the cache read are not timed. With --out it also writes sweep.json/md/png there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+import h5py
+import numpy as np
+import torch
+
+from _common import table
+from pipeline.joint import train_linear_heads
+from pipeline.probes import LinearConfig, build_probe
+from pipeline.sweep import expand_grid, format_leaderboard, run_sweep, write_sweep_reports
+
+LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+WEIGHT_DECAYS = [0.0, 1e-4, 1e-3, 1e-2]
+SWEEP_GRID = {
+    "linear": {"lr": LRS, "weight_decay": WEIGHT_DECAYS},                       # 24, one joint run
+    "knn": {"k": [5, 10, 20, 50], "temperature": [0.03, 0.07, 0.1, 0.2]},      # 16
+    "ncm": {"temperature": [0.03, 0.07]},                                      # 2
+    "logistic": {"C": [0.01, 0.1, 1.0, 10.0]},                                  # 4
+    "mlp": {"hidden": [256, 512], "lr": [1e-3]},                               # 2
+}
+EXTRA_LINEAR = {"lr": LRS, "weight_decay": WEIGHT_DECAYS, "momentum": [0.0]}   # 24 more, same joint group
+
+
+def newest_cache(folder: Path) -> Path:
+    files = sorted(folder.glob("*.h5"), key=os.path.getmtime)
+    if not files:
+        raise SystemExit(f"no cache in {folder}: run `python run_pipeline.py extract --set report.enabled=false`")
+    return files[-1]
+
+
+def load(path: Path):
+    with h5py.File(path, "r") as f:
+        return tuple(f[k][()] for k in ("train/features", "train/labels", "val/features", "val/labels"))
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="HDF5 feature cache (default: newest in cache/)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own)")
+    parser.add_argument("--out", type=Path, default=None, help="also write sweep.json/md/png here (default: none)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.cache or newest_cache(_common.REPO / "cache")
+    X, y, Xv, yv = load(path)
+    print(f"{path.name}: train {X.shape}, val {Xv.shape}, {len(np.unique(y))} classes; "
+          f"torch threads {torch.get_num_threads()}")
+
+    one, t_one = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
+    batched, t_batched = timed(lambda: train_linear_heads(X, y, Xv, yv, [LinearConfig()]))
+    grid = [LinearConfig(lr=lr, weight_decay=wd) for lr in LRS for wd in WEIGHT_DECAYS]
+    joint, t_joint = timed(lambda: train_linear_heads(X, y, Xv, yv, grid))
+    configs = expand_grid(SWEEP_GRID)
+    configs += [c for c in expand_grid({"linear": EXTRA_LINEAR}) if c not in configs]
+    kinds = {t: sum(c.head_type == t for c in configs) for t in SWEEP_GRID}
+    outcome, t_sweep = timed(lambda: run_sweep(configs, X, y, Xv, yv))
+
+    print(table([("one linear head (25 epochs, batch 4)", f"{t_one:.2f}", "1.00", f"{one.result.best_acc:.4f}"),
+                 ("one linear head, batched engine (joint.py, 1 head)", f"{t_batched:.2f}",
+                  f"{t_batched / t_one:.2f}", f"{batched.results[0].best_acc:.4f}"),
+                 ("24 linear heads, jointly", f"{t_joint:.2f}", f"{t_joint / t_one:.2f}",
+                  f"{max(r.best_acc for r in joint.results):.4f}"),
+                 (f"sweep of {len(configs)} configs ({', '.join(f'{n} {t}' for t, n in kinds.items())})",
+                  f"{t_sweep:.2f}", f"{t_sweep / t_one:.2f}", f"{outcome.winner.val_acc:.4f}")],
+                ("run", "seconds", "x one head", "best val top-1")))
+    per_type = {}
+    for r in outcome.results:
+        per_type[r.head_type] = per_type.get(r.head_type, 0.0) + r.seconds
+    print("sweep seconds by head type: " + ", ".join(f"{t} {s:.2f}" for t, s in per_type.items()))
+    print(format_leaderboard(outcome, top=10))
+    if args.out:
+        for p in write_sweep_reports(outcome, args.out, grid={**SWEEP_GRID, "linear (extra)": EXTRA_LINEAR}):
+            print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

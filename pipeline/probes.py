@@ -1,0 +1,485 @@
+"""The head zoo: classifiers on cached features X of shape (n_samples, n_features), labels y in [0, num_classes).
+
+Four types, each with a typed config whose defaults are visible below:
+- ``linear``: ``nn.Linear`` trained with SGD + momentum + StepLR (the tutorial's fixed feature
+  extractor, the same loop and defaults as the ``head`` stage), best val epoch kept, first best on ties;
+- ``mlp``: one hidden layer (Linear -> ReLU -> Dropout -> Linear), trained with the same loop;
+- ``knn``: weighted k-nearest neighbours on L2-normalised features, as in DINO's k-NN evaluation
+  (Caron et al. 2021): cosine similarity, each of the k votes weighted by exp(similarity / temperature);
+  no training, the train features are the model;
+- ``ncm``: nearest class mean on centred, L2-normalised features (SimpleShot's CL2N, Wang et al. 2019).
+
+Every probe has ``fit(X, y, X_val=None, y_val=None)``, ``predict_proba(X)`` (rows sum to 1) and
+``predict(X)``, and ``state()`` / ``load_probe(state)`` for saving it in an artifact. Nothing here
+imports scikit-learn: a warm head run does not pay for it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline import PipelineError
+
+HEAD_TYPES = ("linear", "mlp", "knn", "ncm")
+CLASS_WEIGHTS = ("none", "balanced")
+EVAL_BATCH = 4096                 # rows per forward pass when evaluating / predicting
+KNN_SIM_BYTES = 256 * 2 ** 20     # the (rows, n_train) similarity block of one kNN step, at most
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+class ProbeError(PipelineError, ValueError):
+    """A probe parameter or input that cannot be used; the message names it and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- configs (defaults)
+@dataclass
+class LinearConfig:
+    epochs: int = 25              # training epochs
+    batch_size: int = 4           # samples per SGD step
+    lr: float = 0.001             # SGD learning rate
+    momentum: float = 0.9         # SGD momentum
+    weight_decay: float = 0.0     # SGD weight decay
+    step_size: int = 7            # StepLR: epochs between decays
+    gamma: float = 0.1            # StepLR: decay factor
+    class_weight: str = "none"    # none, or balanced: loss weight n_samples / (num_classes * n_c) per class
+
+
+@dataclass
+class MLPConfig(LinearConfig):
+    hidden: int = 512             # width of the hidden layer
+    dropout: float = 0.0          # dropout after the hidden ReLU
+
+
+@dataclass
+class KNNConfig:
+    k: int = 20                   # neighbours that vote (DINO's default); capped at the train size
+    temperature: float = 0.07     # vote weight exp(cosine similarity / temperature) (DINO's default)
+
+
+@dataclass
+class NCMConfig:
+    temperature: float = 0.07     # probabilities softmax(-||z - mean_c||^2 / (2 temperature)); argmax unaffected
+
+
+# Help texts for --help once the head types are config keys (one per parameter name).
+PARAM_HELP = {
+    "epochs": "training epochs", "batch_size": "samples per SGD step", "lr": "SGD learning rate",
+    "momentum": "SGD momentum", "weight_decay": "SGD weight decay", "step_size": "StepLR: epochs between decays",
+    "gamma": "StepLR: decay factor",
+    "class_weight": "none, or balanced: each class's loss weighted by n_samples / (num_classes * its count)",
+    "hidden": "mlp: width of the hidden layer", "dropout": "mlp: dropout after the hidden ReLU",
+    "k": "knn: neighbours that vote (capped at the train size)",
+    "temperature": "knn: votes weighted by exp(cosine similarity / temperature); ncm: probabilities "
+                   "softmax(-squared distance / (2 temperature)), the predicted class does not depend on it",
+}
+
+CONFIGS = {"linear": LinearConfig, "mlp": MLPConfig, "knn": KNNConfig, "ncm": NCMConfig}
+
+# name -> (check, what is allowed): one table, as scikit-learn's _parameter_constraints.
+_INT, _NUM = (int, np.integer), (int, float, np.integer, np.floating)
+CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: isinstance(v, _INT) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "batch_size": (lambda v: isinstance(v, _INT) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "step_size": (lambda v: isinstance(v, _INT) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "hidden": (lambda v: isinstance(v, _INT) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "k": (lambda v: isinstance(v, _INT) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "lr": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0, "a number > 0"),
+    "temperature": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                    "a number > 0"),
+    "momentum": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                     "a number >= 0"),
+    "gamma": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]"),
+    "dropout": (lambda v: isinstance(v, _NUM) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "class_weight": (lambda v: v in CLASS_WEIGHTS, "one of " + ", ".join(CLASS_WEIGHTS)),
+}
+
+
+def param_names(head_type: str) -> tuple[str, ...]:
+    """The parameters a head type takes, in its config's order."""
+    return tuple(f.name for f in dataclasses.fields(CONFIGS[check_head_type(head_type)]))
+
+
+def check_head_type(head_type: str) -> str:
+    if head_type not in CONFIGS:
+        raise ProbeError(f"head type '{head_type}' is not known (use one of: {', '.join(HEAD_TYPES)})")
+    return head_type
+
+
+def check_config(head_type: str, cfg: Any) -> Any:
+    """Raise ProbeError naming the first parameter of cfg outside its allowed range."""
+    for f in dataclasses.fields(cfg):
+        ok, allowed = CONSTRAINTS[f.name]
+        value = getattr(cfg, f.name)
+        if not ok(value):
+            raise ProbeError(f"{head_type}.{f.name} = {value!r}: must be {allowed}")
+    return cfg
+
+
+def make_config(head_type: str, params: Optional[dict] = None) -> Any:
+    """The checked config of head_type with params over its defaults; an unknown parameter is an error."""
+    params = dict(params or {})
+    allowed = param_names(head_type)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ProbeError(f"{head_type} has no parameter '{unknown[0]}' (its parameters: {', '.join(allowed)})")
+    return check_config(head_type, CONFIGS[head_type](**params))
+
+
+# ----------------------------------------------------------------------------- inputs
+def as_features(X: Array, name: str = "X") -> torch.Tensor:
+    """(n_samples, n_features) float32 tensor on the CPU, sharing memory with X where it can."""
+    t = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    if t.ndim != 2:
+        raise ProbeError(f"{name} must have shape (n_samples, n_features), got {tuple(t.shape)}")
+    return t.detach().to("cpu", torch.float32)
+
+
+def as_labels(y: Array, n_samples: int, name: str = "y") -> torch.Tensor:
+    """(n_samples,) int64 tensor of class indices >= 0."""
+    try:
+        t = y.detach().cpu() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+    except TypeError:
+        raise ProbeError(f"{name} must hold integer class indices, got {np.asarray(y).dtype}") from None
+    if t.ndim != 1 or len(t) != n_samples:
+        raise ProbeError(f"{name} must have shape ({n_samples},) to match the features, got {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        if not bool(torch.all(t == t.round())):
+            raise ProbeError(f"{name} must hold integer class indices")
+    t = t.to(torch.int64)
+    if len(t) and int(t.min()) < 0:
+        raise ProbeError(f"{name} holds a negative class index ({int(t.min())})")
+    return t
+
+
+def balanced_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) loss weights n_samples / (num_classes * n_c), scikit-learn's 'balanced'.
+
+    A class absent from y gets weight 0: it has no sample whose loss could be weighted.
+    """
+    counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
+    weights = len(y) / (num_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+def loss_weights(y: torch.Tensor, num_classes: int, class_weight: str) -> Optional[torch.Tensor]:
+    return balanced_weights(y, num_classes) if class_weight == "balanced" else None
+
+
+def infer_num_classes(*labels: Optional[torch.Tensor]) -> int:
+    return max(int(t.max()) + 1 for t in labels if t is not None and len(t))
+
+
+# ----------------------------------------------------------------------------- the training loop
+@dataclass
+class FitResult:
+    best_epoch: int                        # 1-based; the last epoch when there is no val split
+    best_acc: Optional[float]              # val top-1 at best_epoch; None without val
+    history: list[dict] = field(default_factory=list)  # per epoch: lr, train loss/acc, val loss/acc
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Index batches over a fresh permutation (the head stage's TensorBatches order)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict:
+    """One shuffled pass of SGD over x (n_samples, n_features) on model's device; mean loss and accuracy."""
+    model.train()
+    device = x.device
+    # Running sums stay on the device: a .item() per step would wait for the GPU every step.
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for idx in shuffled_batches(len(x), batch_size, generator):
+        idx = idx.to(device, non_blocking=True)
+        xb, yb = x[idx], y[idx]
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(xb)
+        loss = criterion(logits, yb)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            total_loss += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+    n = max(len(x), 1)
+    return {"loss": total_loss.item() / n, "acc": correct.item() / n}
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(n_samples, num_classes) logits on the CPU, model in eval mode, EVAL_BATCH rows at a time."""
+    model.eval()
+    out = [model(x[s:s + EVAL_BATCH].to(device, non_blocking=True)).float().cpu()
+           for s in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+def fit_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
+               y_val: Optional[torch.Tensor], cfg: LinearConfig, num_classes: int, seed: int,
+               device: torch.device, show_progress: bool = False) -> tuple[dict, FitResult]:
+    """SGD + momentum + StepLR for cfg.epochs, evaluating on val after every epoch.
+
+    Returns (the best epoch's state_dict on the CPU, FitResult): first best val top-1 on ties; the
+    last epoch without val. The seeding and batch order are the head stage's, so a linear probe with
+    the same seed trains the same weights.
+    """
+    torch.manual_seed(seed)            # dropout
+    generator = torch.Generator().manual_seed(seed)
+    model = model.to(device)
+    x, y = x.to(device), y.to(device)
+    x_val = x_val.to(device) if x_val is not None else None     # moved once, not every epoch
+    weight = loss_weights(y.cpu(), num_classes, cfg.class_weight)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    result, best_state = FitResult(0, None), None
+    epochs = range(1, cfg.epochs + 1)
+    if show_progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc=type(model).__name__, unit="epoch", leave=False)
+    for epoch in epochs:
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, criterion, optimizer, x, y, cfg.batch_size, generator)
+        scheduler.step()
+        entry = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"]}
+        if x_val is not None:
+            logits = logits_of(model, x_val, device)
+            entry["val_loss"] = F.cross_entropy(logits, y_val, weight=weight).item()
+            entry["val_acc"] = (logits.argmax(1) == y_val).float().mean().item()
+            if result.best_acc is None or entry["val_acc"] > result.best_acc:
+                result.best_acc, result.best_epoch = entry["val_acc"], epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        result.history.append(entry)
+    if best_state is None:             # no val: the last epoch
+        result.best_epoch = cfg.epochs
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return best_state, result
+
+
+# ----------------------------------------------------------------------------- probes
+class Probe:
+    """Shared shape of every probe: fit on (X, y), then class probabilities for new rows."""
+
+    head_type = ""
+
+    def __init__(self, cfg: Any = None, num_classes: Optional[int] = None, seed: int = 0,
+                 device: Union[str, torch.device] = "cpu", progress: bool = False) -> None:
+        self.cfg = check_config(self.head_type, cfg if cfg is not None else CONFIGS[self.head_type]())
+        self.num_classes, self.seed, self.device, self.progress = num_classes, seed, torch.device(device), progress
+        self.n_features: Optional[int] = None
+        self.result: Optional[FitResult] = None
+
+    def _inputs(self, X, y, X_val, y_val):
+        x = as_features(X)
+        labels = as_labels(y, len(x))
+        if len(x) == 0:
+            raise ProbeError(f"{self.head_type}: no training samples")
+        x_val = labels_val = None
+        if X_val is not None:
+            if y_val is None:
+                raise ProbeError(f"{self.head_type}: X_val given without y_val")
+            x_val = as_features(X_val, "X_val")
+            labels_val = as_labels(y_val, len(x_val), "y_val")
+            if x_val.shape[1] != x.shape[1]:
+                raise ProbeError(f"X_val has {x_val.shape[1]} features but X has {x.shape[1]}")
+            if len(x_val) == 0:
+                x_val = labels_val = None
+        n = self.num_classes or infer_num_classes(labels, labels_val)
+        top = infer_num_classes(labels, labels_val)
+        if top > n:
+            raise ProbeError(f"{self.head_type}: labels go up to {top - 1} but num_classes is {n}")
+        self.num_classes, self.n_features = n, x.shape[1]
+        return x, labels, x_val, labels_val
+
+    def _require_fitted(self) -> None:
+        if self.n_features is None:
+            raise ProbeError(f"this {self.head_type} probe is not fitted yet: call fit(X, y) first")
+
+    def _check_fitted(self, X: Array) -> torch.Tensor:
+        self._require_fitted()
+        x = as_features(X)
+        if x.shape[1] != self.n_features:
+            raise ProbeError(f"X has {x.shape[1]} features but the {self.head_type} probe was fitted on "
+                             f"{self.n_features}")
+        return x
+
+    def fit(self, X: Array, y: Array, X_val: Optional[Array] = None, y_val: Optional[Array] = None) -> "Probe":
+        raise NotImplementedError
+
+    def predict_proba(self, X: Array) -> np.ndarray:
+        """(n_samples, num_classes) class probabilities, float32, rows summing to 1."""
+        raise NotImplementedError
+
+    def predict(self, X: Array) -> np.ndarray:
+        """(n_samples,) the most probable class index of every row."""
+        return self.predict_proba(X).argmax(1)
+
+    def state(self) -> dict:
+        """What an artifact stores to rebuild this fitted probe with load_probe (tensors on the CPU)."""
+        self._require_fitted()
+        return {"head_type": self.head_type, "config": dataclasses.asdict(self.cfg), "seed": self.seed,
+                "num_classes": self.num_classes, "n_features": self.n_features, "tensors": self._tensors(),
+                "best_epoch": self.result.best_epoch if self.result else None,
+                "best_acc": self.result.best_acc if self.result else None}
+
+    def _tensors(self) -> dict:
+        raise NotImplementedError
+
+    def _load_tensors(self, tensors: dict) -> None:
+        raise NotImplementedError
+
+
+class TrainedProbe(Probe):
+    """A torch module trained by fit_module; the best val epoch's weights are kept."""
+
+    def build(self, n_features: int, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "TrainedProbe":
+        """Train on X (n_samples, n_features), y (n_samples,); choose the epoch on (X_val, y_val) if given."""
+        x, labels, x_val, labels_val = self._inputs(X, y, X_val, y_val)
+        torch.manual_seed(self.seed)   # the initial weights, as the head stage draws them
+        self.model = self.build(x.shape[1], self.num_classes)
+        state, self.result = fit_module(self.model, x, labels, x_val, labels_val, self.cfg, self.num_classes,
+                                        self.seed, self.device, self.progress)
+        self.model.load_state_dict(state)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        x = self._check_fitted(X)
+        return torch.softmax(logits_of(self.model, x, self.device), 1).numpy()
+
+    def _tensors(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _load_tensors(self, tensors: dict) -> None:
+        self.model = self.build(self.n_features, self.num_classes)
+        self.model.load_state_dict(tensors)
+        self.model.to(self.device)
+
+
+class LinearProbe(TrainedProbe):
+    head_type = "linear"
+
+    def build(self, n_features: int, num_classes: int) -> nn.Module:
+        return nn.Linear(n_features, num_classes)
+
+
+class MLPProbe(TrainedProbe):
+    head_type = "mlp"
+
+    def build(self, n_features: int, num_classes: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(n_features, self.cfg.hidden), nn.ReLU(), nn.Dropout(self.cfg.dropout),
+                             nn.Linear(self.cfg.hidden, num_classes))
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return F.normalize(x, dim=1)
+
+
+class KNNProbe(Probe):
+    """Weighted k-NN: the k most cosine-similar train rows vote with weight exp(sim / temperature)."""
+
+    head_type = "knn"
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "KNNProbe":
+        """Store the L2-normalised train features (the model); val is scored, not used."""
+        x, labels, x_val, labels_val = self._inputs(X, y, X_val, y_val)
+        self.bank = l2_normalise(x).to(self.device)        # (n_train, n_features)
+        self.labels = labels.to(self.device)               # (n_train,)
+        acc = None if x_val is None else float((self.predict(x_val) == labels_val.numpy()).mean())
+        self.result = FitResult(0, acc)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        x = self._check_fitted(X)
+        k = min(self.cfg.k, len(self.bank))
+        rows = max(1, KNN_SIM_BYTES // (4 * len(self.bank)))
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), rows):
+                q = l2_normalise(x[s:s + rows].to(self.device))              # (rows, n_features)
+                sims, idx = (q @ self.bank.T).topk(k, dim=1)                 # (rows, k)
+                # exp((sim - max) / T): the same weights after normalising, without overflow at small T
+                weights = torch.exp((sims - sims[:, :1]) / self.cfg.temperature)
+                votes = torch.zeros(len(q), self.num_classes, device=self.device)
+                votes.scatter_add_(1, self.labels[idx], weights)
+                out.append((votes / votes.sum(1, keepdim=True)).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+    def _tensors(self) -> dict:
+        return {"bank": self.bank.cpu(), "labels": self.labels.cpu()}
+
+    def _load_tensors(self, tensors: dict) -> None:
+        self.bank, self.labels = tensors["bank"].to(self.device), tensors["labels"].to(self.device)
+
+
+class NCMProbe(Probe):
+    """Nearest class mean: centre by the train mean, L2-normalise, nearest per-class mean (Euclidean)."""
+
+    head_type = "ncm"
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "NCMProbe":
+        x, labels, x_val, labels_val = self._inputs(X, y, X_val, y_val)
+        self.mean = x.mean(0)                                          # (n_features,)
+        z = l2_normalise(x - self.mean)
+        sums = torch.zeros(self.num_classes, z.shape[1]).index_add_(0, labels, z)
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        self.centroids = sums / counts.clamp(min=1)[:, None]          # (num_classes, n_features)
+        self.present = counts > 0                                      # a class with no train row is never chosen
+        acc = None if x_val is None else float((self.predict(x_val) == labels_val.numpy()).mean())
+        self.result = FitResult(0, acc)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        x = self._check_fitted(X)
+        out = []
+        for s in range(0, len(x), EVAL_BATCH):
+            z = l2_normalise(x[s:s + EVAL_BATCH] - self.mean)                              # (rows, n_features)
+            d2 = ((z * z).sum(1, keepdim=True) - 2 * z @ self.centroids.T
+                  + (self.centroids * self.centroids).sum(1)).clamp(min=0)                  # (rows, num_classes)
+            logits = (-d2 / (2 * self.cfg.temperature)).masked_fill(~self.present, float("-inf"))
+            out.append(torch.softmax(logits, 1))
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+    def _tensors(self) -> dict:
+        return {"mean": self.mean, "centroids": self.centroids, "present": self.present}
+
+    def _load_tensors(self, tensors: dict) -> None:
+        self.mean, self.centroids, self.present = tensors["mean"], tensors["centroids"], tensors["present"]
+
+
+PROBES: dict[str, type] = {"linear": LinearProbe, "mlp": MLPProbe, "knn": KNNProbe, "ncm": NCMProbe}
+
+
+def build_probe(head_type: str, params: Optional[dict] = None, num_classes: Optional[int] = None, seed: int = 0,
+                device: Union[str, torch.device] = "cpu", progress: bool = False) -> Probe:
+    """An unfitted probe of head_type with params over its defaults (unknown parameters are errors)."""
+    cfg = make_config(head_type, params)
+    return PROBES[head_type](cfg, num_classes=num_classes, seed=seed, device=device, progress=progress)
+
+
+def load_probe(state: dict, device: Union[str, torch.device] = "cpu") -> Probe:
+    """The fitted probe saved by Probe.state()."""
+    head_type = check_head_type(state["head_type"])
+    probe = build_probe(head_type, state["config"], num_classes=state["num_classes"], seed=state["seed"],
+                        device=device)
+    probe.n_features = state["n_features"]
+    probe._load_tensors(copy.copy(state["tensors"]))
+    if state.get("best_epoch") is not None or state.get("best_acc") is not None:
+        probe.result = FitResult(state.get("best_epoch") or 0, state.get("best_acc"))
+    return probe

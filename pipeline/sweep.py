@@ -1,0 +1,444 @@
+"""Sweeps: many heads from one set of cached features, selected on val only, with an honest leaderboard.
+
+    configs = expand_grid({"linear": {"lr": [1e-3, 1e-2], "weight_decay": [0, 1e-4]},
+                           "knn": {"k": [10, 20]}, "ncm": {}, "logistic": {"C": [0.1, 1]}})
+    outcome = run_sweep(configs, X, y, X_val, y_val, X_test, y_test)
+    print(format_leaderboard(outcome))
+
+All linear configurations that share epochs, batch_size and class_weight are trained in ONE batched
+run (pipeline/joint.py). Best epochs, C and the winner are chosen on val; test, when given, is
+scored once, after selection, for the chosen models only: the winner and the best of each head type.
+scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from pipeline.analysis import score_proba
+from pipeline.joint import shared_key, train_linear_heads
+from pipeline.probes import (CONSTRAINTS, HEAD_TYPES, Array, ProbeError, as_features, as_labels, build_probe,
+                             infer_num_classes, make_config, param_names)
+
+SWEEP_TYPES = HEAD_TYPES + ("logistic",)
+# logistic: StandardScaler + LogisticRegression(C), as the logistic stage fits it, but C chosen on val.
+LOGISTIC_DEFAULTS = {"C": 1.0, "max_iter": 1000}
+LOGISTIC_CONSTRAINTS = {
+    "C": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+          "a number > 0"),
+    "max_iter": CONSTRAINTS["epochs"],
+}
+SWEEP_JSON, SWEEP_MD, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.png"
+NO_TEST_NOTE = ("no test split: the val figures were also used for selection (best epochs, C, the winner), "
+                "so they are optimistic")
+TEST_NOTE = ("selected on val only; test was scored once, after selection, for the winner and the best of "
+             "each head type")
+JOINT_NOTE = "* trained jointly with the other linear heads of its group: seconds is its share of one batched run"
+
+
+class SweepError(ProbeError):
+    """A sweep.grid that cannot be run; the message names the head type or parameter at fault."""
+
+
+# ----------------------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class SweepConfig:
+    head_type: str
+    params: tuple[tuple[str, Any], ...]     # the grid's values for this configuration, in grid order
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={_value_text(v)}" for k, v in self.params) or "defaults"
+
+
+def _value_text(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def allowed_params(head_type: str) -> tuple[str, ...]:
+    return tuple(LOGISTIC_DEFAULTS) if head_type == "logistic" else param_names(head_type)
+
+
+def check_logistic(params: dict) -> dict:
+    for name, value in params.items():
+        ok, allowed = LOGISTIC_CONSTRAINTS[name]
+        if not ok(value):
+            raise SweepError(f"sweep.grid.logistic.{name} = {value!r}: must be {allowed}")
+    return {**LOGISTIC_DEFAULTS, **params}
+
+
+def expand_grid(grid: dict) -> list[SweepConfig]:
+    """Every configuration of grid {head_type: {param: [values]}} (a scalar counts as [scalar]).
+
+    An unknown head type or parameter, an empty list or a value out of range is a SweepError naming it.
+    """
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError(f"sweep.grid must be a non-empty object {{head type: {{parameter: [values]}}}} "
+                         f"with head types among {', '.join(SWEEP_TYPES)}")
+    configs = []
+    for head_type, space in grid.items():
+        if head_type not in SWEEP_TYPES:
+            raise SweepError(f"sweep.grid has unknown head type '{head_type}' (use: {', '.join(SWEEP_TYPES)})")
+        if not isinstance(space, dict):
+            raise SweepError(f"sweep.grid.{head_type} must be an object {{parameter: [values]}}, "
+                             f"got {type(space).__name__} ({{}} for the defaults)")
+        allowed = allowed_params(head_type)
+        for name, values in space.items():
+            if name not in allowed:
+                raise SweepError(f"sweep.grid.{head_type} has unknown parameter '{name}' "
+                                 f"(allowed: {', '.join(allowed)})")
+            if isinstance(values, list) and not values:
+                raise SweepError(f"sweep.grid.{head_type}.{name} is an empty list: give at least one value")
+        names = list(space)
+        lists = [v if isinstance(v, list) else [v] for v in space.values()]
+        for combo in itertools.product(*lists):
+            params = dict(zip(names, combo))
+            try:
+                check_logistic(params) if head_type == "logistic" else make_config(head_type, params)
+            except SweepError:
+                raise
+            except ProbeError as e:
+                raise SweepError(f"sweep.grid.{e}") from None
+            configs.append(SweepConfig(head_type, tuple(params.items())))
+    seen, unique = set(), []
+    for c in configs:                       # the same configuration twice would be trained twice
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class SweepResult:
+    config: SweepConfig
+    val_acc: float
+    val_mean_per_class: float
+    seconds: float
+    joint: bool = False                     # seconds is a share of one batched run
+    best_epoch: Optional[int] = None
+    test_acc: Optional[float] = None
+    test_mean_per_class: Optional[float] = None
+    model: Any = field(default=None, repr=False)   # the fitted probe / sklearn pipeline (predict_proba)
+    position: int = 0                       # index in the grid: breaks ties in the ranking
+
+    @property
+    def head_type(self) -> str:
+        return self.config.head_type
+
+    def to_dict(self) -> dict:
+        return {"head_type": self.head_type, "params": self.config.param_dict, "val_acc": self.val_acc,
+                "val_mean_per_class": self.val_mean_per_class, "test_acc": self.test_acc,
+                "test_mean_per_class": self.test_mean_per_class, "seconds": round(self.seconds, 4),
+                "joint": self.joint, "best_epoch": self.best_epoch}
+
+
+@dataclass
+class SweepOutcome:
+    results: list[SweepResult]              # in the order they finished
+    has_test: bool
+    interrupted: bool
+    seconds: float
+    planned: int                            # configurations in the grid
+
+    def ranked(self) -> list[SweepResult]:
+        """Best first by val top-1, then val mean per-class; ties keep the grid's order."""
+        return sorted(self.results, key=lambda r: (-r.val_acc, -r.val_mean_per_class, r.position))
+
+    @property
+    def winner(self) -> Optional[SweepResult]:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def chosen(self) -> list[SweepResult]:
+        """The winner and the best of each head type (what test is scored for)."""
+        best: dict[str, SweepResult] = {}
+        for r in self.ranked():
+            best.setdefault(r.head_type, r)
+        return list(best.values())
+
+
+def _fit_logistic_path(unit: list[SweepConfig], x: np.ndarray, y: np.ndarray, seed: int):
+    """Yield (config, fitted pipeline, seconds) for the logistic configs of one max_iter, C ascending.
+
+    One StandardScaler for all; each C starts from the previous C's solution (warm_start): the
+    problem is convex, so the solution is the same, reached in fewer iterations.
+    """
+    import copy
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.perf_counter()
+    scaler = StandardScaler().fit(x)
+    xs = scaler.transform(x)
+    share = (time.perf_counter() - t0) / len(unit)
+    clf = LogisticRegression(max_iter=int(check_logistic(unit[0].param_dict)["max_iter"]), warm_start=True,
+                             random_state=seed)
+    for c in sorted(unit, key=lambda c: check_logistic(c.param_dict)["C"]):
+        t1 = time.perf_counter()
+        clf.set_params(C=float(check_logistic(c.param_dict)["C"])).fit(xs, y)
+        model = Pipeline([("scale", scaler), ("clf", copy.deepcopy(clf))])
+        yield c, model, time.perf_counter() - t1 + share
+
+
+class LogisticModel:
+    """A fitted sklearn pipeline whose predict_proba has one column per class index, present in train or not."""
+
+    def __init__(self, model, num_classes: int) -> None:
+        self.model, self.num_classes = model, num_classes
+
+    def predict_proba(self, X) -> np.ndarray:
+        proba = np.zeros((len(X), self.num_classes), dtype=np.float32)
+        proba[:, self.model.classes_] = self.model.predict_proba(np.asarray(X))
+        return proba
+
+
+def _order(configs: Sequence[SweepConfig]) -> list[list[SweepConfig]]:
+    """Work units: one per joint group of linear configs (first), one per other config, and one per
+    max_iter of the logistic configs (last: scikit-learn is imported only if there are any)."""
+    groups: dict[tuple, list[SweepConfig]] = {}
+    paths: dict[int, list[SweepConfig]] = {}
+    for c in configs:
+        if c.head_type == "linear":
+            groups.setdefault(shared_key(make_config("linear", c.param_dict)), []).append(c)
+        elif c.head_type == "logistic":
+            paths.setdefault(check_logistic(c.param_dict)["max_iter"], []).append(c)
+    return (list(groups.values()) + [[c] for c in configs if c.head_type not in ("linear", "logistic")]
+            + list(paths.values()))
+
+
+def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, y_val: Array,
+              X_test: Optional[Array] = None, y_test: Optional[Array] = None, num_classes: Optional[int] = None,
+              seed: int = 0, device: Union[str, torch.device] = "cpu",
+              on_result: Optional[Callable[[SweepResult], None]] = None, progress: bool = False) -> SweepOutcome:
+    """Train every configuration on (X, y), score it on val, then score test for the chosen ones.
+
+    X : (n_samples, n_features), y : (n_samples,) class indices; likewise val (required: it does the
+    selecting) and the optional test. on_result(result) is called as each configuration finishes, so a
+    caller can keep results as they come; Ctrl-C (KeyboardInterrupt) stops the sweep and returns what
+    finished, with interrupted=True.
+    """
+    t0 = time.perf_counter()
+    x = as_features(X)
+    labels = as_labels(y, len(x))
+    x_val = as_features(X_val, "X_val")
+    labels_val = as_labels(y_val, len(x_val), "y_val")
+    if len(x_val) == 0:
+        raise SweepError("a sweep needs val rows: they choose the best epochs, C and the winner")
+    has_test = X_test is not None and len(X_test) > 0
+    x_test = as_features(X_test, "X_test") if has_test else None
+    labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
+    num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
+    units = _order(configs)
+    outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(configs), desc="sweep", unit="config")
+
+    positions = {c: i for i, c in reversed(list(enumerate(configs)))}
+
+    def finish(result: SweepResult) -> None:
+        result.position = positions[result.config]
+        outcome.results.append(result)
+        if bar is not None:
+            bar.update(1)
+        if on_result is not None:
+            on_result(result)
+
+    try:
+        for unit in units:
+            for result in _run_unit(unit, x, labels, x_val, labels_val, num_classes, seed, device):
+                finish(result)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    if has_test:
+        for r in outcome.chosen():
+            scores = score_proba(labels_test.numpy(), r.model.predict_proba(x_test))
+            r.test_acc, r.test_mean_per_class = scores["acc"], scores["mean_per_class"]
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes, seed, device):
+    """Yield the SweepResult of every configuration of one work unit."""
+    yv = labels_val.numpy()
+    head_type = unit[0].head_type
+    t0 = time.perf_counter()
+    if head_type == "linear":
+        cfgs = [make_config("linear", c.param_dict) for c in unit]
+        joint = train_linear_heads(x, labels, x_val, labels_val, cfgs, num_classes=num_classes, seed=seed,
+                                   device=device)
+        share = joint.seconds / len(unit)
+        for h, c in enumerate(unit):
+            probe = joint.probe(h, seed=seed, device=device)
+            s = score_proba(yv, probe.predict_proba(x_val))
+            yield SweepResult(c, s["acc"], s["mean_per_class"], share, True, probe.result.best_epoch, model=probe)
+        return
+    if head_type == "logistic":
+        for c, fitted, seconds in _fit_logistic_path(unit, x.numpy(), labels.numpy(), seed):
+            model = LogisticModel(fitted, num_classes)
+            s = score_proba(yv, model.predict_proba(x_val))
+            yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
+        return
+    c = unit[0]
+    model = build_probe(head_type, c.param_dict, num_classes=num_classes, seed=seed, device=device)
+    model.fit(x, labels, x_val, labels_val)
+    best_epoch = model.result.best_epoch if head_type == "mlp" else None
+    s = score_proba(yv, model.predict_proba(x_val))
+    yield SweepResult(c, s["acc"], s["mean_per_class"], time.perf_counter() - t0, False, best_epoch, model=model)
+
+
+# ----------------------------------------------------------------------------- reports
+def _f(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def leaderboard_rows(outcome: SweepOutcome, top: Optional[int] = None) -> tuple[list[str], list[list[str]]]:
+    header = ["rank", "head", "params", "val top-1", "val mean/class"]
+    if outcome.has_test:
+        header += ["test top-1", "test mean/class"]
+    header.append("seconds")
+    rows = []
+    for i, r in enumerate(outcome.ranked()[:top], 1):
+        row = [str(i), r.head_type, r.config.label(), _f(r.val_acc), _f(r.val_mean_per_class)]
+        if outcome.has_test:
+            row += [_f(r.test_acc), _f(r.test_mean_per_class)]
+        row.append(f"{r.seconds:.3f}{'*' if r.joint else ''}")
+        rows.append(row)
+    return header, rows
+
+
+def headline(outcome: SweepOutcome) -> str:
+    """One line naming the winner and its headline figure (test when there is a test split)."""
+    w = outcome.winner
+    if w is None:
+        return "sweep: no configuration finished"
+    done = (f"{len(outcome.results)} of {outcome.planned} configurations"
+            + (" (interrupted)" if outcome.interrupted else "") + f" in {outcome.seconds:.1f} s")
+    if outcome.has_test:
+        figure = f"test top-1 {_f(w.test_acc)}, mean per-class {_f(w.test_mean_per_class)} (val top-1 {_f(w.val_acc)})"
+    else:
+        figure = f"val top-1 {_f(w.val_acc)}, mean per-class {_f(w.val_mean_per_class)} (also used for selection)"
+    return f"sweep winner: {w.head_type} {w.config.label()}: {figure}; {done}"
+
+
+def notes(outcome: SweepOutcome) -> list[str]:
+    out = [TEST_NOTE if outcome.has_test else NO_TEST_NOTE]
+    if any(r.joint for r in outcome.results):
+        out.append(JOINT_NOTE)
+    if outcome.interrupted:
+        out.append(f"interrupted: {len(outcome.results)} of {outcome.planned} configurations finished")
+    return out
+
+
+def format_leaderboard(outcome: SweepOutcome, top: Optional[int] = None) -> str:
+    """Plain text: the headline, a table best first (rank, head, params, val and test scores, seconds), notes."""
+    header, rows = leaderboard_rows(outcome, top)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([headline(outcome), *lines, *notes(outcome)])
+
+
+def format_markdown(outcome: SweepOutcome) -> str:
+    header, rows = leaderboard_rows(outcome)
+    lines = [f"# Sweep\n\n{headline(outcome)}\n", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes(outcome)) + "\n"
+
+
+def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
+    """What sweep.json holds: the grid, the notes, the winner and every result, best first."""
+    w = outcome.winner
+    return {"grid": grid, "has_test": outcome.has_test, "interrupted": outcome.interrupted,
+            "planned": outcome.planned, "finished": len(outcome.results), "seconds": round(outcome.seconds, 3),
+            "selection": "val", "notes": notes(outcome), "winner": w.to_dict() if w else None,
+            "results": [dict(rank=i, **r.to_dict()) for i, r in enumerate(outcome.ranked(), 1)]}
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dict] = None,
+                        plot: bool = True) -> list[Path]:
+    """sweep.json, sweep.md and (plot=True) sweep.png in out_dir, each written whole or not at all."""
+    out_dir = Path(out_dir)
+    paths = [_atomic_write(out_dir / SWEEP_JSON, (json.dumps(sweep_summary(outcome, grid), indent=2) + "\n").encode()),
+             _atomic_write(out_dir / SWEEP_MD, format_markdown(outcome).encode())]
+    if plot and outcome.results:
+        paths.append(plot_sweep(outcome, out_dir / SWEEP_PNG))
+    return paths
+
+
+TYPE_COLOURS = {"linear": "#1f77b4", "mlp": "#9467bd", "knn": "#2ca02c", "ncm": "#ff7f0e", "logistic": "#d62728"}
+
+
+def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
+    """Horizontal bars of val top-1, best at the top, coloured by head type and labelled with their
+    value: the best `top` plus the best of every head type, so each type is on the chart; the winner
+    outlined, test top-1 marked where it was scored."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    everything = outcome.ranked()
+    keep = {id(r) for r in everything[:top]} | {id(r) for r in outcome.chosen()}
+    ranked = [r for r in everything if id(r) in keep]
+    fig = Figure(figsize=(9, 1.2 + 0.28 * len(ranked)))   # no pyplot: no global figure state, no GUI backend
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = np.arange(len(ranked))[::-1]
+    accs = [r.val_acc for r in ranked]
+    ax.barh(ys, accs, color=[TYPE_COLOURS[r.head_type] for r in ranked],
+            edgecolor=["black" if i == 0 else "none" for i in range(len(ranked))], linewidth=1.5)
+    for y, acc in zip(ys, accs):
+        ax.text(acc, y, f" {acc:.4f}", va="center", fontsize=7)
+    tested = [(y, r.test_acc) for y, r in zip(ys, ranked) if r.test_acc is not None]
+    if tested:
+        ax.scatter([t for _, t in tested], [y for y, _ in tested], marker="D", color="black", zorder=3,
+                   label="test top-1 (chosen models)")
+    ranks = {id(r): i for i, r in enumerate(everything, 1)}
+    ax.set_yticks(ys, [f"#{ranks[id(r)]} {r.head_type} {r.config.label()}" for r in ranked], fontsize=8)
+    low = min(accs + [t for _, t in tested])
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(accs) + 0.03) if max(accs) < 0.97 else 1.0)
+    ax.set_xlabel("val top-1" + ("" if outcome.has_test else " (also used for selection)"))
+    shown = (f"best {min(top, len(everything))} of {len(everything)} and the best of each head type"
+             if len(everything) > len(ranked) else f"{len(ranked)} configurations")
+    ax.set_title(f"Sweep: {shown}, winner outlined", fontsize=10)
+    handles = [Patch(color=TYPE_COLOURS[t], label=t) for t in SWEEP_TYPES if any(r.head_type == t for r in ranked)]
+    extra = ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,91 @@
+"""Linear heads trained together equal the same heads trained alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.joint import predict_proba_heads, shared_key, train_linear_heads
+from pipeline.probes import LinearConfig, ProbeError, balanced_weights
+
+
+def toy(n=36, n_features=5, num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    X = rng.normal(size=(n, n_features)) + 1.5 * np.eye(num_classes, n_features)[y]
+    return X.astype(np.float32), y
+
+
+def train_alone(X, y, Xv, yv, cfg: LinearConfig, seed: int, num_classes: int):
+    """One head with plain torch: nn.Linear, torch.optim.SGD + StepLR, CrossEntropyLoss, randperm batches."""
+    torch.manual_seed(seed)
+    head = nn.Linear(X.shape[1], num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    weight = balanced_weights(torch.as_tensor(y), num_classes) if cfg.class_weight == "balanced" else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    X, y, Xv, yv = (torch.as_tensor(a) for a in (X, y, Xv, yv))
+    best, best_acc, best_epoch, last_loss = None, -1.0, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(X), generator=generator)
+        for s in range(0, len(X), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            opt.zero_grad()
+            criterion(head(X[idx]), y[idx]).backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = (head(Xv).argmax(1) == yv).float().mean().item()
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            best = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    return best, best_acc, best_epoch
+
+
+GRID = [LinearConfig(epochs=6, batch_size=4, lr=lr, weight_decay=wd, momentum=m, step_size=s, gamma=g)
+        for lr, wd, m, s, g in [(0.001, 0.0, 0.9, 7, 0.1), (0.01, 1e-3, 0.9, 2, 0.5), (0.1, 0.0, 0.0, 3, 0.1),
+                                (0.03, 1e-2, 0.5, 1, 0.9), (0.3, 1e-4, 0.9, 4, 0.1)]]
+
+
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_each_joint_head_equals_the_head_trained_alone(class_weight):
+    X, y = toy(seed=1)
+    Xv, yv = toy(n=20, seed=2)
+    grid = [LinearConfig(**{**vars(c), "class_weight": class_weight}) for c in GRID]
+    joint = train_linear_heads(X, y, Xv, yv, grid, num_classes=3, seed=5)
+    assert joint.weight.shape == (5, 3, 5) and len(joint.results) == 5
+    for h, cfg in enumerate(grid):
+        want, acc, epoch = train_alone(X, y, Xv, yv, cfg, seed=5, num_classes=3)
+        torch.testing.assert_close(joint.weight[h], want["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias[h], want["bias"], rtol=1e-4, atol=1e-5)
+        assert (joint.results[h].best_epoch, joint.results[h].best_acc) == (epoch, pytest.approx(acc))
+        assert [e["lr"] for e in joint.results[h].history] == pytest.approx(
+            [cfg.lr * cfg.gamma ** ((ep - 1) // cfg.step_size) for ep in range(1, cfg.epochs + 1)])
+
+
+def test_heads_differ_and_a_head_becomes_a_linear_probe():
+    X, y = toy(seed=3)
+    joint = train_linear_heads(X, y, X, y, GRID, seed=0)
+    assert not torch.allclose(joint.weight[0], joint.weight[2])
+    probs = predict_proba_heads(joint, X)
+    for h in range(len(GRID)):
+        probe = joint.probe(h)
+        np.testing.assert_allclose(probe.predict_proba(X), probs[h], rtol=1e-5, atol=1e-6)
+        assert probe.result.best_acc == pytest.approx((probs[h].argmax(1) == y).mean())
+
+
+def test_without_val_each_head_keeps_its_last_epoch():
+    X, y = toy(seed=4)
+    joint = train_linear_heads(X, y, None, None, GRID[:2], seed=0)
+    assert [r.best_epoch for r in joint.results] == [6, 6] and joint.results[0].best_acc is None
+
+
+def test_heads_that_cannot_share_batches_are_refused():
+    X, y = toy(seed=5)
+    with pytest.raises(ProbeError, match="must share epochs, batch_size, class_weight"):
+        train_linear_heads(X, y, None, None, [LinearConfig(batch_size=4), LinearConfig(batch_size=8)])
+    assert shared_key(LinearConfig(lr=1.0)) == shared_key(LinearConfig(lr=2.0))
+    with pytest.raises(ProbeError, match="linear.lr = -1"):
+        train_linear_heads(X, y, None, None, [LinearConfig(lr=-1)])

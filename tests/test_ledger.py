@@ -1,0 +1,85 @@
+"""The ledger: concurrent appends, torn lines, queries best first."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.ledger import (LedgerEntry, append_entries, best_heads, caches, format_best, format_caches,
+                             read_ledger)
+
+REPO = Path(__file__).resolve().parents[1]
+WRITER = """
+import sys, time
+from pathlib import Path
+from pipeline.ledger import LedgerEntry, append_entries
+ledger, go, writer, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+while not go.exists():
+    time.sleep(0.005)
+for i in range(n):   # lines far above PIPE_BUF (4096 bytes), so an unlocked writer could be split
+    append_entries(ledger, LedgerEntry("key", "resnet18", "linear", {"writer": writer, "i": i, "pad": writer * 20000},
+                                       val_acc=i / n))
+"""
+
+
+def entry(key="k1", head="linear", val=0.5, test=None, t="2026-01-01T00:00:00Z", **params):
+    return LedgerEntry(key, "efficientnet_lite0", head, params, val_acc=val, test_acc=test, seconds=1.0,
+                       run_dir="runs/demo", source="sweep", time=t)
+
+
+def test_two_processes_appending_at_once_lose_and_tear_nothing(tmp_path):
+    ledger, go, n = tmp_path / "runs" / "ledger.jsonl", tmp_path / "go", 60
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(ledger), str(go), w, str(n)], env=env)
+             for w in ("a", "b")]
+    time.sleep(0.5)
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    read = read_ledger(ledger)
+    assert read.skipped == 0 and len(read.entries) == 2 * n
+    for w in ("a", "b"):
+        mine = [e.params for e in read.entries if e.params["writer"] == w]
+        assert [p["i"] for p in mine] == list(range(n)) and all(p["pad"] == w * 20000 for p in mine)
+    assert len(ledger.read_bytes().splitlines()) == 2 * n
+    order = [e.params["writer"] for e in read.entries]
+    switches = sum(a != b for a, b in zip(order, order[1:]))
+    assert switches >= 2, f"the writers did not overlap ({switches} switches): nothing concurrent was tested"
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_append_starts_fresh(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    append_entries(ledger, [entry(val=0.1), entry(val=0.2)])
+    with open(ledger, "ab") as f:
+        f.write(b'{"cache_key": "k1", "head_ty')        # a writer killed mid-line
+    append_entries(ledger, entry(val=0.3))
+    read = read_ledger(ledger)
+    assert read.skipped == 1 and [e.val_acc for e in read.entries] == [0.1, 0.2, 0.3]
+
+
+def test_time_is_filled_in_and_missing_ledger_is_empty(tmp_path):
+    assert read_ledger(tmp_path / "none.jsonl").entries == []
+    append_entries(tmp_path / "l.jsonl", LedgerEntry("k", "b", "knn", {"k": 5}, val_acc=0.9))
+    (e,) = read_ledger(tmp_path / "l.jsonl").entries
+    assert e.time.endswith("Z") and e.params == {"k": 5} and e.head_type == "knn"
+
+
+def test_best_heads_on_a_cache_best_first_and_all_caches(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    append_entries(ledger, [entry(val=0.80, lr=0.1), entry(val=0.95, test=0.9, lr=0.01),
+                            entry(key="k2", head="knn", val=0.99, t="2026-02-01T00:00:00Z", k=5),
+                            entry(val=None, head="ncm"), entry(val=0.95, t="2026-03-01T00:00:00Z", lr=0.3)])
+    entries = read_ledger(ledger).entries
+    best = best_heads(entries, "k1")
+    assert [(e.val_acc, e.params.get("lr")) for e in best] == [(0.95, 0.3), (0.95, 0.01), (0.80, 0.1), (None, None)]
+    assert best_heads(entries, "k1", top=1)[0].params == {"lr": 0.3}
+    assert best_heads(entries, "nope") == []
+    summary = caches(entries)
+    assert [(s.cache_key, s.heads) for s in summary] == [("k1", 4), ("k2", 1)]
+    assert summary[1].best.head_type == "knn"
+    text = format_best(entries, "k1")
+    assert text.splitlines()[0] == "best heads on cache k1 (efficientnet_lite0)"
+    assert "lr=0.3" in text.splitlines()[3] and "test top-1" in text
+    assert "k2" in format_caches(entries) and "knn k=5" in format_caches(entries)
+    assert format_best(entries, "nope") == "no heads in the ledger for cache nope"

@@ -1,0 +1,96 @@
+"""Val folder names, the content-hash split of a train-only dataset, leakage."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pipeline import PipelineError
+from pipeline.splits import (SplitError, find_leaks, format_leaks, hash_file, resolve_val_dir, split_by_content,
+                             split_score)
+
+
+def digest(i) -> str:
+    return hashlib.sha256(f"image {i}".encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["val", "valid", "validation"])
+def test_val_folder_names(tmp_path, name):
+    (tmp_path / "train").mkdir()
+    (tmp_path / name).mkdir()
+    assert resolve_val_dir(tmp_path) == tmp_path / name
+
+
+def test_val_folder_errors_name_the_folders_and_the_fix(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SplitError, match=r"has no val folder \(looked for val/, valid/, validation/; folders "
+                                         r"there: train/\): set data.val_dir"):
+        resolve_val_dir(tmp_path)
+    assert resolve_val_dir(tmp_path, required=False) is None
+    (tmp_path / "dev").mkdir()
+    assert resolve_val_dir(tmp_path, "dev") == tmp_path / "dev"
+    with pytest.raises(SplitError, match="data.val_dir 'holdout': no folder"):
+        resolve_val_dir(tmp_path, "holdout")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "validation").mkdir()
+    with pytest.raises(PipelineError, match=r"several val folders \(val/, validation/\): set data.val_dir"):
+        resolve_val_dir(tmp_path)
+
+
+def test_split_is_stratified_by_class_and_seeded():
+    labels = [i % 3 for i in range(3000)]
+    plan = split_by_content([digest(i) for i in range(3000)], labels, ["a", "b", "c"], 0.2, 0.1, seed=0)
+    for c in "abc":
+        n = plan.counts[c]
+        assert sum(n.values()) == 1000
+        assert abs(n["val"] - 200) < 45 and abs(n["test"] - 100) < 35   # about 3 standard deviations
+    other = split_by_content([digest(i) for i in range(3000)], labels, ["a", "b", "c"], 0.2, 0.1, seed=1)
+    assert plan.splits != other.splits
+    again = split_by_content([digest(i) for i in range(3000)], labels, ["a", "b", "c"], 0.2, 0.1, seed=0)
+    assert plan.splits == again.splits
+    assert set(plan.indices("val")).isdisjoint(plan.indices("train"))
+
+
+def test_adding_images_never_moves_an_existing_one():
+    classes = ["a", "b"]
+    before = split_by_content([digest(i) for i in range(200)], [i % 2 for i in range(200)], classes, 0.25)
+    grown = split_by_content([digest(i) for i in range(1000)], [i % 2 for i in range(1000)], classes, 0.25)
+    assert grown.splits[:200] == before.splits
+    # nor does the order the images are listed in, or removing others: only the content counts
+    subset = list(range(0, 1000, 7))[::-1]
+    shuffled = split_by_content([digest(i) for i in subset], [i % 2 for i in subset], classes, 0.25)
+    assert shuffled.splits == [grown.splits[i] for i in subset]
+
+
+def test_identical_files_land_in_the_same_split(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"same bytes")
+    (tmp_path / "copy.jpg").write_bytes(b"same bytes")
+    a, b = hash_file(tmp_path / "x.jpg"), hash_file(tmp_path / "copy.jpg")
+    assert a == b == hashlib.sha256(b"same bytes").hexdigest()
+    assert split_score(a, 3) == split_score(b, 3) and 0 <= split_score(a, 3) < 1
+
+
+def test_split_errors_and_warnings():
+    with pytest.raises(SplitError, match="data.val_fraction = 0: must be a number in"):
+        split_by_content([digest(1)], [0], ["a"], 0)
+    with pytest.raises(SplitError, match="data.test_fraction = 0.6"):
+        split_by_content([digest(1)], [0], ["a"], 0.5, 0.6)
+    with pytest.raises(SplitError, match="class 'a' has 1 image"):
+        one = next(i for i in range(100) if split_score(digest(i), 0) < 0.5)
+        split_by_content([digest(one)], [0], ["a"], 0.5)
+    train_only = next(i for i in range(100) if split_score(digest(i), 0) >= 0.5)
+    plan = split_by_content([digest(train_only)], [0], ["a"], 0.5)
+    assert plan.warnings == ["class 'a' has no val image (1 train): its val accuracy cannot be measured"]
+
+
+def test_leaks_are_contents_in_more_than_one_split_with_their_paths():
+    leaks = find_leaks({"train": [("train/a/1.jpg", "d1"), ("train/a/2.jpg", "d2"), ("train/b/9.jpg", "d2")],
+                        "val": [("val/a/1.jpg", "d1"), ("val/a/3.jpg", "d3")],
+                        "test": [("test/b/4.jpg", "d2")]})
+    assert [(l.digest, l.paths) for l in leaks] == [
+        ("d1", {"train": ("train/a/1.jpg",), "val": ("val/a/1.jpg",)}),
+        ("d2", {"train": ("train/a/2.jpg", "train/b/9.jpg"), "test": ("test/b/4.jpg",)})]
+    text = format_leaks(leaks, limit=1)
+    assert text.startswith("warning: 2 image(s) appear in more than one split")
+    assert "train:train/a/1.jpg = val:val/a/1.jpg" in text and "... and 1 more" in text
+    assert find_leaks({"train": [("a", "d1"), ("b", "d1")], "val": []}) == [] and format_leaks([]) == ""

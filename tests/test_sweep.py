@@ -1,0 +1,147 @@
+"""Sweeps: grid expansion and its errors, joint linear heads, selection on val only, reports."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.probes import build_probe
+from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, format_leaderboard,
+                            format_markdown, run_sweep, write_sweep_reports)
+
+ISSUE_GRID = {"linear": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0, 1e-4, 1e-3]}, "knn": {"k": [5, 10, 20, 50]},
+              "ncm": {}, "logistic": {"C": [0.01, 0.1, 1, 10]}, "mlp": {"hidden": [512], "lr": [1e-3]}}
+SMALL_GRID = {"linear": {"lr": [0.01, 0.1], "weight_decay": [0, 1e-3], "epochs": 3, "batch_size": 8},
+              "knn": {"k": [3, 5]}, "ncm": {}, "logistic": {"C": [0.1, 1.0]},
+              "mlp": {"hidden": [8], "epochs": [3], "batch_size": [8], "lr": [0.05]}}
+
+
+def blobs(n_per_class, seed, spread=1.2):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(0, 2, (3, 6))
+    y = np.repeat(np.arange(3), n_per_class)
+    return (centres[y] + rng.normal(0, spread, (len(y), 6))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs(15, 1), blobs(8, 2), blobs(8, 3)
+
+
+def test_the_issues_grid_expands_to_every_combination():
+    configs = expand_grid(ISSUE_GRID)
+    kinds = [c.head_type for c in configs]
+    assert len(configs) == 12 + 4 + 1 + 4 + 1
+    assert kinds.count("linear") == 12 and kinds.count("knn") == 4 and kinds.count("ncm") == 1
+    assert configs[0].label() == "lr=0.001, weight_decay=0" and configs[16].label() == "defaults"
+    assert expand_grid({"knn": {"k": 5}})[0].param_dict == {"k": 5}           # a scalar is one value
+    assert len(expand_grid({"knn": {"k": [5, 5]}})) == 1                      # duplicates run once
+
+
+@pytest.mark.parametrize("grid,needle", [
+    ({"svm": {}}, "sweep.grid has unknown head type 'svm' (use: linear, mlp, knn, ncm, logistic)"),
+    ({"knn": {"kk": [1]}}, "sweep.grid.knn has unknown parameter 'kk' (allowed: k, temperature)"),
+    ({"logistic": {"c": [1]}}, "sweep.grid.logistic has unknown parameter 'c' (allowed: C, max_iter)"),
+    ({"linear": {"lr": []}}, "sweep.grid.linear.lr is an empty list"),
+    ({"linear": {"lr": [0.1, -1]}}, "sweep.grid.linear.lr = -1: must be a number > 0"),
+    ({"logistic": {"C": [0]}}, "sweep.grid.logistic.C = 0: must be a number > 0"),
+    ({"ncm": []}, "sweep.grid.ncm must be an object"),
+    ({}, "sweep.grid must be a non-empty object"),
+])
+def test_bad_grids_name_what_is_wrong(grid, needle):
+    with pytest.raises(SweepError) as err:
+        expand_grid(grid)
+    assert needle in str(err.value)
+
+
+def test_sweep_trains_everything_and_linear_heads_jointly(data):
+    (X, y), (Xv, yv), _ = data
+    seen = []
+    outcome = run_sweep(expand_grid(SMALL_GRID), X, y, Xv, yv, on_result=seen.append)
+    assert len(outcome.results) == outcome.planned == 10 and not outcome.interrupted
+    assert [r.config for r in seen] == [r.config for r in outcome.results]
+    linear = [r for r in outcome.results if r.head_type == "linear"]
+    assert all(r.joint for r in linear) and not any(r.joint for r in outcome.results if r.head_type != "linear")
+    for r in linear:    # each jointly trained head scores like the same head trained alone
+        alone = build_probe("linear", r.config.param_dict).fit(X, y, Xv, yv)
+        assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
+    ranked = outcome.ranked()
+    assert ranked[0] is outcome.winner
+    assert [r.val_acc for r in ranked] == sorted((r.val_acc for r in ranked), reverse=True)
+    assert all(r.test_acc is None for r in outcome.results)
+    text = format_leaderboard(outcome)
+    assert NO_TEST_NOTE in text and JOINT_NOTE in text and "test top-1" not in text
+    assert text.splitlines()[0].startswith(f"sweep winner: {outcome.winner.head_type}")
+
+
+def test_test_split_is_scored_after_selection_for_the_chosen_only(data):
+    (X, y), (Xv, yv), (Xt, yt) = data
+    configs = expand_grid(SMALL_GRID)
+    honest = run_sweep(configs, X, y, Xv, yv, Xt, yt)
+    scrambled = run_sweep(configs, X, y, Xv, yv, Xt, (yt + 1) % 3)     # test labels cannot change any choice
+    key = [(r.config, r.val_acc) for r in honest.ranked()]
+    assert key == [(r.config, r.val_acc) for r in scrambled.ranked()]
+    chosen = {r.config for r in honest.chosen()}
+    assert honest.winner.config in chosen and {r.head_type for r in honest.chosen()} == set(SMALL_GRID)
+    for r in honest.results:
+        assert (r.test_acc is not None) == (r.config in chosen)
+    w = honest.winner
+    assert w.test_acc == pytest.approx((w.model.predict_proba(Xt).argmax(1) == yt).mean())
+    assert scrambled.winner.test_acc != w.test_acc
+    text = format_leaderboard(honest)
+    assert TEST_NOTE in text and "test top-1" in text and f"test top-1 {w.test_acc:.4f}" in text.splitlines()[0]
+
+
+def test_ctrl_c_keeps_the_finished_configurations(data):
+    (X, y), (Xv, yv), _ = data
+
+    def stop_after_five(result):
+        if len(kept) == 4:
+            raise KeyboardInterrupt
+        kept.append(result)
+
+    kept = []
+    outcome = run_sweep(expand_grid(SMALL_GRID), X, y, Xv, yv, on_result=stop_after_five)
+    assert outcome.interrupted and len(outcome.results) == 5 and outcome.planned == 10
+    assert "interrupted: 5 of 10 configurations finished" in format_leaderboard(outcome)
+
+
+def test_reports_are_written_whole(data, tmp_path):
+    (X, y), (Xv, yv), (Xt, yt) = data
+    outcome = run_sweep(expand_grid({"knn": {"k": [1, 3]}, "ncm": {}}), X, y, Xv, yv, Xt, yt)
+    paths = write_sweep_reports(outcome, tmp_path / "run", grid={"knn": {"k": [1, 3]}, "ncm": {}})
+    assert [p.name for p in paths] == ["sweep.json", "sweep.md", "sweep.png"]
+    summary = json.loads(paths[0].read_text())
+    assert summary["selection"] == "val" and summary["has_test"] and summary["finished"] == 3
+    assert [r["rank"] for r in summary["results"]] == [1, 2, 3]
+    assert summary["winner"]["params"] == outcome.winner.config.param_dict
+    assert summary["winner"]["test_acc"] == pytest.approx(outcome.winner.test_acc)
+    md = paths[1].read_text()
+    assert md == format_markdown(outcome) and "| rank | head | params |" in md and TEST_NOTE in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 5000
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
+
+
+def test_the_cores_import_no_sklearn_matplotlib_or_torchvision():
+    code = ("import sys; import pipeline.probes, pipeline.joint, pipeline.sweep, pipeline.analysis; "
+            "print(sorted(m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""
+
+
+def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (X, y), (Xv, yv), _ = data
+    outcome = run_sweep(expand_grid({"logistic": {"C": [10.0, 0.01, 1.0]}}), X, y, Xv, yv)
+    assert [r.config.param_dict["C"] for r in outcome.results] == [0.01, 1.0, 10.0]   # the path runs C ascending
+    for r in outcome.results:
+        cold = make_pipeline(StandardScaler(), LogisticRegression(C=r.config.param_dict["C"], max_iter=1000)).fit(X, y)
+        np.testing.assert_allclose(r.model.predict_proba(Xv), cold.predict_proba(Xv), atol=1e-2)  # lbfgs tol
+        assert r.val_acc == pytest.approx((cold.predict(Xv) == yv).mean())
+    assert outcome.ranked()[0].position <= 2 and {r.position for r in outcome.results} == {0, 1, 2}
