@@ -25,7 +25,8 @@ import torch
 from _common import table
 from pipeline.joint import train_linear_heads
 from pipeline.probes import LinearConfig, build_probe
-from pipeline.sweep import expand_grid, format_leaderboard, run_sweep, write_sweep_reports
+from pipeline.sweep import expand_grid, run_sweep
+from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 WEIGHT_DECAYS = [0.0, 1e-4, 1e-3, 1e-2]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.probes import build_probe
-from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, format_leaderboard,
-                            format_markdown, run_sweep, write_sweep_reports)
+from pipeline.sweep import JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, run_sweep
+from pipeline.sweep_report import format_leaderboard, format_markdown, write_sweep_reports
 
 ISSUE_GRID = {"linear": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0, 1e-4, 1e-3]}, "knn": {"k": [5, 10, 20, 50]},
               "ncm": {}, "logistic": {"C": [0.01, 0.1, 1, 10]}, "mlp": {"hidden": [512], "lr": [1e-3]}}
@@ -126,7 +126,7 @@ def test_reports_are_written_whole(data, tmp_path):
 
 
 def test_the_cores_import_no_sklearn_matplotlib_or_torchvision():
-    code = ("import sys; import pipeline.probes, pipeline.joint, pipeline.sweep, pipeline.analysis; "
+    code = ("import sys; import pipeline.probes, pipeline.joint, pipeline.sweep, pipeline.sweep_report, pipeline.analysis; "
             "print(sorted(m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""

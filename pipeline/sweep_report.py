@@ -1,0 +1,156 @@
+"""Reports of a sweep (pipeline.sweep): the leaderboard as text and Markdown, sweep.json, sweep.png.
+
+    outcome = run_sweep(configs, X, y, X_val, y_val, X_test, y_test)
+    print(format_leaderboard(outcome))
+    write_sweep_reports(outcome, "runs/sweep", grid)
+
+Every file is written whole or not at all (a temporary file, then os.replace). matplotlib is imported
+only by plot_sweep.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
+                            SweepOutcome)
+
+
+def _f(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def leaderboard_rows(outcome: SweepOutcome, top: Optional[int] = None) -> tuple[list[str], list[list[str]]]:
+    header = ["rank", "head", "params", "val top-1", "val mean/class"]
+    if outcome.has_test:
+        header += ["test top-1", "test mean/class"]
+    header.append("seconds")
+    rows = []
+    for i, r in enumerate(outcome.ranked()[:top], 1):
+        row = [str(i), r.head_type, r.config.label(), _f(r.val_acc), _f(r.val_mean_per_class)]
+        if outcome.has_test:
+            row += [_f(r.test_acc), _f(r.test_mean_per_class)]
+        row.append(f"{r.seconds:.3f}{'*' if r.joint else ''}")
+        rows.append(row)
+    return header, rows
+
+
+def headline(outcome: SweepOutcome) -> str:
+    """One line naming the winner and its headline figure (test when there is a test split)."""
+    w = outcome.winner
+    if w is None:
+        return "sweep: no configuration finished"
+    done = (f"{len(outcome.results)} of {outcome.planned} configurations"
+            + (" (interrupted)" if outcome.interrupted else "") + f" in {outcome.seconds:.1f} s")
+    if outcome.has_test:
+        figure = f"test top-1 {_f(w.test_acc)}, mean per-class {_f(w.test_mean_per_class)} (val top-1 {_f(w.val_acc)})"
+    else:
+        figure = f"val top-1 {_f(w.val_acc)}, mean per-class {_f(w.val_mean_per_class)} (also used for selection)"
+    return f"sweep winner: {w.head_type} {w.config.label()}: {figure}; {done}"
+
+
+def notes(outcome: SweepOutcome) -> list[str]:
+    out = [TEST_NOTE if outcome.has_test else NO_TEST_NOTE]
+    if any(r.joint for r in outcome.results):
+        out.append(JOINT_NOTE)
+    if outcome.interrupted:
+        out.append(f"interrupted: {len(outcome.results)} of {outcome.planned} configurations finished")
+    return out
+
+
+def format_leaderboard(outcome: SweepOutcome, top: Optional[int] = None) -> str:
+    """Plain text: the headline, a table best first (rank, head, params, val and test scores, seconds), notes."""
+    header, rows = leaderboard_rows(outcome, top)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([headline(outcome), *lines, *notes(outcome)])
+
+
+def format_markdown(outcome: SweepOutcome) -> str:
+    header, rows = leaderboard_rows(outcome)
+    lines = [f"# Sweep\n\n{headline(outcome)}\n", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes(outcome)) + "\n"
+
+
+def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
+    """What sweep.json holds: the grid, the notes, the winner and every result, best first."""
+    w = outcome.winner
+    return {"grid": grid, "has_test": outcome.has_test, "interrupted": outcome.interrupted,
+            "planned": outcome.planned, "finished": len(outcome.results), "seconds": round(outcome.seconds, 3),
+            "selection": "val", "notes": notes(outcome), "winner": w.to_dict() if w else None,
+            "results": [dict(rank=i, **r.to_dict()) for i, r in enumerate(outcome.ranked(), 1)]}
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dict] = None,
+                        plot: bool = True) -> list[Path]:
+    """sweep.json, sweep.md and (plot=True) sweep.png in out_dir, each written whole or not at all."""
+    out_dir = Path(out_dir)
+    paths = [_atomic_write(out_dir / SWEEP_JSON, (json.dumps(sweep_summary(outcome, grid), indent=2) + "\n").encode()),
+             _atomic_write(out_dir / SWEEP_MD, format_markdown(outcome).encode())]
+    if plot and outcome.results:
+        paths.append(plot_sweep(outcome, out_dir / SWEEP_PNG))
+    return paths
+
+
+TYPE_COLOURS = {"linear": "#1f77b4", "mlp": "#9467bd", "knn": "#2ca02c", "ncm": "#ff7f0e", "logistic": "#d62728"}
+
+
+def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
+    """Horizontal bars of val top-1, best at the top, coloured by head type and labelled with their
+    value: the best `top` plus the best of every head type, so each type is on the chart; the winner
+    outlined, test top-1 marked where it was scored."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    everything = outcome.ranked()
+    keep = {id(r) for r in everything[:top]} | {id(r) for r in outcome.chosen()}
+    ranked = [r for r in everything if id(r) in keep]
+    fig = Figure(figsize=(9, 1.2 + 0.28 * len(ranked)))   # no pyplot: no global figure state, no GUI backend
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = np.arange(len(ranked))[::-1]
+    accs = [r.val_acc for r in ranked]
+    ax.barh(ys, accs, color=[TYPE_COLOURS[r.head_type] for r in ranked],
+            edgecolor=["black" if i == 0 else "none" for i in range(len(ranked))], linewidth=1.5)
+    for y, acc in zip(ys, accs):
+        ax.text(acc, y, f" {acc:.4f}", va="center", fontsize=7)
+    tested = [(y, r.test_acc) for y, r in zip(ys, ranked) if r.test_acc is not None]
+    if tested:
+        ax.scatter([t for _, t in tested], [y for y, _ in tested], marker="D", color="black", zorder=3,
+                   label="test top-1 (chosen models)")
+    ranks = {id(r): i for i, r in enumerate(everything, 1)}
+    ax.set_yticks(ys, [f"#{ranks[id(r)]} {r.head_type} {r.config.label()}" for r in ranked], fontsize=8)
+    low = min(accs + [t for _, t in tested])
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(accs) + 0.03) if max(accs) < 0.97 else 1.0)
+    ax.set_xlabel("val top-1" + ("" if outcome.has_test else " (also used for selection)"))
+    shown = (f"best {min(top, len(everything))} of {len(everything)} and the best of each head type"
+             if len(everything) > len(ranked) else f"{len(ranked)} configurations")
+    ax.set_title(f"Sweep: {shown}, winner outlined", fontsize=10)
+    handles = [Patch(color=TYPE_COLOURS[t], label=t) for t in SWEEP_TYPES if any(r.head_type == t for r in ranked)]
+    extra = ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
