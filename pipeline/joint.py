@@ -129,6 +129,95 @@ def evaluate_heads(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y:
     return correct / len(x), nll / total
 
 
+def _check_joint_configs(configs: Sequence[LinearConfig]) -> list[LinearConfig]:
+    """The checked configs; ProbeError when there are none or they do not share epochs, batch_size, class_weight."""
+    configs = [check_config("linear", c) for c in configs]
+    if not configs:
+        raise ProbeError("train_linear_heads: no head configs given")
+    if len({shared_key(c) for c in configs}) > 1:
+        raise ProbeError(f"jointly trained linear heads must share {', '.join(SHARED)}; got "
+                         f"{sorted({shared_key(c) for c in configs})} (group them with joint.shared_key)")
+    return configs
+
+
+def _joint_inputs(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
+                  num_classes: Optional[int]) -> tuple:
+    """(x, labels, x_val, labels_val, num_classes) as checked CPU tensors; an empty val counts as none."""
+    x = as_features(X)
+    labels = as_labels(y, len(x))
+    x_val = as_features(X_val, "X_val") if X_val is not None else None
+    labels_val = as_labels(y_val, len(x_val), "y_val") if x_val is not None else None
+    if x_val is not None and len(x_val) == 0:
+        x_val = labels_val = None
+    return x, labels, x_val, labels_val, num_classes or infer_num_classes(labels, labels_val)
+
+
+def _initial_heads(n_heads: int, n_features: int, num_classes: int, seed: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (H, C, D), bias (H, C)): every head starts as an nn.Linear drawn alone with this seed."""
+    torch.manual_seed(seed)
+    init = nn.Linear(n_features, num_classes)
+    weight = init.weight.detach().to(device).expand(n_heads, -1, -1).clone()
+    bias = init.bias.detach().to(device).expand(n_heads, -1).clone()
+    return weight, bias
+
+
+def _epoch_range(epochs: int, n_heads: int, progress: bool):
+    """Epochs 1..epochs, behind a tqdm bar when progress is on."""
+    out = range(1, epochs + 1)
+    if progress:
+        from tqdm import tqdm
+
+        out = tqdm(out, desc=f"{n_heads} linear heads", unit="epoch", leave=False)
+    return out
+
+
+def _train_epoch(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
+                 sgd: JointSGD) -> tuple[list[float], list[float]]:
+    """One pass over the shared shuffled batches, every head updated in place: per head, train loss and top-1."""
+    total_loss = torch.zeros(len(weight), device=x.device)
+    correct = torch.zeros(len(weight), device=x.device)
+    for idx in shuffled_batches(len(x), batch_size, generator):
+        idx = idx.to(x.device, non_blocking=True)
+        xb, yb = x[idx], labels[idx]
+        loss, logits, gw, gb = cross_entropy_grad(weight, bias, xb, yb, class_weight)
+        sgd.step([weight, bias], [gw, gb])
+        total_loss += loss * len(yb)
+        correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
+    sgd.end_epoch()
+    return (total_loss / len(x)).tolist(), (correct / len(x)).tolist()
+
+
+class _BestEpochs:
+    """Every head's best val epoch so far (first best on ties), its val top-1 and its weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight, self.bias = weight.clone(), bias.clone()
+        self.acc = torch.full((len(weight),), -1.0, device=weight.device)
+        self.epoch = torch.zeros(len(weight), dtype=torch.long, device=weight.device)
+
+    def update(self, epoch: int, acc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        better = acc > self.acc
+        self.acc = torch.where(better, acc, self.acc)
+        self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
+        self.weight[better], self.bias[better] = weight[better], bias[better]
+
+    def results(self, history: list[list[dict]]) -> list[FitResult]:
+        return [FitResult(int(e), float(a), history[h])
+                for h, (e, a) in enumerate(zip(self.epoch.tolist(), self.acc.tolist()))]
+
+
+def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train_loss: list[float],
+                  train_acc: list[float], val: Optional[tuple[list[float], list[float]]]) -> None:
+    """Append each head's history entry: lr, train loss/acc and, with val = (top-1, loss), val loss/acc."""
+    for h, entries in enumerate(history):
+        entry = {"epoch": epoch, "lr": lrs[h], "train_loss": train_loss[h], "train_acc": train_acc[h]}
+        if val is not None:
+            entry.update(val_loss=val[1][h], val_acc=val[0][h])
+        entries.append(entry)
+
+
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False) -> JointResult:
@@ -138,75 +227,34 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     The configs must agree on epochs, batch_size and class_weight (see shared_key).
     """
     t0 = time.perf_counter()
-    configs = [check_config("linear", c) for c in configs]
-    if not configs:
-        raise ProbeError("train_linear_heads: no head configs given")
-    if len({shared_key(c) for c in configs}) > 1:
-        raise ProbeError(f"jointly trained linear heads must share {', '.join(SHARED)}; got "
-                         f"{sorted({shared_key(c) for c in configs})} (group them with joint.shared_key)")
+    configs = _check_joint_configs(configs)
     device = torch.device(device)
-    x = as_features(X)
-    labels = as_labels(y, len(x))
-    x_val = as_features(X_val, "X_val") if X_val is not None else None
-    labels_val = as_labels(y_val, len(x_val), "y_val") if x_val is not None else None
-    if x_val is not None and len(x_val) == 0:
-        x_val = labels_val = None
-    num_classes = num_classes or infer_num_classes(labels, labels_val)
+    x, labels, x_val, labels_val, num_classes = _joint_inputs(X, y, X_val, y_val, num_classes)
     first = configs[0]
     cw = loss_weights(labels, num_classes, first.class_weight)
     cw = cw.to(device) if cw is not None else None
-
-    torch.manual_seed(seed)   # the same initial weights as a head trained alone with this seed
-    init = nn.Linear(x.shape[1], num_classes)
-    n = len(configs)
-    weight = init.weight.detach().to(device).expand(n, -1, -1).clone()      # (H, C, D)
-    bias = init.bias.detach().to(device).expand(n, -1).clone()              # (H, C)
-    best_w, best_b = weight.clone(), bias.clone()
-    best_acc = torch.full((n,), -1.0, device=device)
-    best_epoch = torch.zeros(n, dtype=torch.long, device=device)
-    history: list[list[dict]] = [[] for _ in range(n)]
+    weight, bias = _initial_heads(len(configs), x.shape[1], num_classes, seed, device)
+    best = _BestEpochs(weight, bias)
+    history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)
     if x_val is not None:
         x_val, labels_val = x_val.to(device), labels_val.to(device)
     generator = torch.Generator().manual_seed(seed)
     sgd = JointSGD(configs, device)
-    epochs = range(1, first.epochs + 1)
-    if progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, desc=f"{n} linear heads", unit="epoch", leave=False)
-    for epoch in epochs:
+    for epoch in _epoch_range(first.epochs, len(configs), progress):
         lrs = list(sgd.lrs)
-        total_loss = torch.zeros(n, device=device)
-        correct = torch.zeros(n, device=device)
-        for idx in shuffled_batches(len(x), first.batch_size, generator):
-            idx = idx.to(device, non_blocking=True)
-            xb, yb = x[idx], labels[idx]
-            loss, logits, gw, gb = cross_entropy_grad(weight, bias, xb, yb, cw)
-            sgd.step([weight, bias], [gw, gb])
-            total_loss += loss * len(yb)
-            correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
-        sgd.end_epoch()
-        train_loss, train_acc = (total_loss / len(x)).tolist(), (correct / len(x)).tolist()
+        train_loss, train_acc = _train_epoch(weight, bias, x, labels, first.batch_size, generator, cw, sgd)
+        val = None
         if x_val is not None:
             acc, vloss = evaluate_heads(weight, bias, x_val, labels_val, cw)
-            better = acc > best_acc
-            best_acc = torch.where(better, acc, best_acc)
-            best_epoch = torch.where(better, torch.full_like(best_epoch, epoch), best_epoch)
-            best_w[better], best_b[better] = weight[better], bias[better]
-            acc, vloss = acc.tolist(), vloss.tolist()
-        for h in range(n):
-            entry = {"epoch": epoch, "lr": lrs[h], "train_loss": train_loss[h], "train_acc": train_acc[h]}
-            if x_val is not None:
-                entry.update(val_loss=vloss[h], val_acc=acc[h])
-            history[h].append(entry)
+            best.update(epoch, acc, weight, bias)
+            val = (acc.tolist(), vloss.tolist())
+        _record_epoch(history, epoch, lrs, train_loss, train_acc, val)
     if x_val is None:
-        best_w, best_b = weight, bias
-        results = [FitResult(first.epochs, None, history[h]) for h in range(n)]
-    else:
-        results = [FitResult(int(e), float(a), history[h])
-                   for h, (e, a) in enumerate(zip(best_epoch.tolist(), best_acc.tolist()))]
-    return JointResult(list(configs), best_w.cpu(), best_b.cpu(), results, time.perf_counter() - t0)
+        results = [FitResult(first.epochs, None, entries) for entries in history]
+        return JointResult(list(configs), weight.cpu(), bias.cpu(), results, time.perf_counter() - t0)
+    return JointResult(list(configs), best.weight.cpu(), best.bias.cpu(), best.results(history),
+                       time.perf_counter() - t0)
 
 
 def predict_proba_heads(result: JointResult, X: Array) -> np.ndarray:
