@@ -137,17 +137,16 @@ def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None) ->
         _runner(stage)(cfg, device)
 
 
-def _runner(stage: str):
-    """The run_<stage>(cfg, device) entry point; imported on demand (torch-heavy modules)."""
-    from pipeline.benchmark import run_benchmark
-    from pipeline.extract import run_extract
-    from pipeline.finetune import run_finetune
-    from pipeline.head import run_head
-    from pipeline.logistic import run_logistic
-    from pipeline.report import run_report
+RUNNERS = {"extract": "pipeline.extract", "head": "pipeline.head", "logistic": "pipeline.logistic",
+           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report"}
 
-    return {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune,
-            "benchmark": run_benchmark, "report": run_report}[stage]
+
+def _runner(stage: str):
+    """The run_<stage>(cfg, device) entry point; only that stage's module is imported (each pulls in
+    only the libraries it uses)."""
+    import importlib
+
+    return getattr(importlib.import_module(RUNNERS[stage]), f"run_{stage}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ class BackboneSpec:
                 "preprocess": self.preprocess.to_dict(), "cut": self.cut}
 
 
+def spec_from_dict(d: dict) -> BackboneSpec:
+    """The BackboneSpec recorded by `to_dict` (in a cache file or a model file)."""
+    return BackboneSpec(d["name"], d["weights"], d["weights_id"], Preprocess.from_dict(d["preprocess"]),
+                        d.get("cut", "pool"))
+
+
 # ----------------------------------------------------------------------------- names and weights
 def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))

@@ -311,7 +311,7 @@ def run_benchmark(cfg: Config, device: torch.device) -> dict:
         bcfg = backbone_config(cfg, name)
         resolve_backbone(bcfg.backbone, cfg.run.seed)
         if "head" in cfg.benchmark.methods:
-            check_head_type(bcfg)
+            check_head_type(bcfg.head.type, bcfg.backbone)
     data = load_image_folder(cfg.data.root)
     t0 = time.perf_counter()
     results, errors = [], []

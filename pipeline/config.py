@@ -89,6 +89,14 @@ class ExtractConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    file: Optional[str] = _c(None, "a cache file written by extract (e.g. cache/<backbone>-<key>.h5): head, logistic "
+                             "and report train and predict from it alone, with no image opened and data.root and "
+                             "backbone.* ignored; null uses data.root's cache (extracted first when missing or "
+                             "stale)", nonempty=True)
+
+
+@dataclass
 class HeadConfig:
     type: str = _c("linear", "linear (a new nn.Linear) or classifier (the backbone's own pretrained dense "
                    "layers, last one replaced; needs backbone.cut=conv)", choices=("linear", "classifier"))
@@ -159,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -7,6 +7,7 @@ starts. See pipeline/cache.py for the file layout and the crash-safety argument.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from pipeline import cache as fc
 from pipeline import data as imgdata
 from pipeline import distributed as dd
 from pipeline.backbones import BackboneSpec, build_feature_extractor, resolve_backbone
+from pipeline.cache import feature_config
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_image_folder
 from pipeline.fsutil import FileLock, LockedError
 from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
 from pipeline.scan import ScanResult, check_bad_files, scan_images, write_bad_files_report
+from pipeline.scan_index import scan_index_path
 
 
 class ExtractInterrupted(KeyboardInterrupt):
@@ -57,27 +60,12 @@ class BuildStats:
     rows_per_process: list[int] = field(default_factory=list)  # images each rank put through the backbone
 
 
-def feature_config(spec: BackboneSpec, dtype: str) -> dict:
-    """Everything that changes the features except the image list (which the manifest covers).
-
-    The single definition of the cache key's inputs; nothing that only affects heads or
-    finetuning belongs here.
-    """
-    import torchvision
-
-    return {"format_version": fc.FORMAT_VERSION, "backbone": spec.name, "weights": spec.weights_id,
-            "cut": spec.cut,  # pool: the final classifier's pooled input; conv: the flattened conv trunk
-            "preprocess": spec.preprocess.to_dict(), "decode": imgdata.DECODE_VERSION, "dtype": dtype,
-            "torch": ".".join(torch.__version__.split(".")[:2]),
-            "torchvision": ".".join(torchvision.__version__.split(".")[:2])}
-
-
 def plan_cache(cfg: Config) -> CachePlan:
     """Discover and pre-scan the images, resolve the backbone and the cache key; builds no network."""
     data = load_image_folder(cfg.data.root)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     config_key = fc.digest(feature_config(spec, cfg.extract.dtype))
-    index = fc.scan_index_path(cfg.extract.cache_dir, data.root) if cfg.extract.verify == "stat" else None
+    index = scan_index_path(cfg.extract.cache_dir, data.root) if cfg.extract.verify == "stat" else None
     scan = scan_images(data, index, cfg.extract.verify, cfg.data.num_workers)
     key = fc.cache_key(config_key, fc.manifest_digest(data.classes, scan.manifests))
     return CachePlan(scan.data, spec, config_key, key, fc.cache_path(cfg.extract.cache_dir, spec.name, config_key),
@@ -145,6 +133,7 @@ def extract_chunks(cfg: Config, plan: CachePlan, work: list[list[str]], store: f
 def _cache_attrs(cfg: Config, plan: CachePlan, device: torch.device) -> dict:
     return {"format_version": fc.FORMAT_VERSION, "config_key": plan.config_key,
             "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
+            "backbone_config": dataclasses.asdict(cfg.backbone),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": cfg.extract.dtype,
             "data_root": str(plan.data.root), "versions": feature_config(plan.spec, cfg.extract.dtype),
             "environment": environment_info(device), "seed": cfg.run.seed}
@@ -366,7 +355,3 @@ def load_features(cfg: Config, device: torch.device, read: Callable = fc.read_ca
     if not entry["cache_hit"]:
         update_metrics(cfg.run_dir, "extract", entry)
     return features, plan
-
-
-def to_tensors(split: fc.CachedSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(split.features, dtype=np.float32)), torch.from_numpy(split.labels)

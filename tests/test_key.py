@@ -9,6 +9,7 @@ from PIL import Image
 
 import pipeline.extract as ex
 from pipeline import cache as fc
+from pipeline.cache import key as cache_key
 from pipeline import data as imgdata
 from pipeline.backbones import resolve_backbone
 
@@ -64,7 +65,7 @@ def test_every_preprocessing_parameter_changes_the_key(tiny_cfg, field, value):
 
 @pytest.mark.parametrize("target, attr, value", [
     (torch, "__version__", "2.99.0"), (torchvision, "__version__", "0.99.0"),
-    (fc, "FORMAT_VERSION", 99), (imgdata, "DECODE_VERSION", 99)])
+    (cache_key, "FORMAT_VERSION", 99), (imgdata, "DECODE_VERSION", 99)])
 def test_versions_change_the_key(tiny_cfg, monkeypatch, target, attr, value):
     before = keys(tiny_cfg())[0]
     monkeypatch.setattr(target, attr, value)
