@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from pipeline import distributed as dd
-        from pipeline.data import resolve_data_root
         from pipeline.runtime import resolve_device, seed_everything
 
         if cfg.run.num_threads:
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
                   f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
             if launch.local_rank == 0:  # a demo dataset is written once per node (or once on a shared disk)
+                from pipeline.data import resolve_data_root
                 resolve_data_root(cfg.data.root)
             dd.barrier()
         t0 = time.perf_counter()
