@@ -255,11 +255,21 @@ def _build_lite0(weights: str, image_size: int) -> nn.Module:
     return net
 
 
-def build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
+def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] = None) -> nn.Module:
     """The full pretrained network as its authors define it (ImageNet classifier included).
 
-    Random initialisation ('none') draws from torch's global generator: seed it first.
+    seed: random initialisation ('none') is drawn from it, inside torch.random.fork_rng, so the same
+    seed gives the same network wherever it is built and torch's global generator is left as it was.
+    None draws from the global generator (the caller's own seeding).
     """
+    if seed is None:
+        return _build_network(cfg, spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_network(cfg, spec)
+
+
+def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
     if cfg.name == LITE0:
         return _build_lite0(cfg.weights, spec.preprocess.crop_size)
     if cfg.weights == "none":
@@ -356,9 +366,9 @@ def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
     return FeatureExtractor(name, net)
 
 
-def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
-    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim."""
-    extractor = make_feature_extractor(cfg.name, build_network(cfg, spec), spec.cut).eval()
+def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] = None) -> nn.Module:
+    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim (seed: build_network)."""
+    extractor = make_feature_extractor(cfg.name, build_network(cfg, spec, seed), spec.cut).eval()
     extractor.requires_grad_(False)
     return extractor
 

@@ -89,8 +89,8 @@ def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) ->
     order = np.random.default_rng(cfg.run.seed).permutation(len(split))[:n_images]
     dataset = Subset(ImageListDataset(data.root, split, eval_transform(plan.spec.preprocess)), order.tolist())
     loader = DataLoader(dataset, batch_size=cfg.extract.batch_size, num_workers=cfg.data.num_workers)
-    torch.manual_seed(cfg.run.seed)
-    extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
+    extractor = build_feature_extractor(cfg.backbone, plan.spec, seed=cfg.run.seed).to(
+        device, memory_format=torch.channels_last)
     t0 = time.perf_counter()
     for images, _ in loader:
         extractor(images.to(device).contiguous(memory_format=torch.channels_last))

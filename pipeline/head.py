@@ -69,7 +69,7 @@ def build_head(head_type: str, backbone: BackboneConfig, spec, seed: int, featur
     if head_type == "classifier":
         from pipeline.backbones import build_network, dense_classifier
 
-        head = dense_classifier(backbone.name, build_network(backbone, spec), num_classes)
+        head = dense_classifier(backbone.name, build_network(backbone, spec, seed), num_classes)
         first = next(m for m in head if isinstance(m, nn.Linear))
         if first.in_features != feature_dim:
             raise PipelineError(f"the cached features have {feature_dim} values but {backbone.name}'s "

@@ -92,8 +92,8 @@ def backbone_of(artifact: dict) -> tuple[BackboneConfig, BackboneSpec]:
 
 def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     cfg, spec = backbone_of(artifact)
-    torch.manual_seed(artifact["seed"])  # as at extraction: a random-init backbone must be the same one
-    return build_feature_extractor(cfg, spec).to(device, memory_format=torch.channels_last)
+    # seeded as at extraction: a random-init backbone must be the same one
+    return build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
 
 
 def _head_module(artifact: dict) -> nn.Module:

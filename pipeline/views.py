@@ -75,8 +75,8 @@ def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     from pipeline.data import ImageListDataset, train_transform
 
     k = cfg.extract.train_views
-    torch.manual_seed(cfg.run.seed)  # random-init backbones ('none') depend on it, as in extract
-    extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
+    extractor = build_feature_extractor(cfg.backbone, plan.spec, seed=cfg.run.seed).to(  # as in extract
+        device, memory_format=torch.channels_last)
     images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
     dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, cfg.extract.views_seed)
     loader = DataLoader(dataset, batch_size=max(1, cfg.extract.batch_size // k), shuffle=False,
