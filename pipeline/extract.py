@@ -25,6 +25,7 @@ from pipeline.backbones import BackboneSpec, build_feature_extractor, resolve_ba
 from pipeline.cache import feature_config
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_image_folder
+from pipeline.frozen import frozen_features
 from pipeline.fsutil import FileLock, LockedError
 from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
@@ -108,14 +109,12 @@ def extract_chunks(cfg: Config, plan: CachePlan, work: list[list[str]], store: f
                "(press Ctrl-C again to stop at once)")
     done = 0
     with GracefulInterrupt(message) as interrupt, progress(total=len(order), desc="extract", unit="img") as bar:
-        loaded = iter(loader)
+        computed = frozen_features(extractor, (images for images, _ in loader), device)
         for chunk in work:
             feats = []
             for _ in range(-(-len(chunk) // cfg.extract.batch_size)):
-                images, _ = next(loaded)
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                feats.append(extractor(images).float().cpu().numpy())  # (B, feature_dim)
-                bar.update(len(images))
+                feats.append(next(computed))  # (B, feature_dim)
+                bar.update(len(feats[-1]))
                 if interrupt.requested:
                     n = sum(len(f) for f in feats)
                     store.write(chunk[:n], np.concatenate(feats))

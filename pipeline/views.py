@@ -23,6 +23,7 @@ from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.cache.h5 import read_arrays, write_arrays
 from pipeline.config import Config
+from pipeline.frozen import build_frozen, frozen_features
 from pipeline.runtime import progress
 
 AUGMENTATION = "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip(0.5)"
@@ -71,12 +72,10 @@ def bank_key(cache_key: str, preprocess: dict, n_views: int, views_seed: int) ->
 @torch.inference_mode()
 def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     """Run the frozen backbone over K augmented views of every train image: (K, n_train, feature_dim)."""
-    from pipeline.backbones import build_feature_extractor
     from pipeline.data import ImageListDataset, train_transform
 
     k = cfg.extract.train_views
-    extractor = build_feature_extractor(cfg.backbone, plan.spec, seed=cfg.run.seed).to(  # as in extract
-        device, memory_format=torch.channels_last)
+    extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)  # as in extract
     images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
     dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, cfg.extract.views_seed)
     loader = DataLoader(dataset, batch_size=max(1, cfg.extract.batch_size // k), shuffle=False,
@@ -84,11 +83,10 @@ def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     out = np.empty((k, len(dataset), extractor.feature_dim), dtype=cfg.extract.dtype)
     start = 0
     with progress(total=len(dataset) * k, desc="views", unit="img") as bar:
-        for batch in loader:  # (B, K, 3, H, W)
-            b = len(batch)
-            x = batch.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            feats = extractor(x).float().cpu().numpy().reshape(b, k, -1)  # (B, K, D)
-            out[:, start:start + b] = feats.transpose(1, 0, 2)
+        flat = (batch.flatten(0, 1) for batch in loader)  # (B, K, 3, H, W) -> (B * K, 3, H, W)
+        for feats in frozen_features(extractor, flat, device):
+            b = len(feats) // k
+            out[:, start:start + b] = feats.reshape(b, k, -1).transpose(1, 0, 2)  # (B, K, D) -> (K, B, D)
             start += b
             bar.update(b * k)
     return out
