@@ -28,6 +28,7 @@ from pipeline.config import BackboneConfig, Config, HeadConfig
 from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, to_tensors, train_one_epoch
 from pipeline.metrics import update_metrics
 from pipeline.orchestrate import StageFeatures, stage_features
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
@@ -231,20 +232,18 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
                      head: nn.Module, result: HeadResult, data: HeadData, train_seconds: float, t0: float) -> dict:
     """Save head.pt, print the result, predict val in cache order for the reports, record metrics."""
-    artifact = {
-        "kind": "head", "head_type": cfg.head.type, "state_dict": result.state_dict,
-        "classes": list(data.classes), "feature_dim": data.feature_dim,
-        "backbone_config": dataclasses.asdict(backbone), "backbone": inputs.features.backbone,
-        "head_config": dataclasses.asdict(cfg.head), "seed": inputs.seed, "cache_key": inputs.features.key,
-        "cache_file": str(inputs.features.path), "data_root": inputs.data_root, "best_epoch": result.best_epoch,
-        "val_acc": result.best_acc, "history": result.history, "streamed": data.info["streamed"],
-        "versions": environment_info(device)}
+    artifact = ModelArtifact(
+        "head", list(data.classes), result.state_dict, dataclasses.asdict(cfg.head), inputs.features.backbone,
+        dataclasses.asdict(backbone), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
+        str(inputs.features.path), result.history, environment_info(device),
+        {"head_type": cfg.head.type, "best_epoch": result.best_epoch, "val_acc": result.best_acc,
+         "streamed": data.info["streamed"]}).to_dict()
     path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
     seconds = time.perf_counter() - t0
-    entry = {"val_acc": round(result.best_acc, 4), "seconds": round(seconds, 3),
-             "train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
-             "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
-             **data.info, "model_file": str(path), "history": result.history}
+    entry = StageResult("head", round(result.best_acc, 4), round(seconds, 3), str(path), result.history,
+                        {"train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
+                         "epochs": cfg.head.epochs, "head_type": cfg.head.type,
+                         "train_views": cfg.extract.train_views, **data.info}).to_dict()
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
     head.load_state_dict(result.state_dict)

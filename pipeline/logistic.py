@@ -26,6 +26,7 @@ from pipeline.artifacts import MODEL_FILES, save_joblib
 from pipeline.config import Config, LogisticConfig
 from pipeline.metrics import update_metrics
 from pipeline.orchestrate import StageFeatures, stage_features
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
@@ -275,16 +276,16 @@ def run_logistic(cfg: Config, device: torch.device) -> dict:
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, fit: LogisticFit, t0: float) -> dict:
     """Save logistic.joblib, print the result, write the reports, record metrics."""
     val_acc = float(np.mean(fit.val_probs.argmax(1) == fit.val_labels)) if len(fit.val_labels) else 0.0
-    artifact = {"kind": "logistic", "model": fit.model, "classes": list(fit.classes),
-                "feature_dim": fit.feature_dim, "backbone_config": inputs.backbone_config,
-                "backbone": inputs.features.backbone, "logistic_config": dataclasses.asdict(cfg.logistic),
-                "C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"], "streamed": fit.info["streamed"],
-                "seed": inputs.seed, "cache_key": inputs.features.key, "cache_file": str(inputs.features.path),
-                "data_root": inputs.data_root, "versions": environment_info(device)}
+    artifact = ModelArtifact(
+        "logistic", list(fit.classes), fit.model, dataclasses.asdict(cfg.logistic), inputs.features.backbone,
+        inputs.backbone_config, inputs.seed, inputs.data_root, fit.feature_dim, inputs.features.key,
+        str(inputs.features.path), versions=environment_info(device),
+        extra={"C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"],
+               "streamed": fit.info["streamed"]}).to_dict()
     path = save_joblib(artifact, cfg.run_dir / LOGISTIC_FILE)
-    entry = {"val_acc": round(val_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
-             "fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c, "cv_accuracy": round(fit.cv_accuracy, 4),
-             "cv": fit.cv, **fit.info, "model_file": str(path)}
+    entry = StageResult("logistic", round(val_acc, 4), round(time.perf_counter() - t0, 3), str(path),
+                        details={"fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c,
+                                 "cv_accuracy": round(fit.cv_accuracy, 4), "cv": fit.cv, **fit.info}).to_dict()
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
