@@ -3,7 +3,7 @@
 Incremental and resumable: rows whose image bytes already have features (in the previous cache
 of this configuration, or in chunks an interrupted run saved) are copied bitwise; only the rest
 go through the backbone, `extract.chunk_size` images at a time, each chunk saved before the next
-starts. See pipeline/cache.py for the file layout and the crash-safety argument.
+starts. See pipeline/cache/__init__.py for the file layout and the crash-safety argument.
 """
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def test_weights_change_is_named_in_the_miss(tiny_cfg, weights_file, monkeypatch
     # Building from the fake file is not needed: the extractor comes from random weights, the key from the file.
     real_build = backbones.build_network
     monkeypatch.setattr(backbones, "build_network",
-                        lambda cfg, spec: real_build(dataclasses.replace(cfg, weights="none"), spec))
+                        lambda cfg, spec, seed=None: real_build(dataclasses.replace(cfg, weights="none"), spec, seed))
     ex.run_extract(tiny_cfg(f"backbone.weights={weights_file}"), torch.device("cpu"))
     weights_file.write_bytes(b"weights, version 2")
     entry = ex.run_extract(tiny_cfg(f"backbone.weights={weights_file}"), torch.device("cpu"))
