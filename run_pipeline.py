@@ -58,6 +58,71 @@ def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
     return tokens, []
 
 
+def check_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(stages, image paths) named on the command line; ConfigError for a combination that cannot run."""
+    from pipeline.config import STAGES, ConfigError
+
+    stages, paths = split_stages(args.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
+    if "predict" in stages and not paths:
+        raise ConfigError("predict needs image files or folders after it: "
+                          "python run_pipeline.py predict IMG_OR_FOLDER [...] [--output preds.csv]")
+    if args.output and "predict" not in stages:
+        raise ConfigError("--output is for the predict stage: python run_pipeline.py predict IMG --output preds.csv")
+    return stages, paths
+
+
+def start_processes(cfg, stages: list[str]):
+    """Threads, the device and (under torchrun) the process group; rank 0 alone writes config.json and logs."""
+    import torch
+
+    from pipeline import distributed as dd
+    from pipeline.metrics import write_json
+    from pipeline.runtime import resolve_device
+
+    launch = dd.launch_from_env()
+    device = dd.rank_device(resolve_device(cfg.run.device), launch)
+    dd.init_distributed(device, cfg.run.dist_timeout_min)
+    if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    if dd.is_main() and any(s not in ("report", "predict") for s in stages):  # those only read the run folder
+        write_json(cfg.run_dir / "config.json", cfg.to_dict())
+    if dd.is_distributed():
+        print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
+              f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
+        if launch.local_rank == 0:  # a demo dataset is written once per node (or once on a shared disk)
+            from pipeline.data import resolve_data_root
+            resolve_data_root(cfg.data.root)
+        dd.barrier()
+    return device
+
+
+def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | None) -> None:
+    """Each stage in turn (under torchrun: the distributed ones on every rank, the others on rank 0),
+    then the results table."""
+    from pipeline import distributed as dd
+    from pipeline.config import TRAIN_STAGES
+    from pipeline.metrics import format_results, read_metrics
+    from pipeline.runtime import apply_stage_threads, seed_everything
+
+    t0 = time.perf_counter()
+    for stage in stages:
+        seed_everything(cfg.run.seed)
+        apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
+        if stage in DISTRIBUTED_STAGES or not dd.is_distributed():
+            _run_stage(stage, cfg, device, paths, output)
+            continue
+        if dd.is_main():
+            with dd.solo():
+                _run_stage(stage, cfg, device, paths, output)
+        dd.barrier()
+    if dd.is_main() and any(s in TRAIN_STAGES for s in stages):
+        print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
+        print(format_results(read_metrics(cfg.run_dir)))
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that finish early sleep instead of spinning: on a machine other jobs are using, a
     # spinning thread steals the core its siblings need (a batch-4 head: 10 s spinning, 0.7 s passive,
@@ -67,55 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
 
     from pipeline import PipelineError
-    from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
-    from pipeline.metrics import format_results, read_metrics, write_json
+    from pipeline.config import load_config
 
     try:
-        stages, paths = split_stages(args.stages)
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
-        if "predict" in stages and not paths:
-            raise ConfigError("predict needs image files or folders after it: "
-                              "python run_pipeline.py predict IMG_OR_FOLDER [...] [--output preds.csv]")
-        if args.output and "predict" not in stages:
-            raise ConfigError("--output is for the predict stage: python run_pipeline.py predict IMG --output preds.csv")
-        overrides = args.overrides + (["run.trust_artifacts=true"] if args.trust else [])
-        cfg = load_config(args.params, overrides)
+        stages, paths = check_command(args)  # answered before torch is imported, like config errors
+        cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
         stages = stages or cfg.run.stages
-        import torch
-
-        from pipeline import distributed as dd
-        from pipeline.data import resolve_data_root
-        from pipeline.runtime import apply_stage_threads, resolve_device, seed_everything
-
-        launch = dd.launch_from_env()
-        device = dd.rank_device(resolve_device(cfg.run.device), launch)
-        dd.init_distributed(device, cfg.run.dist_timeout_min)
-        if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
-            sys.stdout = open(os.devnull, "w", encoding="utf-8")
-        if dd.is_main() and any(s not in ("report", "predict") for s in stages):  # those only read the run folder
-            write_json(cfg.run_dir / "config.json", cfg.to_dict())
-        if dd.is_distributed():
-            print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
-                  f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
-            if launch.local_rank == 0:  # a demo dataset is written once per node (or once on a shared disk)
-                resolve_data_root(cfg.data.root)
-            dd.barrier()
-        t0 = time.perf_counter()
-        for stage in stages:
-            seed_everything(cfg.run.seed)
-            apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
-            if stage in DISTRIBUTED_STAGES or not dd.is_distributed():
-                _run_stage(stage, cfg, device, paths, args.output)
-                continue
-            if dd.is_main():
-                with dd.solo():
-                    _run_stage(stage, cfg, device, paths, args.output)
-            dd.barrier()
-        if dd.is_main() and any(s in TRAIN_STAGES for s in stages):
-            print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
-            print(format_results(read_metrics(cfg.run_dir)))
+        device = start_processes(cfg, stages)
+        run_stages(cfg, device, stages, paths, args.output)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -140,17 +164,16 @@ def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None) ->
         _runner(stage)(cfg, device)
 
 
-def _runner(stage: str):
-    """The run_<stage>(cfg, device) entry point; imported on demand (torch-heavy modules)."""
-    from pipeline.benchmark import run_benchmark
-    from pipeline.extract import run_extract
-    from pipeline.finetune import run_finetune
-    from pipeline.head import run_head
-    from pipeline.logistic import run_logistic
-    from pipeline.report import run_report
+RUNNERS = {"extract": "pipeline.extract", "head": "pipeline.head", "logistic": "pipeline.logistic",
+           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report"}
 
-    return {"extract": run_extract, "head": run_head, "logistic": run_logistic, "finetune": run_finetune,
-            "benchmark": run_benchmark, "report": run_report}[stage]
+
+def _runner(stage: str):
+    """The run_<stage>(cfg, device) entry point; only that stage's module is imported (each pulls in
+    only the libraries it uses)."""
+    import importlib
+
+    return getattr(importlib.import_module(RUNNERS[stage]), f"run_{stage}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def run_case(case: str, cache: Path, budget_gb: float, epochs: int, batch_size: 
 
     from pipeline import cache as fc
     from pipeline.config import HeadConfig, LogisticConfig
-    from pipeline.extract import to_tensors
+    from pipeline.engine import to_tensors
     from pipeline.head import fit_head, streamed_batches, train_head
     from pipeline.logistic import fit_logistic_streamed, predict_proba_streamed
     from pipeline.stream import budget_bytes

@@ -57,6 +57,12 @@ class BackboneSpec:
                 "preprocess": self.preprocess.to_dict(), "cut": self.cut}
 
 
+def spec_from_dict(d: dict) -> BackboneSpec:
+    """The BackboneSpec recorded by `to_dict` (in a cache file or a model file)."""
+    return BackboneSpec(d["name"], d["weights"], d["weights_id"], Preprocess.from_dict(d["preprocess"]),
+                        d.get("cut", "pool"))
+
+
 # ----------------------------------------------------------------------------- names and weights
 def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -249,11 +255,21 @@ def _build_lite0(weights: str, image_size: int) -> nn.Module:
     return net
 
 
-def build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
+def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] = None) -> nn.Module:
     """The full pretrained network as its authors define it (ImageNet classifier included).
 
-    Random initialisation ('none') draws from torch's global generator: seed it first.
+    seed: random initialisation ('none') is drawn from it, inside torch.random.fork_rng, so the same
+    seed gives the same network wherever it is built and torch's global generator is left as it was.
+    None draws from the global generator (the caller's own seeding).
     """
+    if seed is None:
+        return _build_network(cfg, spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_network(cfg, spec)
+
+
+def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
     if cfg.name == LITE0:
         return _build_lite0(cfg.weights, spec.preprocess.crop_size)
     if cfg.weights == "none":
@@ -350,13 +366,14 @@ def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
     return FeatureExtractor(name, net)
 
 
-def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec, fold: bool = True) -> nn.Module:
-    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim.
+def build_feature_extractor(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] = None,
+                            fold: bool = True) -> nn.Module:
+    """A frozen feature extractor in eval mode, cut where spec.cut says; has .feature_dim (seed: build_network).
 
     fold: batch norm folded into the convolutions before it (pipeline.fold; equal within float
     rounding, and the cache key records it).
     """
-    extractor = make_feature_extractor(cfg.name, build_network(cfg, spec), spec.cut).eval()
+    extractor = make_feature_extractor(cfg.name, build_network(cfg, spec, seed), spec.cut).eval()
     if fold:
         from pipeline.fold import fold_batchnorm
 

@@ -81,7 +81,7 @@ def children_peak_rss_mib() -> Optional[float]:
 @torch.inference_mode()
 def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) -> tuple[float, int]:
     """Images/s of the frozen backbone (decoding included, as in extraction) on a seeded sample."""
-    from pipeline.backbones import build_feature_extractor
+    from pipeline.frozen import build_frozen, frozen_features
     from pipeline.data import ImageListDataset, Split, eval_transform
 
     data = plan.data
@@ -89,11 +89,10 @@ def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) ->
     order = np.random.default_rng(cfg.run.seed).permutation(len(split))[:n_images]
     dataset = Subset(ImageListDataset(data.root, split, eval_transform(plan.spec.preprocess)), order.tolist())
     loader = DataLoader(dataset, batch_size=cfg.extract.batch_size, num_workers=cfg.data.num_workers)
-    torch.manual_seed(cfg.run.seed)
-    extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
+    extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)
     t0 = time.perf_counter()
-    for images, _ in loader:
-        extractor(images.to(device).contiguous(memory_format=torch.channels_last))
+    for _ in frozen_features(extractor, (images for images, _ in loader), device):
+        pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(order) / (time.perf_counter() - t0), len(order)
@@ -311,7 +310,7 @@ def run_benchmark(cfg: Config, device: torch.device) -> dict:
         bcfg = backbone_config(cfg, name)
         resolve_backbone(bcfg.backbone, cfg.run.seed)
         if "head" in cfg.benchmark.methods:
-            check_head_type(bcfg)
+            check_head_type(bcfg.head.type, bcfg.backbone)
     data = load_image_folder(cfg.data.root)
     t0 = time.perf_counter()
     results, errors = [], []

@@ -1,5 +1,8 @@
 """Typed configuration: one dataclass per params.json section, strictly validated.
 
+The defaults are defined here, once; params.json is a readable copy of them (tests/test_config.py
+keeps the two equal), so `--help` prints what `python run_pipeline.py` runs.
+
 Every key has a type and, where it matters, a range or a list of choices. Unknown keys,
 wrong types, NaN/Infinity, duplicate keys and out-of-range values are errors that name the key.
 """
@@ -67,7 +70,7 @@ class BackboneConfig:
                    nonempty=True)
     weights: str = _c("DEFAULT", "DEFAULT, a weights enum name, a local .pth state dict, or none",
                       nonempty=True)
-    image_size: Optional[int] = _c(None, "input crop size; null keeps the weights' own", gt=0)
+    image_size: Optional[int] = _c(128, "input crop size; null keeps the weights' own", gt=0)
     cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
                   "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
 
@@ -87,6 +90,14 @@ class ExtractConfig:
     train_views: int = _c(0, "seeded augmented views (RandomResizedCrop + flip) stored per train image; "
                           "the head draws one per image per epoch; 0 = none", ge=0)
     views_seed: int = _c(0, "seed of the augmented views (part of their key)", ge=0)
+
+
+@dataclass
+class FeaturesConfig:
+    file: Optional[str] = _c(None, "a cache file written by extract (e.g. cache/<backbone>-<key>.h5): head, logistic "
+                             "and report train and predict from it alone, with no image opened and data.root and "
+                             "backbone.* ignored; null uses data.root's cache (extracted first when missing or "
+                             "stale)", nonempty=True)
 
 
 @dataclass
@@ -117,14 +128,14 @@ class LogisticConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _c(25, "training epochs", gt=0)
-    batch_size: int = _c(16, "images per SGD step", gt=0)
-    lr: float = _c(0.001, "SGD learning rate", gt=0)
+    epochs: int = _c(2, "training epochs", gt=0)
+    batch_size: int = _c(32, "images per SGD step", gt=0)
+    lr: float = _c(0.01, "SGD learning rate", gt=0)
     momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
     step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
-    augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
+    augment: bool = _c(False, "RandomResizedCrop + horizontal flip on train images")
     init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
                         choices=("none", "cached"))
     backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
@@ -148,7 +159,7 @@ class BenchmarkConfig:
     backbones: list[str] = _c([], "backbones compared; empty means backbone.name")
     methods: list[str] = _c(list(PREDICT_MODELS), "methods compared on the same data and seed",
                             item_choices=PREDICT_MODELS, nonempty=True)
-    finetune_epochs: Optional[int] = _c(None, "finetune epochs in the benchmark; null uses finetune.epochs",
+    finetune_epochs: Optional[int] = _c(2, "finetune epochs in the benchmark; null uses finetune.epochs",
                                         gt=0)
     isolate: bool = _c(True, "run each step in its own process, so peak RSS is that step's own")
     timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0)
@@ -160,6 +171,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -13,7 +13,7 @@ Python objects the ranks exchange (plans, work lists, outcomes). Waits for rank 
 timeout is `run.dist_timeout_min`, so a long assembly is not mistaken for a hung peer.
 
 Failure: if any rank exits with an error, torchrun stops the others; nothing half-written is
-ever published (see pipeline/cache.py), so the same command can simply be run again.
+ever published (see pipeline/cache/__init__.py), so the same command can simply be run again.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+
 from pipeline.runtime import progress
 
 
@@ -98,3 +100,8 @@ def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size:
     """SGD with momentum and a StepLR schedule, as in the PyTorch transfer-learning tutorial."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+
+def to_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached split's (n_samples, feature_dim) float32 features and (n_samples,) int64 labels as tensors."""
+    return torch.from_numpy(np.ascontiguousarray(split.features, dtype=np.float32)), torch.from_numpy(split.labels)

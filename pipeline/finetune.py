@@ -25,7 +25,7 @@ from pipeline import PipelineError
 from pipeline import distributed as dd
 from pipeline.artifacts import MODEL_FILES, load_checkpoint, save_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
-from pipeline.config import Config
+from pipeline.config import Config, FinetuneConfig
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
 from pipeline.engine import make_sgd, predict, score, train_one_epoch
 from pipeline.metrics import update_metrics
@@ -126,6 +126,16 @@ def build_finetune_model(cfg: Config, spec: BackboneSpec, classes: tuple[str, ..
     return model, head_paths + list(AUX_CLASSIFIERS.get(cfg.backbone.name, ()))
 
 
+def _banner(ft: FinetuneConfig, spec, data, device: torch.device) -> str:
+    """The line finetune prints before its first epoch."""
+    ranks = f" x {dd.world_size()} processes (DDP, {ft.batch_size} images per process per step)" \
+        if dd.is_distributed() else ""
+    return (f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
+            f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}{ranks}"
+            + (", classifier from head.pt" if ft.init_head == "cached" else "")
+            + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else ""))
+
+
 def run_finetune(cfg: Config, device: torch.device) -> dict:
     t0 = time.perf_counter()
     ft = cfg.finetune
@@ -140,12 +150,7 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
     # DDP averages gradients over ranks in backward; `model` stays the plain network for saving.
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dd.is_distributed() else model
-    ranks = f" x {dd.world_size()} processes (DDP, {ft.batch_size} images per process per step)" \
-        if dd.is_distributed() else ""
-    print(f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
-          f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}{ranks}"
-          + (", classifier from head.pt" if ft.init_head == "cached" else "")
-          + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else ""))
+    print(_banner(ft, spec, data, device))
     history, best_acc, best_epoch, epoch_seconds = [], -1.0, 0, []
     path = cfg.run_dir / FINETUNE_FILE
     for epoch in range(1, ft.epochs + 1):

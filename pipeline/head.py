@@ -24,16 +24,15 @@ from torch import nn
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES, save_checkpoint
-from pipeline.backbones import BackboneSpec, build_network, check_dense_classifier, dense_classifier
-from pipeline.config import Config, HeadConfig
-from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, train_one_epoch
-from pipeline.extract import ensure_cache, load_features, to_tensors
+from pipeline.config import BackboneConfig, Config, HeadConfig
+from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, to_tensors, train_one_epoch
 from pipeline.metrics import update_metrics
+from pipeline.orchestrate import StageFeatures, stage_features
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
-                             float32_nbytes, needs_streaming, size_text, stream_message, streamed_features)
-from pipeline.views import ensure_views
+                             float32_nbytes, needs_streaming, size_text, stream_message)
 
 HEAD_FILE = MODEL_FILES["head"]
 EVAL_BATCH = 4096
@@ -47,25 +46,34 @@ class HeadResult:
     history: list[dict] = field(default_factory=list)  # per epoch: lr, train/val loss and acc
 
 
-def check_head_type(cfg: Config) -> None:
+def check_head_type(head_type: str, backbone: BackboneConfig) -> None:
     """head.type 'classifier' needs a VGG/AlexNet backbone cached at the conv cut."""
-    if cfg.head.type != "classifier":
+    if head_type != "classifier":
         return
-    check_dense_classifier(cfg.backbone.name, "head.type 'classifier'", "use head.type=linear")
-    if cfg.backbone.cut != "conv":
+    from pipeline.backbones import check_dense_classifier
+
+    check_dense_classifier(backbone.name, "head.type 'classifier'", "use head.type=linear")
+    if backbone.cut != "conv":
         raise PipelineError("head.type 'classifier' trains the backbone's own dense layers, whose input is "
                             "the flattened conv trunk: set backbone.cut=conv (or use head.type=linear)")
 
 
-def build_head(cfg: Config, spec: BackboneSpec, feature_dim: int, num_classes: int) -> nn.Module:
-    """The untrained head for cfg.head.type; (n_samples, feature_dim) -> (n_samples, num_classes) logits."""
-    check_head_type(cfg)
-    torch.manual_seed(cfg.run.seed)  # a random-init backbone ('none') must match the one that extracted
-    if cfg.head.type == "classifier":
-        head = dense_classifier(cfg.backbone.name, build_network(cfg.backbone, spec), num_classes)
+def build_head(head_type: str, backbone: BackboneConfig, spec, seed: int, feature_dim: int,
+               num_classes: int) -> nn.Module:
+    """The untrained head; (n_samples, feature_dim) -> (n_samples, num_classes) logits.
+
+    spec: the backbones.BackboneSpec of the cached features. The new layer is initialised from seed;
+    a random-init backbone ('none') is built from seed too, so it matches the one that extracted.
+    """
+    check_head_type(head_type, backbone)
+    torch.manual_seed(seed)
+    if head_type == "classifier":
+        from pipeline.backbones import build_network, dense_classifier
+
+        head = dense_classifier(backbone.name, build_network(backbone, spec, seed), num_classes)
         first = next(m for m in head if isinstance(m, nn.Linear))
         if first.in_features != feature_dim:
-            raise PipelineError(f"the cached features have {feature_dim} values but {cfg.backbone.name}'s "
+            raise PipelineError(f"the cached features have {feature_dim} values but {backbone.name}'s "
                                 f"dense layers take {first.in_features}: re-run extract with backbone.cut=conv")
         return head
     return nn.Linear(feature_dim, num_classes)
@@ -151,23 +159,38 @@ class HeadData:
 
 
 def run_head(cfg: Config, device: torch.device) -> dict:
-    check_head_type(cfg)  # before spending minutes on extraction
+    """Stage `head`: train on the cache from stage_features (features.file, or data.root's)."""
+    if not cfg.features.file:
+        check_head_type(cfg.head.type, cfg.backbone)  # before spending minutes on extraction
     t0 = time.perf_counter()
-    plan, extract_entry = ensure_cache(cfg, device)
-    shapes = fc.feature_shapes(plan.path)
+    inputs = stage_features(cfg, device)
+    backbone = BackboneConfig(**inputs.backbone_config)
+    check_head_type(cfg.head.type, backbone)
+    shapes = inputs.features.shapes()
     check_views_budget(cfg, shapes)
     if not needs_streaming(shapes, cfg.head.max_memory_gb):
-        return _run_in_memory(cfg, device, (plan, extract_entry), t0)
-    with streamed_features(cfg, device, (plan, extract_entry)) as (reader, plan):
-        return _run_streamed(cfg, device, plan, reader, float32_nbytes(shapes), t0)
+        return _run_in_memory(cfg, device, inputs, backbone, t0)
+    with inputs.stream() as reader:
+        return _run_streamed(cfg, device, inputs, backbone, reader, float32_nbytes(shapes), t0)
 
 
-def _run_in_memory(cfg: Config, device: torch.device, ensured: tuple, t0: float) -> dict:
-    features, plan = load_features(cfg, device, ensured=ensured)
+def _build(cfg: Config, inputs: StageFeatures, backbone: BackboneConfig, feature_dim: int,
+           num_classes: int) -> nn.Module:
+    spec = None
+    if cfg.head.type == "classifier":
+        from pipeline.backbones import spec_from_dict
+
+        spec = spec_from_dict(inputs.features.backbone)
+    return build_head(cfg.head.type, backbone, spec, inputs.seed, feature_dim, num_classes)
+
+
+def _run_in_memory(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
+                   t0: float) -> dict:
+    features = inputs.load()
     train_x, train_y = to_tensors(features.train)
     val_x, val_y = to_tensors(features.val)
-    head = build_head(cfg, plan.spec, features.feature_dim, len(features.classes))
-    bank = ensure_views(cfg, plan, features.feature_dim, device)
+    head = _build(cfg, inputs, backbone, features.feature_dim, len(features.classes))
+    bank = inputs.views(cfg.extract.train_views)
     views = torch.from_numpy(bank.views.astype(np.float32, copy=False)) if bank else None
     t1 = time.perf_counter()
     result = train_head(train_x, train_y, val_x, val_y, len(features.classes), cfg.head, device, cfg.run.seed,
@@ -175,17 +198,18 @@ def _run_in_memory(cfg: Config, device: torch.device, ensured: tuple, t0: float)
     train_seconds = time.perf_counter() - t1
     data = HeadData(features.classes, features.feature_dim, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False),
                     features.val.labels, features.val.paths, {"streamed": False})
-    return _save_and_report(cfg, device, plan, head, result, data, train_seconds, t0)
+    return _save_and_report(cfg, device, inputs, backbone, head, result, data, train_seconds, t0)
 
 
-def _run_streamed(cfg: Config, device: torch.device, plan, reader: fc.FeatureReader, nbytes: int, t0: float) -> dict:
+def _run_streamed(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
+                  reader: fc.FeatureReader, nbytes: int, t0: float) -> dict:
     train_batches, val_batches = streamed_batches(reader, cfg.head.batch_size, cfg.head.max_memory_gb, cfg.run.seed)
     mix = (f", each fill drawn from {train_batches.mix_chunks} random chunks" if train_batches.mixing else "")
     print(stream_message("head", nbytes, cfg.head.max_memory_gb,
                          f"streaming from {reader.path} in chunks of {reader.train.chunk_rows} rows (buffer "
                          f"{size_text(train_batches.nbytes)} for train, {size_text(val_batches.nbytes)} "
                          f"for val{mix})"))
-    head = build_head(cfg, plan.spec, reader.feature_dim, len(reader.classes))
+    head = _build(cfg, inputs, backbone, reader.feature_dim, len(reader.classes))
     t1 = time.perf_counter()
     result = fit_head(head, train_batches, val_batches, cfg.head, device, cfg.run.seed)
     train_seconds = time.perf_counter() - t1
@@ -193,7 +217,7 @@ def _run_streamed(cfg: Config, device: torch.device, plan, reader: fc.FeatureRea
             "buffer_rows": train_batches.rows, "chunk_rows": reader.train.chunk_rows,
             "chunk_reads_per_epoch": train_batches.chunk_reads}
     data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info)
-    return _save_and_report(cfg, device, plan, head, result, data, train_seconds, t0)
+    return _save_and_report(cfg, device, inputs, backbone, head, result, data, train_seconds, t0)
 
 
 def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
@@ -205,29 +229,27 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
             StreamBatches(reader.val, EVAL_BATCH, int(budget * VAL_SHARE), shuffle=False))
 
 
-def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, result: HeadResult,
-                     data: HeadData, train_seconds: float, t0: float) -> dict:
+def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
+                     head: nn.Module, result: HeadResult, data: HeadData, train_seconds: float, t0: float) -> dict:
     """Save head.pt, print the result, predict val in cache order for the reports, record metrics."""
-    artifact = {
-        "kind": "head", "head_type": cfg.head.type, "state_dict": result.state_dict,
-        "classes": list(data.classes), "feature_dim": data.feature_dim,
-        "backbone_config": dataclasses.asdict(cfg.backbone), "backbone": plan.spec.to_dict(),
-        "head_config": dataclasses.asdict(cfg.head), "seed": cfg.run.seed, "cache_key": plan.key,
-        "cache_file": str(plan.path), "data_root": str(plan.data.root), "best_epoch": result.best_epoch,
-        "val_acc": result.best_acc, "history": result.history, "streamed": data.info["streamed"],
-        "versions": environment_info(device)}
+    artifact = ModelArtifact(
+        "head", list(data.classes), result.state_dict, dataclasses.asdict(cfg.head), inputs.features.backbone,
+        dataclasses.asdict(backbone), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
+        str(inputs.features.path), result.history, environment_info(device),
+        {"head_type": cfg.head.type, "best_epoch": result.best_epoch, "val_acc": result.best_acc,
+         "streamed": data.info["streamed"]}).to_dict()
     path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
     seconds = time.perf_counter() - t0
-    entry = {"val_acc": round(result.best_acc, 4), "seconds": round(seconds, 3),
-             "train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
-             "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
-             **data.info, "model_file": str(path), "history": result.history}
+    entry = StageResult("head", round(result.best_acc, 4), round(seconds, 3), str(path), result.history,
+                        {"train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
+                         "epochs": cfg.head.epochs, "head_type": cfg.head.type,
+                         "train_views": cfg.extract.train_views, **data.info}).to_dict()
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
     head.load_state_dict(result.state_dict)
     logits, _ = predict(head, data.val_batches, device)
     preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
-                        plan.data.root, list(data.classes))
+                        inputs.images, list(data.classes))
     entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history))
     update_metrics(cfg.run_dir, "head", entry)
     return entry

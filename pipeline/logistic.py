@@ -24,12 +24,13 @@ from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES, save_joblib
 from pipeline.config import Config, LogisticConfig
-from pipeline.extract import ensure_cache, load_features
 from pipeline.metrics import update_metrics
+from pipeline.orchestrate import StageFeatures, stage_features
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.runtime import environment_info
 from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
-    stream_message, streamed_features
+    stream_message
 
 LOGISTIC_FILE = MODEL_FILES["logistic"]
 SGD_BATCH = 2048    # rows per partial_fit call, at most
@@ -239,8 +240,8 @@ def _full_probs(model: Pipeline, x: np.ndarray, num_classes: int) -> np.ndarray:
     return full
 
 
-def _fit_in_memory(cfg: Config, device: torch.device, ensured: tuple) -> tuple[LogisticFit, object]:
-    features, plan = load_features(cfg, device, ensured=ensured)
+def _fit_in_memory(cfg: Config, inputs: StageFeatures) -> LogisticFit:
+    features = inputs.load()
     x_train = features.train.features.astype(np.float32)
     x_val = features.val.features.astype(np.float32)
     t1 = time.perf_counter()
@@ -249,7 +250,7 @@ def _fit_in_memory(cfg: Config, device: torch.device, ensured: tuple) -> tuple[L
     probs = _full_probs(search.best_estimator_, x_val, len(features.classes))
     return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv_summary(search),
                        float(search.best_score_), probs, features.val.labels, features.val.paths, features.classes,
-                       features.feature_dim, fit_seconds, {"estimator": "LogisticRegression", "streamed": False}), plan
+                       features.feature_dim, fit_seconds, {"estimator": "LogisticRegression", "streamed": False})
 
 
 def _fit_streamed(cfg: Config, reader: fc.FeatureReader, nbytes: int) -> LogisticFit:
@@ -271,33 +272,33 @@ def _fit_streamed(cfg: Config, reader: fc.FeatureReader, nbytes: int) -> Logisti
 
 
 def run_logistic(cfg: Config, device: torch.device) -> dict:
+    """Stage `logistic`: fit on the cache from stage_features (features.file, or data.root's)."""
     t0 = time.perf_counter()
-    plan, extract_entry = ensure_cache(cfg, device)
-    shapes = fc.feature_shapes(plan.path)
+    inputs = stage_features(cfg, device)
+    shapes = inputs.features.shapes()
     if not needs_streaming(shapes, cfg.head.max_memory_gb):
-        fit, plan = _fit_in_memory(cfg, device, (plan, extract_entry))
-        return _save_and_report(cfg, device, plan, fit, t0)
-    with streamed_features(cfg, device, (plan, extract_entry)) as (reader, plan):
+        return _save_and_report(cfg, device, inputs, _fit_in_memory(cfg, inputs), t0)
+    with inputs.stream() as reader:
         fit = _fit_streamed(cfg, reader, float32_nbytes(shapes))
-    return _save_and_report(cfg, device, plan, fit, t0)
+    return _save_and_report(cfg, device, inputs, fit, t0)
 
 
-def _save_and_report(cfg: Config, device: torch.device, plan, fit: LogisticFit, t0: float) -> dict:
+def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, fit: LogisticFit, t0: float) -> dict:
     """Save logistic.joblib, print the result, write the reports, record metrics."""
     val_acc = float(np.mean(fit.val_probs.argmax(1) == fit.val_labels)) if len(fit.val_labels) else 0.0
-    artifact = {"kind": "logistic", "model": fit.model, "classes": list(fit.classes),
-                "feature_dim": fit.feature_dim, "backbone_config": dataclasses.asdict(cfg.backbone),
-                "backbone": plan.spec.to_dict(), "logistic_config": dataclasses.asdict(cfg.logistic),
-                "C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"], "streamed": fit.info["streamed"],
-                "seed": cfg.run.seed, "cache_key": plan.key, "cache_file": str(plan.path),
-                "data_root": str(plan.data.root), "versions": environment_info(device)}
+    artifact = ModelArtifact(
+        "logistic", list(fit.classes), fit.model, dataclasses.asdict(cfg.logistic), inputs.features.backbone,
+        inputs.backbone_config, inputs.seed, inputs.data_root, fit.feature_dim, inputs.features.key,
+        str(inputs.features.path), versions=environment_info(device),
+        extra={"C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"],
+               "streamed": fit.info["streamed"]}).to_dict()
     path = save_joblib(artifact, cfg.run_dir / LOGISTIC_FILE)
-    entry = {"val_acc": round(val_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
-             "fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c, "cv_accuracy": round(fit.cv_accuracy, 4),
-             "cv": fit.cv, **fit.info, "model_file": str(path)}
+    entry = StageResult("logistic", round(val_acc, 4), round(time.perf_counter() - t0, 3), str(path),
+                        details={"fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c,
+                                 "cv_accuracy": round(fit.cv_accuracy, 4), "cv": fit.cv, **fit.info}).to_dict()
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
-    preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, plan.data.root, list(fit.classes))
+    preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
     entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv))
     update_metrics(cfg.run_dir, "logistic", entry)
     return entry

@@ -20,6 +20,7 @@ from pipeline.backbones import (BackboneSpec, build_classifier, build_feature_ex
                                 resolve_backbone)
 from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
+from pipeline.records import ModelArtifact
 
 
 @dataclass
@@ -76,6 +77,7 @@ def load_artifact(run_dir: Path, kind: str, trust: bool = False) -> dict:
     obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
     if not isinstance(obj, dict) or "classes" not in obj:
         raise PipelineError(f"'{path}' is not a {kind} model written by this tool")
+    ModelArtifact.from_dict(obj, f"'{path}'")  # a version this tool reads, with the keys every reader needs
     return obj
 
 
@@ -92,8 +94,8 @@ def backbone_of(artifact: dict) -> tuple[BackboneConfig, BackboneSpec]:
 
 def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     cfg, spec = backbone_of(artifact)
-    torch.manual_seed(artifact["seed"])  # as at extraction: a random-init backbone must be the same one
-    return build_feature_extractor(cfg, spec).to(device, memory_format=torch.channels_last)
+    # seeded as at extraction: a random-init backbone must be the same one
+    return build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
 
 
 def _head_module(artifact: dict) -> nn.Module:

@@ -11,15 +11,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, ReportConfig
-from pipeline.data import ImageListDataset, Split, discover_image_folder, eval_transform, load_image
 from pipeline.metrics import mean_per_class_accuracy, per_class_accuracy, read_metrics, write_json
-from pipeline.predictor import Predictor, load_artifact, model_path, predictor_from_artifact
 
 REPORT_DIR = "reports"
 THUMBNAIL = 128
@@ -33,7 +30,7 @@ class Predictions:
     probs: np.ndarray      # (n_samples, num_classes)
     targets: np.ndarray    # (n_samples,) int
     paths: list[str]       # relative to root
-    root: Path
+    root: Optional[Path]   # None: no image tree (features.file), the grid shows placeholders
     classes: list[str]
 
     @property
@@ -80,20 +77,28 @@ def _classification_report_text(preds: Predictions, title: str) -> str:
             f"mean per-class acc    {s['mean_per_class_acc']:.4f}\n")
 
 
+def _thumbnail(root: Optional[Path], rel: str):
+    """The image as a thumbnail; a grey tile when it went away since, or when there is no image tree."""
+    from PIL import Image
+
+    if root is not None:
+        from pipeline.data import load_image
+
+        try:
+            img = load_image(root / rel)
+            img.thumbnail((THUMBNAIL, THUMBNAIL))
+            return img
+        except (OSError, ValueError):
+            pass
+    return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
+
+
 def _grid(preds: Predictions, n: int, path: Path, title: str) -> Path:
     from pipeline.plots import grid_indices, plot_prediction_grid
 
     confidence = preds.probs.max(1)
     idx = grid_indices(preds.targets, preds.predicted, confidence, n)
-    images = []
-    for i in idx:
-        try:
-            img = load_image(preds.root / preds.paths[i])
-            img.thumbnail((THUMBNAIL, THUMBNAIL))
-        except (OSError, ValueError):
-            from PIL import Image
-            img = Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))  # the file went away since
-        images.append(img)
+    images = [_thumbnail(preds.root, preds.paths[i]) for i in idx]
     wrong = int(np.sum(preds.targets != preds.predicted))
     return plot_prediction_grid(images, [preds.classes[preds.targets[i]] for i in idx],
                                 [preds.classes[preds.predicted[i]] for i in idx],
@@ -152,15 +157,18 @@ def finish_stage(cfg: Config, kind: str, preds: Predictions, artifact: dict,
 
 # ----------------------------------------------------------------------------- from artifacts
 @torch.inference_mode()
-def probs_over_images(predictor: Predictor, root: Path, split: Split, batch_size: int,
-                      num_workers: int) -> np.ndarray:
-    """(n_samples, num_classes) probabilities for split's images, in order."""
+def probs_over_images(predictor, root: Path, split, batch_size: int, num_workers: int) -> np.ndarray:
+    """(n_samples, num_classes) probabilities for split's images (a data.Split), in order."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import ImageListDataset, eval_transform
+
     dataset = ImageListDataset(root, split, eval_transform(predictor.preprocess))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return np.concatenate([predictor.probs_from_images(x) for x, _ in loader])
 
 
-def cached_probs(predictor: Predictor, split: fc.SplitReader) -> np.ndarray:
+def cached_probs(predictor, split: fc.SplitReader) -> np.ndarray:
     """(n_samples, num_classes) probabilities from a split's cached features, read READ_BYTES at a time."""
     rows = max(1, READ_BYTES // (4 * split.feature_dim))
     buffer = np.empty((min(rows, split.n_rows), split.feature_dim), dtype=np.float32)
@@ -170,24 +178,45 @@ def cached_probs(predictor: Predictor, split: fc.SplitReader) -> np.ndarray:
 
 
 def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: int = 64,
-                    num_workers: int = 0, trust: bool = False) -> Predictions:
+                    num_workers: int = 0, trust: bool = False, features_file: Optional[str] = None) -> Predictions:
     """Predictions of run_dir's saved `kind` model on val: from the cache when it still holds the
-    features the model was trained on, else by running the model on the val images."""
+    features the model was trained on, else by running the model on the val images.
+
+    features_file: read the cached features from this file instead of the one the model records, and
+    never fall back to the images (features.file: no image tree).
+    """
+    from pipeline.predictor import load_artifact, model_path, predictor_from_artifact
+
     artifact = load_artifact(run_dir, kind, trust)
     if "data_root" not in artifact:
         raise PipelineError(f"{model_path(run_dir, kind)} does not record its data folder (an older version "
                             f"wrote it): run the {kind} stage again to get its reports")
     classes = list(artifact["classes"])
-    root = Path(artifact["data_root"])
+    root = None if features_file else Path(artifact["data_root"])
     if kind in ("head", "logistic"):
         try:
             predictor = predictor_from_artifact(kind, artifact, device, with_backbone=False)
-            with fc.open_features(artifact["cache_file"], artifact["cache_key"]) as cache:
+            with fc.open_features(features_file or artifact["cache_file"], artifact["cache_key"]) as cache:
                 return Predictions(cached_probs(predictor, cache.val), cache.val.labels, cache.val.paths, root,
                                    classes)
         except fc.CacheError as e:
+            if features_file:
+                raise fc.CacheError(f"report: {kind}: features.file does not hold the features "
+                                    f"{model_path(run_dir, kind).name} was trained on: {e}") from None
             print(f"report: {kind}: the cached val features are not usable ({e}); running the backbone "
                   "over the val images instead")
+    if features_file:
+        raise PipelineError(f"report: the {kind} model needs the images (it does not train from the cache); "
+                            "unset features.file, or leave it out of the run folder")
+    return _predictions_from_images(run_dir, kind, artifact, device, batch_size, num_workers)
+
+
+def _predictions_from_images(run_dir: Path, kind: str, artifact: dict, device: torch.device, batch_size: int,
+                             num_workers: int) -> Predictions:
+    from pipeline.data import discover_image_folder
+    from pipeline.predictor import model_path, predictor_from_artifact
+
+    classes, root = list(artifact["classes"]), Path(artifact["data_root"])
     data = discover_image_folder(root)
     if list(data.classes) != classes:
         raise PipelineError(f"the classes in '{root}' ({', '.join(data.classes)}) are not the ones "
@@ -198,8 +227,13 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
 
 
 def run_report(cfg: Config, device: torch.device) -> dict:
-    """Regenerate the reports of every model saved in the run folder."""
+    """Regenerate the reports of every model saved in the run folder (with features.file: the cached ones,
+    from that file alone)."""
+    from pipeline.predictor import load_artifact, model_path
+
     kinds = [k for k in MODEL_FILES if model_path(cfg.run_dir, k).is_file()]
+    if cfg.features.file:
+        kinds = [k for k in kinds if k != "finetune"]  # finetune reads images, not features
     if not kinds:
         subs = sorted({p.parent.name for k in MODEL_FILES for p in cfg.run_dir.glob(f"*/{MODEL_FILES[k]}")})
         hint = f" (its benchmark sub-folders have models: --set run.name={cfg.run.name}/{subs[0]})" if subs else ""
@@ -210,7 +244,7 @@ def run_report(cfg: Config, device: torch.device) -> dict:
     for kind in kinds:
         artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
         preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
-                                cfg.run.trust_artifacts)
+                                cfg.run.trust_artifacts, cfg.features.file)
         entry = metrics.get(kind, {})
         history = entry.get("history") or artifact.get("history")
         cv = entry.get("cv") or artifact.get("cv")

@@ -77,13 +77,12 @@ def seed_everything(seed: int) -> None:
 
 
 def environment_info(device: torch.device) -> dict:
-    """Versions and hardware facts recorded next to results."""
-    import torchvision
-
+    """Versions and hardware facts recorded next to results (torchvision's without importing it)."""
+    torchvision = sys.modules.get("torchvision")
     info = {
         "python": platform.python_version(),
         "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
+        "torchvision": str(torchvision.__version__) if torchvision else _installed_version("torchvision"),
         "numpy": str(np.__version__),
         "pillow": _pillow_version(),
         "device": str(device),
@@ -92,6 +91,15 @@ def environment_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _installed_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _pillow_version() -> str:

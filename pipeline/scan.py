@@ -31,6 +31,7 @@ from pipeline import cache as fc
 from pipeline import distributed as dd
 from pipeline.data import ImageFolderData, Split, image_problem, resolve_in_root
 from pipeline.metrics import write_json
+from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
 
 BAD_FILES = "bad_files.json"
 RACY_SECONDS = 2.0
@@ -70,22 +71,22 @@ def _stat_signature(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _check_file(root: Path, rel: str, known: Optional[fc.ScanEntry], use_stat: bool,
-                stable_before_ns: int) -> tuple[Optional[fc.ScanEntry], bool, bool]:
+def _check_file(root: Path, rel: str, known: Optional[ScanEntry], use_stat: bool,
+                stable_before_ns: int) -> tuple[Optional[ScanEntry], bool, bool]:
     """(entry, hashed now, safe to remember) for one file."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        return fc.ScanEntry((), "", "bad_name", "the file name is not valid UTF-8; rename the file"), False, False
+        return ScanEntry((), "", "bad_name", "the file name is not valid UTF-8; rename the file"), False, False
     path = resolve_in_root(root, rel)
     try:
         st = os.stat(path)
     except OSError as e:
         if os.path.islink(path):
-            return fc.ScanEntry((), "", "broken_symlink", f"link to missing '{os.readlink(path)}'"), False, False
-        return fc.ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
+            return ScanEntry((), "", "broken_symlink", f"link to missing '{os.readlink(path)}'"), False, False
+        return ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
     if not stat.S_ISREG(st.st_mode):
-        return fc.ScanEntry((), "", "unreadable", "not a regular file"), False, False
+        return ScanEntry((), "", "unreadable", "not a regular file"), False, False
     signature = _stat_signature(st)
     if use_stat and known is not None and known.stat == signature:
         return known, False, False
@@ -93,10 +94,10 @@ def _check_file(root: Path, rel: str, known: Optional[fc.ScanEntry], use_stat: b
         data = path.read_bytes()
         after = _stat_signature(os.stat(path))
     except OSError as e:
-        return fc.ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
+        return ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
     problem = image_problem(data)
     reason, detail = problem if problem else ("", "")
-    entry = fc.ScanEntry(signature, hashlib.sha256(data).hexdigest(), reason, detail)
+    entry = ScanEntry(signature, hashlib.sha256(data).hexdigest(), reason, detail)
     settled = after == signature and max(st.st_mtime_ns, st.st_ctime_ns) < stable_before_ns
     return entry, True, settled
 
@@ -110,7 +111,7 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
     every rank returns the same result; only rank 0 writes the index.
     """
     use_stat = verify == "stat" and index_path is not None
-    known = fc.read_scan_index(index_path) if use_stat else {}
+    known = read_scan_index(index_path) if use_stat else {}
     stable_before_ns = time.time_ns() - int(RACY_SECONDS * 1e9)
     splits = {s: data.split(s) for s in fc.SPLITS}
     todo = [rel for s in fc.SPLITS for rel in splits[s].paths]
@@ -150,15 +151,15 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
                       sum(1 for r in results if r[1]))
 
 
-def _update_index(index_path: Path, known: dict[str, fc.ScanEntry], by_path: dict) -> None:
+def _update_index(index_path: Path, known: dict[str, ScanEntry], by_path: dict) -> None:
     """Remember settled files for the next run's stat fast path; an unwritable cache folder only costs speed."""
     entries = {rel: entry for rel, (entry, hashed, settled) in by_path.items()
                if settled or (not hashed and entry.stat and known.get(rel) == entry)}
     if entries == known:
         return
     try:
-        fc.remove_stale_scan_temps(index_path)
-        fc.write_scan_index(index_path, entries)
+        remove_stale_scan_temps(index_path)
+        write_scan_index(index_path, entries)
     except OSError:
         pass
 

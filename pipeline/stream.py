@@ -17,7 +17,6 @@ Every row is yielded exactly once per pass, and the buffer is allocated once.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import numpy as np
@@ -26,7 +25,6 @@ import torch
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.config import Config
-from pipeline.extract import CachePlan, discard_if_damaged, load_features
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -79,28 +77,6 @@ def check_views_budget(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
             f"head.max_memory_gb={cfg.head.max_memory_gb:g}, and the view bank is not streamed: set "
             f"extract.train_views=0 to train from the clean features (streamed from disk when they exceed the "
             f"budget), or raise head.max_memory_gb to at least {need:g}")
-
-
-@contextmanager
-def streamed_features(cfg: Config, device: torch.device,
-                      ensured: tuple[CachePlan, dict]) -> Iterator[tuple[fc.FeatureReader, CachePlan]]:
-    """The verified cache, open for streaming (rebuilt first if it fails to open, as in load_features).
-
-    A checksum that fails while streaming deletes the damaged file (if it does not verify in full when
-    read again) and raises CacheError saying to run the stage again, which extracts it anew.
-    """
-    reader, plan = load_features(cfg, device, read=fc.open_features, ensured=ensured)
-    try:
-        yield reader, plan
-    except fc.CacheError as e:
-        reader.close()
-        if discard_if_damaged(cfg, plan):
-            raise fc.CacheError(f"{e}; the damaged cache was removed: run the stage again to extract it "
-                                "anew") from None
-        raise fc.CacheError(f"{e}; the file verifies in full when read again, so it was kept: run the stage "
-                            "again (if it fails again, check the disk)") from None
-    finally:
-        reader.close()
 
 
 class StreamBatches:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline.backbones import build_feature_extractor
+from pipeline.cache.h5 import read_arrays, write_arrays
 from pipeline.config import Config
-from pipeline.data import ImageListDataset, train_transform
+from pipeline.frozen import build_frozen, frozen_features
 from pipeline.runtime import progress
 
 AUGMENTATION = "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip(0.5)"
@@ -57,16 +60,22 @@ class ViewBank:
 
 
 def views_key(plan, n_views: int, views_seed: int) -> str:
-    return fc.digest({"cache_key": plan.key, "n_views": n_views, "views_seed": views_seed,
-                      "augmentation": AUGMENTATION, "preprocess": plan.spec.preprocess.to_dict()})
+    return bank_key(plan.key, plan.spec.preprocess.to_dict(), n_views, views_seed)
+
+
+def bank_key(cache_key: str, preprocess: dict, n_views: int, views_seed: int) -> str:
+    """The view bank's key: the clean cache's key, K, the seed, the augmentation and the preprocessing."""
+    return fc.digest({"cache_key": cache_key, "n_views": n_views, "views_seed": views_seed,
+                      "augmentation": AUGMENTATION, "preprocess": preprocess})
 
 
 @torch.inference_mode()
 def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     """Run the frozen backbone over K augmented views of every train image: (K, n_train, feature_dim)."""
+    from pipeline.data import ImageListDataset, train_transform
+
     k = cfg.extract.train_views
-    torch.manual_seed(cfg.run.seed)  # random-init backbones ('none') depend on it, as in extract
-    extractor = build_feature_extractor(cfg.backbone, plan.spec).to(device, memory_format=torch.channels_last)
+    extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)  # as in extract
     images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
     dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, cfg.extract.views_seed)
     loader = DataLoader(dataset, batch_size=max(1, cfg.extract.batch_size // k), shuffle=False,
@@ -74,14 +83,40 @@ def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     out = np.empty((k, len(dataset), extractor.feature_dim), dtype=cfg.extract.dtype)
     start = 0
     with progress(total=len(dataset) * k, desc="views", unit="img") as bar:
-        for batch in loader:  # (B, K, 3, H, W)
-            b = len(batch)
-            x = batch.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            feats = extractor(x).float().cpu().numpy().reshape(b, k, -1)  # (B, K, D)
-            out[:, start:start + b] = feats.transpose(1, 0, 2)
+        flat = (batch.flatten(0, 1) for batch in loader)  # (B, K, 3, H, W) -> (B * K, 3, H, W)
+        for feats in frozen_features(extractor, flat, device):
+            b = len(feats) // k
+            out[:, start:start + b] = feats.reshape(b, k, -1).transpose(1, 0, 2)  # (B, K, D) -> (K, B, D)
             start += b
             bar.update(b * k)
     return out
+
+
+def views_path(path: Path, views_key: str) -> Path:
+    """The view bank of the cache at path: <cache stem>.views-<views_key[:16]>.h5 beside it."""
+    return Path(path).with_name(f"{Path(path).stem}.views-{views_key[:16]}.h5")
+
+
+def write_views(path: Path, views: np.ndarray, attrs: dict) -> Path:
+    """Write /train/views (n_views, n_train, feature_dim) under a temporary name, then rename it."""
+    k, n, d = views.shape
+    options = {"train/views": {"chunks": (1, max(1, min(n, fc.ROW_CHUNK)), d) if n else None, "fletcher32": True}}
+    return write_arrays(path, {"train/views": views}, {**attrs, "complete": True}, options, in_memory=False)
+
+
+def read_views(path: Path, views_key: str, cache_key: str, n_train: int, feature_dim: int) -> Optional[np.ndarray]:
+    """The bank (n_views, n_train, feature_dim) if path holds one for exactly these keys, else None.
+
+    An unreadable file or a failed checksum also gives None: the bank is rebuilt, never reused.
+    """
+    def accept(attrs: dict, shapes: dict) -> bool:
+        shape, dtype = shapes["train/views"]
+        return (bool(attrs.get("complete")) and attrs.get("views_key") == views_key
+                and attrs.get("cache_key") == cache_key and len(shape) == 3
+                and shape[1:] == (n_train, feature_dim) and dtype.name in fc.FEATURE_DTYPES)
+
+    found = read_arrays(path, ("train/views",), accept)
+    return None if found is None else found["train/views"]
 
 
 def ensure_views(cfg: Config, plan, feature_dim: int, device: torch.device) -> ViewBank | None:
@@ -90,14 +125,29 @@ def ensure_views(cfg: Config, plan, feature_dim: int, device: torch.device) -> V
     if k == 0:
         return None
     key = views_key(plan, k, cfg.extract.views_seed)
-    path = fc.views_path(plan.path, key)
-    views = fc.read_views(path, key, plan.key, len(plan.data.train), feature_dim)
+    path = views_path(plan.path, key)
+    views = read_views(path, key, plan.key, len(plan.data.train), feature_dim)
     if views is not None:
         print(f"views: bank hit {path} ({k} views x {views.shape[1]} train images)")
         return ViewBank(views, str(path), built=False)
     print(f"views: extracting {k} augmented views of {len(plan.data.train)} train images")
     views = extract_views(cfg, plan, device)
-    fc.write_views(path, views, {"views_key": key, "cache_key": plan.key, "n_views": k,
+    write_views(path, views, {"views_key": key, "cache_key": plan.key, "n_views": k,
                                  "views_seed": cfg.extract.views_seed, "augmentation": AUGMENTATION,
                                  "seeds": "sha256(views_seed:k:image_sha256)[:16] per view"})
     return ViewBank(views, str(path), built=True)
+
+
+def read_bank(features: fc.FeatureSet, n_views: int, views_seed: int) -> ViewBank | None:
+    """The view bank beside a cache used on its own (features.file); building one needs the images."""
+    if n_views == 0:
+        return None
+    key = bank_key(features.key, features.backbone["preprocess"], n_views, views_seed)
+    path = views_path(features.path, key)
+    views = read_views(path, key, features.key, len(features.manifests["train"]), features.feature_dim)
+    if views is None:
+        raise PipelineError(f"extract.train_views={n_views} needs a view bank beside features.file "
+                            f"'{features.path}' (expected {path.name}), and building one needs the images: "
+                            "run the extract stage with data.root set, or set extract.train_views=0")
+    print(f"views: bank hit {path} ({n_views} views x {views.shape[1]} train images)")
+    return ViewBank(views, str(path), built=False)

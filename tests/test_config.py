@@ -114,3 +114,25 @@ def test_section_must_be_object(tmp_path):
 def test_roundtrip_through_json(tmp_path):
     cfg = load_config(None, ["head.lr=0.05", "run.seed=7"])
     assert load_config(write(tmp_path, json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_params_json_is_a_copy_of_the_defaults():
+    """Defaults live in the dataclasses; params.json shows every key with the same value (so --help is what runs)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.config import Config
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "params.json").read_text())
+    assert shipped == Config().to_dict()
+    assert load_config(Path(__file__).resolve().parents[1] / "params.json") == Config()
+
+
+def test_help_prints_the_defaults_that_run():
+    from pipeline.config import Config, describe_keys
+
+    text = describe_keys()
+    defaults = Config()
+    assert f"finetune.epochs (default {defaults.finetune.epochs})" in text
+    assert f"backbone.image_size (default {defaults.backbone.image_size})" in text
+    assert "features.file (default null): a cache file written by extract" in text

@@ -105,7 +105,7 @@ def test_classifier_head_starts_from_the_backbone_dense_weights(tiny_cfg):
 
     cfg = tiny_cfg("backbone.name=vgg11", "backbone.cut=conv", "head.type=classifier")
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
-    head = build_head(cfg, spec, 25088, 2)
+    head = build_head(cfg.head.type, cfg.backbone, spec, cfg.run.seed, 25088, 2)
     torch.manual_seed(cfg.run.seed)
     net = build_network(cfg.backbone, spec)
     assert torch.equal(head[0].weight, net.classifier[0].weight)

@@ -67,7 +67,7 @@ def test_streamed_heads_match_the_in_memory_path_on_real_features(digits_args, c
 
     from pipeline import cache as fc
     from pipeline.config import HeadConfig
-    from pipeline.extract import to_tensors
+    from pipeline.engine import to_tensors
     from pipeline.head import fit_head, streamed_batches, train_head
 
     tmp, args = digits_args

@@ -9,6 +9,7 @@ from PIL import Image
 
 import pipeline.extract as ex
 from pipeline import cache as fc
+from pipeline.cache import key as cache_key
 from pipeline import data as imgdata
 from pipeline.backbones import resolve_backbone
 
@@ -64,7 +65,7 @@ def test_every_preprocessing_parameter_changes_the_key(tiny_cfg, field, value):
 
 @pytest.mark.parametrize("target, attr, value", [
     (torch, "__version__", "2.99.0"), (torchvision, "__version__", "0.99.0"),
-    (fc, "FORMAT_VERSION", 99), (imgdata, "DECODE_VERSION", 99)])
+    (cache_key, "FORMAT_VERSION", 99), (imgdata, "DECODE_VERSION", 99)])
 def test_versions_change_the_key(tiny_cfg, monkeypatch, target, attr, value):
     before = keys(tiny_cfg())[0]
     monkeypatch.setattr(target, attr, value)
@@ -156,7 +157,7 @@ def test_weights_change_is_named_in_the_miss(tiny_cfg, weights_file, monkeypatch
     # Building from the fake file is not needed: the extractor comes from random weights, the key from the file.
     real_build = backbones.build_network
     monkeypatch.setattr(backbones, "build_network",
-                        lambda cfg, spec: real_build(dataclasses.replace(cfg, weights="none"), spec))
+                        lambda cfg, spec, seed=None: real_build(dataclasses.replace(cfg, weights="none"), spec, seed))
     ex.run_extract(tiny_cfg(f"backbone.weights={weights_file}"), torch.device("cpu"))
     weights_file.write_bytes(b"weights, version 2")
     entry = ex.run_extract(tiny_cfg(f"backbone.weights={weights_file}"), torch.device("cpu"))

@@ -4,6 +4,7 @@ import pytest
 
 from pipeline import cache as fc
 from pipeline import scan as sc
+from pipeline import scan_index
 from pipeline.data import discover_image_folder
 from tests.conftest import make_image_folder
 
@@ -58,7 +59,7 @@ def test_damaged_index_is_ignored(folder, monkeypatch):
     index.write_bytes(b"garbage")
     again = scan(root, index)
     assert again.n_hashed == 11 and again.manifests == first.manifests
-    assert fc.read_scan_index(index)  # rewritten
+    assert scan_index.read_scan_index(index)  # rewritten
 
 
 def test_threads_give_the_same_rows(folder):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline import cache as fc
+from pipeline.cache.freshness import _describe_config_change
 
 
 def manifest(paths, labels):
@@ -103,12 +104,12 @@ def test_float16_storage(tmp_path):
 def test_config_changes_are_described():
     old = {"format_version": 2, "backbone": "resnet18", "weights": "a", "dtype": "float32",
            "preprocess": {"crop_size": 32, "resize_size": 37, "mean": [0.5]}}
-    assert fc._describe_config_change(old, {**old, "weights": "b"}) == "weights changed"
-    assert fc._describe_config_change(old, {**old, "backbone": "vgg11", "dtype": "float16"}) == \
+    assert _describe_config_change(old, {**old, "weights": "b"}) == "weights changed"
+    assert _describe_config_change(old, {**old, "backbone": "vgg11", "dtype": "float16"}) == \
         "backbone changed (resnet18 -> vgg11), storage dtype changed (float32 -> float16)"
-    assert fc._describe_config_change(old, {**old, "preprocess": {**old["preprocess"], "mean": [0.4]}}) == \
+    assert _describe_config_change(old, {**old, "preprocess": {**old["preprocess"], "mean": [0.4]}}) == \
         "preprocessing changed (mean [0.5] -> [0.4])"
-    assert fc._describe_config_change({"format_version": 1}, {**old, "cut": "pool"}) == "cache format changed (1 -> 2)"
+    assert _describe_config_change({"format_version": 1}, {**old, "cut": "pool"}) == "cache format changed (1 -> 2)"
 
 
 # ----------------------------------------------------------------------------- streaming reader

@@ -1,0 +1,106 @@
+"""The cache key and the names of a cache's files: what identifies a feature row and a cache file.
+
+The config key is the SHA-256 of `feature_config()`; the rows are (path, label, SHA-256 of the
+image's bytes) per split; the full key is SHA-256(config key, digest of classes + every row).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import PipelineError
+from pipeline.fsutil import sha256_file
+
+FORMAT_VERSION = 2
+SPLITS = ("train", "val")
+ROW_CHUNK = 256           # HDF5 chunk rows of a complete file's features
+FEATURE_DTYPES = ("float32", "float16")  # storage dtypes of cached features
+
+
+class CacheError(PipelineError):
+    pass
+
+
+def digest(obj) -> str:
+    """SHA-256 of a JSON-serialisable object in canonical form."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+hash_file = sha256_file  # the image bytes' SHA-256: a row's identity
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """The rows of one split, in order: what image, what label, what bytes."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    sha256: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rows(self) -> set[tuple[str, int, str]]:
+        return set(zip(self.paths, self.labels, self.sha256))
+
+
+def build_manifest(root: Path, paths: tuple[str, ...], labels: tuple[int, ...]) -> SplitManifest:
+    """Hash every image's bytes so that an edited file can never reuse stale features."""
+    return SplitManifest(tuple(paths), tuple(labels), tuple(hash_file(Path(root) / p) for p in paths))
+
+
+def manifest_digest(classes: tuple[str, ...], manifests: dict[str, SplitManifest]) -> str:
+    return digest({"classes": list(classes),
+                   **{s: [list(m.paths), list(m.labels), list(m.sha256)] for s, m in manifests.items()}})
+
+
+def cache_key(config_key: str, manifest: str) -> str:
+    return hashlib.sha256(f"{config_key}:{manifest}".encode()).hexdigest()
+
+
+def cache_path(cache_dir: str | Path, backbone: str, config_key: str) -> Path:
+    """One file per feature configuration; the image list is checked inside it."""
+    return Path(cache_dir) / f"{backbone}-{config_key[:16]}.h5"
+
+
+def partial_dir(path: Path) -> Path:
+    """Resumable work for the cache at path: chunk files of an unfinished extraction."""
+    return path.with_name(path.stem + ".partial")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".lock")
+
+
+def write_error(folder: Path, e: Exception) -> CacheError:
+    """A clear error for a failed write (disk full, read-only folder), whether from the OS or from HDF5."""
+    code = getattr(e, "errno", None)
+    if not code:  # HDF5 reports the OS error inside its own multi-line text
+        found = re.search(r"errno = (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    why = os.strerror(code) if code else str(e).splitlines()[0]
+    return CacheError(f"cannot write to cache folder '{folder}': {why}. Free disk space or make the folder "
+                      "writable, or set extract.cache_dir to another folder; any previous cache is untouched")
+
+
+def feature_config(spec, dtype: str) -> dict:
+    """Everything that changes the features except the image list (which the manifest covers).
+
+    The single definition of the cache key's inputs; nothing that only affects heads or
+    finetuning belongs here. spec: a backbones.BackboneSpec.
+    """
+    import torch
+    import torchvision
+
+    from pipeline import data  # DECODE_VERSION: read at call time
+
+    return {"format_version": FORMAT_VERSION, "backbone": spec.name, "weights": spec.weights_id,
+            "cut": spec.cut,  # pool: the final classifier's pooled input; conv: the flattened conv trunk
+            "preprocess": spec.preprocess.to_dict(), "decode": data.DECODE_VERSION, "dtype": dtype,
+            "rewrites": ["fold_bn"],  # inference-only rewrites of the extractor (pipeline.fold)
+            "torch": ".".join(torch.__version__.split(".")[:2]),
+            "torchvision": ".".join(torchvision.__version__.split(".")[:2])}

@@ -1,0 +1,290 @@
+"""Writing caches: the chunk store of unfinished work, the complete-file writer, assembly from computed rows."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import h5py
+import numpy as np
+
+from pipeline.cache.h5 import attrs_of, open_h5
+from pipeline.cache.key import (FORMAT_VERSION, ROW_CHUNK, SPLITS, CacheError, SplitManifest, cache_key, digest,
+                                manifest_digest, write_error)
+from pipeline.cache.reader import verify_cache
+from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
+
+ASSEMBLE_ROWS = 4096      # rows copied per step when assembling a complete file
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Where a computed feature row already lives: file, dataset and row index."""
+
+    file: Path
+    dataset: str
+    row: int
+
+
+def previous_rows(path: Path, config_key: str) -> tuple[dict[str, RowSource], Optional[int]]:
+    """sha256 -> row of an intact complete cache at path with this config key (the previous run's rows)."""
+    if not path.is_file():
+        return {}, None
+    try:
+        attrs, manifests = verify_cache(path)
+    except CacheError:
+        return {}, None
+    if attrs["config_key"] != config_key:
+        return {}, None
+    try:
+        check_features(path)
+    except CacheError as e:
+        print(f"extract: not reusing rows of a damaged cache: {e}")
+        return {}, None
+    rows: dict[str, RowSource] = {}
+    for split, m in manifests.items():
+        for i, h in enumerate(m.sha256):
+            rows.setdefault(h, RowSource(path, f"{split}/features", i))
+    return rows, int(attrs["feature_dim"])
+
+
+def is_intact(path: Path) -> bool:
+    """True when path is a complete cache whose structure, rows, key and feature checksums all verify."""
+    try:
+        verify_cache(path)
+        check_features(path)
+    except CacheError:
+        return False
+    return True
+
+
+def check_features(path: Path, datasets: Iterable[str] = tuple(f"{s}/features" for s in SPLITS)) -> None:
+    """Read every feature row once so HDF5 verifies the fletcher32 checksums; CacheError on damage."""
+    try:
+        with open_h5(path) as f:
+            for name in datasets:
+                ds = f[name]
+                for start in range(0, ds.shape[0], ASSEMBLE_ROWS):
+                    ds[start:start + ASSEMBLE_ROWS]
+    except (OSError, KeyError) as e:
+        raise CacheError(f"cannot read features of '{path}': {e}") from None
+
+
+class ChunkStore:
+    """Rows computed by an unfinished extraction: self-contained chunk files in `<name>.partial/`.
+
+    Each chunk file holds `sha256` (k,) and `features` (k, feature_dim) and is renamed into place
+    only once complete, so the folder never holds a torn chunk under a real name.
+    """
+
+    def __init__(self, folder: Path, config_key: str, dtype: str) -> None:
+        self.folder = Path(folder)
+        self.config_key = config_key
+        self.dtype = np.dtype(dtype)
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.h5")) if self.folder.is_dir() else []
+
+    def clean(self) -> None:
+        """Remove temporary files of dead writers (call with the cache lock held)."""
+        if self.folder.is_dir():
+            for tmp in self.folder.glob(".chunk-*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def read_chunk(self, path: Path) -> tuple[list[str], int]:
+        """(sha256 of each row, feature_dim) of an intact chunk file; CacheError otherwise."""
+        with open_h5(path) as f:
+            attrs = attrs_of(f)
+            if not attrs.get("complete") or attrs.get("config_key") != self.config_key \
+                    or attrs.get("format_version") != FORMAT_VERSION:
+                raise CacheError(f"chunk '{path}' is incomplete or for another configuration")
+            if "sha256" not in f or "features" not in f:
+                raise CacheError(f"chunk '{path}' lacks its datasets")
+            sha, feats = f["sha256"], f["features"]
+            if sha.ndim != 1 or sha.dtype != np.dtype("S64") or feats.ndim != 2 \
+                    or feats.shape[0] != sha.shape[0] or feats.dtype != self.dtype:
+                raise CacheError(f"chunk '{path}' has an unexpected structure")
+            hashes, dim = [h.decode() for h in sha[()]], int(feats.shape[1])
+        check_features(path, ("features",))
+        return hashes, dim
+
+    def rows(self) -> tuple[dict[str, RowSource], Optional[int]]:
+        """sha256 -> row for every intact chunk; damaged ones are deleted (their rows get recomputed)."""
+        rows: dict[str, RowSource] = {}
+        dim = None
+        for path in self.chunk_files():
+            try:
+                hashes, dim_here = self.read_chunk(path)
+            except CacheError as e:
+                print(f"extract: discarding {e}")
+                path.unlink(missing_ok=True)
+                continue
+            dim = dim_here
+            for i, h in enumerate(hashes):
+                rows.setdefault(h, RowSource(path, "features", i))
+        return rows, dim
+
+    def write(self, sha256: list[str], features: np.ndarray) -> Path:
+        """Save one chunk: sha256 (k,), features (k, feature_dim) in the storage dtype.
+
+        The HDF5 image is built in memory and written with plain file I/O, so a full disk is an
+        ordinary OSError rather than a failure inside the HDF5 library.
+        """
+        path = self.folder / f"chunk-{digest(sha256)[:16]}.h5"
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
+            f.create_dataset("sha256", data=np.asarray(sha256, dtype="S64"))
+            f.create_dataset("features", data=features.astype(self.dtype, copy=False),
+                             chunks=features.shape, fletcher32=True)
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["config_key"] = self.config_key
+            f.attrs["complete"] = True
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, image.getvalue(), tmp=self.folder / f".{path.stem}.{os.getpid()}.tmp")
+        except OSError as e:
+            raise write_error(self.folder.parent, e) from None
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- writing
+class CacheWriter:
+    """Write a cache under a temporary name; `commit` marks it complete and renames it into place.
+
+    Leaving the `with` block without commit (an exception, Ctrl-C) deletes the temporary file and
+    leaves any previous cache at `path` untouched.
+    """
+
+    def __init__(self, path: str | Path, feature_dim: int, dtype: str) -> None:
+        self.path = Path(path)
+        self.feature_dim = feature_dim
+        self.dtype = np.dtype(dtype)
+        self.tmp = temp_path(self.path)
+        self.manifests: dict[str, SplitManifest] = {}
+        self._file: Optional[h5py.File] = None
+
+    def __enter__(self) -> "CacheWriter":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self.tmp, "w")
+        except (OSError, RuntimeError) as e:
+            raise write_error(self.path.parent, e) from None
+        return self
+
+    def create_split(self, split: str, manifest: SplitManifest) -> None:
+        n = len(manifest)
+        try:
+            g = self._file.create_group(split)
+            chunked = {"chunks": (max(1, min(n, ROW_CHUNK)), self.feature_dim), "fletcher32": True} if n else {}
+            g.create_dataset("features", shape=(n, self.feature_dim), dtype=self.dtype, **chunked)
+            g.create_dataset("labels", data=np.asarray(manifest.labels, dtype=np.int64))
+            g.create_dataset("paths", data=list(manifest.paths), dtype=h5py.string_dtype("utf-8"))
+            g.create_dataset("sha256", data=np.asarray(manifest.sha256, dtype="S64"))
+        except (OSError, RuntimeError) as e:
+            raise write_error(self.path.parent, e) from None
+        self.manifests[split] = manifest
+
+    def write_rows(self, split: str, start: int, features: np.ndarray) -> None:
+        """features: (batch, feature_dim) written at rows [start, start + batch)."""
+        try:
+            self._file[split]["features"][start:start + len(features)] = features.astype(self.dtype, copy=False)
+        except (OSError, RuntimeError) as e:
+            raise write_error(self.path.parent, e) from None
+
+    def commit(self, attrs: dict) -> Path:
+        """Record attrs, derive manifest_digest and key from the rows written, mark complete, rename."""
+        classes = tuple(attrs["classes"])
+        digest_ = manifest_digest(classes, self.manifests)
+        key = cache_key(attrs["config_key"], digest_)
+        if attrs.get("key", key) != key:
+            raise ValueError(f"key {attrs['key']} does not match the rows written ({key})")
+        f = self._file
+        try:
+            for k, v in {**attrs, "manifest_digest": digest_, "key": key, "feature_dim": self.feature_dim,
+                         "dtype": self.dtype.name, "format_version": attrs.get("format_version", FORMAT_VERSION),
+                         }.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["complete"] = True  # last: a file without it is never read as a cache
+            f.flush()
+            f.close()
+            self._file = None
+            publish(self.tmp, self.path)
+        except (OSError, RuntimeError) as e:
+            raise write_error(self.path.parent, e) from None
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except (OSError, RuntimeError):
+                pass
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _gather(sources: list[tuple[RowSource, int]], out: np.ndarray) -> None:
+    """Copy each (source row, output position) into out, reading each file once, in row order."""
+    groups: dict[tuple[Path, str], list[tuple[int, int]]] = defaultdict(list)
+    for src, pos in sources:
+        groups[(src.file, src.dataset)].append((src.row, pos))
+    for (file, dataset), items in groups.items():
+        rows = sorted({r for r, _ in items})
+        lo, hi = rows[0], rows[-1] + 1
+        dense = hi - lo <= 4 * len(rows)  # one slice beats h5py's slow point selection
+        try:
+            with open_h5(file) as f:
+                block = f[dataset][lo:hi] if dense else f[dataset][rows]
+        except OSError as e:
+            raise CacheError(f"cannot read features from '{file}': {e}") from None
+        index = {r: (r - lo if dense else i) for i, r in enumerate(rows)}
+        for r, pos in items:
+            out[pos] = block[index[r]]
+
+
+def assemble_cache(path: Path, manifests: dict[str, SplitManifest], feature_dim: int, dtype: str,
+                   rows: dict[str, RowSource], attrs: dict) -> Path:
+    """Write the complete cache at path from rows already computed (previous cache, chunk files).
+
+    Rows are copied in the storage dtype, so every feature is bitwise what was computed.
+    """
+    missing = [h for m in manifests.values() for h in m.sha256 if h not in rows]
+    if missing:
+        raise CacheError(f"internal error: {len(missing)} rows have no computed features")
+    with CacheWriter(path, feature_dim, dtype) as writer:
+        for split in SPLITS:
+            m = manifests[split]
+            writer.create_split(split, m)
+            for start in range(0, len(m), ASSEMBLE_ROWS):
+                block = m.sha256[start:start + ASSEMBLE_ROWS]
+                out = np.empty((len(block), feature_dim), dtype=dtype)
+                _gather([(rows[h], i) for i, h in enumerate(block)], out)
+                writer.write_rows(split, start, out)
+        return writer.commit(attrs)
+
+
+def discard(path: Path) -> None:
+    """Delete a damaged complete cache (call with the cache lock held)."""
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def remove_stale_files(path: Path) -> None:
+    """Temporary files of dead writers next to path (call with the cache lock held)."""
+    remove_stale_temps(path.parent, path.name, any_pid=True)
+
+
+def iter_unique(hashes: Iterable[str]) -> list[str]:
+    """Hashes in first-seen order, each once."""
+    return list(dict.fromkeys(hashes))
+

@@ -1,0 +1,30 @@
+"""The frozen-extractor loop shared by extract, the view bank and the benchmark's timing."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def build_frozen(backbone, spec, seed: int, device: torch.device) -> nn.Module:
+    """The frozen feature extractor (eval, no grad) on device, channels_last; a random init drawn from seed.
+
+    backbone: config.BackboneConfig; spec: backbones.BackboneSpec.
+    channels_last lets oneDNN / cuDNN pick faster convolution kernels (1.7x measured on CPU).
+    """
+    from pipeline.backbones import build_feature_extractor
+
+    return build_feature_extractor(backbone, spec, seed=seed).to(device, memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def frozen_features(extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
+    """For each (B, 3, H, W) batch of images: its (B, feature_dim) float32 features, on the CPU.
+
+    Images are copied without blocking (pinned memory on CUDA) and in channels_last layout.
+    """
+    for images in batches:
+        x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        yield extractor(x).float().cpu().numpy()

@@ -1,0 +1,132 @@
+"""Which cache a head-type stage trains from, decided before the stage runs.
+
+Two sources, one interface (`StageFeatures`):
+- `features.file` set: that cache file alone, verified on its own (`cache.open_cache`); no image is
+  opened or stat-ed and the backbone never runs. A damaged file is reported, never deleted.
+- otherwise `data.root`'s cache: images are scanned, the cache is extracted first when it is missing
+  or stale (`extract.ensure_cache`), and a cache found damaged while reading is deleted and
+  extracted again. Only this path imports the extract stage (and with it torchvision).
+
+The stages (head, logistic) take a StageFeatures and never run the backbone themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from pipeline import PipelineError
+from pipeline import cache as fc
+from pipeline.config import Config
+
+
+@dataclass
+class StageFeatures:
+    """The verified cache a stage trains from, and what to do when it turns out damaged."""
+
+    features: fc.FeatureSet
+    images: Optional[Path]                  # this run's image tree; None when running from features.file
+    seed: int                               # the seed a random-init backbone of these features was built with
+    backbone_config: dict                   # backbone.* that rebuild the backbone (params, or the file's)
+    data_root: str                          # recorded in model files: where predict finds images later
+    extract_entry: Optional[dict] = None    # the extract stage's metrics entry (data.root mode)
+    # data.root mode: delete the file if it is damaged (True when deleted), and re-extract it
+    discard: Optional[Callable[[], bool]] = field(default=None, repr=False)
+    rebuild: Optional[Callable[[], fc.FeatureSet]] = field(default=None, repr=False)
+    views: Optional[Callable[[int], Optional[object]]] = field(default=None, repr=False)
+
+    def load(self) -> fc.FeatureCache:
+        """Every feature in memory; a checksum failure re-extracts once (data.root) or names the file."""
+        try:
+            return self.features.load()
+        except fc.CacheError as e:
+            if self.rebuild is None:
+                raise fc.CacheError(f"{e}; features.file is not changed by this tool: extract it again "
+                                    "(python run_pipeline.py extract with data.root set)") from None
+            print(f"extract: {e}; extracting again")
+            self.discard()
+            self.features = self.rebuild()
+            return self.features.load()
+
+    @contextmanager
+    def stream(self) -> Iterator[fc.FeatureReader]:
+        """The file open for streaming. A checksum that fails while streaming deletes a damaged data.root
+        cache (if it does not verify in full when read again) and says to run the stage again."""
+        try:
+            reader = self.features.stream()
+        except fc.CacheError:
+            if self.rebuild is None:
+                raise
+            self.discard()
+            self.features = self.rebuild()
+            reader = self.features.stream()
+        try:
+            yield reader
+        except fc.CacheError as e:
+            reader.close()
+            if self.discard is None:
+                raise fc.CacheError(f"{e}; features.file was left as it is: extract it again") from None
+            if self.discard():
+                raise fc.CacheError(f"{e}; the damaged cache was removed: run the stage again to extract it "
+                                    "anew") from None
+            raise fc.CacheError(f"{e}; the file verifies in full when read again, so it was kept: run the stage "
+                                "again (if it fails again, check the disk)") from None
+        finally:
+            reader.close()
+
+
+def from_file(path: str, views_seed: int) -> StageFeatures:
+    """features.file: the cache file on its own."""
+    features = fc.open_cache(path)
+
+    def views(n_views: int):
+        from pipeline.views import read_bank
+
+        return read_bank(features, n_views, views_seed)
+
+    return StageFeatures(features, None, features.seed, features.backbone_config, features.data_root, views=views)
+
+
+def from_images(cfg: Config, device) -> StageFeatures:
+    """data.root: scan the images, extract first when the cache is missing or stale."""
+    from pipeline.extract import discard_if_damaged, ensure_cache
+    from pipeline.metrics import update_metrics
+    from pipeline.views import ensure_views
+
+    plan, entry = ensure_cache(cfg, device)
+    if not entry["cache_hit"]:
+        update_metrics(cfg.run_dir, "extract", entry)
+    state = {"plan": plan}
+
+    def rebuild() -> fc.FeatureSet:
+        state["plan"], again = ensure_cache(cfg, device)
+        if not again["cache_hit"]:
+            update_metrics(cfg.run_dir, "extract", again)
+        return fc.open_cache(state["plan"].path, state["plan"].key)
+
+    def views(n_views: int):
+        return ensure_views(cfg, state["plan"], inputs.features.feature_dim, device) if n_views else None
+
+    try:
+        features = fc.open_cache(plan.path, plan.key)
+    except fc.CacheError as e:  # replaced or damaged since ensure_cache looked at it
+        print(f"extract: {e}; extracting again")
+        discard_if_damaged(cfg, plan)
+        features = rebuild()
+    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, dataclasses.asdict(cfg.backbone),
+                           str(plan.data.root), entry,
+                           discard=lambda: discard_if_damaged(cfg, state["plan"]), rebuild=rebuild, views=views)
+    return inputs
+
+
+def stage_features(cfg: Config, device) -> StageFeatures:
+    """The cache for a head-type stage: features.file when set, else data.root's (extracted when needed)."""
+    if cfg.features.file:
+        if not Path(cfg.features.file).is_file():
+            raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
+                                f"written by the extract stage (under extract.cache_dir, e.g. "
+                                f"{cfg.extract.cache_dir}/<backbone>-<key>.h5), or unset it to use data.root")
+        return from_file(cfg.features.file, cfg.extract.views_seed)
+    return from_images(cfg, device)

@@ -1,0 +1,96 @@
+"""Heads from a cache file alone (features.file): no image tree, no backbone run, same results."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline import PipelineError
+from pipeline import cache as fc
+
+CPU = torch.device("cpu")
+
+
+def no_images(*args, **kwargs):
+    raise AssertionError("an image was opened in features.file mode")
+
+
+def test_head_logistic_and_report_run_from_the_cache_file_with_the_images_deleted(tiny_cfg, image_root,
+                                                                                   tmp_path, monkeypatch):
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+    from pipeline.logistic import run_logistic
+    from pipeline.report import run_report
+
+    with_images = tiny_cfg("report.enabled=true", "report.grid_images=4")
+    cache_file = run_extract(with_images, CPU)["cache_file"]
+    head_before = run_head(with_images, CPU)
+    logistic_before = run_logistic(with_images, CPU)
+    shutil.rmtree(image_root)
+    monkeypatch.setattr("PIL.Image.open", no_images)
+    alone = tiny_cfg("report.enabled=true", "report.grid_images=4", f"features.file={cache_file}",
+                     "data.root=/nonexistent/images", "backbone.name=vgg11", "run.name=alone")
+    head = run_head(alone, CPU)
+    logistic = run_logistic(alone, CPU)
+    # the file's backbone is used, not backbone.name from the params; results are those of the image-tree run
+    assert head["val_acc"] == head_before["val_acc"] and head["history"] == head_before["history"]
+    assert logistic["val_acc"] == logistic_before["val_acc"] and logistic["C"] == logistic_before["C"]
+    saved = torch.load(alone.run_dir / "head.pt", weights_only=False)
+    assert saved["backbone"]["name"] == "resnet18" and saved["cache_key"] == fc.open_cache(cache_file).key
+    before = torch.load(with_images.run_dir / "head.pt", weights_only=False)
+    assert all(torch.equal(saved["state_dict"][k], before["state_dict"][k]) for k in before["state_dict"])
+    out = run_report(alone, CPU)
+    assert set(out) == {"head", "logistic"}
+    assert out["head"]["val_acc_top1"] == head["val_acc_top1"]
+    metrics = json.loads((alone.run_dir / "metrics.json").read_text())
+    assert "extract" not in metrics  # nothing was extracted, nothing scanned
+
+
+def test_open_cache_needs_no_image_tree_and_carries_what_predict_needs(tiny_cfg, image_root):
+    from pipeline.extract import run_extract
+
+    cfg = tiny_cfg()
+    path = run_extract(cfg, CPU)["cache_file"]
+    shutil.rmtree(image_root)
+    features = fc.open_cache(path)
+    assert features.classes == ("ants", "bees")
+    assert features.shapes() == {"train": (12, 512), "val": (6, 512)}
+    assert list(features.manifests["val"].labels) == [0, 0, 0, 1, 1, 1]
+    assert features.manifests["val"].paths[0] == "val/ants/img_000.png"
+    assert features.backbone["name"] == "resnet18" and features.backbone["preprocess"]["crop_size"] == 32
+    assert features.backbone_config == {"name": "resnet18", "weights": "none", "image_size": 32, "cut": "pool"}
+    assert features.seed == cfg.run.seed and features.load().train.features.shape == (12, 512)
+    with pytest.raises(fc.CacheError, match="does not match the current data"):
+        fc.open_cache(path, "0" * 64)
+
+
+def test_a_cache_without_its_backbone_cannot_be_used_alone(tmp_path):
+    import numpy as np
+    from tests.conftest import write_feature_cache
+
+    x = np.ones((4, 3), dtype=np.float32)
+    write_feature_cache(tmp_path / "c.h5", {"train": (x, np.array([0, 0, 1, 1])), "val": (x[:2], np.array([0, 1]))},
+                        ["a", "b"])
+    with pytest.raises(fc.CacheError, match="does not record its backbone"):
+        fc.open_cache(tmp_path / "c.h5")
+
+
+def test_a_missing_features_file_names_the_key(tiny_cfg, tmp_path):
+    from pipeline.head import run_head
+
+    cfg = tiny_cfg(f"features.file={tmp_path / 'nope.h5'}")
+    with pytest.raises(PipelineError, match="features.file .*nope.h5' is not a file"):
+        run_head(cfg, CPU)
+    assert not cfg.run_dir.exists()
+
+
+def test_view_bank_from_the_file_alone_is_read_not_built(tiny_cfg, image_root):
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    path = run_extract(tiny_cfg("extract.train_views=2"), CPU)["cache_file"]
+    shutil.rmtree(image_root)
+    entry = run_head(tiny_cfg("extract.train_views=2", f"features.file={path}"), CPU)
+    assert 0.0 <= entry["val_acc"] <= 1.0
+    with pytest.raises(PipelineError, match="building one needs the images"):
+        run_head(tiny_cfg("extract.train_views=3", f"features.file={path}"), CPU)
