@@ -91,7 +91,7 @@ def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) ->
     loader = DataLoader(dataset, batch_size=cfg.extract.batch_size, num_workers=cfg.data.num_workers)
     extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)
     t0 = time.perf_counter()
-    for _ in frozen_features(extractor, (images for images, _ in loader), device):
+    for _ in frozen_features(extractor, (images for images, _ in loader), device, cfg.extract.autocast):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -65,7 +65,7 @@ def plan_cache(cfg: Config) -> CachePlan:
     """Discover and pre-scan the images, resolve the backbone and the cache key; builds no network."""
     data = load_image_folder(cfg.data.root)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
-    config_key = fc.digest(feature_config(spec, cfg.extract.dtype))
+    config_key = fc.digest(feature_config(spec, cfg.extract.dtype, cfg.extract.autocast))
     index = scan_index_path(cfg.extract.cache_dir, data.root) if cfg.extract.verify == "stat" else None
     scan = scan_images(data, index, cfg.extract.verify, cfg.data.num_workers)
     key = fc.cache_key(config_key, fc.manifest_digest(data.classes, scan.manifests))
@@ -109,7 +109,7 @@ def extract_chunks(cfg: Config, plan: CachePlan, work: list[list[str]], store: f
                "(press Ctrl-C again to stop at once)")
     done = 0
     with GracefulInterrupt(message) as interrupt, progress(total=len(order), desc="extract", unit="img") as bar:
-        computed = frozen_features(extractor, (images for images, _ in loader), device)
+        computed = frozen_features(extractor, (images for images, _ in loader), device, cfg.extract.autocast)
         for chunk in work:
             feats = []
             for _ in range(-(-len(chunk) // cfg.extract.batch_size)):
@@ -134,7 +134,7 @@ def _cache_attrs(cfg: Config, plan: CachePlan, device: torch.device) -> dict:
             "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
             "backbone_config": dataclasses.asdict(cfg.backbone),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": cfg.extract.dtype,
-            "data_root": str(plan.data.root), "versions": feature_config(plan.spec, cfg.extract.dtype),
+            "data_root": str(plan.data.root), "versions": feature_config(plan.spec, cfg.extract.dtype, cfg.extract.autocast),
             "environment": environment_info(device), "seed": cfg.run.seed}
 
 
@@ -253,7 +253,7 @@ def _tidy_after_hit(plan: CachePlan) -> None:
 def _explain_miss(cfg: Config, plan: CachePlan) -> Optional[str]:
     reason = fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests)
     if reason == "no complete cache file yet":
-        change = fc.explain_new_config(Path(cfg.extract.cache_dir), feature_config(plan.spec, cfg.extract.dtype),
+        change = fc.explain_new_config(Path(cfg.extract.cache_dir), feature_config(plan.spec, cfg.extract.dtype, cfg.extract.autocast),
                                        str(plan.data.root))
         if change:
             reason = change

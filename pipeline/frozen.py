@@ -19,12 +19,20 @@ def build_frozen(backbone, spec, seed: int, device: torch.device) -> nn.Module:
     return build_feature_extractor(backbone, spec, seed=seed).to(device, memory_format=torch.channels_last)
 
 
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @torch.inference_mode()
-def frozen_features(extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
+def frozen_features(extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
+                    autocast: str = "none") -> Iterator[np.ndarray]:
     """For each (B, 3, H, W) batch of images: its (B, feature_dim) float32 features, on the CPU.
 
-    Images are copied without blocking (pinned memory on CUDA) and in channels_last layout.
+    Images are copied without blocking (pinned memory on CUDA) and in channels_last layout. autocast
+    (extract.autocast): none, or float16 / bfloat16 forward passes under torch.autocast on device's
+    type; the features come back as float32 either way and the cache key records the precision.
     """
     for images in batches:
         x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        yield extractor(x).float().cpu().numpy()
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(autocast), enabled=autocast != "none"):
+            features = extractor(x)
+        yield features.float().cpu().numpy()

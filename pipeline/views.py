@@ -84,7 +84,7 @@ def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
     start = 0
     with progress(total=len(dataset) * k, desc="views", unit="img") as bar:
         flat = (batch.flatten(0, 1) for batch in loader)  # (B, K, 3, H, W) -> (B * K, 3, H, W)
-        for feats in frozen_features(extractor, flat, device):
+        for feats in frozen_features(extractor, flat, device, cfg.extract.autocast):
             b = len(feats) // k
             out[:, start:start + b] = feats.reshape(b, k, -1).transpose(1, 0, 2)  # (B, K, D) -> (K, B, D)
             start += b

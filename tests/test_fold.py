@@ -109,3 +109,16 @@ def test_frozen_extractor_is_folded_by_default():
     folded = build_feature_extractor(cfg, resolve_backbone(cfg, seed=0))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert folded.feature_dim == 512 and not any(p.requires_grad for p in folded.parameters())
+
+
+def test_autocast_extraction_is_close_to_float32_and_returns_float32():
+    from pipeline.frozen import frozen_features
+
+    model = extractor("resnet18")
+    randomise_bn_statistics(model)
+    x = torch.randn(4, 3, 64, 64)
+    [full] = list(frozen_features(model, [x], torch.device("cpu")))
+    [half] = list(frozen_features(model, [x], torch.device("cpu"), "bfloat16"))
+    assert full.dtype == half.dtype == "float32" and half.shape == full.shape
+    assert (half != full).any()  # the forward really ran in bfloat16
+    assert abs(half - full).max() <= 0.05 * abs(full).max()

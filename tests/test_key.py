@@ -14,7 +14,7 @@ from pipeline import data as imgdata
 from pipeline.backbones import resolve_backbone
 
 KEY_INPUTS = {"format_version", "backbone", "weights", "cut", "preprocess", "decode", "dtype", "torch",
-              "torchvision", "rewrites"}
+              "torchvision", "rewrites", "autocast"}
 
 
 @pytest.fixture
@@ -162,3 +162,8 @@ def test_weights_change_is_named_in_the_miss(tiny_cfg, weights_file, monkeypatch
     weights_file.write_bytes(b"weights, version 2")
     entry = ex.run_extract(tiny_cfg(f"backbone.weights={weights_file}"), torch.device("cpu"))
     assert entry["cache_hit"] is False and entry["miss_reason"] == "weights changed"
+
+
+@pytest.mark.parametrize("autocast", ["float16", "bfloat16"])
+def test_autocast_changes_the_key(tiny_cfg, autocast):
+    assert keys(tiny_cfg(f"extract.autocast={autocast}"))[0] != keys(tiny_cfg())[0]

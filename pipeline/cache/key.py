@@ -87,7 +87,7 @@ def write_error(folder: Path, e: Exception) -> CacheError:
                       "writable, or set extract.cache_dir to another folder; any previous cache is untouched")
 
 
-def feature_config(spec, dtype: str) -> dict:
+def feature_config(spec, dtype: str, autocast: str = "none") -> dict:
     """Everything that changes the features except the image list (which the manifest covers).
 
     The single definition of the cache key's inputs; nothing that only affects heads or
@@ -102,5 +102,6 @@ def feature_config(spec, dtype: str) -> dict:
             "cut": spec.cut,  # pool: the final classifier's pooled input; conv: the flattened conv trunk
             "preprocess": spec.preprocess.to_dict(), "decode": data.DECODE_VERSION, "dtype": dtype,
             "rewrites": ["fold_bn"],  # inference-only rewrites of the extractor (pipeline.fold)
+            "autocast": autocast,     # the forward passes' precision (extract.autocast); storage is dtype
             "torch": ".".join(torch.__version__.split(".")[:2]),
             "torchvision": ".".join(torchvision.__version__.split(".")[:2])}
