@@ -138,7 +138,6 @@ def lite0_weights_file() -> Path:
 
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-RANDOM_WEIGHTS = ("none", "None", "null")  # JSON null is read as "none" by BackboneConfig
 
 
 def _is_local_file(weights: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline import PipelineError
+from pipeline.backbones import LITE0, BackboneError, _is_local_file, _load_body, _load_state_file, file_sha256
 from pipeline.data import Preprocess
 
 PREFIX = "timm/"
@@ -30,7 +30,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class TimmError(PipelineError):
+class TimmError(BackboneError):
     pass
 
 
@@ -104,8 +104,6 @@ def _source(model: str) -> Optional[str]:
 
 def resolve(name: str, weights: str, seed: int) -> tuple[str, Preprocess]:
     """(weights identity for the cache key, preprocessing) without building or downloading anything."""
-    from pipeline.backbones import _is_local_file, file_sha256
-
     model = model_name(name)
     pre = preprocess(model)
     timm_id = f"timm={_version()}"
@@ -139,8 +137,6 @@ def _hub_cached(repo_id: str) -> Optional[str]:
 
 
 def download_error(name: str, source: str, err: BaseException) -> TimmError:
-    from pipeline.backbones import LITE0
-
     try:
         from huggingface_hub.constants import HF_HUB_CACHE as hub_cache
     except ImportError:
@@ -207,12 +203,10 @@ def build(name: str, weights: str, image_size: int) -> nn.Module:
         ensure_weights(name, weights)
         try:
             return timm.create_model(model, pretrained=True, **kwargs)
-        except (OSError, RuntimeError) as e:
+        except OSError as e:  # the cached file went missing, or the Hub had another file than ensure_weights
             raise download_error(name, _source(model) or model, e) from None
     net = timm.create_model(model, pretrained=False, **kwargs)
     if weights != "none":
-        from pipeline.backbones import _load_body, _load_state_file
-
         _load_body(net, name, _load_state_file(weights), weights)
     return net
 
