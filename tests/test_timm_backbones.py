@@ -127,7 +127,7 @@ def test_offline_default_fails_naming_the_fixes(monkeypatch, tmp_path):
 
 
 def test_pipeline_on_a_tiny_timm_model(tiny_cfg, tmp_path, capsys):
-    """extract + head + finetune + predict, end to end, on timm's test_resnet."""
+    """extract + head + finetune + predict + report, end to end, on timm's test_resnet."""
     from pipeline.extract import run_extract
     from pipeline.finetune import run_finetune
     from pipeline.head import run_head
@@ -147,6 +147,11 @@ def test_pipeline_on_a_tiny_timm_model(tiny_cfg, tmp_path, capsys):
         pcfg = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, model=model))
         (row,) = run_predict(pcfg, CPU, [image])
         assert row.ok and sum(p for _, p in row.top) == pytest.approx(1.0, abs=1e-5)
+    from pipeline.report import run_report
+
+    reports = run_report(cfg, CPU)  # rebuilds the timm backbone (head) and network (finetune) from the artifacts
+    assert reports["head"]["val_acc_top1"] == pytest.approx(head["val_acc"])
+    assert reports["finetune"]["val_acc_top1"] == pytest.approx(finetune["val_acc"])
 
 
 def test_other_backbones_do_not_import_timm(tiny_cfg):
