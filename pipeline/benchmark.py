@@ -8,6 +8,7 @@ The per-backbone run folders (models, metrics.json, reports) are <run folder>/<b
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -160,12 +161,20 @@ def measure(step: str, cfg: Config, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------- one backbone
+def split_entry(entry: str) -> tuple[str, Optional[str]]:
+    """'resnet18@none' -> ('resnet18', 'none'): a benchmark.backbones entry may carry its own weights."""
+    name, sep, weights = entry.partition("@")
+    return name, (weights if sep else None)
+
+
 def backbone_config(cfg: Config, backbone: str) -> Config:
     """cfg for one backbone of the benchmark: its own run folder, the benchmark's finetune epochs."""
     bench = cfg.benchmark
     ft = dataclasses.replace(cfg.finetune, epochs=bench.finetune_epochs or cfg.finetune.epochs)
-    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, name=backbone),
-                               run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}/{backbone}"), finetune=ft)
+    name, weights = split_entry(backbone)
+    bb = dataclasses.replace(cfg.backbone, name=name, weights=weights or cfg.backbone.weights)
+    return dataclasses.replace(cfg, backbone=bb,
+                               run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}/{backbone.replace('/', '-')}"), finetune=ft)
 
 
 def benchmark_backbone(cfg: Config, backbone: str, device: torch.device) -> dict:
@@ -300,17 +309,40 @@ def _baseline(results: list[dict], cfg: Config) -> Optional[float]:
     return min(before) if before and cfg.benchmark.isolate else None
 
 
-def run_benchmark(cfg: Config, device: torch.device) -> dict:
-    from pipeline.backbones import resolve_backbone
-    from pipeline.data import load_image_folder
+def check_backbones(cfg: Config, backbones: list[str]) -> None:
+    """Every backbone's name, settings and weights, checked before minutes are spent on any of them.
+
+    Weights are downloaded now if they are missing (finetuning needs them; a head needs them unless
+    its cache file exists); an error names the benchmark.backbones entry and how to drop it.
+    """
+    from pipeline.backbones import check_name, ensure_weights, resolve_backbone
+    from pipeline.extract import has_cache_file
     from pipeline.head import check_head_type
 
-    backbones = cfg.benchmark.backbones or [cfg.backbone.name]
-    for name in backbones:  # every name and combination checked before minutes are spent
+    key_of = (lambda i: f"benchmark.backbones[{i}]") if cfg.benchmark.backbones else (lambda i: "backbone.name")
+    for i, name in enumerate(backbones):
         bcfg = backbone_config(cfg, name)
-        resolve_backbone(bcfg.backbone, cfg.run.seed)
-        if "head" in cfg.benchmark.methods:
-            check_head_type(bcfg.head.type, bcfg.backbone)
+        try:
+            check_name(split_entry(name)[0], key_of(i))
+            spec = resolve_backbone(bcfg.backbone, cfg.run.seed)
+            if "head" in cfg.benchmark.methods:
+                check_head_type(bcfg.head.type, bcfg.backbone)
+            if "finetune" in cfg.benchmark.methods or not has_cache_file(bcfg, spec):
+                ensure_weights(bcfg.backbone)
+        except PipelineError as e:
+            if not cfg.benchmark.backbones:
+                raise
+            others = json.dumps([b for b in backbones if b != name] or ["efficientnet_lite0"])
+            lines = [ln for ln in str(e).splitlines() if "--set backbone.name=" not in ln]
+            prefix = "" if lines[0].startswith(key_of(i)) else f"{key_of(i)} '{name}': "
+            raise type(e)(prefix + "\n".join(lines) + f"\n  or drop it: --set 'benchmark.backbones={others}'") from None
+
+
+def run_benchmark(cfg: Config, device: torch.device) -> dict:
+    from pipeline.data import load_image_folder
+
+    backbones = cfg.benchmark.backbones or [cfg.backbone.name]
+    check_backbones(cfg, backbones)
     data = load_image_folder(cfg.data.root)
     t0 = time.perf_counter()
     results, errors = [], []

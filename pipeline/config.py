@@ -57,7 +57,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _c("demo:digits", "ImageFolder root with train/ and val/, or demo:digits", nonempty=True)
+    root: str = _c("demo:flowers", "ImageFolder root with train/ and val/, or a demo: demo:flowers (400 photos of "
+                   "5 flowers, shipped with the package) or demo:digits (1,797 8x8 handwritten digits)", nonempty=True)
     num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0)
     max_bad_fraction: float = _c(0.05, "unreadable image files tolerated (skipped, listed in bad_files.json) "
                                  "as a fraction of all image files; more aborts before extracting",
@@ -66,13 +67,21 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = _c("efficientnet_lite0", "efficientnet_lite0 or any torchvision classification model",
-                   nonempty=True)
-    weights: str = _c("DEFAULT", "DEFAULT, a weights enum name, a local .pth state dict, or none",
-                      nonempty=True)
-    image_size: Optional[int] = _c(128, "input crop size; null keeps the weights' own", gt=0)
+    name: str = _c("efficientnet_lite0", "efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (ImageNet "
+                   "weights that ship offline; native 224 / 240 / 260 px), any torchvision classification model, "
+                   "or timm/<model name> (e.g. timm/convnext_tiny.fb_in22k)", nonempty=True)
+    weights: Optional[str] = _c("DEFAULT", "DEFAULT (the model's own pretrained weights), a torchvision weights "
+                                "enum name, a local .pth / .bin / .safetensors state dict (its SHA-256 is in the "
+                                "cache key), or none (random initialisation; null and \"None\" mean the same)",
+                                nonempty=True)
+    image_size: Optional[int] = _c(None, "input crop size; null keeps the backbone's native one (from its weights "
+                                   "or pretrained config)", gt=0)
     cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
                   "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
+
+    def __post_init__(self) -> None:
+        if self.weights is None or self.weights in ("None", "null"):
+            self.weights = "none"  # torchvision's weights=None, as users type it
 
 
 @dataclass
@@ -131,14 +140,14 @@ class LogisticConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _c(2, "training epochs", gt=0)
-    batch_size: int = _c(32, "images per SGD step", gt=0)
-    lr: float = _c(0.01, "SGD learning rate", gt=0)
+    epochs: int = _c(25, "training epochs", gt=0)
+    batch_size: int = _c(16, "images per SGD step", gt=0)
+    lr: float = _c(0.001, "SGD learning rate", gt=0)
     momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
     step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
-    augment: bool = _c(False, "RandomResizedCrop + horizontal flip on train images")
+    augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
     init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
                         choices=("none", "cached"))
     backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
@@ -159,10 +168,11 @@ class PredictConfig:
 
 @dataclass
 class BenchmarkConfig:
-    backbones: list[str] = _c([], "backbones compared; empty means backbone.name")
+    backbones: list[str] = _c([], "backbones compared (names as in backbone.name; 'name@weights' gives one its own "
+                              "backbone.weights, e.g. resnet18@none); empty means backbone.name")
     methods: list[str] = _c(list(PREDICT_MODELS), "methods compared on the same data and seed",
                             item_choices=PREDICT_MODELS, nonempty=True)
-    finetune_epochs: Optional[int] = _c(2, "finetune epochs in the benchmark; null uses finetune.epochs",
+    finetune_epochs: Optional[int] = _c(None, "finetune epochs in the benchmark; null uses finetune.epochs",
                                         gt=0)
     isolate: bool = _c(True, "run each step in its own process, so peak RSS is that step's own")
     timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0)

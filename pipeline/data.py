@@ -22,7 +22,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from pipeline import PipelineError
 
 DEMO_PREFIX = "demo:"
-DEMO_DATASETS = ("digits",)
+DEMO_DATASETS = ("flowers", "digits")
+# 400 real photos of five flowers (CC BY 2.0, per-photo credits in its SOURCE.md), shipped in the package.
+FLOWERS_DIR = Path(__file__).resolve().parent / "demo_data" / "flowers"
 # Folders and files a camera, an OS or a notebook leaves behind; never classes, never images.
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Bump when decode_image changes the pixels a file decodes to: it is part of the cache key.
@@ -239,13 +241,19 @@ def write_digits_demo(target: Path, val_fraction: float = 0.25, seed: int = 0) -
 
 
 def resolve_data_root(root: str) -> Path:
-    """data.root as a folder; 'demo:digits' is materialised once under the repo's data/ folder."""
+    """data.root as a folder: 'demo:flowers' is shipped in the package; 'demo:digits' is materialised once
+    under the repo's data/ folder."""
     if not root.startswith(DEMO_PREFIX):
         return Path(root).expanduser()
     name = root[len(DEMO_PREFIX):]
     if name not in DEMO_DATASETS:
         raise PipelineError(f"data.root '{root}': unknown demo dataset (available: "
                             f"{', '.join(DEMO_PREFIX + d for d in DEMO_DATASETS)})")
+    if name == "flowers":
+        if not (FLOWERS_DIR / "train").is_dir():
+            raise PipelineError(f"data.root '{root}': the demo photos are missing from {FLOWERS_DIR} "
+                                "(reinstall the package, or use demo:digits)")
+        return FLOWERS_DIR
     target = demo_dir() / name
     if not target.exists():
         print(f"writing the '{name}' demo dataset to {target} (once)")

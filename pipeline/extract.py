@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from pipeline import cache as fc
 from pipeline import data as imgdata
 from pipeline import distributed as dd
-from pipeline.backbones import BackboneSpec, build_feature_extractor, resolve_backbone
+from pipeline.backbones import BackboneSpec, build_feature_extractor, ensure_weights, resolve_backbone
 from pipeline.cache import feature_config
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_image_folder
@@ -61,11 +61,19 @@ class BuildStats:
     rows_per_process: list[int] = field(default_factory=list)  # images each rank put through the backbone
 
 
+def has_cache_file(cfg: Config, spec: BackboneSpec) -> bool:
+    """Whether a cache file for these features exists (then extraction may need no weights at all)."""
+    config_key = fc.digest(feature_config(spec, cfg.extract.dtype, cfg.extract.autocast))
+    return fc.cache_path(cfg.extract.cache_dir, spec.name, config_key).is_file()
+
+
 def plan_cache(cfg: Config) -> CachePlan:
     """Discover and pre-scan the images, resolve the backbone and the cache key; builds no network."""
     data = load_image_folder(cfg.data.root)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     config_key = fc.digest(feature_config(spec, cfg.extract.dtype, cfg.extract.autocast))
+    if not has_cache_file(cfg, spec):
+        ensure_weights(cfg.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(cfg.extract.cache_dir, data.root) if cfg.extract.verify == "stat" else None
     scan = scan_images(data, index, cfg.extract.verify, cfg.data.num_workers)
     key = fc.cache_key(config_key, fc.manifest_digest(data.classes, scan.manifests))

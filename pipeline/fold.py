@@ -27,6 +27,19 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
+def _after_affine(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What is left of bn's forward once its affine map is folded away; None: unknown, do not fold.
+
+    A subclass with its own forward may do more than normalise: timm's BatchNormAct2d applies its
+    `drop` and `act` after the batch norm (timm's EfficientNets, ConvNeXt stems, ...), so those stay.
+    """
+    if type(bn).forward is nn.BatchNorm2d.forward:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm."):
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """(conv path, batch-norm path) pairs of module that can be folded; [] when it cannot be traced."""
     try:
@@ -45,7 +58,7 @@ def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
         conv = module.get_submodule(source.target)
         if (isinstance(conv, nn.Conv2d) and len(source.users) == 1 and calls[source.target] == 1
                 and calls[node.target] == 1 and bn.track_running_stats and bn.running_mean is not None
-                and conv.padding_mode == "zeros"):
+                and conv.padding_mode == "zeros" and _after_affine(bn) is not None):
             pairs.append((source.target, node.target))
     return pairs
 
@@ -69,6 +82,6 @@ def fold_batchnorm(module: nn.Module, inplace: bool = False) -> tuple[nn.Module,
         weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
                                             bn.eps, bn.weight, bn.bias)
         conv.weight, conv.bias = weight, bias
-        _set(folded, bn_path, nn.Identity())
+        _set(folded, bn_path, _after_affine(bn))
     folded.requires_grad_(False)
     return folded, len(pairs)

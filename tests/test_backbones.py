@@ -1,4 +1,5 @@
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,82 @@ def test_dense_classifier_keeps_pretrained_layers_and_dropout():
 def test_conv_cut_elsewhere_names_the_key_and_the_models(name):
     with pytest.raises(BackboneError, match="backbone.cut 'conv' needs .*alexnet, vgg11.*use backbone.cut=pool"):
         resolve_backbone(BackboneConfig(name=name, weights="none", cut="conv"), seed=0)
+
+
+@pytest.mark.parametrize("name, resize, crop", [("efficientnet_lite0", 256, 224), ("efficientnet_lite1", 272, 240),
+                                                ("efficientnet_lite2", 292, 260)])
+def test_lite_models_preprocess_at_their_native_size(name, resize, crop):
+    pre = spec_of(name, "DEFAULT")[1].preprocess
+    assert (pre.resize_size, pre.crop_size) == (resize, crop)  # TF's eval crop: image_size / (image_size + 32)
+    assert pre.mean[0] == pytest.approx(127 / 255) and pre.std[0] == pytest.approx(128 / 255)
+    small = spec_of(name, "DEFAULT", image_size=128)[1].preprocess
+    assert small.crop_size == 128 and small.resize_size == round(128 * resize / crop)
+
+
+def test_lite_weights_are_each_models_own_file():
+    ids = {spec_of(n, "DEFAULT")[1].weights_id.split(":")[0] for n in ("efficientnet_lite1", "efficientnet_lite2")}
+    assert ids == {"efficientnet-lite1-77cc7160.pth", "efficientnet-lite2-9656183e.pth"}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_real_weights_recognise_palace_and_daisies(name):
+    """Their shipped weights load into the right architecture: scikit-learn's palace photo, and the
+    demo's 20 val daisies (ImageNet has a 'daisy' class; measured: 15 and 16 of 20, Lite0 17)."""
+    from sklearn.datasets import load_sample_images
+    from PIL import Image
+    from pipeline.data import FLOWERS_DIR, eval_transform
+
+    cfg, spec = spec_of(name, "DEFAULT")
+    net = build_network(cfg, spec).eval()
+    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    tf = eval_transform(spec.preprocess)
+    daisies = sorted((FLOWERS_DIR / "val" / "daisy").glob("*.jpg"))
+    images = [Image.fromarray(load_sample_images().images[0])] + [Image.open(p).convert("RGB") for p in daisies]
+    x = torch.stack([tf(img) for img in images])
+    assert x.shape[-1] == spec.preprocess.crop_size and len(daisies) == 20
+    with torch.inference_mode():
+        top = [categories[i] for i in net(x).argmax(1).tolist()]
+    assert top[0] == "palace" and top[1:].count("daisy") >= 13
+
+
+def test_local_safetensors_file_for_torchvision(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=7)
+    save_file(source.state_dict(), str(tmp_path / "mine.safetensors"))
+    cfg, spec = spec_of("resnet18", str(tmp_path / "mine.safetensors"))
+    assert spec.weights_id.startswith("file:sha256=")
+    net = build_network(cfg, spec)
+    assert torch.equal(net.conv1.weight, source.conv1.weight) and net.fc.out_features == 1000
+
+
+@pytest.mark.parametrize("override", ["backbone.weights=null", "backbone.weights=None", "backbone.weights=none"])
+def test_null_and_None_mean_random_weights(override, capsys):
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["backbone.name=resnet18", override, "backbone.image_size=32"]).backbone
+    spec = resolve_backbone(cfg, seed=0)
+    assert cfg.weights == "none" and spec.weights_id == "none(seed=0)"
+    build_feature_extractor(cfg, spec)
+    out = capsys.readouterr().out
+    assert out.count("features carry no pretraining") == 1 and "resnet18 with random weights" in out
+
+
+def test_missing_weights_are_downloaded_or_fail_before_anything_else(monkeypatch, tmp_path):
+    from pipeline.backbones import ensure_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, prefix, progress: fetched.append((url, Path(dst).name, prefix)))
+    ensure_weights(BackboneConfig(name="resnet18", weights="DEFAULT"))
+    assert fetched == [(torchvision.models.ResNet18_Weights.DEFAULT.url, "resnet18-f37072fd.pth", "f37072fd")]
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(BackboneError, match="could not download the weights of resnet18 .*Name or service"):
+        ensure_weights(BackboneConfig(name="resnet18", weights="DEFAULT"))
+    (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")  # present: nothing to do
+    ensure_weights(BackboneConfig(name="resnet18", weights="DEFAULT"))

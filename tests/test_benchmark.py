@@ -94,8 +94,11 @@ def test_several_backbones_each_get_a_run_folder(tiny_cfg):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["benchmark.backbones=[\"resnet18\", \"resnet19\"]"], "backbone.name 'resnet19' is not supported"),
-    (["benchmark.backbones=[\"vgg11\", \"resnet18\"]", "backbone.cut=conv"], "backbone.cut 'conv' needs"),
+    (["benchmark.backbones=[\"resnet18\", \"resnet19\"]"],
+     r"benchmark.backbones\[1\] 'resnet19' is not supported(.|\n)*drop it: --set 'benchmark.backbones=\[\"resnet18\"\]'"),
+    (["benchmark.backbones=[\"vgg11\", \"resnet18\"]", "backbone.cut=conv"],
+     r"benchmark.backbones\[1\] 'resnet18': backbone.cut 'conv' needs"),
+    (["benchmark.backbones=[\"resnet18\", \"timm/resnet5O\"]"], r"benchmark.backbones\[1\] 'timm/resnet5O' is not a timm model"),
 ])
 def test_every_backbone_is_checked_before_anything_runs(tiny_cfg, overrides, message):
     cfg = tiny_cfg(*overrides)
@@ -109,3 +112,55 @@ def test_isolated_step_runs_in_its_own_process(tiny_cfg):
     assert step["pid"] != os.getpid() and step["cache_hit"] is False
     assert step["peak_rss_mib"] >= step["peak_rss_before_mib"] > 0
     assert measure("extract", tiny_cfg(), CPU)["pid"] == os.getpid()  # benchmark.isolate=false
+
+
+def test_chart_axis_spans_the_data_and_bars_end_at_the_table_totals(tmp_path, monkeypatch):
+    from pipeline import plots
+
+    assert plots.accuracy_axis_start([0.93, 0.95]) == pytest.approx(0.85)
+    assert plots.accuracy_axis_start([0.2, 0.95]) == pytest.approx(0.15)
+    assert plots.accuracy_axis_start([0.06, 0.95]) == 0.0
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"backbone": "a", "method": "head", "val_acc": 0.93, "mean_per_class_acc": 0.94, "extract_seconds": 10.0,
+             "fit_seconds": 2.0, "total_seconds": 13.5},
+            {"backbone": "b", "method": "finetune", "val_acc": 0.95, "mean_per_class_acc": 0.951,
+             "finetune_seconds": 30.0, "total_seconds": 31.0}]
+    plots.plot_benchmark(rows, tmp_path / "b.png", "t")
+    ax_acc, ax_time = figures[0].axes[:2]
+    assert ax_acc.get_xlim()[0] == pytest.approx(0.85)
+    labels = sorted(t.get_text() for t in ax_acc.texts)
+    assert labels == ["0.930", "0.940", "0.950", "0.951"]  # every bar carries its value
+    ends = {}
+    for bar in ax_time.patches:
+        row = round(bar.get_y() + bar.get_height() / 2)
+        ends[row] = max(ends.get(row, 0.0), bar.get_x() + bar.get_width())
+    assert ends == {0: pytest.approx(13.5), 1: pytest.approx(31.0)}
+    assert sorted(t.get_text() for t in ax_time.texts) == ["13.5 s", "31.0 s"]
+
+
+def test_unavailable_weights_stop_the_benchmark_before_any_step(tiny_cfg, tmp_path, monkeypatch):
+    import urllib.error
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cfg = tiny_cfg("benchmark.backbones=[\"resnet18@none\", \"alexnet@DEFAULT\"]", "benchmark.methods=[\"logistic\"]")
+    with pytest.raises(PipelineError) as err:
+        run_benchmark(cfg, CPU)
+    text = str(err.value)
+    assert text.startswith("benchmark.backbones[1] 'alexnet@DEFAULT': could not download the weights of alexnet")
+    assert "--set backbone.name=" not in text and "drop it: --set 'benchmark.backbones=[\"resnet18@none\"]'" in text
+    assert not cfg.run_dir.exists()  # nothing ran, not even the first backbone
+
+
+def test_entries_may_carry_their_own_weights(tiny_cfg):
+    from pipeline.benchmark import backbone_config
+
+    cfg = tiny_cfg("backbone.weights=DEFAULT")
+    bb = backbone_config(cfg, "resnet18@none").backbone
+    assert (bb.name, bb.weights) == ("resnet18", "none")
+    assert backbone_config(cfg, "resnet18").backbone.weights == "DEFAULT"
+    assert backbone_config(cfg, "timm/test_resnet@none").run_dir.name == "timm-test_resnet@none"

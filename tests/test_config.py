@@ -134,5 +134,6 @@ def test_help_prints_the_defaults_that_run():
     text = describe_keys()
     defaults = Config()
     assert f"finetune.epochs (default {defaults.finetune.epochs})" in text
-    assert f"backbone.image_size (default {defaults.backbone.image_size})" in text
+    assert f"backbone.image_size (default {json.dumps(defaults.backbone.image_size)})" in text
+    assert f"data.root (default {json.dumps(defaults.data.root)})" in text
     assert "features.file (default null): a cache file written by extract" in text

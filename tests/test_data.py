@@ -143,3 +143,17 @@ def test_digits_demo_written_by_another_process_first_is_kept(tmp_path):
     assert marker.read_text() == "first writer"
     assert sorted(p.relative_to(target) for p in target.rglob("*.png")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left behind
+
+
+def test_flowers_demo_ships_its_photos_and_every_credit():
+    from pipeline.data import FLOWERS_DIR, load_image_folder
+
+    data = load_image_folder("demo:flowers")
+    assert data.root == FLOWERS_DIR and data.classes == ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+    assert (len(data.train), len(data.val)) == (300, 100)
+    assert np.all(np.bincount(data.val.labels) == 20)
+    credits = (FLOWERS_DIR / "SOURCE.md").read_text(encoding="utf-8")
+    assert "CC BY 2.0" in credits
+    credited = {line.split(" | ")[0].lstrip("| ") for line in credits.splitlines() if line.startswith("| ")}
+    missing = [p for p in data.train.paths + data.val.paths if p not in credited]
+    assert not missing  # CC BY 2.0: each photo's author and source travel with it

@@ -167,3 +167,22 @@ def test_cut_is_part_of_the_cache_key(tiny_cfg):
     assert cache.feature_dim == 9216 and cache.train.features.dtype == np.float16
     assert cache.attrs["versions"]["cut"] == "conv" and cache.attrs["backbone"]["cut"] == "conv"
     assert fc.read_cache(pool["cache_file"]).feature_dim == 4096
+
+
+def test_missing_weights_fail_before_the_pre_scan_without_a_miss_preamble(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    from pipeline.backbones import BackboneError
+
+    run_extract_first = ex.run_extract(tiny_cfg(), CPU)  # a cache of another backbone: the preamble's material
+    assert not run_extract_first["cache_hit"]
+    capsys.readouterr()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(ex, "scan_images", lambda *a, **k: pytest.fail("pre-scan ran before the weights check"))
+    with pytest.raises(BackboneError, match="could not download the weights of resnet18"):
+        ex.run_extract(tiny_cfg("backbone.weights=DEFAULT"), CPU)
+    assert "cache miss" not in capsys.readouterr().out

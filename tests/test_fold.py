@@ -40,6 +40,26 @@ def test_real_lite0_folded_equals_unfolded():
     assert_folded_equal(model, x, 49)  # stem, every block's convolutions and the head conv
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_real_lite1_lite2_folded_equal_unfolded(name):
+    model = extractor(name, "DEFAULT", 64)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    folded, n = fold_batchnorm(model)
+    assert n == len(conv_bn_pairs(model)) > 49  # deeper than Lite0: more blocks, every conv with its BN
+    assert_folded_equal(model, x, n)
+
+
+@pytest.mark.parametrize("name", ["timm/test_efficientnet", "timm/test_resnet"])
+def test_timm_folded_equals_unfolded_and_keeps_the_activations(name):
+    """timm's BatchNormAct2d is batch norm, then drop, then act: folding must keep the last two."""
+    pytest.importorskip("timm")
+    model = extractor(name)
+    randomise_bn_statistics(model)
+    folded, n = fold_batchnorm(model)
+    assert n > 0
+    assert_folded_equal(model, torch.randn(2, 3, 64, 64), n)
+
+
 def test_torchvision_resnet18_folded_equals_unfolded():
     model = extractor("resnet18")
     randomise_bn_statistics(model)

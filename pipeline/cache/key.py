@@ -64,7 +64,7 @@ def cache_key(config_key: str, manifest: str) -> str:
 
 def cache_path(cache_dir: str | Path, backbone: str, config_key: str) -> Path:
     """One file per feature configuration; the image list is checked inside it."""
-    return Path(cache_dir) / f"{backbone}-{config_key[:16]}.h5"
+    return Path(cache_dir) / f"{backbone.replace('/', '-')}-{config_key[:16]}.h5"  # timm/<model>: no sub-folder
 
 
 def partial_dir(path: Path) -> Path:

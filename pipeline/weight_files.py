@@ -1,0 +1,133 @@
+"""Weights on disk: local state-dict files and torchvision's downloaded checkpoints.
+
+- local files (``backbone.weights=/path/to/file``): ``.pth`` / ``.pt`` / ``.bin`` through
+  ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors (imported only when such a
+  file is loaded); their SHA-256 is what the cache key records;
+- torchvision's weights enums: the member that ``backbone.weights`` names, the check that a cached
+  checkpoint still matches the hash prefix in its name, and the download done before any work.
+
+``BackboneError`` is defined here, the lowest module of the backbone family, so that
+``backbones``, ``lite`` and ``timm_backbones`` raise the same error (``backbones`` re-exports it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torchvision
+from torchvision.models import WeightsEnum
+
+from pipeline import PipelineError
+from pipeline.fsutil import sha256_file
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+class BackboneError(PipelineError):
+    pass
+
+
+# ----------------------------------------------------------------------------- local files
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def is_local_file(weights: str) -> bool:
+    return weights.endswith(WEIGHT_FILE_SUFFIXES) or os.sep in weights or Path(weights).is_file()
+
+
+def load_state_file(path: str) -> dict:
+    """The state dict in a local file (a checkpoint's 'state_dict' or 'model' entry is unwrapped)."""
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; none may fall back to full pickle
+        raise BackboneError(f"backbone.weights '{path}' is not a loadable state dict: {e}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"backbone.weights '{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_safetensors(path: str) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise BackboneError(f"backbone.weights '{path}' is a .safetensors file: pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError and friends: a damaged or foreign file
+        raise BackboneError(f"backbone.weights '{path}' is not a loadable .safetensors state dict: {e}") from None
+
+
+# ----------------------------------------------------------------------------- torchvision checkpoints
+def weights_enum(name: str, weights: str) -> Optional[WeightsEnum]:
+    """The torchvision weights enum member for backbone.weights, or None for local/none."""
+    if weights == "none" or is_local_file(weights):
+        return None
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise BackboneError(f"backbone '{name}' has no pretrained weights in torchvision; "
+                            "set backbone.weights to a local .pth file or none") from None
+    if weights == "DEFAULT":
+        return enum.DEFAULT
+    short = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+    if short not in enum.__members__:
+        raise BackboneError(f"backbone.weights '{weights}' is not a weights of {name}; choose DEFAULT, "
+                            f"{', '.join(enum.__members__)}, a local .pth file, or none")
+    return enum[short]
+
+
+def hub_file(enum: WeightsEnum) -> Path:
+    """Where torch.hub keeps the checkpoint of a weights enum member."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+
+
+def check_hub_file(enum: WeightsEnum) -> None:
+    """A downloaded weights file must still match the SHA-256 prefix in its name.
+
+    torchvision names its files '<model>-<sha256 prefix>.pth' and torch checks the prefix only when
+    downloading; checking the cached copy too makes the URL in the cache key stand for the bytes.
+    """
+    path = hub_file(enum)
+    found = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if found and path.is_file() and not file_sha256(path).startswith(found.group(1)):
+        raise BackboneError(f"weights file '{path}' does not match the SHA-256 prefix '{found.group(1)}' in its "
+                            "name (damaged or replaced); delete it so that it is downloaded again")
+
+
+def download_hub_file(name: str, enum: WeightsEnum, offline_fix: str) -> None:
+    """Download the checkpoint of `enum` unless torch.hub has it (what torchvision's own
+    load_state_dict_from_url does, without loading the tensors)."""
+    target = hub_file(enum)
+    if target.is_file():
+        return
+    found = torch.hub.HASH_REGEX.search(target.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(enum.url, str(target), found.group(1) if found else None, progress=True)
+    except (OSError, RuntimeError) as e:  # URLError, HTTPError, socket errors; RuntimeError: hash mismatch
+        raise download_error(name, enum, e, offline_fix) from None
+
+
+def download_error(name: str, enum: WeightsEnum, err: Exception, offline_fix: str) -> BackboneError:
+    return BackboneError(
+        f"could not download the weights of {name} ({type(enum).__name__}.{enum.name}) from "
+        f"{enum.url}: {getattr(err, 'reason', err)}.\nFixes:\n"
+        f"  1. download that file on a machine with network access and put it at {hub_file(enum)}\n"
+        f"  2. or set backbone.weights to a local state-dict file: --set backbone.weights=/path/to/file.pth\n"
+        f"  3. or use the offline backbone: --set backbone.name={offline_fix}")
