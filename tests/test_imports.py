@@ -22,9 +22,9 @@ print(json.dumps({{"code": code, "loaded": [m for m in {heavy!r} if m in sys.mod
 """
 
 
-def loaded_by(argv: list[str]) -> tuple[int, set[str]]:
+def loaded_by(argv: list[str], heavy: tuple[str, ...] = HEAVY) -> tuple[int, set[str]]:
     """Run run_pipeline.main(argv) in a fresh interpreter; (exit code, heavy modules it imported)."""
-    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT), argv=argv, heavy=HEAVY)],
+    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT), argv=argv, heavy=heavy)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["code"], set(result["loaded"])
@@ -54,3 +54,10 @@ def test_each_stage_on_a_cache_file_imports_only_what_it_uses(params_file, cache
     # reports are drawn after the model is saved: matplotlib and scikit-learn's metrics, still no torchvision
     code, reported = loaded_by(["head"] + base + ["--set", "report.enabled=true"])
     assert code == 0 and {"matplotlib", "sklearn"} <= reported and "torchvision" not in reported
+
+
+def test_torchvision_backbones_import_neither_timm_nor_safetensors(params_file):
+    """timm and safetensors are imported only for a timm/<model> name or a .safetensors weights file."""
+    code, loaded = loaded_by(["extract", "finetune", "--params", str(params_file)],
+                             ("torchvision", "timm", "safetensors"))
+    assert code == 0 and loaded == {"torchvision"}
