@@ -84,9 +84,15 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[
     return torch.cat(logits), torch.cat(targets)
 
 
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy as correct / total in float64: the same number numpy gives for the same predictions
+    (a float32 mean would differ from it in the last bits)."""
+    return int((logits.argmax(1) == targets).sum().item()) / max(len(targets), 1)
+
+
 def score(logits: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> dict:
     """Mean loss and top-1 accuracy of logits (N, C) against targets (N,)."""
-    return {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+    return {"loss": criterion(logits, targets).item(), "acc": _accuracy(logits, targets)}
 
 
 def evaluate(model: nn.Module, criterion: nn.Module, batches: Iterable, device: torch.device) -> dict:

@@ -176,10 +176,10 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
             if dd.is_main():
                 save_checkpoint(artifact, path)
     train_seconds = sum(epoch_seconds)
-    entry = {"val_acc": round(best_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
-             "best_epoch": best_epoch, "epochs": ft.epochs, "train_seconds": round(train_seconds, 3),
-             "seconds_per_epoch": round(train_seconds / len(epoch_seconds), 3),
-             "train_images_per_second": round(len(data.train) * ft.epochs / train_seconds, 1),
+    entry = {"val_acc": best_acc, "seconds": time.perf_counter() - t0,
+             "best_epoch": best_epoch, "epochs": ft.epochs, "train_seconds": train_seconds,
+             "seconds_per_epoch": train_seconds / len(epoch_seconds),
+             "train_images_per_second": len(data.train) * ft.epochs / train_seconds,
              "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult, "processes": dd.world_size(),
              "model_file": str(path), "history": history}
     print(f"finetune: best val_acc {best_acc:.4f} at epoch {best_epoch}/{ft.epochs} -> {path}")

@@ -218,8 +218,7 @@ def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, r
         "versions": environment_info(device)}
     path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
     seconds = time.perf_counter() - t0
-    entry = {"val_acc": round(result.best_acc, 4), "seconds": round(seconds, 3),
-             "train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
+    entry = {"val_acc": result.best_acc, "seconds": seconds, "train_seconds": train_seconds, "best_epoch": result.best_epoch,
              "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
              **data.info, "model_file": str(path), "history": result.history}
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "

@@ -186,7 +186,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
         for x, y, _ in batches.iter_rows():
             final.partial_fit(_prepare_(x.numpy(), scaler, unit), y.numpy(), classes=classes)
         chunk_reads += batches.chunk_reads
-    held_out = [{"C": float(c), "acc": round(h[-1], 4), "history": [round(a, 4) for a in h]}
+    held_out = [{"C": float(c), "acc": h[-1], "history": list(h)}
                 for c, h in zip(cfg.c_grid, history)]
     cv = {"best_C": best_c, "selection": f"accuracy on held-out rows (1/{_folds(y_all, cfg.cv_folds)} of train)",
           "results": [{"C": r["C"], "mean": r["acc"], "std": 0.0} for r in held_out]}
@@ -282,8 +282,8 @@ def _save_and_report(cfg: Config, device: torch.device, plan, fit: LogisticFit, 
                 "seed": cfg.run.seed, "cache_key": plan.key, "cache_file": str(plan.path),
                 "data_root": str(plan.data.root), "versions": environment_info(device)}
     path = save_joblib(artifact, cfg.run_dir / LOGISTIC_FILE)
-    entry = {"val_acc": round(val_acc, 4), "seconds": round(time.perf_counter() - t0, 3),
-             "fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c, "cv_accuracy": round(fit.cv_accuracy, 4),
+    entry = {"val_acc": val_acc, "seconds": time.perf_counter() - t0,
+             "fit_seconds": fit.fit_seconds, "C": fit.best_c, "cv_accuracy": fit.cv_accuracy,
              "cv": fit.cv, **fit.info, "model_file": str(path)}
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")

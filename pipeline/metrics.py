@@ -62,13 +62,14 @@ def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes:
     return float(np.mean(present))
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    """One value for the table; figures are stored at full precision and rounded only here."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return format(v, spec)
     return str(v)
 
 
@@ -83,7 +84,7 @@ def format_results(metrics: dict) -> str:
                        + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else ""))
         else:
             details = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
-        rows.append((stage, _fmt(m.get("val_acc")), _fmt(m.get("seconds")), details))
+        rows.append((stage, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), details))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

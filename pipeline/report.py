@@ -45,9 +45,9 @@ def summarise(preds: Predictions) -> dict:
     """Top-1 accuracy, mean per-class accuracy and each class's accuracy, for metrics.json."""
     y, p = np.asarray(preds.targets), preds.predicted
     per_class = per_class_accuracy(y, p, len(preds.classes))
-    return {"val_acc_top1": round(float(np.mean(y == p)), 4),
-            "mean_per_class_acc": round(mean_per_class_accuracy(y, p, len(preds.classes)), 4),
-            "per_class_acc": {c: (None if a is None else round(a, 4)) for c, a in zip(preds.classes, per_class)}}
+    return {"val_acc_top1": float(np.mean(y == p)),  # full precision: rounded only where shown
+            "mean_per_class_acc": mean_per_class_accuracy(y, p, len(preds.classes)),
+            "per_class_acc": dict(zip(preds.classes, per_class))}
 
 
 # ----------------------------------------------------------------------------- files
