@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -61,10 +62,11 @@ def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_intermixed_args(argv)
     stdout = sys.stdout
+    lock = contextlib.ExitStack()  # the run folder's lock, once the config names the folder
 
     from pipeline import PipelineError
     from pipeline.config import STAGES, TRAIN_STAGES, ConfigError, load_config
-    from pipeline.metrics import format_results, read_metrics, write_json
+    from pipeline.metrics import format_results, read_metrics
 
     try:
         stages, paths = split_stages(args.stages)
@@ -92,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         dd.init_distributed(device, cfg.run.dist_timeout_min)
         if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
             sys.stdout = open(os.devnull, "w", encoding="utf-8")
-        if dd.is_main() and any(s not in ("report", "predict") for s in stages):  # those only read the run folder
-            write_json(cfg.run_dir / "config.json", cfg.to_dict())
+        if dd.is_main() and (any(s not in ("report", "predict") for s in stages)
+                             or ("report" in stages and cfg.run_dir.is_dir())):
+            from pipeline.rundir import check_same_data, run_lock
+
+            # One process at a time runs stages in a run folder; each stage publishes its model, checksum,
+            # metrics entry, config.json and reports as one unit (pipeline/rundir.py).
+            lock.enter_context(run_lock(cfg.run_dir))
+            if any(s in TRAIN_STAGES for s in stages):
+                check_same_data(cfg.run_dir, cfg.data.root)
         if dd.is_distributed():
             print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
                   f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
     finally:
+        lock.close()
         if "torch" in sys.modules:
             from pipeline import distributed as dd
             dd.shutdown()

@@ -127,6 +127,8 @@ class FinetuneConfig:
     init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
                         choices=("none", "cached"))
     backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
+    resume: bool = _c(False, "continue from finetune.best-so-far.pt, the best epoch an interrupted finetune kept "
+                      "beside finetune.pt (same data, backbone and settings; epochs may grow); false starts over")
 
 
 @dataclass

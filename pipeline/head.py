@@ -23,13 +23,13 @@ from torch import nn
 
 from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline.artifacts import MODEL_FILES, save_checkpoint
+from pipeline.artifacts import MODEL_FILES
 from pipeline.backbones import BackboneSpec, build_network, check_dense_classifier, dense_classifier
 from pipeline.config import Config, HeadConfig
 from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, train_one_epoch
 from pipeline.extract import ensure_cache, load_features, to_tensors
-from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
+from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message, streamed_features)
@@ -207,7 +207,7 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
 
 def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, result: HeadResult,
                      data: HeadData, train_seconds: float, t0: float) -> dict:
-    """Save head.pt, print the result, predict val in cache order for the reports, record metrics."""
+    """Stage head.pt, its reports and metrics entry, and publish them as one unit (pipeline/rundir.py)."""
     artifact = {
         "kind": "head", "head_type": cfg.head.type, "state_dict": result.state_dict,
         "classes": list(data.classes), "feature_dim": data.feature_dim,
@@ -216,10 +216,20 @@ def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, r
         "cache_file": str(plan.path), "data_root": str(plan.data.root), "best_epoch": result.best_epoch,
         "val_acc": result.best_acc, "history": result.history, "streamed": data.info["streamed"],
         "versions": environment_info(device)}
-    path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
+    with Publication(cfg.run_dir, "head") as pub:
+        pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
+        entry = _report(cfg, device, plan, head, result, data, train_seconds, t0, artifact, pub)
+        pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    return entry
+
+
+def _report(cfg: Config, device: torch.device, plan, head: nn.Module, result: HeadResult, data: HeadData,
+            train_seconds: float, t0: float, artifact: dict, pub: Publication) -> dict:
+    """Print the result, predict val in cache order, stage the reports; the metrics entry."""
+    path = cfg.run_dir / HEAD_FILE
     seconds = time.perf_counter() - t0
-    entry = {"val_acc": result.best_acc, "seconds": seconds, "train_seconds": train_seconds, "best_epoch": result.best_epoch,
-             "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
+    entry = {"val_acc": result.best_acc, "seconds": seconds, "train_seconds": train_seconds,
+             "best_epoch": result.best_epoch, "epochs": cfg.head.epochs, "head_type": cfg.head.type, "train_views": cfg.extract.train_views,
              **data.info, "model_file": str(path), "history": result.history}
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
@@ -227,6 +237,5 @@ def _save_and_report(cfg: Config, device: torch.device, plan, head: nn.Module, r
     logits, _ = predict(head, data.val_batches, device)
     preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
                         plan.data.root, list(data.classes))
-    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history))
-    update_metrics(cfg.run_dir, "head", entry)
+    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history, publication=pub))
     return entry

@@ -22,11 +22,11 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline.artifacts import MODEL_FILES, save_joblib
+from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, LogisticConfig
 from pipeline.extract import ensure_cache, load_features
-from pipeline.metrics import update_metrics
 from pipeline.report import Predictions, finish_stage
+from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
     stream_message, streamed_features
@@ -273,7 +273,7 @@ def run_logistic(cfg: Config, device: torch.device) -> dict:
 
 
 def _save_and_report(cfg: Config, device: torch.device, plan, fit: LogisticFit, t0: float) -> dict:
-    """Save logistic.joblib, print the result, write the reports, record metrics."""
+    """Stage logistic.joblib, its reports and metrics entry, and publish them as one unit (pipeline/rundir.py)."""
     val_acc = float(np.mean(fit.val_probs.argmax(1) == fit.val_labels)) if len(fit.val_labels) else 0.0
     artifact = {"kind": "logistic", "model": fit.model, "classes": list(fit.classes),
                 "feature_dim": fit.feature_dim, "backbone_config": dataclasses.asdict(cfg.backbone),
@@ -281,13 +281,24 @@ def _save_and_report(cfg: Config, device: torch.device, plan, fit: LogisticFit, 
                 "C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"], "streamed": fit.info["streamed"],
                 "seed": cfg.run.seed, "cache_key": plan.key, "cache_file": str(plan.path),
                 "data_root": str(plan.data.root), "versions": environment_info(device)}
-    path = save_joblib(artifact, cfg.run_dir / LOGISTIC_FILE)
+    import joblib
+
+    path = cfg.run_dir / LOGISTIC_FILE
+    with Publication(cfg.run_dir, "logistic") as pub:
+        pub.save_model(LOGISTIC_FILE, lambda tmp: joblib.dump(artifact, tmp))
+        entry = _report(cfg, plan, fit, t0, val_acc, artifact, path, pub)
+        pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    return entry
+
+
+def _report(cfg: Config, plan, fit: LogisticFit, t0: float, val_acc: float, artifact: dict, path,
+            pub: Publication) -> dict:
+    """Print the result, stage the reports; the metrics entry."""
     entry = {"val_acc": val_acc, "seconds": time.perf_counter() - t0,
              "fit_seconds": fit.fit_seconds, "C": fit.best_c, "cv_accuracy": fit.cv_accuracy,
              "cv": fit.cv, **fit.info, "model_file": str(path)}
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, plan.data.root, list(fit.classes))
-    entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv))
-    update_metrics(cfg.run_dir, "logistic", entry)
+    entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv, publication=pub))
     return entry

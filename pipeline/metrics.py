@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,25 +11,48 @@ METRICS_FILE = "metrics.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a crash never leaves a half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically: a crash never leaves a half-written file under the real name, and a
+    failed write (full disk, read-only folder) leaves no temporary file and says so in one line."""
+    from pipeline import PipelineError
+    from pipeline.fsutil import atomic_write_bytes
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise PipelineError(f"cannot write '{path}': {e.strerror} (free disk space or make the folder "
+                            "writable; the previous file is unchanged)") from None
 
 
 def read_metrics(run_dir: Path) -> dict:
+    """The run folder's metrics.json ({} if none); a damaged one is an error that says what to do."""
+    from pipeline import PipelineError
+
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not JSON: {e}"
+        metrics = None
+    else:
+        reason = "not a JSON object of stage entries"
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        raise PipelineError(f"'{path}' is damaged ({reason}): it records this run folder's results, so it "
+                            f"is not replaced silently; move it away (or delete it) and run the stages again")
+    return metrics
 
 
 def update_metrics(run_dir: Path, stage: str, entry: dict) -> dict:
     """Replace this stage's entry in metrics.json, keeping the other stages' entries."""
-    metrics = read_metrics(run_dir)
-    metrics[stage] = entry
-    write_json(Path(run_dir) / METRICS_FILE, metrics)
+    from pipeline.rundir import publish_lock
+
+    with publish_lock(run_dir):  # no publish of another stage's entry in between
+        metrics = read_metrics(run_dir)
+        metrics[stage] = entry
+        write_json(Path(run_dir) / METRICS_FILE, metrics)
     return metrics
 
 

@@ -20,6 +20,7 @@ from pipeline.backbones import (BackboneSpec, build_classifier, build_feature_ex
                                 resolve_backbone)
 from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
+from pipeline.rundir import reading
 
 
 @dataclass
@@ -71,9 +72,10 @@ def _missing_model(run_dir: Path, kind: str) -> PipelineError:
 def load_artifact(run_dir: Path, kind: str, trust: bool = False) -> dict:
     """The saved model file of stage `kind` in run_dir, as a dict."""
     path = model_path(run_dir, kind)
-    if not path.is_file():
-        raise _missing_model(run_dir, kind)
-    obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
+    with reading(run_dir):  # the model file and its SHA256SUMS record from one publish
+        if not path.is_file():
+            raise _missing_model(run_dir, kind)
+        obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
     if not isinstance(obj, dict) or "classes" not in obj:
         raise PipelineError(f"'{path}' is not a {kind} model written by this tool")
     return obj

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 PRELOAD = ["torch", "torchvision", "h5py", "PIL.Image", "pipeline.extract", "pipeline.head", "pipeline.logistic",
-           "pipeline.finetune", "run_pipeline"]
+           "pipeline.finetune", "pipeline.rundir", "run_pipeline"]
 
 
 def context() -> mp.context.BaseContext:
@@ -65,6 +65,25 @@ def run_cli(argv: list[str], out_path: str, log_path: Optional[str] = None, own_
     import run_pipeline
 
     sys.exit(run_pipeline.main(argv))
+
+
+def run_cli_killed_at_rename(argv: list[str], out_path: str, kill_at: int) -> None:
+    """run_cli, but the process SIGKILLs itself at the kill_at-th rename of a run-folder publish
+    (pipeline.rundir._rename), before that rename happens."""
+    import signal
+
+    import pipeline.rundir as rundir
+
+    rename, calls = rundir._rename, []
+
+    def rename_or_die(src, dst):
+        calls.append(dst)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(src, dst)
+
+    rundir._rename = rename_or_die
+    run_cli(argv, out_path)
 
 
 def start(target: Callable, *args: Any) -> mp.Process:

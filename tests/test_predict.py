@@ -44,6 +44,8 @@ def test_mix_with_unreadable_and_missing_files_via_cli(trained_run, tmp_path, ca
     params = tmp_path / "p.json"
     params.write_text(__import__("json").dumps(trained_run.cfg.to_dict()))
     out_csv = tmp_path / "preds.csv"
+    run_dir = trained_run.cfg.run_dir
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if not p.name.endswith(".lock")}
     args = ["--params", str(params), "--set", "predict.model=logistic", "predict", str(good), str(bad),
             str(trained_run.root / "val" / "bees"), str(tmp_path / "missing.png"), str(tmp_path / "empty"),
             "--output", str(out_csv)]
@@ -56,7 +58,8 @@ def test_mix_with_unreadable_and_missing_files_via_cli(trained_run, tmp_path, ca
     assert rows[0]["path"] == str(good) and rows[0]["class_1"] in ("ants", "bees")
     assert float(rows[0]["prob_1"]) >= float(rows[0]["prob_2"])
     assert rows[5]["error"] == "no such file or folder" and rows[6]["error"] == "folder has no image files"
-    assert not (trained_run.cfg.run_dir / "config.json").exists()  # predict only reads the run folder
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if not p.name.endswith(".lock")}
+    assert after == before  # predict only reads the run folder (config.json included: it writes none)
 
 
 def test_nothing_readable_is_an_error(trained_run, tmp_path):
