@@ -71,6 +71,16 @@ class CacheError(PipelineError):
     pass
 
 
+# What h5py raises on a damaged file, depending on which byte is damaged (a flipped byte in a B-tree
+# node, a heap or an attribute gives KeyError, OSError, UnicodeDecodeError, ...): all mean "damaged".
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError)
+
+
+def damaged(path: Path, e: BaseException, what: str = "cache") -> CacheError:
+    """One line naming the damaged file (the caller discards and rebuilds it)."""
+    return CacheError(f"{what} '{path}' is damaged or unreadable ({type(e).__name__}: {e})")
+
+
 def digest(obj) -> str:
     """SHA-256 of a JSON-serialisable object in canonical form."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -233,6 +243,15 @@ def _read_manifests(f: h5py.File) -> dict[str, SplitManifest]:
 
 def _verify_open(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, dict[str, SplitManifest]]:
     """Attributes, structure, then the rows against manifest_digest and the key; raise CacheError."""
+    try:
+        return _verify_open_unchecked(f, path, key)
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
+        raise damaged(path, e) from None
+
+
+def _verify_open_unchecked(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, dict[str, SplitManifest]]:
     attrs = _attrs(f)
     _check_attrs(attrs, path)
     _check_structure(f, path, attrs["feature_dim"])
@@ -255,8 +274,8 @@ def _verify_open(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, di
 def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
-    except (OSError, ValueError) as e:
-        raise CacheError(f"cannot read cache '{path}': {e}") from None
+    except H5_ERRORS as e:
+        raise damaged(path, e) from None
 
 
 def _open_cache(path: Path) -> h5py.File:
@@ -282,14 +301,17 @@ def read_attrs(path: str | Path) -> Optional[dict]:
     try:
         with h5py.File(path, "r") as f:
             attrs = _attrs(f)
-    except (OSError, ValueError):
+    except H5_ERRORS:
         return None
     return attrs if attrs.get("complete") else None
 
 
 def read_manifest(path: str | Path) -> dict[str, SplitManifest]:
-    with _open(Path(path)) as f:
-        return _read_manifests(f)
+    try:
+        with _open(Path(path)) as f:
+            return _read_manifests(f)
+    except H5_ERRORS as e:
+        raise damaged(path, e) from None
 
 
 def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
@@ -300,8 +322,8 @@ def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
             attrs, manifests = _verify_open(f, path, key)
             splits = {s: CachedSplit(f[s]["features"][()], np.asarray(manifests[s].labels, dtype=np.int64),
                                      list(manifests[s].paths), list(manifests[s].sha256)) for s in SPLITS}
-    except OSError as e:  # a fletcher32 checksum mismatch surfaces here
-        raise CacheError(f"cannot read cache '{path}': {e}") from None
+    except H5_ERRORS as e:  # a fletcher32 checksum mismatch surfaces as OSError here
+        raise damaged(path, e) from None
     return FeatureCache(path, attrs, tuple(attrs["classes"]), splits)
 
 
@@ -339,7 +361,7 @@ class SplitReader:
         if stop > start:
             try:
                 self._features.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
-            except OSError as e:  # a fletcher32 checksum mismatch surfaces here
+            except H5_ERRORS as e:  # a fletcher32 checksum mismatch surfaces here
                 raise CacheError(f"cannot read rows {start}..{stop - 1} of '{self.name}/features' in cache "
                                  f"'{self.path}': {e}") from None
         return out[:stop - start]
@@ -383,7 +405,9 @@ def feature_shapes(path: str | Path) -> dict[str, tuple[int, int]]:
     try:
         with _open(Path(path)) as f:
             shapes = {s: tuple(int(v) for v in f[s]["features"].shape) for s in SPLITS}
-    except (KeyError, TypeError) as e:
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
         raise CacheError(f"cache '{path}' has no train and val features: {e}") from None
     if any(len(shape) != 2 for shape in shapes.values()):
         raise CacheError(f"cache '{path}': features are not 2-D ({shapes})")
@@ -510,7 +534,9 @@ def check_features(path: Path, datasets: Iterable[str] = tuple(f"{s}/features" f
                 ds = f[name]
                 for start in range(0, ds.shape[0], ASSEMBLE_ROWS):
                     ds[start:start + ASSEMBLE_ROWS]
-    except (OSError, KeyError) as e:
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
         raise CacheError(f"cannot read features of '{path}': {e}") from None
 
 
@@ -537,6 +563,14 @@ class ChunkStore:
 
     def read_chunk(self, path: Path) -> tuple[list[str], int]:
         """(sha256 of each row, feature_dim) of an intact chunk file; CacheError otherwise."""
+        try:
+            return self._read_chunk(path)
+        except CacheError:
+            raise
+        except H5_ERRORS as e:
+            raise damaged(path, e, "chunk") from None
+
+    def _read_chunk(self, path: Path) -> tuple[list[str], int]:
         with _open(path) as f:
             attrs = _attrs(f)
             if not attrs.get("complete") or attrs.get("config_key") != self.config_key \
@@ -737,12 +771,30 @@ def scan_index_path(cache_dir: str | Path, data_root: Path) -> Path:
     return Path(cache_dir) / f"scan-{digest(os.path.realpath(data_root))[:16]}.h5"
 
 
+SCAN_USERBLOCK = 512           # bytes before the HDF5 data of a scan index: a magic and the SHA-256 of the rest
+SCAN_MAGIC = b"scan-index sha256 "
+
+
 def read_scan_index(path: Path) -> dict[str, ScanEntry]:
-    """path -> entry of an earlier pre-scan; {} when there is none or it is unusable (it is only a speed-up)."""
+    """path -> entry of an earlier pre-scan; {} when there is none or it is unusable (it is only a speed-up).
+
+    The whole file is checked against the SHA-256 in its first bytes before HDF5 parses any of it (a
+    damaged index can crash the HDF5 library, not only raise): a damaged index (say, one changed
+    character of a stored SHA-256) is ignored, with a line saying so, and every image is hashed again.
+    """
     if not path.is_file():
         return {}
     try:
-        with h5py.File(path, "r") as f:
+        raw = path.read_bytes()
+    except OSError:
+        return {}
+    head, body = raw[:SCAN_USERBLOCK], raw[SCAN_USERBLOCK:]
+    recorded = head[len(SCAN_MAGIC):len(SCAN_MAGIC) + 64]
+    if not head.startswith(SCAN_MAGIC) or recorded != hashlib.sha256(body).hexdigest().encode():
+        print(f"extract: the scan index '{path}' failed its checksum (damaged or older); hashing every image again")
+        return {}
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as f:
             if f.attrs.get("format_version") != FORMAT_VERSION:
                 return {}
             n = f["paths"].shape[0]
@@ -752,22 +804,22 @@ def read_scan_index(path: Path) -> dict[str, ScanEntry]:
             paths = [p.decode() for p in f["paths"][()]]
             stats, shas = f["stat"][()], f["sha256"][()]
             reasons, details = f["reason"][()], f["detail"][()]
-    except (OSError, KeyError, ValueError):
+        return {p: ScanEntry(tuple(int(v) for v in stats[i]), shas[i].decode(), reasons[i].decode(),
+                             details[i].decode()) for i, p in enumerate(paths)}
+    except H5_ERRORS:
         return {}
-    return {p: ScanEntry(tuple(int(v) for v in stats[i]), shas[i].decode(), reasons[i].decode(),
-                         details[i].decode()) for i, p in enumerate(paths)}
 
 
 def write_scan_index(path: Path, entries: dict[str, ScanEntry]) -> None:
     """Replace the scan index atomically; raises OSError (callers treat it as optional).
 
     Built in memory and written with plain file I/O, like chunks: a full disk cannot leave the HDF5
-    library with a half-closed file.
+    library with a half-closed file. The HDF5 user block holds SCAN_MAGIC and the SHA-256 of the rest.
     """
     names = sorted(entries)
     string = h5py.string_dtype("utf-8")
     image = io.BytesIO()
-    with h5py.File(image, "w") as f:
+    with h5py.File(image, "w", userblock_size=SCAN_USERBLOCK) as f:
         f.create_dataset("paths", data=names, dtype=string)
         f.create_dataset("stat", data=np.asarray([entries[p].stat for p in names], dtype=np.int64)
                          .reshape(len(names), len(STAT_FIELDS)))
@@ -775,7 +827,10 @@ def write_scan_index(path: Path, entries: dict[str, ScanEntry]) -> None:
         f.create_dataset("reason", data=[entries[p].reason for p in names], dtype=string)
         f.create_dataset("detail", data=[entries[p].detail for p in names], dtype=string)
         f.attrs["format_version"] = FORMAT_VERSION
-    atomic_write_bytes(path, image.getvalue())
+    data = bytearray(image.getvalue())
+    data[:SCAN_USERBLOCK] = (SCAN_MAGIC + hashlib.sha256(data[SCAN_USERBLOCK:]).hexdigest().encode()
+                             ).ljust(SCAN_USERBLOCK, b"\0")
+    atomic_write_bytes(path, bytes(data))
 
 
 def remove_stale_scan_temps(path: Path) -> None:
@@ -820,5 +875,5 @@ def read_views(path: Path, views_key: str, cache_key: str, n_train: int, feature
                     or ds.dtype not in FEATURE_DTYPES:
                 return None
             return ds[()]
-    except OSError:  # unreadable or a checksum failed: rebuild, never reuse
+    except H5_ERRORS:  # unreadable or a checksum failed: rebuild, never reuse
         return None
