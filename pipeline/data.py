@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,6 +33,16 @@ APPLEDOUBLE_PREFIX = "._"
 # First bytes of the formats in IMG_EXTENSIONS: tells a damaged image from a file that never was one.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
                     b"GIF8", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7")
+# An image file larger than this is refused before it is read (Pillow's pixel limit bounds decoding,
+# not the bytes read first): 512 MiB is far above any photo, and bounds a run's memory per image.
+MAX_IMAGE_BYTES = 512 * 2 ** 20
+
+
+class ImageFileError(OSError):
+    """A path that must not be read as an image: not a regular file, or too large."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 @dataclass(frozen=True)
@@ -274,7 +285,11 @@ def decode_image(data: bytes) -> Image.Image:
     Decodes every pixel, so a truncated or damaged file raises here rather than halfway through a run.
     Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) raise DecompressionBombError.
     """
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's message names its BytesIO object, not the file
+        raise UnidentifiedImageError("not an image format Pillow can read") from None
+    with opened as img:
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and img.width * img.height > limit:
             raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels "
@@ -288,9 +303,35 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def read_image_bytes(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most max_bytes; ImageFileError for anything else.
+
+    Opened non-blocking and checked with fstat before reading: a fifo (which would block forever),
+    /dev/zero (which never ends), a socket or a folder is refused, never read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageFileError(e.errno, e.strerror) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageFileError(errno.EINVAL, "not a regular file (a fifo, device, socket or folder)")
+        if st.st_size > max_bytes:
+            raise ImageFileError(errno.EFBIG, f"{st.st_size / 2 ** 20:.0f} MiB, more than an image file may "
+                                 f"be ({max_bytes // 2 ** 20} MiB)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # it grew since fstat
+            raise ImageFileError(errno.EFBIG, f"more than {max_bytes // 2 ** 20} MiB")
+        return data
+    finally:
+        os.close(fd)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (see decode_image)."""
-    return decode_image(Path(path).read_bytes())
+    """Open an image file as RGB (see decode_image and read_image_bytes)."""
+    return decode_image(read_image_bytes(path))
 
 
 def image_problem(data: bytes) -> Optional[tuple[str, str]]:
@@ -356,7 +397,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path = resolve_in_root(self.root, self.split.paths[i])
         try:
-            data = path.read_bytes()
+            data = read_image_bytes(path)
         except OSError as e:
             raise PipelineError(f"cannot read image '{path}': {e.strerror}") from None
         if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:

@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline import distributed as dd
-from pipeline.data import ImageFolderData, Split, image_problem, resolve_in_root
+from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 
 BAD_FILES = "bad_files.json"
@@ -90,7 +90,7 @@ def _check_file(root: Path, rel: str, known: Optional[fc.ScanEntry], use_stat: b
     if use_stat and known is not None and known.stat == signature:
         return known, False, False
     try:
-        data = path.read_bytes()
+        data = read_image_bytes(path)  # re-checks: regular file, size cap
         after = _stat_signature(os.stat(path))
     except OSError as e:
         return fc.ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False

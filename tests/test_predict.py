@@ -136,3 +136,43 @@ def test_unwritable_output_fails_before_classifying(trained_run, tmp_path, monke
     monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a: pytest.fail("classified first"))
     with pytest.raises(PipelineError, match="--output .* does not exist"):
         run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=str(tmp_path / "no" / "p.csv"))
+
+
+def test_fifo_and_dev_zero_are_error_rows_not_a_hang(trained_run, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "f.jpg")
+    (tmp_path / "z.jpg").symlink_to("/dev/zero")
+    good = trained_run.root / "val" / "ants" / "img_000.png"
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path / "f.jpg"), str(tmp_path / "z.jpg"), str(good)])
+    assert [r.ok for r in rows] == [False, False, True]
+    assert all("not a regular file" in r.error for r in rows[:2])
+
+
+@pytest.mark.parametrize("output, message", [(".", "is a folder"), ("/dev/full", "is not a regular file"),
+                                             ("ro/p.csv", "cannot write in folder")])
+def test_bad_output_fails_before_classifying(trained_run, tmp_path, monkeypatch, output, message):
+    import os
+
+    import pipeline.predict
+
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    if os.access(tmp_path / "ro", os.W_OK) and output.startswith("ro/"):  # root ignores the mode bits
+        pytest.skip("running as root: a mode-555 folder is still writable")
+    monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a, **k: pytest.fail("classified first"))
+    target = output if output.startswith("/") else str(tmp_path / output)
+    with pytest.raises(PipelineError, match=message):
+        run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=target)
+
+
+def test_non_utf8_file_name_is_written_to_the_csv_as_its_own_bytes(trained_run, tmp_path):
+    import os
+    import shutil
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    shutil.copyfile(trained_run.root / "val" / "bees" / "img_000.png", tmp_path / name)
+    out = tmp_path / "p.csv"
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path)], output=str(out))
+    assert [r.ok for r in rows] == [True]
+    assert os.fsencode(str(tmp_path / name)) in out.read_bytes() and not list(tmp_path.glob(".*.tmp"))
