@@ -188,6 +188,9 @@ def discover_image_folder(root: str | Path) -> ImageFolderData:
     classes = _class_dirs(root / "train")
     if not classes:
         raise PipelineError(f"'{root / 'train'}' has no class folders {layout}")
+    if len(classes) < 2:
+        raise PipelineError(f"'{root / 'train'}' has 1 class folder ('{classes[0]}'): a classifier needs at "
+                            f"least 2 classes {layout}")
     val_classes = _class_dirs(root / "val")
     missing = sorted(set(classes) - set(val_classes))
     extra = sorted(set(val_classes) - set(classes))

@@ -12,6 +12,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,21 +37,24 @@ SGD_BATCH = 2048    # rows per partial_fit call, at most
 SGD_ETA0 = 4.0      # first step size on rows of mean squared norm 1: 1/L of the logistic loss
 
 
-def _folds(y: np.ndarray, cv_folds: int) -> int:
-    smallest_class = int(np.bincount(y).min())
-    folds = min(cv_folds, smallest_class)
+def _folds(y: np.ndarray, cv_folds: int, classes: Sequence[str] = ()) -> int:
+    counts = np.bincount(y)
+    smallest = int(counts.argmin())
+    folds = min(cv_folds, int(counts[smallest]))
     if folds < 2:
-        raise PipelineError(f"logistic: a class has {smallest_class} training image(s); cross-validation "
-                            "needs at least 2 per class")
+        name = f"'{classes[smallest]}'" if smallest < len(classes) else f"number {smallest}"
+        raise PipelineError(f"logistic: class {name} has {int(counts[smallest])} training image(s); "
+                            "cross-validation needs at least 2 per class: add images to it")
     return folds
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int) -> GridSearchCV:
+def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int,
+                 classes: Sequence[str] = ()) -> GridSearchCV:
     """Standardise, then choose C by stratified k-fold cross-validation on train and refit on all of it.
 
     x : ndarray of shape (n_samples, n_features); y : ndarray of shape (n_samples,)
     """
-    folds = _folds(y, cfg.cv_folds)
+    folds = _folds(y, cfg.cv_folds, classes)
     model = Pipeline([("scale", StandardScaler()),
                       ("clf", LogisticRegression(max_iter=cfg.max_iter))])
     search = GridSearchCV(model, {"clf__C": list(cfg.c_grid)},
@@ -234,7 +238,7 @@ def _fit_in_memory(cfg: Config, device: torch.device, ensured: tuple) -> tuple[L
     x_train = features.train.features.astype(np.float32)
     x_val = features.val.features.astype(np.float32)
     t1 = time.perf_counter()
-    search = fit_logistic(x_train, features.train.labels, cfg.logistic, cfg.run.seed)
+    search = fit_logistic(x_train, features.train.labels, cfg.logistic, cfg.run.seed, features.classes)
     fit_seconds = time.perf_counter() - t1
     probs = _full_probs(search.best_estimator_, x_val, len(features.classes))
     return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv_summary(search),

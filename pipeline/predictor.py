@@ -55,6 +55,12 @@ class Predictor:
         return self.classify(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device))
 
 
+# What each kind of model file must hold to be rebuilt (a hand-made file may hold less).
+REQUIRED_KEYS = {"head": ("classes", "state_dict", "feature_dim", "backbone_config", "backbone", "seed"),
+                 "logistic": ("classes", "model", "feature_dim", "backbone_config", "backbone", "seed"),
+                 "finetune": ("classes", "model", "backbone_config", "backbone", "seed")}
+
+
 def model_path(run_dir: Path, kind: str) -> Path:
     return Path(run_dir) / MODEL_FILES[kind]
 
@@ -78,6 +84,12 @@ def load_artifact(run_dir: Path, kind: str, trust: bool = False) -> dict:
         obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
     if not isinstance(obj, dict) or "classes" not in obj:
         raise PipelineError(f"'{path}' is not a {kind} model written by this tool")
+    missing = [k for k in REQUIRED_KEYS[kind] if k not in obj]
+    missing += [f"backbone.{k}" for k in ("weights_id", "preprocess") if not isinstance(obj.get("backbone"), dict)
+                or k not in obj["backbone"]]
+    if missing:
+        raise PipelineError(f"'{path}' lacks {', '.join(missing)}: it is not a complete {kind} model written by "
+                            f"this tool; train it again with the {kind} stage")
     return obj
 
 
@@ -109,7 +121,11 @@ def _head_module(artifact: dict) -> nn.Module:
         head = dense_classifier(name, net, num_classes)
     else:
         head = nn.Linear(artifact["feature_dim"], num_classes)
-    head.load_state_dict(artifact["state_dict"], assign=True)
+    try:
+        head.load_state_dict(artifact["state_dict"], assign=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise PipelineError(f"the saved head does not fit its recorded shape ({str(e).splitlines()[0]}): "
+                            "train it again with the head stage") from None
     return head.eval()
 
 
@@ -142,7 +158,11 @@ def predictor_from_artifact(kind: str, artifact: dict, device: torch.device, wit
         if network is None:
             cfg, spec = backbone_of(artifact)
             network = build_classifier(cfg, spec, len(classes))
-            network.load_state_dict(artifact["model"])
+            try:
+                network.load_state_dict(artifact["model"])
+            except (RuntimeError, TypeError, AttributeError) as e:
+                raise PipelineError(f"the saved network does not fit {cfg.name} ({str(e).splitlines()[0]}): "
+                                    "train it again with the finetune stage") from None
         network = network.to(device).eval()
         return Predictor(kind, classes, preprocess, artifact, _softmax(network), None, device)
     if kind == "head":

@@ -173,3 +173,9 @@ def test_a_non_image_is_named_not_pillows_buffer(tmp_path):
     with pytest.raises(UnidentifiedImageError) as e:
         decode_image(b"hello, not an image")
     assert "BytesIO" not in str(e.value) and "not an image format" in str(e.value)
+
+
+def test_one_class_only_is_an_error_naming_the_class_count(tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("ants",), n_train=2, n_val=1)
+    with pytest.raises(PipelineError, match=r"has 1 class folder \('ants'\): a classifier needs at least 2"):
+        discover_image_folder(root)

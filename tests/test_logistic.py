@@ -125,3 +125,11 @@ def test_in_memory_logistic_records_its_estimator(tiny_cfg):
     entry = run_logistic(tiny_cfg(), torch.device("cpu"))
     assert entry["estimator"] == "LogisticRegression" and entry["streamed"] is False
     assert entry["cv"]["selection"] == "2-fold cross-validation"
+
+
+def test_too_few_images_names_the_class():
+    from pipeline import PipelineError
+    from pipeline.logistic import _folds
+
+    with pytest.raises(PipelineError, match="class 'bees' has 1 training image"):
+        _folds(np.array([0, 0, 0, 1]), 3, ("ants", "bees"))

@@ -176,3 +176,9 @@ def test_non_utf8_file_name_is_written_to_the_csv_as_its_own_bytes(trained_run, 
     rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path)], output=str(out))
     assert [r.ok for r in rows] == [True]
     assert os.fsencode(str(tmp_path / name)) in out.read_bytes() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_hand_made_model_with_missing_keys_is_one_line_even_with_trust(tmp_path):
+    torch.save({"classes": ["ants", "bees"], "state_dict": {}}, tmp_path / "head.pt")
+    with pytest.raises(PipelineError, match="lacks feature_dim, backbone_config, backbone, seed, backbone.weights_id"):
+        load_artifact(tmp_path, "head", trust=True)
