@@ -100,6 +100,22 @@ def remove_stale_temps(folder: Path, name: str, any_pid: bool = False) -> int:
     return removed
 
 
+def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """In a worker process: exit as soon as parent_pid is gone (even killed by `kill -9`).
+
+    A daemon thread polls getppid(): when the parent dies the worker is re-parented, so its parent
+    pid changes. Used as a ProcessPoolExecutor initializer, so a killed run leaks no worker.
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _read_pid(fd: int) -> Optional[int]:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

@@ -179,3 +179,17 @@ def head(overrides: list[str]) -> dict:
 
     entry = run_head(load_config(None, overrides), torch.device("cpu"))
     return {k: v for k, v in entry.items() if k != "history"}
+
+
+def pool_worker_then_wait(pid_file: str) -> None:
+    """What benchmark.measure does, in a process the test kills: a spawned worker that exits with its
+    parent; the worker's pid goes to pid_file, then the worker sleeps (the parent waits for it)."""
+    import multiprocessing as mp_
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.fsutil import exit_with_parent
+
+    with ProcessPoolExecutor(1, mp_context=mp_.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        Path(pid_file).write_text(str(pool.submit(os.getpid).result()))
+        pool.submit(time.sleep, 600).result()
