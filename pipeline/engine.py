@@ -6,6 +6,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from pipeline import PipelineError
 from pipeline.runtime import progress
 
 
@@ -98,6 +99,13 @@ def score(logits: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> 
 def evaluate(model: nn.Module, criterion: nn.Module, batches: Iterable, device: torch.device) -> dict:
     """Mean loss and top-1 accuracy over batches."""
     return score(*predict(model, batches, device), criterion)
+
+
+def check_finite_loss(stage: str, loss: float, epoch: int, lr_key: str) -> None:
+    """A diverged run stops with a line instead of saving a model that predicts p=1.000 for everything."""
+    if not math.isfinite(loss):
+        raise PipelineError(f"{stage}: the training loss diverged ({loss}) in epoch {epoch}: lower {lr_key} "
+                            "(the previous model is unchanged)")
 
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float):

@@ -27,7 +27,7 @@ from pipeline.artifacts import MODEL_FILES, load_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
-from pipeline.engine import make_sgd, predict, score, train_one_epoch
+from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.report import Predictions, finish_stage
 from pipeline.fsutil import atomic_path
 from pipeline.rundir import Publication
@@ -206,6 +206,7 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
             train_loader.sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
         lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
         train = train_epoch(trained, criterion, optimizer, train_loader, device, desc=f"finetune {epoch}/{ft.epochs}")
+        check_finite_loss("finetune", train["loss"], epoch, "finetune.lr")
         scheduler.step()
         dd.sync_buffers(model)
         val = score(*gather_predictions(model, val_loader, device), criterion)

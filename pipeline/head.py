@@ -26,7 +26,7 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.backbones import BackboneSpec, build_network, check_dense_classifier, dense_classifier
 from pipeline.config import Config, HeadConfig
-from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, train_one_epoch
+from pipeline.engine import TensorBatches, check_finite_loss, evaluate, make_sgd, predict, train_one_epoch
 from pipeline.extract import ensure_cache, load_features, to_tensors
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
@@ -108,6 +108,7 @@ def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cf
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(head, criterion, optimizer, train_batches, device)
+        check_finite_loss("head", train["loss"], epoch, "head.lr")
         scheduler.step()
         val = evaluate(head, criterion, val_batches, device)
         best.history.append({"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],

@@ -199,3 +199,25 @@ def test_other_data_in_a_run_folder_stops_naming_run_name(base, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"holds results on data.root '{base['root']}'" in err and "--set run.name=flowers" in err
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing of the other data mixed in
+
+
+@pytest.mark.parametrize("where", ["model", "records"])
+def test_full_disk_is_one_line_and_changes_nothing(base, monkeypatch, capsys, where):
+    """torch.save on a full disk raises RuntimeError ('unexpected pos'); a record write raises ENOSPC."""
+    import errno
+
+    run_dir = fresh(base, f"full-{where}")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.endswith(".lock")}
+    if where == "model":
+        def full(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        def full(self, name, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(rundir.Publication, "_write", full)
+    assert run_pipeline.main(sets(base["overrides"], run_dir.name, ["head.lr=0.05"]) + ["head"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "free disk space" in err and "Traceback" not in err, err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.endswith(".lock")}
+    assert after == before and not list(run_dir.glob(".stage-*"))
