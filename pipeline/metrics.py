@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,15 +15,18 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a crash never leaves a half-written file under the real name, and a
     failed write (full disk, read-only folder) leaves no temporary file and says so in one line."""
     from pipeline import PipelineError
-    from pipeline.fsutil import atomic_write_bytes
 
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
     except OSError as e:
         raise PipelineError(f"cannot write '{path}': {e.strerror} (free disk space or make the folder "
                             "writable; the previous file is unchanged)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> dict:

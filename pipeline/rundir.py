@@ -106,17 +106,21 @@ def publish_lock(run_dir: Path):
 def reading(run_dir: Path) -> Iterator[None]:
     """Read a consistent set: no publish runs meanwhile, and an interrupted one is completed first."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        yield
-        return
+    lock = _locked(run_dir, PUBLISH_LOCK)
     try:
-        with _locked(run_dir, PUBLISH_LOCK):
-            recover(run_dir)
-            yield
+        if not run_dir.is_dir():
+            raise RunFolderError("no run folder")
+        lock.__enter__()
     except RunFolderError:
         if (run_dir / JOURNAL).exists():
             raise
-        yield  # a read-only folder nobody can be writing to
+        yield  # a missing or read-only folder: nobody can be writing to it
+        return
+    try:
+        recover(run_dir)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _read_journal(path: Path) -> dict:
