@@ -8,7 +8,6 @@ Two families share one interface:
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torchvision.models import WeightsEnum
 
 from pipeline import PipelineError
 from pipeline.config import BackboneConfig
-from pipeline.fsutil import sha256_file
+from pipeline.fsutil import file_sha256
 from pipeline.data import Preprocess
 
 LITE0 = "efficientnet_lite0"
@@ -92,16 +91,6 @@ def check_dense_classifier(name: str, key: str, fix: str) -> None:
     if not has_dense_classifier(name):
         raise BackboneError(f"{key} needs a backbone with its own dense classifier after a conv trunk "
                             f"({', '.join(dense_classifier_models())}); '{name}' has none: {fix}")
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def lite0_weights_file() -> Path:
@@ -229,7 +218,11 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
     own = net.state_dict()
     skip = lambda k: is_head(k) and (k not in state or state[k].shape != own[k].shape)  # noqa: E731
     body = {k: v for k, v in state.items() if not (is_head(k) and k in own and skip(k))}
-    result = net.load_state_dict(body, strict=False)
+    try:
+        result = net.load_state_dict(body, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise BackboneError(f"backbone.weights '{source}' does not fit {name}: {detail}") from None
     missing = [k for k in result.missing_keys if not skip(k)]
     if missing or result.unexpected_keys:
         raise BackboneError(f"backbone.weights '{source}' does not fit {name}: missing "

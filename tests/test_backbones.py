@@ -188,3 +188,12 @@ def test_dense_classifier_keeps_pretrained_layers_and_dropout():
 def test_conv_cut_elsewhere_names_the_key_and_the_models(name):
     with pytest.raises(BackboneError, match="backbone.cut 'conv' needs .*alexnet, vgg11.*use backbone.cut=pool"):
         resolve_backbone(BackboneConfig(name=name, weights="none", cut="conv"), seed=0)
+
+
+def test_local_file_with_a_wrong_shaped_tensor_is_one_line(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)  # 7x7 in resnet18
+    torch.save(state, tmp_path / "shape.pth")
+    cfg, spec = spec_of("resnet18", str(tmp_path / "shape.pth"))
+    with pytest.raises(BackboneError, match=r"does not fit resnet18: .*size mismatch for conv1.weight"):
+        build_network(cfg, spec)
