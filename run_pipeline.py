@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -74,12 +75,12 @@ def check_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return stages, paths
 
 
-def start_processes(cfg, stages: list[str]):
-    """Threads, the device and (under torchrun) the process group; rank 0 alone writes config.json and logs."""
-    import torch
+def start_processes(cfg, stages: list[str], lock: contextlib.ExitStack):
+    """The device and (under torchrun) the process group; rank 0 alone logs and takes the run folder's
+    lock (held in `lock` until main closes it). config.json is written by each stage's publish."""
+    import torch  # noqa: F401 - the stages need it; loaded here, once the command and config are checked
 
     from pipeline import distributed as dd
-    from pipeline.metrics import write_json
     from pipeline.runtime import resolve_device
 
     launch = dd.launch_from_env()
@@ -87,8 +88,16 @@ def start_processes(cfg, stages: list[str]):
     dd.init_distributed(device, cfg.run.dist_timeout_min)
     if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    if dd.is_main() and any(s not in ("report", "predict") for s in stages):  # those only read the run folder
-        write_json(cfg.run_dir / "config.json", cfg.to_dict())
+    if dd.is_main() and (any(s not in ("report", "predict") for s in stages)
+                         or ("report" in stages and cfg.run_dir.is_dir())):
+        from pipeline.config import TRAIN_STAGES
+        from pipeline.rundir import check_same_data, run_lock
+
+        # One process at a time runs stages in a run folder; each stage publishes its model, checksum,
+        # metrics entry, config.json and reports as one unit (pipeline/rundir.py).
+        lock.enter_context(run_lock(cfg.run_dir))
+        if any(s in TRAIN_STAGES for s in stages):
+            check_same_data(cfg.run_dir, cfg.data.root)
     if dd.is_distributed():
         print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
               f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = get_args_parser().parse_intermixed_args(argv)
     stdout = sys.stdout
+    lock = contextlib.ExitStack()  # the run folder's lock, once the config names the folder
 
     from pipeline import PipelineError
     from pipeline.config import load_config
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         stages, paths = check_command(args)  # answered before torch is imported, like config errors
         cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
         stages = stages or cfg.run.stages
-        device = start_processes(cfg, stages)
+        device = start_processes(cfg, stages, lock)
         run_stages(cfg, device, stages, paths, args.output)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -147,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
     finally:
+        lock.close()
         if "torch" in sys.modules:
             from pipeline import distributed as dd
             dd.shutdown()

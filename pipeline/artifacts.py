@@ -27,16 +27,35 @@ class ArtifactError(PipelineError):
 file_sha256 = sha256_file
 
 
-def _read_sums(sums: Path) -> dict[str, str]:
-    """name -> sha256 from a SHA256SUMS file ('<hex>  <name>' per line)."""
+def read_sums(sums: Path) -> dict[str, str]:
+    """name -> sha256 from a SHA256SUMS file ('<hex>  <name>' per line); ArtifactError if it is damaged.
+
+    It is the record of which model files this pipeline wrote, so a damaged one is never replaced
+    or skipped silently: the message says how to get a usable record back.
+    """
     if not sums.is_file():
         return {}
+    fix = (f"restore it from a backup, or move it away and train the models again (or load them with "
+           "--trust if you know where they came from)")
+    try:
+        text = sums.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"'{sums}' is damaged (not UTF-8 text): {fix}") from None
     out = {}
-    for line in sums.read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(text.splitlines(), 1):
         digest, sep, name = line.partition("  ")
-        if sep and len(digest) == 64:
-            out[name] = digest
+        if not (sep and name and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ArtifactError(f"'{sums}' is damaged (line {i} is not '<sha256>  <file name>'): {fix}")
+        out[name] = digest
     return out
+
+
+_read_sums = read_sums
+
+
+def sums_text(records: dict[str, str]) -> str:
+    """The SHA256SUMS text of name -> sha256 records (the format `sha256sum -c` reads)."""
+    return "".join(f"{d}  {n}\n" for n, d in sorted(records.items()))
 
 
 def record_sha256(path: Path) -> str:
@@ -47,8 +66,7 @@ def record_sha256(path: Path) -> str:
     with FileLock(path.parent / f".{SUMS_FILE}.lock"):
         records = _read_sums(sums)
         records[path.name] = digest
-        text = "".join(f"{d}  {n}\n" for n, d in sorted(records.items()))
-        atomic_write_bytes(sums, text.encode("utf-8"))
+        atomic_write_bytes(sums, sums_text(records).encode("utf-8"))
     return digest
 
 

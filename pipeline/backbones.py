@@ -175,7 +175,11 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
     own = net.state_dict()
     skip = lambda k: is_head(k) and (k not in state or state[k].shape != own[k].shape)  # noqa: E731
     body = {k: v for k, v in state.items() if not (is_head(k) and k in own and skip(k))}
-    result = net.load_state_dict(body, strict=False)
+    try:
+        result = net.load_state_dict(body, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise BackboneError(f"backbone.weights '{source}' does not fit {name}: {detail}") from None
     missing = [k for k in result.missing_keys if not skip(k)]
     if missing or result.unexpected_keys:
         raise BackboneError(f"backbone.weights '{source}' does not fit {name}: missing "

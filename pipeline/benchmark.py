@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.config import Config
+from pipeline.fsutil import exit_with_parent
 from pipeline.metrics import update_metrics, write_json
 from pipeline.runtime import apply_stage_threads, environment_info, seed_everything
 
@@ -156,7 +157,9 @@ def measure(step: str, cfg: Config, device: torch.device) -> dict:
     if not cfg.benchmark.isolate:
         return run_step(*args)
     # spawn, not fork: a forked child would start with this process's memory already resident.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # The worker exits when this process dies, even by kill -9 (it would otherwise wait on its pipe forever).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         return pool.submit(run_step, *args).result()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -20,6 +21,13 @@ from typing import Any, Optional
 from pipeline import PipelineError
 
 TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
+# Bounds that keep every number within what the code can handle (numpy seeds are 32-bit; a
+# learning rate above 10 only diverges; bigger images or thread pools exhaust memory before use).
+MAX_SEED = 2 ** 32 - 1
+MAX_LR = 10.0
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_NAME = 100
 # predict needs image paths from the command line, so it cannot be listed in run.stages.
 RUN_STAGES = TRAIN_STAGES + ("benchmark", "report")
 STAGES = RUN_STAGES + ("predict",)
@@ -41,25 +49,26 @@ def _c(default: Any, help: str, **constraints: Any) -> Any:
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class RunConfig:
-    name: str = _c("demo", "run folder name under output_dir", nonempty=True)
+    name: str = _c("demo", "run folder name under output_dir (at most 100 characters; '/' makes sub-folders, "
+                   "never an absolute path or '..')", nonempty=True, run_name=True)
     output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
     device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
-    seed: int = _c(0, "seed for splits, initialisation and shuffling", ge=0)
+    seed: int = _c(0, "seed for splits, initialisation and shuffling (0 to 2^32-1)", ge=0, le=MAX_SEED)
     stages: list[str] = _c(list(TRAIN_STAGES), "stages run when none are named on the command line",
                            item_choices=RUN_STAGES)
-    num_threads: int = _c(0, "torch intra-op threads; 0 sizes them to the stage: 1 for a linear head and "
-                          "logistic, every core the process may use (its affinity) otherwise", ge=0)
+    num_threads: int = _c(0, "torch intra-op threads (at most 1024); 0 sizes them to the stage: 1 for a linear "
+                          "head and logistic, every core the process may use (its affinity) otherwise", ge=0, le=1024)
     trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
                                "(--trust); joblib/pickle files can run code when loaded")
     dist_timeout_min: float = _c(60.0, "under torchrun: minutes a rank waits for rank 0's own work (scan, cache "
-                                 "assembly, stages only rank 0 runs) before giving up", gt=0)
+                                 "assembly, stages only rank 0 runs) before giving up", gt=0, le=10080)
 
 
 @dataclass
 class DataConfig:
     root: str = _c("demo:flowers", "ImageFolder root with train/ and val/, or a demo: demo:flowers (400 photos of "
                    "5 flowers, shipped with the package) or demo:digits (1,797 8x8 handwritten digits)", nonempty=True)
-    num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0)
+    num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0, le=256)
     max_bad_fraction: float = _c(0.05, "unreadable image files tolerated (skipped, listed in bad_files.json) "
                                  "as a fraction of all image files; more aborts before extracting",
                                  ge=0, le=1)
@@ -74,8 +83,8 @@ class BackboneConfig:
                                 "enum name, a local .pth / .bin / .safetensors state dict (its SHA-256 is in the "
                                 "cache key), or none (random initialisation; null and \"None\" mean the same)",
                                 nonempty=True)
-    image_size: Optional[int] = _c(None, "input crop size; null keeps the backbone's native one (from its weights "
-                                   "or pretrained config)", gt=0)
+    image_size: Optional[int] = _c(None, "input crop size (at most 1024); null keeps the backbone's native one "
+                                   "(from its weights or pretrained config)", gt=0, le=1024)
     cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
                   "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
 
@@ -86,22 +95,22 @@ class BackboneConfig:
 
 @dataclass
 class ExtractConfig:
-    batch_size: int = _c(64, "images per forward pass", gt=0)
+    batch_size: int = _c(64, "images per forward pass", gt=0, le=65536)
     cache_dir: str = _c("cache", "folder for the HDF5 feature files", nonempty=True)
     dtype: str = _c("float32", "storage dtype of cached features", choices=("float32", "float16"))
     autocast: str = _c("none", "mixed-precision forward passes of the frozen backbone (torch.autocast on the run's "
                        "device): none, float16 or bfloat16; pays on CUDA; part of the cache key",
                        choices=("none", "float16", "bfloat16"))
     chunk_size: int = _c(512, "images per saved chunk: an interrupted extraction redoes at most one chunk",
-                         gt=0)
+                         gt=0, le=MAX_BATCH)
     verify: str = _c("stat", "how unchanged images are recognised: stat (size, mtime, ctime, inode; "
                      "hash only files whose stat changed) or content (hash and decode every file, every run)",
                      choices=("stat", "content"))
     lock_timeout: Optional[float] = _c(None, "seconds to wait for another extraction of the same features; "
-                                       "null waits until it ends, 0 exits at once", ge=0)
+                                       "null waits until it ends, 0 exits at once", ge=0, le=604800)
     train_views: int = _c(0, "seeded augmented views (RandomResizedCrop + flip) stored per train image; "
-                          "the head draws one per image per epoch; 0 = none", ge=0)
-    views_seed: int = _c(0, "seed of the augmented views (part of their key)", ge=0)
+                          "the head draws one per image per epoch; 0 = none", ge=0, le=100)
+    views_seed: int = _c(0, "seed of the augmented views (part of their key)", ge=0, le=MAX_SEED)
 
 
 @dataclass
@@ -116,41 +125,43 @@ class FeaturesConfig:
 class HeadConfig:
     type: str = _c("linear", "linear (a new nn.Linear) or classifier (the backbone's own pretrained dense "
                    "layers, last one replaced; needs backbone.cut=conv)", choices=("linear", "classifier"))
-    epochs: int = _c(25, "training epochs", gt=0)
-    batch_size: int = _c(4, "samples per SGD step", gt=0)
-    lr: float = _c(0.001, "SGD learning rate", gt=0)
+    epochs: int = _c(25, "training epochs", gt=0, le=MAX_EPOCHS)
+    batch_size: int = _c(4, "samples per SGD step", gt=0, le=MAX_BATCH)
+    lr: float = _c(0.001, "SGD learning rate (at most 10)", gt=0, le=MAX_LR)
     momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
-    weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
-    step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
+    weight_decay: float = _c(0.0, "SGD weight decay", ge=0, le=1)
+    step_size: int = _c(7, "StepLR: epochs between decays", gt=0, le=MAX_EPOCHS)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
     max_memory_gb: float = _c(4.0, "feature memory budget of the head and logistic stages, in GiB (2^30 bytes): "
                               "a cache whose train+val features, as float32, exceed it is streamed from disk "
-                              "in chunks (logistic then uses an out-of-core SGDClassifier)", gt=0)
+                              "in chunks (logistic then uses an out-of-core SGDClassifier)", gt=0, le=1e6)
 
 
 @dataclass
 class LogisticConfig:
     c_grid: list[float] = _c([0.001, 0.01, 0.1, 1.0, 10.0], "inverse regularisation strengths tried",
-                             item_gt=0, nonempty=True)
-    cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2)
-    max_iter: int = _c(1000, "solver iterations", gt=0)
+                             item_gt=0, item_le=1e6, nonempty=True)
+    cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2, le=100)
+    max_iter: int = _c(1000, "solver iterations", gt=0, le=10_000_000)
     sgd_epochs: int = _c(20, "passes of the out-of-core SGDClassifier over train, per C of the grid and "
-                         "again for the refit (streamed caches only; see head.max_memory_gb)", gt=0)
+                         "again for the refit (streamed caches only; see head.max_memory_gb)", gt=0, le=MAX_EPOCHS)
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _c(25, "training epochs", gt=0)
-    batch_size: int = _c(16, "images per SGD step", gt=0)
-    lr: float = _c(0.001, "SGD learning rate", gt=0)
+    epochs: int = _c(25, "training epochs", gt=0, le=MAX_EPOCHS)
+    batch_size: int = _c(16, "images per SGD step", gt=0, le=65536)
+    lr: float = _c(0.001, "SGD learning rate (at most 10)", gt=0, le=MAX_LR)
     momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
-    weight_decay: float = _c(0.0, "SGD weight decay", ge=0)
-    step_size: int = _c(7, "StepLR: epochs between decays", gt=0)
+    weight_decay: float = _c(0.0, "SGD weight decay", ge=0, le=1)
+    step_size: int = _c(7, "StepLR: epochs between decays", gt=0, le=MAX_EPOCHS)
     gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
     augment: bool = _c(True, "RandomResizedCrop + horizontal flip on train images")
     init_head: str = _c("none", "none (a new classifier layer) or cached (start from the head stage's head.pt)",
                         choices=("none", "cached"))
     backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
+    resume: bool = _c(False, "continue from finetune.best-so-far.pt, the best epoch an interrupted finetune kept "
+                      "beside finetune.pt (same data, backbone and settings; epochs may grow); false starts over")
 
 
 @dataclass
@@ -162,8 +173,8 @@ class ReportConfig:
 @dataclass
 class PredictConfig:
     model: str = _c("head", "which saved model classifies: head, logistic or finetune", choices=PREDICT_MODELS)
-    top_k: int = _c(3, "classes listed per image", gt=0)
-    batch_size: int = _c(32, "images per forward pass", gt=0)
+    top_k: int = _c(3, "classes listed per image", gt=0, le=1000)
+    batch_size: int = _c(32, "images per forward pass", gt=0, le=65536)
 
 
 @dataclass
@@ -173,9 +184,10 @@ class BenchmarkConfig:
     methods: list[str] = _c(list(PREDICT_MODELS), "methods compared on the same data and seed",
                             item_choices=PREDICT_MODELS, nonempty=True)
     finetune_epochs: Optional[int] = _c(None, "finetune epochs in the benchmark; null uses finetune.epochs",
-                                        gt=0)
+                                        gt=0, le=MAX_EPOCHS)
     isolate: bool = _c(True, "run each step in its own process, so peak RSS is that step's own")
-    timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0)
+    timing_images: int = _c(256, "images timed for backbone throughput when the cache is reused", gt=0,
+                            le=MAX_BATCH)
 
 
 @dataclass
@@ -222,9 +234,23 @@ def parse_json_text(text: str, source: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        before = text[:e.pos].rstrip()
+        hint = " (a trailing comma?)" if before.endswith(",") and text[e.pos:e.pos + 1] in "}]" else ""
+        raise ConfigError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: JSON nested too deeply (params are two levels: section, key)") from None
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_run_name(key: str, value: str) -> None:
+    """A run folder name stays inside run.output_dir and within file-name limits."""
+    if len(value) > MAX_NAME:
+        raise ConfigError(f"{key}: at most {MAX_NAME} characters, got {len(value)}")
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith("/") or ".." in parts or any(not p.strip() for p in parts):
+        raise ConfigError(f"{key}: '{value}' must be a relative folder name inside run.output_dir "
+                          "(no leading '/', no '..', no empty parts)")
 
 
 def _type_name(tp: Any) -> str:
@@ -252,6 +278,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
                 raise ConfigError(f"{key}[{i}]: '{v}' is not one of {', '.join(allowed)}")
             if "item_gt" in meta and not v > meta["item_gt"]:
                 raise ConfigError(f"{key}[{i}]: must be > {meta['item_gt']}, got {v}")
+            if "item_le" in meta and not v <= meta["item_le"]:
+                raise ConfigError(f"{key}[{i}]: must be <= {meta['item_le']!r}, got {v}")
         return items
     if tp is bool:
         if not isinstance(value, bool):
@@ -271,6 +299,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         if meta.get("nonempty") and not value.strip():
             raise ConfigError(f"{key}: must not be empty")
+        if meta.get("run_name"):
+            _check_run_name(key, value)
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}")
     for op, test, word in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
@@ -287,8 +317,8 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key '{name}.{unknown[0]}' (known keys in '{name}': "
-                          f"{', '.join(fields)})")
+        raise ConfigError(f"unknown key '{name}.{unknown[0]}'{_did_you_mean(name, unknown[0], fields)} "
+                          f"(known keys in '{name}': {', '.join(fields)})")
     values = {k: _check_value(f"{name}.{k}", v, hints[k], dict(fields[k].metadata))
               for k, v in raw.items()}
     return cls(**values)
@@ -305,6 +335,11 @@ def config_from_dict(raw: Any, source: str = "params") -> Config:
                      for name, cls in SECTIONS.items()})
 
 
+def _did_you_mean(section: str, key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{section}.{close[0]}'?)" if close else ""
+
+
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set '{text}': expected section.key=value")
@@ -316,8 +351,8 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set '{text}': unknown section '{section}' (known: {', '.join(SECTIONS)})")
     field_names = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key not in field_names:
-        raise ConfigError(f"unknown key '{section}.{key}' (known keys in '{section}': "
-                          f"{', '.join(field_names)})")
+        raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(section, key, field_names)} "
+                          f"(known keys in '{section}': {', '.join(field_names)})")
     tp = typing.get_type_hints(SECTIONS[section])[key]
     try:
         value = parse_json_text(value_text, f"--set {dotted}")

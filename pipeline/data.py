@@ -20,6 +20,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline import PipelineError
+from pipeline.imagefile import MAX_IMAGE_BYTES, ImageFileError, read_image_bytes  # noqa: F401 - re-exported
 
 DEMO_PREFIX = "demo:"
 DEMO_DATASETS = ("flowers", "digits")
@@ -179,6 +180,9 @@ def discover_image_folder(root: str | Path) -> ImageFolderData:
     classes = _class_dirs(root / "train")
     if not classes:
         raise PipelineError(f"'{root / 'train'}' has no class folders {layout}")
+    if len(classes) < 2:
+        raise PipelineError(f"'{root / 'train'}' has 1 class folder ('{classes[0]}'): a classifier needs at "
+                            f"least 2 classes {layout}")
     val_classes = _class_dirs(root / "val")
     missing = sorted(set(classes) - set(val_classes))
     extra = sorted(set(val_classes) - set(classes))
@@ -282,7 +286,11 @@ def decode_image(data: bytes) -> Image.Image:
     Decodes every pixel, so a truncated or damaged file raises here rather than halfway through a run.
     Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) raise DecompressionBombError.
     """
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's message names its BytesIO object, not the file
+        raise UnidentifiedImageError("not an image format Pillow can read") from None
+    with opened as img:
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and img.width * img.height > limit:
             raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels "
@@ -297,8 +305,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (see decode_image)."""
-    return decode_image(Path(path).read_bytes())
+    """Open an image file as RGB (see decode_image and read_image_bytes)."""
+    return decode_image(read_image_bytes(path))
 
 
 def image_problem(data: bytes) -> Optional[tuple[str, str]]:
@@ -364,7 +372,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path = resolve_in_root(self.root, self.split.paths[i])
         try:
-            data = path.read_bytes()
+            data = read_image_bytes(path)
         except OSError as e:
             raise PipelineError(f"cannot read image '{path}': {e.strerror}") from None
         if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:

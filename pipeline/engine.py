@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import PipelineError
 from pipeline.runtime import progress
 
 
@@ -86,14 +87,27 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[
     return torch.cat(logits), torch.cat(targets)
 
 
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy as correct / total in float64: the same number numpy gives for the same predictions
+    (a float32 mean would differ from it in the last bits)."""
+    return int((logits.argmax(1) == targets).sum().item()) / max(len(targets), 1)
+
+
 def score(logits: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> dict:
     """Mean loss and top-1 accuracy of logits (N, C) against targets (N,)."""
-    return {"loss": criterion(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+    return {"loss": criterion(logits, targets).item(), "acc": _accuracy(logits, targets)}
 
 
 def evaluate(model: nn.Module, criterion: nn.Module, batches: Iterable, device: torch.device) -> dict:
     """Mean loss and top-1 accuracy over batches."""
     return score(*predict(model, batches, device), criterion)
+
+
+def check_finite_loss(stage: str, loss: float, epoch: int, lr_key: str) -> None:
+    """A diverged run stops with a line instead of saving a model that predicts p=1.000 for everything."""
+    if not math.isfinite(loss):
+        raise PipelineError(f"{stage}: the training loss diverged ({loss}) in epoch {epoch}: lower {lr_key} "
+                            "(the previous model is unchanged)")
 
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float):

@@ -297,7 +297,7 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
         finally:
             if lock is not None:
                 lock.release()
-    seconds = round(time.perf_counter() - t0, 3)
+    seconds = time.perf_counter() - t0
     ranks = {"processes": dd.world_size()}
     if reason is None:
         print(f"extract: cache hit {plan.path} ({n_images} images), no forward pass")
@@ -305,12 +305,12 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
             _tidy_after_hit(plan)
         return plan, {"images": n_images, "seconds": seconds, "images_per_second": None, "cache_hit": True,
                       "cache_file": str(plan.path), **entry, "rows_extracted": 0, "rows_reused": n_unique, **ranks}
-    rate = round(stats.rows_extracted / stats.forward_seconds, 1) if stats.forward_seconds else None
+    rate = stats.rows_extracted / stats.forward_seconds if stats.forward_seconds else None
     return plan, {"images": n_images, "seconds": seconds, "images_per_second": rate, "cache_hit": False,
                   "cache_file": str(plan.path), "miss_reason": reason, **entry,
                   "rows_extracted": stats.rows_extracted, "rows_reused": stats.rows_reused,
                   "rows_resumed": stats.rows_resumed, "chunks_written": stats.chunks_written,
-                  "assemble_seconds": round(stats.assemble_seconds, 3),
+                  "assemble_seconds": stats.assemble_seconds,
                   "rows_per_process": stats.rows_per_process, **ranks}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import time
@@ -100,6 +101,22 @@ def remove_stale_temps(folder: Path, name: str, any_pid: bool = False) -> int:
     return removed
 
 
+def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """In a worker process: exit as soon as parent_pid is gone (even killed by `kill -9`).
+
+    A daemon thread polls getppid(): when the parent dies the worker is re-parented, so its parent
+    pid changes. Used as a ProcessPoolExecutor initializer, so a killed run leaks no worker.
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _read_pid(fd: int) -> Optional[int]:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -180,3 +197,14 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256_file, remembered while the file's (resolved path, size, mtime_ns) is unchanged (weights files)."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -23,13 +23,13 @@ from torch import nn
 
 from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline.artifacts import MODEL_FILES, save_checkpoint
+from pipeline.artifacts import MODEL_FILES
 from pipeline.config import BackboneConfig, Config, HeadConfig
-from pipeline.engine import TensorBatches, evaluate, make_sgd, predict, to_tensors, train_one_epoch
-from pipeline.metrics import update_metrics
+from pipeline.engine import TensorBatches, check_finite_loss, evaluate, make_sgd, predict, to_tensors, train_one_epoch
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
+from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
@@ -116,6 +116,7 @@ def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cf
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(head, criterion, optimizer, train_batches, device)
+        check_finite_loss("head", train["loss"], epoch, "head.lr")
         scheduler.step()
         val = evaluate(head, criterion, val_batches, device)
         best.history.append({"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
@@ -231,17 +232,27 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
 
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
                      head: nn.Module, result: HeadResult, data: HeadData, train_seconds: float, t0: float) -> dict:
-    """Save head.pt, print the result, predict val in cache order for the reports, record metrics."""
+    """Stage head.pt, its reports and metrics entry, and publish them as one unit (pipeline/rundir.py)."""
     artifact = ModelArtifact(
         "head", list(data.classes), result.state_dict, dataclasses.asdict(cfg.head), inputs.features.backbone,
         dataclasses.asdict(backbone), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
         str(inputs.features.path), result.history, environment_info(device),
         {"head_type": cfg.head.type, "best_epoch": result.best_epoch, "val_acc": result.best_acc,
          "streamed": data.info["streamed"]}).to_dict()
-    path = save_checkpoint(artifact, cfg.run_dir / HEAD_FILE)
+    with Publication(cfg.run_dir, "head") as pub:
+        pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
+        entry = _report(cfg, device, inputs, head, result, data, train_seconds, t0, artifact, pub)
+        pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    return entry
+
+
+def _report(cfg: Config, device: torch.device, inputs: StageFeatures, head: nn.Module, result: HeadResult,
+            data: HeadData, train_seconds: float, t0: float, artifact: dict, pub: Publication) -> dict:
+    """Print the result, predict val in cache order, stage the reports; the metrics entry (full precision)."""
+    path = cfg.run_dir / HEAD_FILE
     seconds = time.perf_counter() - t0
-    entry = StageResult("head", round(result.best_acc, 4), round(seconds, 3), str(path), result.history,
-                        {"train_seconds": round(train_seconds, 3), "best_epoch": result.best_epoch,
+    entry = StageResult("head", result.best_acc, seconds, str(path), result.history,
+                        {"train_seconds": train_seconds, "best_epoch": result.best_epoch,
                          "epochs": cfg.head.epochs, "head_type": cfg.head.type,
                          "train_views": cfg.extract.train_views, **data.info}).to_dict()
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
@@ -250,6 +261,5 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, b
     logits, _ = predict(head, data.val_batches, device)
     preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
                         inputs.images, list(data.classes))
-    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history))
-    update_metrics(cfg.run_dir, "head", entry)
+    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history, publication=pub))
     return entry

@@ -12,6 +12,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,12 +23,12 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline.artifacts import MODEL_FILES, save_joblib
+from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, LogisticConfig
-from pipeline.metrics import update_metrics
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
+from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
     stream_message
@@ -37,16 +38,19 @@ SGD_BATCH = 2048    # rows per partial_fit call, at most
 SGD_ETA0 = 4.0      # first step size on rows of mean squared norm 1: 1/L of the logistic loss
 
 
-def _folds(y: np.ndarray, cv_folds: int) -> int:
-    smallest_class = int(np.bincount(y).min())
-    folds = min(cv_folds, smallest_class)
+def _folds(y: np.ndarray, cv_folds: int, classes: Sequence[str] = ()) -> int:
+    counts = np.bincount(y)
+    smallest = int(counts.argmin())
+    folds = min(cv_folds, int(counts[smallest]))
     if folds < 2:
-        raise PipelineError(f"logistic: a class has {smallest_class} training image(s); cross-validation "
-                            "needs at least 2 per class")
+        name = f"'{classes[smallest]}'" if smallest < len(classes) else f"number {smallest}"
+        raise PipelineError(f"logistic: class {name} has {int(counts[smallest])} training image(s); "
+                            "cross-validation needs at least 2 per class: add images to it")
     return folds
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int) -> GridSearchCV:
+def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int,
+                 classes: Sequence[str] = ()) -> GridSearchCV:
     """Standardise, then choose C by stratified k-fold cross-validation on train and refit on all of it.
 
     x : ndarray of shape (n_samples, n_features); y : ndarray of shape (n_samples,)
@@ -60,7 +64,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LogisticConfig, seed: int) -
 
     from pipeline.runtime import available_cores
 
-    folds = _folds(y, cfg.cv_folds)
+    folds = _folds(y, cfg.cv_folds, classes)
     model = Pipeline([("scale", StandardScaler()),
                       ("clf", LogisticRegression(max_iter=cfg.max_iter))])
     search = GridSearchCV(model, {"clf__C": list(cfg.c_grid)},
@@ -197,7 +201,7 @@ def fit_logistic_streamed(train: fc.SplitReader, cfg: LogisticConfig, seed: int,
         for x, y, _ in batches.iter_rows():
             final.partial_fit(_prepare_(x.numpy(), scaler, unit), y.numpy(), classes=classes)
         chunk_reads += batches.chunk_reads
-    held_out = [{"C": float(c), "acc": round(h[-1], 4), "history": [round(a, 4) for a in h]}
+    held_out = [{"C": float(c), "acc": h[-1], "history": list(h)}
                 for c, h in zip(cfg.c_grid, history)]
     cv = {"best_C": best_c, "selection": f"accuracy on held-out rows (1/{_folds(y_all, cfg.cv_folds)} of train)",
           "results": [{"C": r["C"], "mean": r["acc"], "std": 0.0} for r in held_out]}
@@ -245,7 +249,7 @@ def _fit_in_memory(cfg: Config, inputs: StageFeatures) -> LogisticFit:
     x_train = features.train.features.astype(np.float32)
     x_val = features.val.features.astype(np.float32)
     t1 = time.perf_counter()
-    search = fit_logistic(x_train, features.train.labels, cfg.logistic, cfg.run.seed)
+    search = fit_logistic(x_train, features.train.labels, cfg.logistic, cfg.run.seed, features.classes)
     fit_seconds = time.perf_counter() - t1
     probs = _full_probs(search.best_estimator_, x_val, len(features.classes))
     return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv_summary(search),
@@ -284,7 +288,7 @@ def run_logistic(cfg: Config, device: torch.device) -> dict:
 
 
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, fit: LogisticFit, t0: float) -> dict:
-    """Save logistic.joblib, print the result, write the reports, record metrics."""
+    """Stage logistic.joblib, its reports and metrics entry, and publish them as one unit (pipeline/rundir.py)."""
     val_acc = float(np.mean(fit.val_probs.argmax(1) == fit.val_labels)) if len(fit.val_labels) else 0.0
     artifact = ModelArtifact(
         "logistic", list(fit.classes), fit.model, dataclasses.asdict(cfg.logistic), inputs.features.backbone,
@@ -292,13 +296,25 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, f
         str(inputs.features.path), versions=environment_info(device),
         extra={"C": fit.best_c, "cv": fit.cv, "estimator": fit.info["estimator"],
                "streamed": fit.info["streamed"]}).to_dict()
-    path = save_joblib(artifact, cfg.run_dir / LOGISTIC_FILE)
-    entry = StageResult("logistic", round(val_acc, 4), round(time.perf_counter() - t0, 3), str(path),
-                        details={"fit_seconds": round(fit.fit_seconds, 3), "C": fit.best_c,
-                                 "cv_accuracy": round(fit.cv_accuracy, 4), "cv": fit.cv, **fit.info}).to_dict()
+    import joblib
+
+    with Publication(cfg.run_dir, "logistic") as pub:
+        pub.save_model(LOGISTIC_FILE, lambda tmp: joblib.dump(artifact, tmp))
+        entry = _report(cfg, inputs, fit, t0, val_acc, artifact, pub)
+        pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    return entry
+
+
+def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val_acc: float, artifact: dict,
+            pub: Publication) -> dict:
+    """Print the result, stage the reports; the metrics entry (full precision)."""
+    path = cfg.run_dir / LOGISTIC_FILE
+    entry = StageResult("logistic", val_acc, time.perf_counter() - t0, str(path),
+                        details={"fit_seconds": fit.fit_seconds, "C": fit.best_c,
+                                 "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info}).to_dict()
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
-    entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv))
-    update_metrics(cfg.run_dir, "logistic", entry)
+    entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv, publication=pub))
+    return entry
     return entry

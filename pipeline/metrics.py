@@ -12,25 +12,51 @@ METRICS_FILE = "metrics.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a crash never leaves a half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write JSON atomically: a crash never leaves a half-written file under the real name, and a
+    failed write (full disk, read-only folder) leaves no temporary file and says so in one line."""
+    from pipeline import PipelineError
+
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PipelineError(f"cannot write '{path}': {e.strerror} (free disk space or make the folder "
+                            "writable; the previous file is unchanged)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> dict:
+    """The run folder's metrics.json ({} if none); a damaged one is an error that says what to do."""
+    from pipeline import PipelineError
+
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not JSON: {e}"
+        metrics = None
+    else:
+        reason = "not a JSON object of stage entries"
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        raise PipelineError(f"'{path}' is damaged ({reason}): it records this run folder's results, so it "
+                            f"is not replaced silently; move it away (or delete it) and run the stages again")
+    return metrics
 
 
 def update_metrics(run_dir: Path, stage: str, entry: dict) -> dict:
     """Replace this stage's entry in metrics.json, keeping the other stages' entries."""
-    metrics = read_metrics(run_dir)
-    metrics[stage] = entry
-    write_json(Path(run_dir) / METRICS_FILE, metrics)
+    from pipeline.rundir import publish_lock
+
+    with publish_lock(run_dir):  # no publish of another stage's entry in between
+        metrics = read_metrics(run_dir)
+        metrics[stage] = entry
+        write_json(Path(run_dir) / METRICS_FILE, metrics)
     return metrics
 
 
@@ -62,13 +88,14 @@ def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes:
     return float(np.mean(present))
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    """One value for the table; figures are stored at full precision and rounded only here."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return format(v, spec)
     return str(v)
 
 
@@ -83,7 +110,7 @@ def format_results(metrics: dict) -> str:
                        + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else ""))
         else:
             details = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
-        rows.append((stage, _fmt(m.get("val_acc")), _fmt(m.get("seconds")), details))
+        rows.append((stage, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), details))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

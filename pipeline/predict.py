@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -57,7 +59,7 @@ class _Images(Dataset):
         try:
             return self.transform(load_image(self.files[i])), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return None, f"cannot read image: {e}"
+            return None, f"cannot read image: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
 
 
 def _keep_errors(batch):
@@ -93,10 +95,10 @@ def format_predictions(rows: Sequence[ImagePrediction]) -> str:
     table = [("path", "class", "probability", "top-k")]
     for r in rows:
         if r.ok:
-            table.append((r.path, r.top[0][0], f"{r.top[0][1]:.4f}",
+            table.append((display_path(r.path), r.top[0][0], f"{r.top[0][1]:.4f}",
                           ", ".join(f"{c} {p:.3f}" for c, p in r.top)))
         else:
-            table.append((r.path, "-", "-", f"ERROR {r.error}"))
+            table.append((display_path(r.path), "-", "-", f"ERROR {r.error}"))
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     lines = ["  ".join([c.ljust(w) for c, w in zip(row[:3], widths)] + [row[3]]) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
@@ -104,8 +106,30 @@ def format_predictions(rows: Sequence[ImagePrediction]) -> str:
 
 
 def check_output(path: Path) -> None:
-    if not Path(path).parent.is_dir():
-        raise PipelineError(f"--output '{path}': folder '{Path(path).parent}' does not exist")
+    """Refuse an --output the CSV cannot be written to, before any image is classified."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise PipelineError(f"--output '{path}': folder '{path.parent}' does not exist")
+    if path.is_dir():
+        raise PipelineError(f"--output '{path}' is a folder: name a CSV file, e.g. {path / 'predictions.csv'}")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise PipelineError(f"--output '{path}' is not a regular file (a device or fifo): name a CSV file")
+    probe = _temp_csv(path)
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"--output '{path}': cannot write in folder '{path.parent}' ({e.strerror}); "
+                            "choose a writable folder") from None
+
+
+def _temp_csv(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def display_path(path: str) -> str:
+    """A file name as text that any terminal can print (a non-UTF-8 byte shows as U+FFFD)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
@@ -113,13 +137,23 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
     path = Path(path)
     check_output(path)
     header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            cells = [v for c, p in r.top for v in (c, f"{p:.6f}")]
-            cells += [""] * (2 * k - len(cells))
-            writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or ""])
+    tmp = _temp_csv(path)
+    try:
+        # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, so the CSV
+        # names the file that exists; written under a temporary name, so a failure leaves no half CSV.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for r in rows:
+                cells = [v for c, p in r.top for v in (c, f"{p:.6f}")]
+                cells += [""] * (2 * k - len(cells))
+                writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or ""])
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PipelineError(f"--output '{path}': cannot write the CSV ({e.strerror}); the predictions "
+                            "are printed above") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

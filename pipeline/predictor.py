@@ -21,6 +21,7 @@ from pipeline.backbones import (BackboneSpec, build_classifier, build_feature_ex
 from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
 from pipeline.records import ModelArtifact
+from pipeline.rundir import reading
 
 
 @dataclass
@@ -72,12 +73,14 @@ def _missing_model(run_dir: Path, kind: str) -> PipelineError:
 def load_artifact(run_dir: Path, kind: str, trust: bool = False) -> dict:
     """The saved model file of stage `kind` in run_dir, as a dict."""
     path = model_path(run_dir, kind)
-    if not path.is_file():
-        raise _missing_model(run_dir, kind)
-    obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
+    with reading(run_dir):  # the model file and its SHA256SUMS record from one publish
+        if not path.is_file():
+            raise _missing_model(run_dir, kind)
+        obj = load_joblib(path, trust) if path.suffix == ".joblib" else load_checkpoint(path, trust)
     if not isinstance(obj, dict) or "classes" not in obj:
         raise PipelineError(f"'{path}' is not a {kind} model written by this tool")
-    ModelArtifact.from_dict(obj, f"'{path}'")  # a version this tool reads, with the keys every reader needs
+    # a version this tool reads, with every key its readers need (a hand-made file gets one line naming them)
+    ModelArtifact.from_dict(obj, f"'{path}'", kind)
     return obj
 
 
@@ -109,7 +112,11 @@ def _head_module(artifact: dict) -> nn.Module:
         head = dense_classifier(name, net, num_classes)
     else:
         head = nn.Linear(artifact["feature_dim"], num_classes)
-    head.load_state_dict(artifact["state_dict"], assign=True)
+    try:
+        head.load_state_dict(artifact["state_dict"], assign=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise PipelineError(f"the saved head does not fit its recorded shape ({str(e).splitlines()[0]}): "
+                            "train it again with the head stage") from None
     return head.eval()
 
 
@@ -142,7 +149,11 @@ def predictor_from_artifact(kind: str, artifact: dict, device: torch.device, wit
         if network is None:
             cfg, spec = backbone_of(artifact)
             network = build_classifier(cfg, spec, len(classes))
-            network.load_state_dict(artifact["model"])
+            try:
+                network.load_state_dict(artifact["model"])
+            except (RuntimeError, TypeError, AttributeError) as e:
+                raise PipelineError(f"the saved network does not fit {cfg.name} ({str(e).splitlines()[0]}): "
+                                    "train it again with the finetune stage") from None
         network = network.to(device).eval()
         return Predictor(kind, classes, preprocess, artifact, _softmax(network), None, device)
     if kind == "head":

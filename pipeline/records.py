@@ -18,6 +18,10 @@ KINDS = ("head", "logistic", "finetune")
 # Where each kind keeps its weights in the file (head: a state dict, logistic: a fitted
 # scikit-learn Pipeline, finetune: the whole network's state dict).
 WEIGHTS_KEY = {"head": "state_dict", "logistic": "model", "finetune": "model"}
+# What each kind of model file must hold to be rebuilt (a hand-made file may hold less).
+REQUIRED_KEYS = {"head": ("classes", "state_dict", "feature_dim", "backbone_config", "backbone", "seed"),
+                 "logistic": ("classes", "model", "feature_dim", "backbone_config", "backbone", "seed"),
+                 "finetune": ("classes", "model", "backbone_config", "backbone", "seed")}
 
 
 class RecordError(PipelineError):
@@ -62,15 +66,18 @@ class ModelArtifact:
         return {**out, WEIGHTS_KEY[self.kind]: self.weights, f"{self.kind}_config": self.config, **self.extra}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "model file") -> "ModelArtifact":
-        """Read a model file's dict; RecordError naming source when its version or kind cannot be read."""
+    def from_dict(cls, d: dict, source: str = "model file", kind: Optional[str] = None) -> "ModelArtifact":
+        """Read a model file's dict; RecordError naming source when its version or kind cannot be read, or
+        naming every key it lacks. kind: what the caller expects (a hand-made file may not say)."""
         if not isinstance(d, dict):
             raise RecordError(f"{source} is not a model file written by this tool")
         version = _check_version(d.get("record_version"), source)
-        kind = d.get("kind")
+        kind = d.get("kind", kind)
         if kind not in KINDS:
             raise RecordError(f"{source} has no known 'kind' ({kind!r}; kinds: {', '.join(KINDS)})")
-        missing = [k for k in ("classes", WEIGHTS_KEY[kind], "backbone", "backbone_config") if k not in d]
+        missing = [k for k in REQUIRED_KEYS[kind] if k not in d]
+        if isinstance(d.get("backbone"), dict):
+            missing += [f"backbone.{k}" for k in ("weights_id", "preprocess") if k not in d["backbone"]]
         if missing:
             raise RecordError(f"{source} (record version {version}) lacks {', '.join(missing)}: run the {kind} "
                               "stage again")

@@ -17,6 +17,7 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, ReportConfig
 from pipeline.metrics import mean_per_class_accuracy, per_class_accuracy, read_metrics, write_json
+from pipeline.rundir import Publication
 
 REPORT_DIR = "reports"
 THUMBNAIL = 128
@@ -42,9 +43,9 @@ def summarise(preds: Predictions) -> dict:
     """Top-1 accuracy, mean per-class accuracy and each class's accuracy, for metrics.json."""
     y, p = np.asarray(preds.targets), preds.predicted
     per_class = per_class_accuracy(y, p, len(preds.classes))
-    return {"val_acc_top1": round(float(np.mean(y == p)), 4),
-            "mean_per_class_acc": round(mean_per_class_accuracy(y, p, len(preds.classes)), 4),
-            "per_class_acc": {c: (None if a is None else round(a, 4)) for c, a in zip(preds.classes, per_class)}}
+    return {"val_acc_top1": float(np.mean(y == p)),  # full precision: rounded only where shown
+            "mean_per_class_acc": mean_per_class_accuracy(y, p, len(preds.classes)),
+            "per_class_acc": dict(zip(preds.classes, per_class))}
 
 
 # ----------------------------------------------------------------------------- files
@@ -146,11 +147,18 @@ def model_title(kind: str, artifact: dict) -> str:
 
 
 def finish_stage(cfg: Config, kind: str, preds: Predictions, artifact: dict,
-                 history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None) -> dict:
-    """What a training stage adds to its metrics entry: accuracies, and the report files if enabled."""
+                 history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None,
+                 publication=None) -> dict:
+    """What a training stage adds to its metrics entry: accuracies, and the report files if enabled.
+
+    publication: a rundir.Publication: the reports are staged in it and published with the model.
+    """
     summary = summarise(preds)
     if cfg.report.enabled:
-        files = write_reports(cfg.run_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
+        out_dir = publication.staging if publication is not None else cfg.run_dir
+        files = write_reports(out_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
+        if publication is not None:
+            files = [publication.final_path(p) for p in files]
         summary["reports"] = [str(p) for p in files]
     return summary
 
@@ -241,16 +249,19 @@ def run_report(cfg: Config, device: torch.device) -> dict:
                             f"run head, logistic or finetune first, or set run.name to the run folder{hint}")
     metrics = read_metrics(cfg.run_dir)
     out = {}
-    for kind in kinds:
-        artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
-        preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
-                                cfg.run.trust_artifacts, cfg.features.file)
-        entry = metrics.get(kind, {})
-        history = entry.get("history") or artifact.get("history")
-        cv = entry.get("cv") or artifact.get("cv")
-        files = write_reports(cfg.run_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
-        out[kind] = {**summarise(preds), "reports": [str(p) for p in files]}
-        print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
-              f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
-    write_json(cfg.run_dir / REPORT_DIR / "summary.json", out)
+    # Staged and published as one unit: a kill leaves the old reports or the new ones, never a torn PNG.
+    with Publication(cfg.run_dir, "report", report_prefix="") as pub:
+        for kind in kinds:
+            artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
+            preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
+                                    cfg.run.trust_artifacts, cfg.features.file)
+            entry = metrics.get(kind, {})
+            history = entry.get("history") or artifact.get("history")
+            cv = entry.get("cv") or artifact.get("cv")
+            files = write_reports(pub.staging, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
+            out[kind] = {**summarise(preds), "reports": [str(pub.final_path(p)) for p in files]}
+            print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
+                  f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
+        write_json(pub.staging / REPORT_DIR / "summary.json", out)
+        pub.commit()
     return out

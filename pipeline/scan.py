@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline import distributed as dd
-from pipeline.data import ImageFolderData, Split, image_problem, resolve_in_root
+from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
 
@@ -91,7 +91,7 @@ def _check_file(root: Path, rel: str, known: Optional[ScanEntry], use_stat: bool
     if use_stat and known is not None and known.stat == signature:
         return known, False, False
     try:
-        data = path.read_bytes()
+        data = read_image_bytes(path)  # re-checks: regular file, size cap
         after = _stat_signature(os.stat(path))
     except OSError as e:
         return ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ import torchvision
 from torchvision.models import WeightsEnum
 
 from pipeline import PipelineError
-from pipeline.fsutil import sha256_file
+from pipeline.fsutil import file_sha256
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -32,16 +31,6 @@ class BackboneError(PipelineError):
 
 
 # ----------------------------------------------------------------------------- local files
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
 def is_local_file(weights: str) -> bool:
     return weights.endswith(WEIGHT_FILE_SUFFIXES) or os.sep in weights or Path(weights).is_file()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 PRELOAD = ["torch", "torchvision", "h5py", "PIL.Image", "pipeline.extract", "pipeline.head", "pipeline.logistic",
-           "pipeline.finetune", "run_pipeline"]
+           "pipeline.finetune", "pipeline.rundir", "run_pipeline"]
 
 
 def context() -> mp.context.BaseContext:
@@ -67,6 +67,25 @@ def run_cli(argv: list[str], out_path: str, log_path: Optional[str] = None, own_
     sys.exit(run_pipeline.main(argv))
 
 
+def run_cli_killed_at_rename(argv: list[str], out_path: str, kill_at: int) -> None:
+    """run_cli, but the process SIGKILLs itself at the kill_at-th rename of a run-folder publish
+    (pipeline.rundir._rename), before that rename happens."""
+    import signal
+
+    import pipeline.rundir as rundir
+
+    rename, calls = rundir._rename, []
+
+    def rename_or_die(src, dst):
+        calls.append(dst)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(src, dst)
+
+    rundir._rename = rename_or_die
+    run_cli(argv, out_path)
+
+
 def start(target: Callable, *args: Any) -> mp.Process:
     p = context().Process(target=target, args=args)
     p.start()
@@ -105,3 +124,73 @@ def extract(overrides: list[str]) -> dict:
     from pipeline.extract import run_extract
 
     return run_extract(load_config(None, overrides), torch.device("cpu"))
+
+
+def flip_sweep(path: str, kind: str, step: int, config_key: str = "", dtype: str = "float32") -> dict:
+    """Flip one byte at every step-th offset of a copy of the file at path and read it back as `kind`
+    (cache, chunk, scan); {"detected": offsets where the damage was reported as damage,
+    "escaped": offset -> exception other than CacheError}. In a child: h5py may abort on odd damage."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline import cache as fc
+    from pipeline.scan_index import read_scan_index
+
+    src = Path(path)
+    work = src.with_name(f"flipped-{src.name}")
+    detected, escaped = [], {}
+    for offset in range(0, src.stat().st_size, step):
+        shutil.copyfile(src, work)
+        with open(work, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x5A]))
+        try:
+            if kind == "cache":
+                fc.read_attrs(work)
+                intact = fc.is_intact(work)
+                with fc.open_features(work) as reader:
+                    for split in reader.splits.values():
+                        split.read_rows(0, split.n_rows, np.empty((split.n_rows, split.feature_dim), np.float32))
+                fc.read_cache(work)
+                fc.feature_shapes(work)
+                if not intact:
+                    escaped[offset] = "is_intact() is False but every read succeeded"
+            elif kind == "chunk":
+                fc.ChunkStore(work.parent, config_key, dtype).read_chunk(work)
+            elif kind == "scan":
+                if read_scan_index(work) == {}:
+                    detected.append(offset)
+        except fc.CacheError:
+            detected.append(offset)
+        except BaseException as e:  # noqa: BLE001 - what the test is looking for
+            escaped[offset] = f"{type(e).__name__}: {e}"
+    work.unlink()
+    return {"detected": detected, "escaped": escaped}
+
+
+def head(overrides: list[str]) -> dict:
+    """run_head for load_config(None, overrides): the metrics entry (without its history)."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.head import run_head
+
+    entry = run_head(load_config(None, overrides), torch.device("cpu"))
+    return {k: v for k, v in entry.items() if k != "history"}
+
+
+def pool_worker_then_wait(pid_file: str) -> None:
+    """What benchmark.measure does, in a process the test kills: a spawned worker that exits with its
+    parent; the worker's pid goes to pid_file, then the worker sleeps (the parent waits for it)."""
+    import multiprocessing as mp_
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.fsutil import exit_with_parent
+
+    with ProcessPoolExecutor(1, mp_context=mp_.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        Path(pid_file).write_text(str(pool.submit(os.getpid).result()))
+        pool.submit(time.sleep, 600).result()

@@ -268,3 +268,12 @@ def test_missing_weights_are_downloaded_or_fail_before_anything_else(monkeypatch
         ensure_weights(BackboneConfig(name="resnet18", weights="DEFAULT"))
     (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")  # present: nothing to do
     ensure_weights(BackboneConfig(name="resnet18", weights="DEFAULT"))
+
+
+def test_local_file_with_a_wrong_shaped_tensor_is_one_line(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)  # 7x7 in resnet18
+    torch.save(state, tmp_path / "shape.pth")
+    cfg, spec = spec_of("resnet18", str(tmp_path / "shape.pth"))
+    with pytest.raises(BackboneError, match=r"does not fit resnet18: .*size mismatch for conv1.weight"):
+        build_network(cfg, spec)

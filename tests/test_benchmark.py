@@ -164,3 +164,35 @@ def test_entries_may_carry_their_own_weights(tiny_cfg):
     assert (bb.name, bb.weights) == ("resnet18", "none")
     assert backbone_config(cfg, "resnet18").backbone.weights == "DEFAULT"
     assert backbone_config(cfg, "timm/test_resnet@none").run_dir.name == "timm-test_resnet@none"
+
+
+def test_spawned_worker_dies_with_its_killed_parent(tmp_path):
+    """kill -9 of the benchmark process must not leave its spawned worker blocked on a pipe forever."""
+    import os
+    import signal
+    import time
+
+    from pipeline.fsutil import pid_alive
+    from tests import child
+
+    pid_file = tmp_path / "worker.pid"
+    parent = child.start(child.pool_worker_then_wait, str(pid_file))
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert parent.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+
+    def running(pid: int) -> bool:  # a zombie waiting to be reaped by init has exited
+        try:
+            return pid_alive(pid) and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert running(worker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join(30)
+    deadline = time.monotonic() + 30
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(worker), "the worker outlived its parent"

@@ -73,6 +73,17 @@ def test_int_accepted_for_float():
     ("benchmark.finetune_epochs=0", "benchmark.finetune_epochs: must be > 0"),
     ("run.stages=[\"predict\"]", "run.stages[0]: 'predict' is not one of"),  # predict needs paths
     ("report.grid_images=0", "report.grid_images: must be > 0"),
+    # the issue's values the code could not handle: each bounded, the message names the key
+    ("run.seed=4294967296", "run.seed: must be <= 4294967295"),
+    ("run.num_threads=100000", "run.num_threads: must be <= 1024"),
+    ("head.lr=1e300", "head.lr: must be <= 10"),
+    ("finetune.lr=1e9", "finetune.lr: must be <= 10"),
+    ("backbone.image_size=10000", "backbone.image_size: must be <= 1024"),
+    ("run.name=" + "x" * 300, "run.name: at most 100 characters, got 300"),
+    ("run.name=/abs", "run.name: '/abs' must be a relative folder name inside run.output_dir"),
+    ("run.name=../../x", "run.name: '../../x' must be a relative folder name"),
+    ("logistic.c_grid=[1e300]", "logistic.c_grid[0]: must be <= 1000000.0"),
+    ("data.rot=x", "unknown key 'data.rot' .did you mean 'data.root'."),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -137,3 +148,26 @@ def test_help_prints_the_defaults_that_run():
     assert f"backbone.image_size (default {json.dumps(defaults.backbone.image_size)})" in text
     assert f"data.root (default {json.dumps(defaults.data.root)})" in text
     assert "features.file (default null): a cache file written by extract" in text
+
+
+def test_json_nested_too_deep_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="JSON nested too deeply"):
+        load_config(write(tmp_path, "[" * 100_000 + "]" * 100_000))
+
+
+def test_trailing_comma_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 1 column 21: .*\(a trailing comma\?\)"):
+        load_config(write(tmp_path, '{"head": {"lr": 0.1,}}'))
+
+
+def test_every_numeric_key_has_an_upper_bound():
+    """Every int/float key is bounded above (or is a probability-like value bounded by lt/le)."""
+    import dataclasses
+
+    from pipeline.config import SECTIONS
+
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tp = str(f.type)
+            if ("int" in tp or "float" in tp) and "list" not in tp:
+                assert "le" in f.metadata or "lt" in f.metadata, f"{name}.{f.name} has no upper bound"

@@ -157,3 +157,39 @@ def test_flowers_demo_ships_its_photos_and_every_credit():
     credited = {line.split(" | ")[0].lstrip("| ") for line in credits.splitlines() if line.startswith("| ")}
     missing = [p for p in data.train.paths + data.val.paths if p not in credited]
     assert not missing  # CC BY 2.0: each photo's author and source travel with it
+
+
+def test_image_reading_refuses_what_is_not_a_regular_file_before_reading(tmp_path):
+    """A fifo would block forever and /dev/zero never ends: both are refused from fstat, unread."""
+    import os
+    import time
+
+    from pipeline.data import ImageFileError, load_image, read_image_bytes
+
+    os.mkfifo(tmp_path / "f.jpg")
+    (tmp_path / "z.jpg").symlink_to("/dev/zero")
+    t0 = time.monotonic()
+    for path in (tmp_path / "f.jpg", tmp_path / "z.jpg", tmp_path):
+        with pytest.raises(ImageFileError, match="not a regular file"):
+            load_image(path)
+    assert time.monotonic() - t0 < 5
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\0" * 2000)
+    with pytest.raises(ImageFileError, match="more than an image file may be"):
+        read_image_bytes(tmp_path / "big.png", max_bytes=1000)
+    assert read_image_bytes(tmp_path / "big.png").startswith(b"\x89PNG")
+
+
+def test_a_non_image_is_named_not_pillows_buffer(tmp_path):
+    from PIL import UnidentifiedImageError
+
+    from pipeline.data import decode_image
+
+    with pytest.raises(UnidentifiedImageError) as e:
+        decode_image(b"hello, not an image")
+    assert "BytesIO" not in str(e.value) and "not an image format" in str(e.value)
+
+
+def test_one_class_only_is_an_error_naming_the_class_count(tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("ants",), n_train=2, n_val=1)
+    with pytest.raises(PipelineError, match=r"has 1 class folder \('ants'\): a classifier needs at least 2"):
+        discover_image_folder(root)

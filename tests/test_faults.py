@@ -483,3 +483,9 @@ def test_leftover_temp_files_are_never_read_and_get_removed(tiny_cfg):
     entry = ex.run_extract(cfg, CPU)
     assert entry["rows_extracted"] == 1
     assert not stale.exists() and not partial.exists()
+
+
+def test_cache_dir_that_is_a_file_says_so_not_free_disk_space(tiny_cfg, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(PipelineError, match="'.*afile' is a file, not a folder; move it away or set extract.cache_dir"):
+        ex.run_extract(tiny_cfg(f"extract.cache_dir={tmp_path / 'afile'}"), CPU)

@@ -196,3 +196,13 @@ def test_a_checksum_failing_mid_stream_removes_the_cache_and_says_to_rerun(tiny_
         run_head(cfg, CPU)
     assert not cache_file.exists()
     assert run_head(cfg, CPU)["streamed"] is True and cache_file.exists()  # extracted anew
+
+
+def test_a_diverged_loss_stops_the_run_with_a_line():
+    from pipeline import PipelineError
+    from pipeline.config import HeadConfig
+    from pipeline.head import train_head
+
+    x, y = torch.full((8, 4), 1e38), torch.tensor([0, 1] * 4)
+    with pytest.raises(PipelineError, match=r"head: the training loss diverged \(.*\) in epoch 1: lower head.lr"):
+        train_head(x, y, x, y, 2, HeadConfig(epochs=2, lr=10.0), torch.device("cpu"), 0)

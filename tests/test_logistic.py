@@ -145,3 +145,11 @@ def test_search_runs_one_blas_thread_per_fit(monkeypatch):
     search = fit_logistic(rng.normal(size=(30, 5)) + y[:, None], y, LogisticConfig(c_grid=[0.1, 1.0]), seed=0)
     assert len(seen) == 2 * 3 + 1 and set(seen) == {1}  # every (C, fold) fit and the refit
     assert search.n_jobs >= 1
+
+
+def test_too_few_images_names_the_class():
+    from pipeline import PipelineError
+    from pipeline.logistic import _folds
+
+    with pytest.raises(PipelineError, match="class 'bees' has 1 training image"):
+        _folds(np.array([0, 0, 0, 1]), 3, ("ants", "bees"))

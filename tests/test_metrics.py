@@ -27,3 +27,26 @@ def test_class_without_samples_is_left_out():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="targets but"):
         per_class_accuracy(Y_TRUE, Y_PRED[:-1], 3)
+
+
+def test_results_table_rounds_each_column_alike_and_only_for_display():
+    from pipeline.metrics import format_results
+
+    metrics = {"head": {"val_acc": 2 / 3, "seconds": 9.56104, "best_epoch": 3},
+               "finetune": {"val_acc": 0.5, "seconds": 105.8321, "epochs": 2}}
+    rows = {line.split()[0]: line.split() for line in format_results(metrics).splitlines()}
+    assert rows["head"][1:3] == ["0.6667", "9.6"] and rows["finetune"][1:3] == ["0.5000", "105.8"]
+    assert metrics["head"]["val_acc"] == 2 / 3  # the stored figure keeps its precision
+
+
+def test_score_accuracy_is_the_exact_fraction_numpy_gives():
+    """val_acc is compared with accuracies computed elsewhere: it must be correct / total in float64."""
+    import torch
+    from torch import nn
+
+    from pipeline.engine import score
+
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    targets = torch.tensor([0, 1, 1])
+    acc = score(logits, targets, nn.CrossEntropyLoss())["acc"]
+    assert acc == np.mean(np.array([0, 1, 0]) == np.array([0, 1, 1])) == 2 / 3  # not float32's 0.6666666865

@@ -44,6 +44,8 @@ def test_mix_with_unreadable_and_missing_files_via_cli(trained_run, tmp_path, ca
     params = tmp_path / "p.json"
     params.write_text(__import__("json").dumps(trained_run.cfg.to_dict()))
     out_csv = tmp_path / "preds.csv"
+    run_dir = trained_run.cfg.run_dir
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if not p.name.endswith(".lock")}
     args = ["--params", str(params), "--set", "predict.model=logistic", "predict", str(good), str(bad),
             str(trained_run.root / "val" / "bees"), str(tmp_path / "missing.png"), str(tmp_path / "empty"),
             "--output", str(out_csv)]
@@ -56,7 +58,8 @@ def test_mix_with_unreadable_and_missing_files_via_cli(trained_run, tmp_path, ca
     assert rows[0]["path"] == str(good) and rows[0]["class_1"] in ("ants", "bees")
     assert float(rows[0]["prob_1"]) >= float(rows[0]["prob_2"])
     assert rows[5]["error"] == "no such file or folder" and rows[6]["error"] == "folder has no image files"
-    assert not (trained_run.cfg.run_dir / "config.json").exists()  # predict only reads the run folder
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if not p.name.endswith(".lock")}
+    assert after == before  # predict only reads the run folder (config.json included: it writes none)
 
 
 def test_nothing_readable_is_an_error(trained_run, tmp_path):
@@ -133,3 +136,53 @@ def test_unwritable_output_fails_before_classifying(trained_run, tmp_path, monke
     monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a: pytest.fail("classified first"))
     with pytest.raises(PipelineError, match="--output .* does not exist"):
         run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=str(tmp_path / "no" / "p.csv"))
+
+
+def test_fifo_and_dev_zero_are_error_rows_not_a_hang(trained_run, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "f.jpg")
+    (tmp_path / "z.jpg").symlink_to("/dev/zero")
+    good = trained_run.root / "val" / "ants" / "img_000.png"
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path / "f.jpg"), str(tmp_path / "z.jpg"), str(good)])
+    assert [r.ok for r in rows] == [False, False, True]
+    assert all("not a regular file" in r.error for r in rows[:2])
+
+
+@pytest.mark.parametrize("output, message", [(".", "is a folder"), ("/dev/full", "is not a regular file"),
+                                             ("ro/p.csv", "cannot write in folder")])
+def test_bad_output_fails_before_classifying(trained_run, tmp_path, monkeypatch, output, message):
+    import os
+
+    import pipeline.predict
+
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    if os.access(tmp_path / "ro", os.W_OK) and output.startswith("ro/"):  # root ignores the mode bits
+        pytest.skip("running as root: a mode-555 folder is still writable")
+    monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a, **k: pytest.fail("classified first"))
+    target = output if output.startswith("/") else str(tmp_path / output)
+    with pytest.raises(PipelineError, match=message):
+        run_predict(cfg_for(trained_run, "head"), CPU, ["x.png"], output=target)
+
+
+def test_non_utf8_file_name_is_written_to_the_csv_as_its_own_bytes(trained_run, tmp_path):
+    import os
+    import shutil
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    shutil.copyfile(trained_run.root / "val" / "bees" / "img_000.png", tmp_path / name)
+    out = tmp_path / "p.csv"
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(tmp_path)], output=str(out))
+    assert [r.ok for r in rows] == [True]
+    assert os.fsencode(str(tmp_path / name)) in out.read_bytes() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_hand_made_model_with_missing_keys_is_one_line_even_with_trust(tmp_path):
+    torch.save({"classes": ["ants", "bees"], "state_dict": {}}, tmp_path / "head.pt")
+    with pytest.raises(PipelineError, match="lacks feature_dim, backbone_config, backbone, seed: run the head stage"):
+        load_artifact(tmp_path, "head", trust=True)
+    torch.save({"classes": ["ants", "bees"], "state_dict": {}, "feature_dim": 3, "backbone_config": {}, "seed": 0,
+                "backbone": {"name": "resnet18"}}, tmp_path / "head.pt")
+    with pytest.raises(PipelineError, match="lacks backbone.weights_id, backbone.preprocess: run the head stage"):
+        load_artifact(tmp_path, "head", trust=True)

@@ -25,6 +25,16 @@ class CacheError(PipelineError):
     pass
 
 
+# What h5py raises on a damaged file, depending on which byte is damaged (a flipped byte in a B-tree
+# node, a heap or an attribute gives KeyError, OSError, UnicodeDecodeError, ...): all mean "damaged".
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError)
+
+
+def damaged(path: Path, e: BaseException, what: str = "cache") -> CacheError:
+    """One line naming the damaged file (the caller discards and rebuilds it)."""
+    return CacheError(f"cannot read {what} '{path}': damaged or unreadable ({type(e).__name__}: {e})")
+
+
 def digest(obj) -> str:
     """SHA-256 of a JSON-serialisable object in canonical form."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -78,6 +88,10 @@ def lock_path(path: Path) -> Path:
 
 def write_error(folder: Path, e: Exception) -> CacheError:
     """A clear error for a failed write (disk full, read-only folder), whether from the OS or from HDF5."""
+    blocker = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # not a full disk: a file where a folder should be
+        return CacheError(f"cannot write to cache folder '{folder}': '{blocker}' is a file, not a folder; "
+                          "move it away or set extract.cache_dir to a folder")
     code = getattr(e, "errno", None)
     if not code:  # HDF5 reports the OS error inside its own multi-line text
         found = re.search(r"errno = (\d+)", str(e))

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
-from pipeline.cache.key import (FEATURE_DTYPES, FORMAT_VERSION, SPLITS, CacheError, SplitManifest, cache_key,
-                                manifest_digest)
+from pipeline.cache.key import (FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS, CacheError, SplitManifest,
+                                cache_key, damaged, manifest_digest)
 
 
 @dataclass
@@ -97,6 +97,15 @@ def _read_manifests(f: h5py.File) -> dict[str, SplitManifest]:
 
 def _verify_open(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, dict[str, SplitManifest]]:
     """Attributes, structure, then the rows against manifest_digest and the key; raise CacheError."""
+    try:
+        return _verify_open_unchecked(f, path, key)
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
+        raise damaged(path, e) from None
+
+
+def _verify_open_unchecked(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, dict[str, SplitManifest]]:
     attrs = attrs_of(f)
     _check_attrs(attrs, path)
     _check_structure(f, path, attrs["feature_dim"])
@@ -140,14 +149,19 @@ def read_attrs(path: str | Path) -> Optional[dict]:
     try:
         with h5py.File(path, "r") as f:
             attrs = attrs_of(f)
-    except (OSError, ValueError):
+    except H5_ERRORS:
         return None
     return attrs if attrs.get("complete") else None
 
 
 def read_manifest(path: str | Path) -> dict[str, SplitManifest]:
-    with open_h5(Path(path)) as f:
-        return _read_manifests(f)
+    try:
+        with open_h5(Path(path)) as f:
+            return _read_manifests(f)
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
+        raise damaged(path, e) from None
 
 
 def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
@@ -158,8 +172,10 @@ def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
             attrs, manifests = _verify_open(f, path, key)
             splits = {s: CachedSplit(f[s]["features"][()], np.asarray(manifests[s].labels, dtype=np.int64),
                                      list(manifests[s].paths), list(manifests[s].sha256)) for s in SPLITS}
-    except OSError as e:  # a fletcher32 checksum mismatch surfaces here
-        raise CacheError(f"cannot read cache '{path}': {e}") from None
+    except CacheError:
+        raise
+    except H5_ERRORS as e:  # a fletcher32 checksum mismatch surfaces as OSError here
+        raise damaged(path, e) from None
     return FeatureCache(path, attrs, tuple(attrs["classes"]), splits)
 
 
@@ -169,7 +185,9 @@ def feature_shapes(path: str | Path) -> dict[str, tuple[int, int]]:
     try:
         with open_h5(Path(path)) as f:
             shapes = {s: tuple(int(v) for v in f[s]["features"].shape) for s in SPLITS}
-    except (KeyError, TypeError) as e:
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
         raise CacheError(f"cache '{path}' has no train and val features: {e}") from None
     if any(len(shape) != 2 for shape in shapes.values()):
         raise CacheError(f"cache '{path}': features are not 2-D ({shapes})")

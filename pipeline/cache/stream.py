@@ -7,7 +7,7 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from pipeline.cache.key import ROW_CHUNK, SPLITS, CacheError, SplitManifest
+from pipeline.cache.key import H5_ERRORS, ROW_CHUNK, SPLITS, CacheError, SplitManifest
 from pipeline.cache.reader import _Splits, _open_cache, _verify_open
 
 
@@ -44,7 +44,7 @@ class SplitReader:
         if stop > start:
             try:
                 self._features.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
-            except OSError as e:  # a fletcher32 checksum mismatch surfaces here
+            except H5_ERRORS as e:  # a fletcher32 checksum mismatch surfaces here
                 raise CacheError(f"cannot read rows {start}..{stop - 1} of '{self.name}/features' in cache "
                                  f"'{self.path}': {e}") from None
         return out[:stop - start]

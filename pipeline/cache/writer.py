@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
-from pipeline.cache.key import (FORMAT_VERSION, ROW_CHUNK, SPLITS, CacheError, SplitManifest, cache_key, digest,
-                                manifest_digest, write_error)
+from pipeline.cache.key import (FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, SPLITS, CacheError, SplitManifest, cache_key,
+                                damaged, digest, manifest_digest, write_error)
 from pipeline.cache.reader import verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
@@ -72,7 +72,9 @@ def check_features(path: Path, datasets: Iterable[str] = tuple(f"{s}/features" f
                 ds = f[name]
                 for start in range(0, ds.shape[0], ASSEMBLE_ROWS):
                     ds[start:start + ASSEMBLE_ROWS]
-    except (OSError, KeyError) as e:
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
         raise CacheError(f"cannot read features of '{path}': {e}") from None
 
 
@@ -99,6 +101,14 @@ class ChunkStore:
 
     def read_chunk(self, path: Path) -> tuple[list[str], int]:
         """(sha256 of each row, feature_dim) of an intact chunk file; CacheError otherwise."""
+        try:
+            return self._read_chunk(path)
+        except CacheError:
+            raise
+        except H5_ERRORS as e:
+            raise damaged(path, e, "chunk") from None
+
+    def _read_chunk(self, path: Path) -> tuple[list[str], int]:
         with open_h5(path) as f:
             attrs = attrs_of(f)
             if not attrs.get("complete") or attrs.get("config_key") != self.config_key \
