@@ -6,12 +6,13 @@ class probabilities, paths (n_samples,) image files. numpy only.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from pipeline.fsutil import atomic_path
 
 PREDICTIONS_FILE = "val_predictions.csv"
 
@@ -99,13 +100,11 @@ def write_predictions_csv(path: Path, rows: Sequence[dict]) -> Path:
     """Write the rows atomically (a temporary file renamed into place): never half a CSV."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fields = ["path", "true", "predicted", "probability", "correct", "top_k"]
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

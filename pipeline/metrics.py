@@ -15,9 +15,10 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a crash never leaves a half-written file under the real name, and a
     failed write (full disk, read-only folder) leaves no temporary file and says so in one line."""
     from pipeline import PipelineError
+    from pipeline.fsutil import temp_path
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")

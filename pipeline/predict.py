@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import PipelineError
 from pipeline.config import Config
 from pipeline.data import eval_transform, find_images, load_image
+from pipeline.fsutil import temp_path
 from pipeline.predictor import Predictor, load_predictor
 
 
@@ -114,17 +115,13 @@ def check_output(path: Path) -> None:
         raise PipelineError(f"--output '{path}' is a folder: name a CSV file, e.g. {path / 'predictions.csv'}")
     if path.exists() and not stat.S_ISREG(path.stat().st_mode):
         raise PipelineError(f"--output '{path}' is not a regular file (a device or fifo): name a CSV file")
-    probe = _temp_csv(path)
+    probe = temp_path(path)
     try:
         probe.open("x").close()
         probe.unlink()
     except OSError as e:
         raise PipelineError(f"--output '{path}': cannot write in folder '{path.parent}' ({e.strerror}); "
                             "choose a writable folder") from None
-
-
-def _temp_csv(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def display_path(path: str) -> str:
@@ -137,7 +134,7 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
     path = Path(path)
     check_output(path)
     header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
-    tmp = _temp_csv(path)
+    tmp = temp_path(path)
     try:
         # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, so the CSV
         # names the file that exists; written under a temporary name, so a failure leaves no half CSV.

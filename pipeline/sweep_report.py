@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.fsutil import atomic_write_bytes
 from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
                             SweepOutcome)
 
@@ -88,21 +89,12 @@ def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
             "results": [dict(rank=i, **r.to_dict()) for i, r in enumerate(outcome.ranked(), 1)]}
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dict] = None,
                         plot: bool = True) -> list[Path]:
     """sweep.json, sweep.md and (plot=True) sweep.png in out_dir, each written whole or not at all."""
     out_dir = Path(out_dir)
-    paths = [_atomic_write(out_dir / SWEEP_JSON, (json.dumps(sweep_summary(outcome, grid), indent=2) + "\n").encode()),
-             _atomic_write(out_dir / SWEEP_MD, format_markdown(outcome).encode())]
+    paths = [atomic_write_bytes(out_dir / SWEEP_JSON, (json.dumps(sweep_summary(outcome, grid), indent=2) + "\n").encode()),
+             atomic_write_bytes(out_dir / SWEEP_MD, format_markdown(outcome).encode())]
     if plot and outcome.results:
         paths.append(plot_sweep(outcome, out_dir / SWEEP_PNG))
     return paths
