@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 
-from _common import REPO, table
+from _common import REPO, table, timed_process
 from pipeline.config import load_config
-
-
-def timed(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return seconds, proc.stdout
 
 
 def main() -> None:
@@ -61,12 +50,12 @@ def main() -> None:
     for run in range(args.repeat):  # interleaved so that every side sees the same machine
         cli = [sys.executable, str(REPO / "run_pipeline.py"), "--params", args.params] + [
             a for s in sets + [f"extract.cache_dir={work / f'cache{run}'}"] for a in ("--set", s)]
-        seconds, out = timed(script)
+        seconds, out = timed_process(script)
         times["script"].append(seconds)
         script_acc = out.split()[1]
-        seconds, _ = timed(cli + ["extract", "logistic"])
+        seconds, _ = timed_process(cli + ["extract", "logistic"])
         times["first"].append(seconds)
-        seconds, out = timed(cli + ["logistic"])
+        seconds, out = timed_process(cli + ["logistic"])
         if "cache hit" not in out:
             sys.exit("the warm run did not hit the cache")
         times["warm"].append(seconds)

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from _common import REPO, table
+from _common import REPO, table, timed_process
 from pipeline.backbones import build_network, replace_classifier, resolve_backbone, classifier_path
 from pipeline.config import load_config
 from pipeline.data import ImageListDataset, eval_transform, load_image_folder, train_transform
@@ -85,13 +84,7 @@ def tutorial_fixed_feature_extractor(cfg, epochs: int, batch_size: int = 4) -> d
 
 def run_cli(args: list[str]) -> tuple[float, str]:
     """Run run_pipeline.py in a fresh process; return (wall seconds incl. start-up, stdout)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"run_pipeline.py {' '.join(args)} failed:\n{proc.stderr}")
-    return seconds, proc.stdout
+    return timed_process([sys.executable, str(REPO / "run_pipeline.py"), *args])
 
 
 def main() -> None:
