@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
@@ -25,6 +23,10 @@ from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_w
                            lite_network, lite_preprocess, lite_weights_file)
 from pipeline.weight_files import (BackboneError, check_hub_file, download_error, file_sha256,  # noqa: F401
                                    download_hub_file, is_local_file, load_state_file, weights_enum)
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
 IMAGENET_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
 # Auxiliary classifiers (trained with their own loss term during finetuning).
 AUX_CLASSIFIERS = {"inception_v3": ("AuxLogits.fc",), "googlenet": ("aux1.fc2", "aux2.fc2")}
@@ -58,6 +60,8 @@ def spec_from_dict(d: dict) -> BackboneSpec:
 
 # ----------------------------------------------------------------------------- names and weights
 def torchvision_models() -> list[str]:
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -100,6 +104,8 @@ def is_timm(name: str) -> bool:
 def _default_preprocess(name: str) -> Preprocess:
     if is_lite(name):
         return lite_preprocess(name)
+    import torchvision
+
     try:
         return preprocess_from_weights(torchvision.models.get_model_weights(name).DEFAULT)
     except (ValueError, KeyError, AttributeError):
@@ -212,6 +218,8 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] =
 
 
 def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
+    import torchvision
+
     if is_timm(cfg.name):
         from pipeline import timm_backbones
 

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline import PipelineError
 from pipeline.imagefile import MAX_IMAGE_BYTES, ImageFileError, read_image_bytes  # noqa: F401 - re-exported
+
+# torchvision.datasets.folder.IMG_EXTENSIONS (a test keeps them equal): importing torchvision costs about
+# 1.5 s (it pulls in torch._dynamo), which a head run on cached features must not pay for a scan.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DEMO_PREFIX = "demo:"
 DEMO_DATASETS = ("flowers", "digits")
@@ -335,20 +337,27 @@ def ignore_sigint(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-_INTERPOLATIONS = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
-                   "bicubic": T.InterpolationMode.BICUBIC}
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+            "bicubic": InterpolationMode.BICUBIC}[name]
 
 
-def eval_transform(pre: Preprocess) -> T.Compose:
+def eval_transform(pre: Preprocess):
     """Resize, center-crop, normalise: what the backbone saw on ImageNet validation."""
-    interp = _INTERPOLATIONS[pre.interpolation]
+    from torchvision import transforms as T
+
+    interp = _interpolation(pre.interpolation)
     return T.Compose([T.Resize(pre.resize_size, interpolation=interp, antialias=True),
                       T.CenterCrop(pre.crop_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
-def train_transform(pre: Preprocess) -> T.Compose:
+def train_transform(pre: Preprocess):
     """The tutorial's train-time augmentation: RandomResizedCrop + horizontal flip."""
-    interp = _INTERPOLATIONS[pre.interpolation]
+    from torchvision import transforms as T
+
+    interp = _interpolation(pre.interpolation)
     return T.Compose([T.RandomResizedCrop(pre.crop_size, interpolation=interp, antialias=True),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 

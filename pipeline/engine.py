@@ -110,8 +110,18 @@ def check_finite_loss(stage: str, loss: float, epoch: int, lr_key: str) -> None:
                             "(the previous model is unchanged)")
 
 
-def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float):
-    """SGD with momentum and a StepLR schedule, as in the PyTorch transfer-learning tutorial."""
+def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float,
+             light: bool = False):
+    """SGD with momentum and a StepLR schedule, as in the PyTorch transfer-learning tutorial.
+
+    light: pipeline.sgd's bitwise-equal pair instead of torch.optim's (one parameter group, no
+    state_dict), which spares a small head the 1.5 s import of torch._dynamo.
+    """
+    if light:
+        from pipeline.sgd import SGD, StepLR
+
+        optimizer = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return optimizer, StepLR(optimizer, step_size=step_size, gamma=gamma)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 

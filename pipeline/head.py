@@ -111,7 +111,7 @@ def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cf
     head = head.to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer, scheduler = make_sgd(head.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                                    cfg.step_size, cfg.gamma)
+                                    cfg.step_size, cfg.gamma, light=True)
     best = HeadResult(copy.deepcopy(head.state_dict()), 0, -1.0)
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]

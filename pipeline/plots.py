@@ -25,7 +25,7 @@ def _figure(width: float, height: float):
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", pil_kwargs={"compress_level": 1})  # zlib level 1: a fifth of the time of 6
     return path
 
 
@@ -49,16 +49,23 @@ def lr_drops(history: Sequence[dict]) -> list[tuple[int, float]]:
 def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], path: Path,
                           title: str) -> Path:
     """Counts of true (rows) vs predicted (columns) classes on val, with class names."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     n = len(classes)
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64) * n + np.asarray(y_pred, dtype=np.int64),
+                         minlength=n * n).reshape(n, n)
     side = min(max(4.5, 0.45 * n + 2.5), 24)
     fig = _figure(side + 1, side)
     ax = fig.add_subplot()
-    ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, labels=list(range(n)), display_labels=[_short(c) for c in classes], ax=ax,
-        cmap="Blues", colorbar=True, include_values=n <= 30,
-        xticks_rotation=45 if max(len(c) for c in classes) > 3 else "horizontal")
+    image = ax.imshow(counts, cmap="Blues", interpolation="nearest", vmin=0)
+    fig.colorbar(image, ax=ax)
+    if n <= 30:  # the counts, white on the dark half of the colour map
+        threshold = counts.max() / 2
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+    names = [_short(c) for c in classes]
+    rotate = 45 if max(len(c) for c in classes) > 3 else 0
+    ax.set_xticks(range(n), names, rotation=rotate, ha="right" if rotate else "center")
+    ax.set_yticks(range(n), names)
+    ax.set(xlabel="Predicted label", ylabel="True label")
     accuracy = float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
     ax.set_title(_wrap(f"{title}\nval accuracy {accuracy:.3f} ({len(y_true)} images)", side * 0.8, 11), fontsize=11)
     return _save(fig, path)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # Configs and input checks live in probe_config; re-exported so `from pipeline.probes import X` keeps working.
+from pipeline.sgd import SGD, StepLR
 from pipeline.probe_config import (CLASS_WEIGHTS, CONFIGS, CONSTRAINTS, HEAD_TYPES, PARAM_HELP,  # noqa: F401
                                    Array, KNNConfig, LinearConfig, MLPConfig, NCMConfig, ProbeError,
                                    as_features, as_labels, balanced_weights, check_config, check_head_type,
@@ -98,8 +99,8 @@ def fit_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: Option
     x_val = x_val.to(device) if x_val is not None else None     # moved once, not every epoch
     weight = loss_weights(y.cpu(), num_classes, cfg.class_weight)
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)  # torch.optim's, bitwise
     result, best_state = FitResult(0, None), None
     epochs = range(1, cfg.epochs + 1)
     if show_progress:

@@ -60,20 +60,17 @@ def report_paths(run_dir: Path, kind: str) -> dict[str, Path]:
 
 
 def classification_report_dict(preds: Predictions) -> dict:
-    """scikit-learn's per-class precision / recall / F1 / support, plus the accuracies of `summarise`."""
-    from sklearn.metrics import classification_report
+    """Per-class precision / recall / F1 / support (scikit-learn's shape), plus the accuracies of `summarise`."""
+    from pipeline.class_report import classification_report
 
-    report = classification_report(preds.targets, preds.predicted, labels=list(range(len(preds.classes))),
-                                   target_names=preds.classes, output_dict=True, zero_division=0)
-    return {**report, **summarise(preds)}
+    return {**classification_report(preds.targets, preds.predicted, preds.classes), **summarise(preds)}
 
 
 def _classification_report_text(preds: Predictions, title: str) -> str:
-    from sklearn.metrics import classification_report
+    from pipeline.class_report import classification_report, report_text
 
     s = summarise(preds)
-    text = classification_report(preds.targets, preds.predicted, labels=list(range(len(preds.classes))),
-                                 target_names=preds.classes, digits=3, zero_division=0)
+    text = report_text(classification_report(preds.targets, preds.predicted, preds.classes), preds.classes)
     return (f"{title}\n\n{text}\ntop-1 accuracy        {s['val_acc_top1']:.4f}\n"
             f"mean per-class acc    {s['mean_per_class_acc']:.4f}\n")
 

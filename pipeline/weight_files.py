@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import torchvision
-from torchvision.models import WeightsEnum
 
 from pipeline import PipelineError
 from pipeline.fsutil import file_sha256
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -67,6 +68,8 @@ def weights_enum(name: str, weights: str) -> Optional[WeightsEnum]:
     """The torchvision weights enum member for backbone.weights, or None for local/none."""
     if weights == "none" or is_local_file(weights):
         return None
+    import torchvision
+
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):

@@ -108,7 +108,6 @@ def feature_config(spec, dtype: str, autocast: str = "none") -> dict:
     finetuning belongs here. spec: a backbones.BackboneSpec.
     """
     import torch
-    import torchvision
 
     from pipeline import data  # DECODE_VERSION: read at call time
 
@@ -118,4 +117,15 @@ def feature_config(spec, dtype: str, autocast: str = "none") -> dict:
             "rewrites": ["fold_bn"],  # inference-only rewrites of the extractor (pipeline.fold)
             "autocast": autocast,     # the forward passes' precision (extract.autocast); storage is dtype
             "torch": ".".join(torch.__version__.split(".")[:2]),
-            "torchvision": ".".join(torchvision.__version__.split(".")[:2])}
+            "torchvision": ".".join(torchvision_version().split(".")[:2])}
+
+
+def torchvision_version() -> str:
+    """torchvision's version, without importing it when nothing has yet (1.5 s a warm head does not need)."""
+    import sys
+
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"].__version__
+    from importlib.metadata import version
+
+    return version("torchvision")
