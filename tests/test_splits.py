@@ -171,3 +171,14 @@ def test_split_settings_that_cannot_be_used_are_one_line(tiny_cfg, tmp_path, ima
     shutil.copytree(root / "train", root / "test")
     with pytest.raises(PipelineError, match="data.test_fraction is set, but data.root .* has a test/ folder"):
         ensure_cache(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.1"), cpu)
+
+
+def test_a_changed_split_rule_is_named_in_the_miss_reason():
+    from pipeline.cache.freshness import _split_change
+
+    folder = {"val": "folder", "val_dir": "val", "test": "none"}
+    content = {"val": "content", "val_fraction": 0.2, "test": "none", "test_fraction": 0.0, "seed": 0}
+    assert _split_change(None, folder) is None and _split_change(folder, folder) is None  # files before the attribute
+    assert _split_change(folder, content) == ("the split changed (val folder -> content, seed = 0, "
+                                              "test_fraction = 0.0, val_fraction = 0.2)")
+    assert _split_change(content, {**content, "seed": 3}) == "the split changed (seed 0 -> 3)"

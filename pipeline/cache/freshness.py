@@ -27,7 +27,8 @@ def _split_change(old: Optional[dict], new: Optional[dict]) -> Optional[str]:
     if new is None or old == new:
         return None
     old = old if isinstance(old, dict) else DEFAULT_SPLIT_RULE
-    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    changed += [f"{k} = {new[k]}" for k in sorted(set(new) - set(old))]  # the new rule's own settings
     return "the split changed (" + ", ".join(changed) + ")" if changed else None
 
 
