@@ -342,11 +342,11 @@ def check_backbones(cfg: Config, backbones: list[str]) -> None:
 
 
 def run_benchmark(cfg: Config, device: torch.device) -> dict:
-    from pipeline.data import load_image_folder
+    from pipeline.data import load_dataset
 
     backbones = cfg.benchmark.backbones or [cfg.backbone.name]
     check_backbones(cfg, backbones)
-    data = load_image_folder(cfg.data.root)
+    data = load_dataset(cfg.data)
     t0 = time.perf_counter()
     results, errors = [], []
     for name in backbones:

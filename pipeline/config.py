@@ -53,7 +53,7 @@ class RunConfig:
                    "never an absolute path or '..')", nonempty=True, run_name=True)
     output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
     device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
-    seed: int = _c(0, "seed for splits, initialisation and shuffling (0 to 2^32-1)", ge=0, le=MAX_SEED)
+    seed: int = _c(0, "seed for initialisation and shuffling (0 to 2^32-1)", ge=0, le=MAX_SEED)
     stages: list[str] = _c(list(TRAIN_STAGES), "stages run when none are named on the command line",
                            item_choices=RUN_STAGES)
     num_threads: int = _c(0, "torch intra-op threads (at most 1024); 0 sizes them to the stage: 1 for a linear "
@@ -66,12 +66,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _c("demo:flowers", "ImageFolder root with train/ and val/, or a demo: demo:flowers (400 photos of "
-                   "5 flowers, shipped with the package) or demo:digits (1,797 8x8 handwritten digits)", nonempty=True)
+    root: str = _c("demo:flowers", "ImageFolder root with train/, a val folder and optionally test/, or a demo: "
+                   "demo:flowers (400 photos of 5 flowers, shipped) or demo:digits (1,797 8x8 digits)", nonempty=True)
+    val_dir: Optional[str] = _c(None, "val folder name in data.root; null: val/, valid/, validation/", nonempty=True)
+    val_fraction: Optional[float] = _c(None, "no val folder: split this share of train/ off by content", gt=0, lt=1)
+    test_fraction: float = _c(0.0, "with val_fraction and no test/: split this share of train/ off as test", ge=0, lt=1)
+    split_seed: int = _c(0, "seed of the content-hash split (val_fraction, test_fraction)", ge=0, le=MAX_SEED)
     num_workers: int = _c(1, "DataLoader worker processes for image decoding", ge=0, le=256)
-    max_bad_fraction: float = _c(0.05, "unreadable image files tolerated (skipped, listed in bad_files.json) "
-                                 "as a fraction of all image files; more aborts before extracting",
-                                 ge=0, le=1)
+    max_bad_fraction: float = _c(0.05, "unreadable image files tolerated (skipped, listed in bad_files.json) as a "
+                                 "fraction of all image files; more aborts before extracting", ge=0, le=1)
 
 
 @dataclass

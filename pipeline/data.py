@@ -1,15 +1,15 @@
-"""ImageFolder discovery, image loading and the per-model transform presets."""
+"""Image loading, the per-model transform presets and the demo datasets (discovery: pipeline.folders)."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
 import shutil
 import signal
 import tempfile
+import dataclasses
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,22 +18,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from pipeline import PipelineError
+from pipeline.folders import (APPLEDOUBLE_PREFIX, IGNORED_NAMES, IMG_EXTENSIONS, ImageFolderData,  # noqa: F401
+                              Split, discover_image_folder, find_images, resolve_in_root)    # re-exported
 from pipeline.imagefile import MAX_IMAGE_BYTES, ImageFileError, read_image_bytes  # noqa: F401 - re-exported
-
-# torchvision.datasets.folder.IMG_EXTENSIONS (a test keeps them equal): importing torchvision costs about
-# 1.5 s (it pulls in torch._dynamo), which a head run on cached features must not pay for a scan.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DEMO_PREFIX = "demo:"
 DEMO_DATASETS = ("flowers", "digits")
 # 400 real photos of five flowers (CC BY 2.0, per-photo credits in its SOURCE.md), shipped in the package.
 FLOWERS_DIR = Path(__file__).resolve().parent / "demo_data" / "flowers"
-# Folders and files a camera, an OS or a notebook leaves behind; never classes, never images.
-IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Bump when decode_image changes the pixels a file decodes to: it is part of the cache key.
 DECODE_VERSION = 1
-# macOS writes a "._<name>" AppleDouble file next to every file it copies to a foreign disk.
-APPLEDOUBLE_PREFIX = "._"
 # First bytes of the formats in IMG_EXTENSIONS: tells a damaged image from a file that never was one.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
                     b"GIF8", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7")
@@ -57,155 +51,6 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]),
                    str(d["interpolation"]))
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split's images: paths relative to the data root (POSIX), and their class indices."""
-
-    paths: tuple[str, ...]
-    labels: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass(frozen=True)
-class ImageFolderData:
-    root: Path
-    classes: tuple[str, ...]
-    train: Split
-    val: Split
-    metadata_files: tuple[str, ...] = ()  # macOS ._* files with image extensions: listed, never read
-
-    def split(self, name: str) -> Split:
-        return {"train": self.train, "val": self.val}[name]
-
-
-# ----------------------------------------------------------------------------- discovery
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_NAMES
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_ignored(e.name))
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files under folder, recursively, sorted; hidden and OS-made files and folders skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-        found += [Path(dirpath, f) for f in sorted(filenames) if not _is_ignored(f) and _is_image(f)]
-    return found
-
-
-def _inside(real: str, allowed: tuple[str, ...]) -> bool:
-    return any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed)
-
-
-def _escape_error(root: Path, rel: str, real: str) -> PipelineError:
-    return PipelineError(f"'{rel}' is a link to '{real}', outside data.root '{root}'; copy the files into "
-                         "the data folder or remove the link")
-
-
-def _check_file_link(root: Path, full: str, rel: str, allowed: tuple[str, ...]) -> None:
-    """A symlinked image must resolve inside the data root; a link loop is an error."""
-    try:
-        os.stat(full)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise PipelineError(f"symlink loop at '{rel}' in data.root '{root}': the link never reaches a "
-                                "file; remove it") from None
-        return  # a dangling link: the pre-scan lists it as unreadable
-    real = os.path.realpath(full)
-    if not _inside(real, allowed):
-        raise _escape_error(root, rel, real)
-
-
-def _walk_class(root: Path, cls_dir: Path, allowed: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Image files under one class folder (links followed, loops and escapes refused), and ._* files."""
-    files, metadata = [], []
-    seen: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        real = os.path.realpath(dirpath)
-        if not _inside(real, allowed):
-            raise _escape_error(root, rel_dir, real)
-        if real in seen:
-            raise PipelineError(f"symlink loop in data.root '{root}': '{rel_dir}' leads back to "
-                                f"'{seen[real]}'; remove the link")
-        seen[real] = rel_dir
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-        for name in sorted(filenames):
-            if not _is_image(name):
-                continue
-            rel = f"{rel_dir}/{name}"
-            if name.startswith(APPLEDOUBLE_PREFIX):
-                metadata.append(rel)
-            elif not _is_ignored(name):
-                full = os.path.join(dirpath, name)
-                if os.path.islink(full):
-                    _check_file_link(root, full, rel, allowed)
-                files.append(rel)
-    return files, metadata
-
-
-def _scan_split(root: Path, split: str, classes: list[str]) -> tuple[Split, list[str]]:
-    paths, labels, metadata = [], [], []
-    allowed = (os.path.realpath(root), os.path.realpath(root / split))
-    for label, cls in enumerate(classes):
-        cls_dir = root / split / cls
-        files, meta = _walk_class(root, cls_dir, allowed)
-        if not files:
-            raise PipelineError(f"class folder '{cls_dir}' has no images "
-                                f"(extensions: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
-        paths += files
-        labels += [label] * len(files)
-        metadata += meta
-    return Split(tuple(paths), tuple(labels)), metadata
-
-
-def discover_image_folder(root: str | Path) -> ImageFolderData:
-    """Index root/train/<class>/* and root/val/<class>/*; classes and their order come from train."""
-    root = Path(root)
-    layout = f"(expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)"
-    if not root.is_dir():
-        raise PipelineError(f"data.root '{root}' is not a folder {layout}")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise PipelineError(f"data.root '{root}' has no '{split}' folder {layout}")
-    classes = _class_dirs(root / "train")
-    if not classes:
-        raise PipelineError(f"'{root / 'train'}' has no class folders {layout}")
-    if len(classes) < 2:
-        raise PipelineError(f"'{root / 'train'}' has 1 class folder ('{classes[0]}'): a classifier needs at "
-                            f"least 2 classes {layout}")
-    val_classes = _class_dirs(root / "val")
-    missing = sorted(set(classes) - set(val_classes))
-    extra = sorted(set(val_classes) - set(classes))
-    if missing:
-        raise PipelineError(f"class '{missing[0]}' is in '{root / 'train'}' but not in '{root / 'val'}' "
-                            "(every class needs validation images)")
-    if extra:
-        raise PipelineError(f"class '{extra[0]}' is in '{root / 'val'}' but not in '{root / 'train'}' "
-                            "(a head cannot predict a class it never saw)")
-    train, train_meta = _scan_split(root, "train", classes)
-    val, val_meta = _scan_split(root, "val", classes)
-    return ImageFolderData(root, tuple(classes), train, val, tuple(train_meta + val_meta))
-
-
-def resolve_in_root(root: Path, rel: str) -> Path:
-    """root / rel for a POSIX path relative to the data root; absolute paths and '..' are refused."""
-    parts = PurePosixPath(rel).parts
-    if not rel or PurePosixPath(rel).is_absolute() or ".." in parts:
-        raise PipelineError(f"image path '{rel}' escapes data.root '{root}' (paths must be relative to it, "
-                            "without '..')")
-    return Path(root, *parts)
 
 
 def demo_dir() -> Path:
@@ -267,8 +112,37 @@ def resolve_data_root(root: str) -> Path:
     return target
 
 
-def load_image_folder(root: str) -> ImageFolderData:
-    return discover_image_folder(resolve_data_root(root))
+def load_image_folder(root: str, val_dir: Optional[str] = None, split_train: bool = False) -> ImageFolderData:
+    """data.root's ImageFolder (see folders.discover_image_folder for val_dir and split_train)."""
+    return discover_image_folder(resolve_data_root(root), val_dir, split_train)
+
+
+def load_dataset(cfg_data) -> ImageFolderData:
+    """data.* (a config.DataConfig) as an ImageFolderData split exactly as extract splits it: the val
+    folder and test/, or with data.val_fraction val (and test) carved off train by content hash.
+
+    For stages that read the images themselves (finetune): the files are hashed here; extract uses its
+    pre-scan's hashes instead, with the same result for every readable image.
+    """
+    from pipeline.splits import check_split_settings, hash_file, split_by_content
+
+    data = load_image_folder(cfg_data.root, cfg_data.val_dir, cfg_data.val_fraction is not None)
+    check_split_settings(data.root, cfg_data.val_fraction, cfg_data.test_fraction, data.test is not None)
+    if cfg_data.val_fraction is None:
+        return data
+    try:
+        digests = [hash_file(resolve_in_root(data.root, p)) for p in data.train.paths]
+    except OSError as e:
+        raise PipelineError(f"cannot read image '{e.filename}': {e.strerror}") from None
+    plan = split_by_content(digests, data.train.labels, data.classes, cfg_data.val_fraction, cfg_data.test_fraction,
+                            cfg_data.split_seed)
+    if not plan.indices("val"):
+        raise PipelineError(f"data.val_fraction = {cfg_data.val_fraction:g} left no image of train/ for val: raise "
+                            "data.val_fraction or add images")
+    part = {s: Split(tuple(data.train.paths[i] for i in plan.indices(s)),
+                     tuple(data.train.labels[i] for i in plan.indices(s))) for s in ("train", "val", "test")}
+    return dataclasses.replace(data, train=part["train"], val=part["val"],
+                               test=part["test"] if cfg_data.test_fraction else data.test)
 
 
 # ----------------------------------------------------------------------------- images

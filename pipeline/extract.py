@@ -29,7 +29,7 @@ from pipeline.frozen import frozen_features
 from pipeline.fsutil import FileLock, LockedError
 from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
-from pipeline.scan import ScanResult, check_bad_files, scan_images, write_bad_files_report
+from pipeline.scan import ScanResult, check_bad_files, report_leaks, scan_images, split_scan, write_bad_files_report
 from pipeline.scan_index import scan_index_path
 
 
@@ -69,13 +69,14 @@ def has_cache_file(cfg: Config, spec: BackboneSpec) -> bool:
 
 def plan_cache(cfg: Config) -> CachePlan:
     """Discover and pre-scan the images, resolve the backbone and the cache key; builds no network."""
-    data = load_image_folder(cfg.data.root)
+    data = load_image_folder(cfg.data.root, cfg.data.val_dir, split_train=cfg.data.val_fraction is not None)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     config_key = fc.digest(feature_config(spec, cfg.extract.dtype, cfg.extract.autocast))
     if not has_cache_file(cfg, spec):
         ensure_weights(cfg.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(cfg.extract.cache_dir, data.root) if cfg.extract.verify == "stat" else None
     scan = scan_images(data, index, cfg.extract.verify, cfg.data.num_workers)
+    scan = split_scan(scan, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     key = fc.cache_key(config_key, fc.manifest_digest(data.classes, scan.manifests))
     return CachePlan(scan.data, spec, config_key, key, fc.cache_path(cfg.extract.cache_dir, spec.name, config_key),
                      scan.manifests, scan)
@@ -104,7 +105,7 @@ def extract_chunks(cfg: Config, plan: CachePlan, work: list[list[str]], store: f
     extractor = build_feature_extractor(cfg.backbone, plan.spec, seed=cfg.run.seed).to(
         device, memory_format=torch.channels_last)
     first_path = {}
-    for split in fc.SPLITS:
+    for split in plan.manifests:
         for rel, h in zip(plan.manifests[split].paths, plan.manifests[split].sha256):
             first_path.setdefault(h, rel)
     order = [h for chunk in work for h in chunk]
@@ -143,7 +144,7 @@ def _cache_attrs(cfg: Config, plan: CachePlan, device: torch.device) -> dict:
             "backbone_config": dataclasses.asdict(cfg.backbone),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": cfg.extract.dtype,
             "data_root": str(plan.data.root), "versions": feature_config(plan.spec, cfg.extract.dtype, cfg.extract.autocast),
-            "environment": environment_info(device), "seed": cfg.run.seed}
+            "environment": environment_info(device), "seed": cfg.run.seed, "split": plan.scan.split_rule}
 
 
 @dataclass
@@ -163,7 +164,7 @@ def plan_work(cfg: Config, plan: CachePlan, store: fc.ChunkStore, device: torch.
     store.clean()
     previous, feature_dim = fc.previous_rows(plan.path, plan.config_key)
     saved, saved_dim = store.rows()
-    needed = fc.iter_unique(h for s in fc.SPLITS for h in plan.manifests[s].sha256)
+    needed = fc.iter_unique(h for s in plan.manifests for h in plan.manifests[s].sha256)
     todo = [h for h in needed if h not in previous]
     size = cfg.extract.chunk_size
     if dd.is_distributed():  # at least 4 chunks per rank, so ranks finish within a small chunk of each other
@@ -259,7 +260,7 @@ def _tidy_after_hit(plan: CachePlan) -> None:
 
 
 def _explain_miss(cfg: Config, plan: CachePlan) -> Optional[str]:
-    reason = fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests)
+    reason = fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests, plan.scan.split_rule)
     if reason == "no complete cache file yet":
         change = fc.explain_new_config(Path(cfg.extract.cache_dir), feature_config(plan.spec, cfg.extract.dtype, cfg.extract.autocast),
                                        str(plan.data.root))
@@ -285,9 +286,10 @@ def ensure_cache(cfg: Config, device: torch.device) -> tuple[CachePlan, dict]:
               f"reasons in {report}")
     n_images = sum(len(m) for m in plan.manifests.values())
     entry = {"images": n_images, "bad_files": plan.scan.n_bad, "bad_files_report": str(report),
-             "files_hashed": plan.scan.n_hashed}
+             "files_hashed": plan.scan.n_hashed, "leaked_images": report_leaks(plan.manifests, not dd.is_main())}
     n_unique = len({h for m in plan.manifests.values() for h in m.sha256})
-    reason = dd.on_main(lambda: fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests))
+    reason = dd.on_main(lambda: fc.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests,
+                                               plan.scan.split_rule))
     if reason is not None:
         lock = _acquire_lock(plan, cfg.extract.lock_timeout) if dd.is_main() else None
         try:

@@ -26,7 +26,7 @@ from pipeline import distributed as dd
 from pipeline.artifacts import MODEL_FILES, load_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import Config, FinetuneConfig
-from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_image_folder, train_transform
+from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_dataset, train_transform
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
 from pipeline.records import StageResult
@@ -204,7 +204,7 @@ def _snapshot(cfg: Config, spec: BackboneSpec, data: ImageFolderData, model: nn.
 def run_finetune(cfg: Config, device: torch.device) -> dict:
     t0 = time.perf_counter()
     ft = cfg.finetune
-    data = load_image_folder(cfg.data.root)
+    data = load_dataset(cfg.data)
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     model, head_paths = build_finetune_model(cfg, spec, data.classes)
     resumed = resume_checkpoint(cfg, spec, data)

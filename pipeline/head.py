@@ -30,6 +30,7 @@ from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
+from pipeline.selection import module_proba, score_test
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
@@ -258,6 +259,7 @@ def _report(cfg: Config, device: torch.device, inputs: StageFeatures, head: nn.M
     print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
           f"({train_seconds:.2f} s of training) -> {path}")
     head.load_state_dict(result.state_dict)
+    entry.update(score_test("head", inputs, module_proba(head, device), "val (best epoch)"))
     logits, _ = predict(head, data.val_batches, device)
     preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
                         inputs.images, list(data.classes))

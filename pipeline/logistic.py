@@ -30,6 +30,7 @@ from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
+from pipeline.selection import score_test
 from pipeline.stream import MIB, TRAIN_SHARE, StreamBatches, budget_bytes, float32_nbytes, needs_streaming, \
     stream_message
 
@@ -314,6 +315,8 @@ def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val
                                  "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info}).to_dict()
     print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
           f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
+    entry.update(score_test("logistic", inputs, lambda x: _full_probs(fit.model, x, len(fit.classes)),
+                            f"train ({fit.cv['selection']})"))
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
     entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv, publication=pub))
     return entry

@@ -100,19 +100,44 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+def _chose_on_val(entry: dict) -> bool:
+    """Whether a stage's val figure also chose its model (a best epoch or a winner picked on val)."""
+    selected = entry.get("selected_on")
+    return "best_epoch" in entry if selected is None else str(selected).startswith("val")
+
+
+def _details(stage: str, m: dict) -> str:
+    if stage == "extract":
+        leaks = m.get("leaked_images")
+        return (f"{m.get('images')} images, cache {'hit' if m.get('cache_hit') else 'miss'}"
+                + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else "")
+                + (f", {leaks} image(s) in more than one split" if leaks else ""))
+    return ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
+
+
+def _selection_note(metrics: dict, tested: bool) -> str:
+    chose = [s for s, m in metrics.items() if s != "extract" and _chose_on_val(m)]
+    if tested:
+        also = f"; val_acc also chose {', '.join(chose)}" if chose else ""
+        return ("test_acc (top-1) and test_per_class (mean per-class accuracy) are the headline: each model was "
+                f"scored once on test, after it was chosen{also}")
+    if not chose:
+        return ""
+    return (f"val_acc of {', '.join(chose)} was also used to choose that model (its best epoch), so it is "
+            "optimistic: add a test/ folder (or data.test_fraction) for a figure nothing was chosen on")
+
+
 def format_results(metrics: dict) -> str:
-    """A plain-text table of the stages in metrics.json."""
-    rows = [("stage", "val_acc", "seconds", "details")]
+    """A plain-text table of the stages in metrics.json; test figures lead when any stage has them."""
+    metrics = {s: m for s, m in metrics.items() if isinstance(m, dict)}
+    tested = any(m.get("test_acc") is not None for s, m in metrics.items() if s != "extract")
+    head = ("stage",) + (("test_acc", "test_per_class") if tested else ()) + ("val_acc", "seconds", "details")
+    rows = [head]
     for stage, m in metrics.items():
-        if not isinstance(m, dict):
-            continue
-        if stage == "extract":
-            details = (f"{m.get('images')} images, cache {'hit' if m.get('cache_hit') else 'miss'}"
-                       + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else ""))
-        else:
-            details = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
-        rows.append((stage, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), details))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        test = (_fmt(m.get("test_acc"), ".4f"), _fmt(m.get("test_mean_per_class"), ".4f")) if tested else ()
+        rows.append((stage, *test, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), _details(stage, m)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    note = _selection_note(metrics, tested)
+    return "\n".join(lines + ([f"note: {note}"] if note else []))

@@ -37,6 +37,14 @@ class StageFeatures:
     rebuild: Optional[Callable[[], fc.FeatureSet]] = field(default=None, repr=False)
     views: Optional[Callable[[int], Optional[object]]] = field(default=None, repr=False)
 
+    @property
+    def test(self) -> Optional[fc.CachedSplit]:
+        """The optional test split (features, labels, paths), read once; None when the cache has none.
+
+        For scoring the model already chosen on val, once (pipeline.selection.score_test), never for choosing.
+        """
+        return self.features.test
+
     def load(self) -> fc.FeatureCache:
         """Every feature in memory; a checksum failure re-extracts once (data.root) or names the file."""
         try:

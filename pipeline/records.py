@@ -24,6 +24,9 @@ REQUIRED_KEYS = {"head": ("classes", "state_dict", "feature_dim", "backbone_conf
                  "finetune": ("classes", "model", "backbone_config", "backbone", "seed")}
 
 
+TEST_FIELDS = ("test_acc", "test_mean_per_class")
+
+
 class RecordError(PipelineError):
     """A model file or metrics entry that this version cannot read; the message names the file and version."""
 
@@ -102,10 +105,14 @@ class StageResult:
     history: list = field(default_factory=list)
     details: dict = field(default_factory=dict)
     record_version: int = RECORD_VERSION
+    # the chosen model on the test split, scored once after selection (pipeline.selection); None: no test split
+    test_acc: Optional[float] = None
+    test_mean_per_class: Optional[float] = None
 
     def to_dict(self) -> dict:
+        tested = {k: getattr(self, k) for k in TEST_FIELDS if getattr(self, k) is not None}
         return {"val_acc": self.val_acc, "seconds": self.seconds, "model_file": self.model_file,
-                "history": self.history, "record_version": self.record_version, **self.details}
+                "history": self.history, "record_version": self.record_version, **tested, **self.details}
 
     @classmethod
     def from_dict(cls, stage: str, d: dict, source: str = "metrics.json") -> "StageResult":
@@ -114,6 +121,7 @@ class StageResult:
         if missing:
             raise RecordError(f"{source} entry '{stage}' (record version {version}) lacks {', '.join(missing)}: "
                               f"run the {stage} stage again")
-        common = {"val_acc", "seconds", "model_file", "history", "record_version"}
+        common = {"val_acc", "seconds", "model_file", "history", "record_version", *TEST_FIELDS}
+        tested = {k: None if d.get(k) is None else float(d[k]) for k in TEST_FIELDS}
         return cls(stage, float(d["val_acc"]), float(d["seconds"]), str(d.get("model_file", "")),
-                   list(d.get("history", [])), {k: v for k, v in d.items() if k not in common}, version)
+                   list(d.get("history", [])), {k: v for k, v in d.items() if k not in common}, version, **tested)

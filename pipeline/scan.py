@@ -14,13 +14,14 @@ skips the fast path: every file is read, hashed and decoded on every run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,7 @@ from pipeline import distributed as dd
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
+from pipeline.splits import SplitError, check_split_settings, find_leaks, format_leaks, split_by_content
 
 BAD_FILES = "bad_files.json"
 RACY_SECONDS = 2.0
@@ -57,6 +59,7 @@ class ScanResult:
     metadata_files: tuple[str, ...]
     n_files: int                            # image files considered: readable + bad
     n_hashed: int                           # files read this run (the rest came from the stat index)
+    split_rule: dict = field(default_factory=lambda: dict(fc.DEFAULT_SPLIT_RULE))  # the cache's "split" attribute
 
     @property
     def n_bad(self) -> int:
@@ -113,8 +116,8 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
     use_stat = verify == "stat" and index_path is not None
     known = read_scan_index(index_path) if use_stat else {}
     stable_before_ns = time.time_ns() - int(RACY_SECONDS * 1e9)
-    splits = {s: data.split(s) for s in fc.SPLITS}
-    todo = [rel for s in fc.SPLITS for rel in splits[s].paths]
+    splits = {s: data.split(s) for s in data.splits}
+    todo = [rel for s in data.splits for rel in splits[s].paths]
 
     def check(rel: str):
         return _check_file(data.root, rel, known.get(rel), use_stat, stable_before_ns)
@@ -132,7 +135,7 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
 
     by_path = dict(zip(todo, results))
     bad, manifests, kept = [], {}, {}
-    for split in fc.SPLITS:
+    for split in data.splits:
         paths, labels, hashes = [], [], []
         for rel, label in zip(splits[split].paths, splits[split].labels):
             entry = by_path[rel][0]
@@ -146,7 +149,7 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
         kept[split] = Split(tuple(paths), tuple(labels))
     if use_stat and dd.is_main():
         _update_index(index_path, known, by_path)
-    valid = ImageFolderData(data.root, data.classes, kept["train"], kept["val"], data.metadata_files)
+    valid = dataclasses.replace(data, train=kept["train"], val=kept["val"], test=kept.get("test"))
     return ScanResult(valid, manifests, bad, data.metadata_files, len(todo),
                       sum(1 for r in results if r[1]))
 
@@ -184,9 +187,56 @@ def check_bad_files(scan: ScanResult, max_bad_fraction: float, report: Path) -> 
             f"({100 * scan.n_bad / scan.n_files:.1f}%) are unreadable, more than data.max_bad_fraction="
             f"{max_bad_fraction:g}; nothing was extracted. Each file and its reason: {report}. "
             "Fix or remove them, or raise data.max_bad_fraction")
-    for split in fc.SPLITS:
+    rule = scan.split_rule  # a split carved off train by content may lack a class (split_by_content warned)
+    for split in [s for s in scan.data.splits if s == "train" or rule.get(s) == "folder"]:
         present = set(scan.data.split(split).labels)
         for label, cls in enumerate(scan.data.classes):
             if label not in present:
                 raise PipelineError(f"class '{cls}' has no readable images in '{scan.data.root / split / cls}' "
                                     f"(all skipped, see {report})")
+
+
+# ----------------------------------------------------------------------------- splits and leaks
+def _subset(m: fc.SplitManifest, rows: list[int]) -> fc.SplitManifest:
+    return fc.SplitManifest(tuple(m.paths[i] for i in rows), tuple(m.labels[i] for i in rows),
+                            tuple(m.sha256[i] for i in rows))
+
+
+def split_scan(scan: ScanResult, val_fraction: Optional[float], test_fraction: float = 0.0,
+               seed: int = 0) -> ScanResult:
+    """The scan with its split rule; with val_fraction, val (and test) carved off train by content hash.
+
+    Uses the hashes the scan already has (no second read). Row order within each split is train/'s
+    order, so the cache's rows depend only on the images and the rule.
+    """
+    data = scan.data
+    test = "folder" if data.test is not None else "none"
+    check_split_settings(data.root, val_fraction, test_fraction, data.test is not None)
+    if val_fraction is None:
+        return dataclasses.replace(scan, split_rule={"val": "folder", "val_dir": data.val_dir, "test": test})
+    train = scan.manifests["train"]
+    plan = split_by_content(train.sha256, train.labels, data.classes, val_fraction, test_fraction, seed)
+    if not plan.indices("val"):
+        raise SplitError(f"data.val_fraction = {val_fraction:g} left no image of the {len(train)} in train/ for val: "
+                         "raise data.val_fraction or add images")
+    for warning in plan.warnings:
+        print(f"extract: warning: {warning}")
+    manifests = {s: _subset(train, plan.indices(s)) for s in ("train", "val")}
+    if test_fraction:
+        manifests["test"], test = _subset(train, plan.indices("test")), "content"
+    elif data.test is not None:
+        manifests["test"] = scan.manifests["test"]
+    kept = {s: Split(m.paths, m.labels) for s, m in manifests.items()}
+    rule = {"val": "content", "val_fraction": val_fraction, "test": test, "test_fraction": test_fraction,
+            "seed": seed}
+    data = dataclasses.replace(data, train=kept["train"], val=kept["val"], test=kept.get("test"))
+    return dataclasses.replace(scan, data=data, manifests=manifests, split_rule=rule)
+
+
+def report_leaks(manifests: dict[str, fc.SplitManifest], quiet: bool = False) -> int:
+    """Images whose content is in more than one split (from the scan's hashes): a warning naming a few
+    of them and the count, printed unless quiet; returns the count."""
+    leaks = find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in manifests.items()})
+    if leaks and not quiet:
+        print("extract: " + format_leaks(leaks, limit=5))
+    return len(leaks)

@@ -79,6 +79,16 @@ def check_fractions(val_fraction: float, test_fraction: float = 0.0) -> None:
                          f"< 1 (val_fraction is {val_fraction})")
 
 
+def check_split_settings(root, val_fraction: Optional[float], test_fraction: float, has_test_folder: bool) -> None:
+    """data.val_fraction / data.test_fraction against the folders data.root has; SplitError naming the fix."""
+    if val_fraction is None and test_fraction:
+        raise SplitError(f"data.test_fraction = {test_fraction:g} splits train/ and needs data.val_fraction as well "
+                         "(or a test/ folder with data.test_fraction = 0)")
+    if test_fraction and has_test_folder:
+        raise SplitError(f"data.test_fraction is set, but data.root '{root}' has a test/ folder: set "
+                         "data.test_fraction = 0 to use that folder, or move it away to split train")
+
+
 @dataclass
 class SplitPlan:
     splits: list[str]                                   # per image: train, val or test

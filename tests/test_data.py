@@ -56,7 +56,7 @@ def test_empty_class_folder_is_an_error(tmp_path):
 
 def test_missing_val_folder_explains_layout(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(PipelineError, match="has no 'val' folder .*expected"):
+    with pytest.raises(PipelineError, match=r"has no val folder \(looked for val/, valid/, validation/; .*\): set data.val_dir"):
         discover_image_folder(tmp_path)
 
 

@@ -68,12 +68,6 @@ def test_a_warm_head_on_the_image_tree_imports_no_torchvision(params_file, tiny_
     assert code == 0 and "torchvision" not in head and "sklearn" not in head
 
 
-def test_image_extensions_are_torchvisions():
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from pipeline.data import IMG_EXTENSIONS as ours
-    assert ours == IMG_EXTENSIONS
-
 
 def test_torchvision_backbones_import_neither_timm_nor_safetensors(params_file):
     """timm and safetensors are imported only for a timm/<model> name or a .safetensors weights file."""

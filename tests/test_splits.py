@@ -94,3 +94,91 @@ def test_leaks_are_contents_in_more_than_one_split_with_their_paths():
     assert text.startswith("warning: 2 image(s) appear in more than one split")
     assert "train:train/a/1.jpg = val:val/a/1.jpg" in text and "... and 1 more" in text
     assert find_leaks({"train": [("a", "d1"), ("b", "d1")], "val": []}) == [] and format_leaks([]) == ""
+
+
+# ----------------------------------------------------------------------------- wired into extraction
+def _train_only(tmp_path, n: int, seed: int = 0):
+    import shutil
+
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / f"imgs-{seed}", n_train=n, n_val=0, seed=seed)
+    shutil.rmtree(root / "val")
+    return root
+
+
+def _splits_of(manifests) -> dict:
+    return {path: split for split, m in manifests.items() for path in m.paths}
+
+
+def test_a_train_only_dataset_is_split_by_content_and_adding_images_moves_none(tiny_cfg, tmp_path):
+    import shutil
+
+    import torch
+
+    from pipeline import cache as fc
+    from pipeline.extract import ensure_cache
+
+    cpu = torch.device("cpu")
+    root = _train_only(tmp_path, 10)
+    cfg = tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.2", "data.split_seed=5")
+    plan, entry = ensure_cache(cfg, cpu)
+    before = _splits_of(plan.manifests)
+    assert set(before.values()) == {"train", "val", "test"} and len(before) == 20
+    assert all(p.startswith("train/") for p in before)  # every image stays where it is on disk
+    rule = {"val": "content", "val_fraction": 0.3, "test": "content", "test_fraction": 0.2, "seed": 5}
+    cached = fc.open_cache(entry["cache_file"])
+    assert cached.split_rule == rule and cached.splits == ("train", "val", "test")
+    assert cached.test is not None and len(cached.test.paths) == len(plan.manifests["test"])
+    # finetune's view of the same data (it hashes the files itself) is the same split
+    from pipeline.data import load_dataset
+
+    seen = load_dataset(cfg.data)
+    assert {s: seen.split(s).paths for s in seen.splits} == {s: m.paths for s, m in plan.manifests.items()}
+    # add 8 images per class: no existing image changes split, and no existing row goes through the backbone again
+    more = _train_only(tmp_path, 8, seed=1)
+    for cls in ("ants", "bees"):
+        for f in (more / "train" / cls).iterdir():
+            shutil.copy(f, root / "train" / cls / f"new_{f.name}")
+    plan2, entry2 = ensure_cache(cfg, cpu)
+    after = _splits_of(plan2.manifests)
+    assert len(after) == 36 and {p: after[p] for p in before} == before
+    assert entry2["rows_extracted"] == 16 and entry2["rows_reused"] == 20
+    # a changed fraction is a miss that says so, and reuses every row's features
+    plan3, entry3 = ensure_cache(tiny_cfg(f"data.root={root}", "data.val_fraction=0.5", "data.split_seed=5"), cpu)
+    assert entry3["miss_reason"].startswith("the split changed (test content -> none, test_fraction 0.2 -> 0.0, "
+                                            "val_fraction 0.3 -> 0.5): ")
+    assert entry3["rows_extracted"] == 0 and "test" not in plan3.manifests
+
+
+def test_split_settings_that_cannot_be_used_are_one_line(tiny_cfg, tmp_path, image_root):
+    import shutil
+
+    import torch
+
+    from pipeline import PipelineError
+    from pipeline.extract import ensure_cache
+
+    cpu = torch.device("cpu")
+    with pytest.raises(PipelineError, match="data.val_fraction is set, but data.root .* has a val folder 'val/'"):
+        ensure_cache(tiny_cfg("data.val_fraction=0.2"), cpu)
+    with pytest.raises(PipelineError, match="data.test_fraction = 0.2 splits train/ and needs data.val_fraction"):
+        ensure_cache(tiny_cfg("data.test_fraction=0.2"), cpu)
+    root = _train_only(tmp_path, 3)
+    with pytest.raises(PipelineError, match=r"has no val folder .*set data.val_dir to its name, or "
+                                            r"data.val_fraction to split train"):
+        ensure_cache(tiny_cfg(f"data.root={root}"), cpu)
+    shutil.copytree(root / "train", root / "test")
+    with pytest.raises(PipelineError, match="data.test_fraction is set, but data.root .* has a test/ folder"):
+        ensure_cache(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.1"), cpu)
+
+
+def test_a_changed_split_rule_is_named_in_the_miss_reason():
+    from pipeline.cache.freshness import _split_change
+
+    folder = {"val": "folder", "val_dir": "val", "test": "none"}
+    content = {"val": "content", "val_fraction": 0.2, "test": "none", "test_fraction": 0.0, "seed": 0}
+    assert _split_change(None, folder) is None and _split_change(folder, folder) is None  # files before the attribute
+    assert _split_change(folder, content) == ("the split changed (val folder -> content, seed = 0, "
+                                              "test_fraction = 0.0, val_fraction = 0.2)")
+    assert _split_change(content, {**content, "seed": 3}) == "the split changed (seed 0 -> 3)"

@@ -23,11 +23,13 @@ The full key is SHA-256(config key, digest of classes + every row), stored in th
 Layout of a complete file::
 
     /<split>/features   (n_samples, feature_dim) float32|float16, chunked, fletcher32 checksums
+                        (<split>: train, val and, when the data has one, test)
     /<split>/labels     (n_samples,) int64, index into the 'classes' attribute
     /<split>/paths      (n_samples,) utf-8, relative to the data root
     /<split>/sha256     (n_samples,) the image file's SHA-256, hex
     attrs: format_version, key, config_key, manifest_digest, classes, backbone, preprocess,
-           feature_dim, dtype, data_root, versions, environment, seed, created, complete (last)
+           feature_dim, dtype, data_root, versions, environment, seed, split (how the rows were split:
+           folders, or data.val_fraction's content-hash rule), created, complete (last)
 
 A file carries everything the heads, the reports and `predict` need besides its features: the
 classes, every row's label and path, the backbone spec (name, weights identity, cut) and its
@@ -52,11 +54,11 @@ can later fill one `<name>.partial/` with disjoint chunks (one lock per shard) a
 can assemble the complete file once every row is present.
 """
 from pipeline.cache.freshness import explain_new_config, miss_reason
-from pipeline.cache.key import (FEATURE_DTYPES, FORMAT_VERSION, ROW_CHUNK, SPLITS, CacheError, SplitManifest,
-                                build_manifest, cache_key, cache_path, digest, feature_config, hash_file, lock_path,
-                                manifest_digest, partial_dir, write_error)
+from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, OPTIONAL_SPLITS,
+                                ROW_CHUNK, SPLITS, CacheError, SplitManifest, build_manifest, cache_key, cache_path,
+                                digest, feature_config, hash_file, lock_path, manifest_digest, partial_dir, write_error)
 from pipeline.cache.reader import (CachedSplit, FeatureCache, FeatureSet, feature_shapes, open_cache, read_attrs,
-                                   read_cache, read_manifest, verify_cache)
+                                   read_cache, read_manifest, read_split, verify_cache)
 from pipeline.cache.stream import FeatureReader, SplitReader, open_features
 from pipeline.cache.writer import (ASSEMBLE_ROWS, CacheWriter, ChunkStore, RowSource, assemble_cache, check_features,
                                    discard, is_intact, iter_unique, previous_rows, remove_stale_files)

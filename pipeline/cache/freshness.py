@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pipeline.cache.key import FORMAT_VERSION, SPLITS, CacheError, SplitManifest
+from pipeline.cache.key import ALL_SPLITS, DEFAULT_SPLIT_RULE, FORMAT_VERSION, CacheError, SplitManifest
 from pipeline.cache.reader import read_attrs, verify_cache
 
 
 def _row_changes(old: dict[str, SplitManifest], new: dict[str, SplitManifest]) -> list[str]:
     parts = []
-    for split in SPLITS:
-        before, after = old[split].rows(), new[split].rows()
+    none = SplitManifest((), (), ())
+    for split in [s for s in ALL_SPLITS if s in old or s in new]:
+        before, after = old.get(split, none).rows(), new.get(split, none).rows()
         old_paths = {r[0] for r in before}
         new_paths = {r[0] for r in after}
         added, removed = len(new_paths - old_paths), len(old_paths - new_paths)
@@ -21,8 +22,21 @@ def _row_changes(old: dict[str, SplitManifest], new: dict[str, SplitManifest]) -
     return parts
 
 
-def miss_reason(path: Path, key: str, config_key: str, manifests: dict[str, SplitManifest]) -> Optional[str]:
-    """None when path holds an intact cache with this key; else why it cannot be used."""
+def _split_change(old: Optional[dict], new: Optional[dict]) -> Optional[str]:
+    """How the split rule changed (data.val_dir, val_fraction, test_fraction, split_seed), or None."""
+    if new is None or old == new:
+        return None
+    old = old if isinstance(old, dict) else DEFAULT_SPLIT_RULE
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    changed += [f"{k} = {new[k]}" for k in sorted(set(new) - set(old))]  # the new rule's own settings
+    return "the split changed (" + ", ".join(changed) + ")" if changed else None
+
+
+def miss_reason(path: Path, key: str, config_key: str, manifests: dict[str, SplitManifest],
+                split: Optional[dict] = None) -> Optional[str]:
+    """None when path holds an intact cache with this key; else why it cannot be used.
+
+    split: the current split rule (extract's data section), named in the reason when it changed."""
     path = Path(path)
     if not path.exists():
         return "no complete cache file yet"
@@ -40,6 +54,9 @@ def miss_reason(path: Path, key: str, config_key: str, manifests: dict[str, Spli
     if stored_attrs["key"] == key:
         return None
     parts = _row_changes(old, manifests)
+    rule = _split_change(stored_attrs.get("split"), split)
+    if rule:
+        return f"{rule}: " + "; ".join(parts) if parts else rule
     return "images changed (" + "; ".join(parts) + ")" if parts else "class list or image order changed"
 
 

@@ -16,7 +16,11 @@ from pipeline import PipelineError
 from pipeline.fsutil import sha256_file
 
 FORMAT_VERSION = 2
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")          # every cache file has these
+OPTIONAL_SPLITS = ("test",)        # and may have these (a test/ folder, or data.test_fraction)
+ALL_SPLITS = SPLITS + OPTIONAL_SPLITS
+# How a cache's rows were split (its "split" attribute); files written before it existed used this rule.
+DEFAULT_SPLIT_RULE = {"val": "folder", "val_dir": "val", "test": "none"}
 ROW_CHUNK = 256           # HDF5 chunk rows of a complete file's features
 FEATURE_DTYPES = ("float32", "float16")  # storage dtypes of cached features
 

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
-from pipeline.cache.key import (FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS, CacheError, SplitManifest,
-                                cache_key, damaged, manifest_digest)
+from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS,
+                                CacheError, SplitManifest, cache_key, damaged, manifest_digest)
 
 
 @dataclass
@@ -34,6 +34,11 @@ class _Splits:
     @property
     def val(self):
         return self.splits["val"]
+
+    @property
+    def test(self):
+        """The test split (scored once, after selection on val), or None when the cache has none."""
+        return self.splits.get("test")
 
     @property
     def feature_dim(self) -> int:
@@ -67,9 +72,14 @@ def _check_attrs(attrs: dict, path: Path) -> None:
         raise CacheError(f"cache '{path}' has no valid 'feature_dim' attribute")
 
 
+def present_splits(f: h5py.File) -> tuple[str, ...]:
+    """train and val (always), then the optional splits the file has (test)."""
+    return SPLITS + tuple(s for s in ALL_SPLITS[len(SPLITS):] if s in f)
+
+
 def _check_structure(f: h5py.File, path: Path, feature_dim: int) -> None:
     """Dataset names, dtypes and shapes are what this module writes, before any data is read."""
-    for split in SPLITS:
+    for split in present_splits(f):
         if split not in f or not isinstance(f[split], h5py.Group):
             raise CacheError(f"cache '{path}' has no '{split}' group")
         g = f[split]
@@ -92,7 +102,7 @@ def _check_structure(f: h5py.File, path: Path, feature_dim: int) -> None:
 def _read_manifests(f: h5py.File) -> dict[str, SplitManifest]:
     return {s: SplitManifest(tuple(p.decode() for p in f[s]["paths"][()]),
                              tuple(int(v) for v in f[s]["labels"][()]),
-                             tuple(h.decode() for h in f[s]["sha256"][()])) for s in SPLITS}
+                             tuple(h.decode() for h in f[s]["sha256"][()])) for s in present_splits(f)}
 
 
 def _verify_open(f: h5py.File, path: Path, key: Optional[str]) -> tuple[dict, dict[str, SplitManifest]]:
@@ -164,19 +174,30 @@ def read_manifest(path: str | Path) -> dict[str, SplitManifest]:
         raise damaged(path, e) from None
 
 
-def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
-    """Load a complete cache into memory after verifying structure, rows and key (and `key`, when given)."""
-    path = Path(path)
+def _read_splits(path: Path, key: Optional[str], names: Optional[tuple[str, ...]]) -> tuple[dict, dict]:
+    """(attrs, split -> CachedSplit) of the named splits (default: all), verified in the same open."""
     try:
         with _open_cache(path) as f:
             attrs, manifests = _verify_open(f, path, key)
             splits = {s: CachedSplit(f[s]["features"][()], np.asarray(manifests[s].labels, dtype=np.int64),
-                                     list(manifests[s].paths), list(manifests[s].sha256)) for s in SPLITS}
+                                     list(manifests[s].paths), list(manifests[s].sha256))
+                      for s in manifests if names is None or s in names}
     except CacheError:
         raise
     except H5_ERRORS as e:  # a fletcher32 checksum mismatch surfaces as OSError here
         raise damaged(path, e) from None
-    return FeatureCache(path, attrs, tuple(attrs["classes"]), splits)
+    return attrs, splits
+
+
+def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
+    """Load a complete cache into memory after verifying structure, rows and key (and `key`, when given)."""
+    attrs, splits = _read_splits(Path(path), key, None)
+    return FeatureCache(Path(path), attrs, tuple(attrs["classes"]), splits)
+
+
+def read_split(path: str | Path, split: str, key: Optional[str] = None) -> Optional[CachedSplit]:
+    """One split of a verified cache in memory (the others' features not read); None if the file lacks it."""
+    return _read_splits(Path(path), key, (split,))[1].get(split)
 
 
 
@@ -184,7 +205,7 @@ def feature_shapes(path: str | Path) -> dict[str, tuple[int, int]]:
     """(n_samples, feature_dim) of each split's features, from the file's metadata alone (nothing verified)."""
     try:
         with open_h5(Path(path)) as f:
-            shapes = {s: tuple(int(v) for v in f[s]["features"].shape) for s in SPLITS}
+            shapes = {s: tuple(int(v) for v in f[s]["features"].shape) for s in present_splits(f)}
     except CacheError:
         raise
     except H5_ERRORS as e:
@@ -221,6 +242,30 @@ class FeatureSet:
     attrs: dict
     classes: tuple[str, ...]
     manifests: dict[str, SplitManifest]
+    _read: dict = field(default_factory=dict, repr=False, compare=False)  # splits read on their own
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """train, val and, when the file has one, test."""
+        return tuple(self.manifests)
+
+    @property
+    def test(self) -> Optional[CachedSplit]:
+        """The test split in memory (read once, verified like load()), or None when the file has none.
+
+        Score it once, for the model chosen on val: it is the unbiased figure only while nothing is tuned on it.
+        """
+        if "test" not in self.manifests:
+            return None
+        if "test" not in self._read:
+            self._read["test"] = read_split(self.path, "test", self.key)
+        return self._read["test"]
+
+    @property
+    def split_rule(self) -> dict:
+        """How the rows were split: {"val": "folder", "val_dir": ..., "test": ...} or the content-hash rule."""
+        rule = self.attrs.get("split")
+        return rule if isinstance(rule, dict) else dict(DEFAULT_SPLIT_RULE)
 
     @property
     def key(self) -> str:

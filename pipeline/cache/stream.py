@@ -7,7 +7,7 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from pipeline.cache.key import H5_ERRORS, ROW_CHUNK, SPLITS, CacheError, SplitManifest
+from pipeline.cache.key import H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest
 from pipeline.cache.reader import _Splits, _open_cache, _verify_open
 
 
@@ -66,7 +66,7 @@ class FeatureReader(_Splits):
             self._file.close()
             raise
         self.classes = tuple(self.attrs["classes"])
-        self.splits = {s: SplitReader(self.path, s, self._file[s]["features"], manifests[s]) for s in SPLITS}
+        self.splits = {s: SplitReader(self.path, s, self._file[s]["features"], manifests[s]) for s in manifests}
 
     def close(self) -> None:
         self._file.close()

@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
-from pipeline.cache.key import (FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, SPLITS, CacheError, SplitManifest, cache_key,
-                                damaged, digest, manifest_digest, write_error)
-from pipeline.cache.reader import verify_cache
+from pipeline.cache.key import (ALL_SPLITS, FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest,
+                                cache_key, damaged, digest, manifest_digest, write_error)
+from pipeline.cache.reader import present_splits, verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 ASSEMBLE_ROWS = 4096      # rows copied per step when assembling a complete file
@@ -64,11 +64,12 @@ def is_intact(path: Path) -> bool:
     return True
 
 
-def check_features(path: Path, datasets: Iterable[str] = tuple(f"{s}/features" for s in SPLITS)) -> None:
-    """Read every feature row once so HDF5 verifies the fletcher32 checksums; CacheError on damage."""
+def check_features(path: Path, datasets: Optional[Iterable[str]] = None) -> None:
+    """Read every feature row once (of datasets; default: every split's features) so HDF5 verifies the
+    fletcher32 checksums; CacheError on damage."""
     try:
         with open_h5(path) as f:
-            for name in datasets:
+            for name in datasets or [f"{s}/features" for s in present_splits(f)]:
                 ds = f[name]
                 for start in range(0, ds.shape[0], ASSEMBLE_ROWS):
                     ds[start:start + ASSEMBLE_ROWS]
@@ -272,7 +273,7 @@ def assemble_cache(path: Path, manifests: dict[str, SplitManifest], feature_dim:
     if missing:
         raise CacheError(f"internal error: {len(missing)} rows have no computed features")
     with CacheWriter(path, feature_dim, dtype) as writer:
-        for split in SPLITS:
+        for split in [s for s in ALL_SPLITS if s in manifests]:  # train, val, then test when present
             m = manifests[split]
             writer.create_split(split, m)
             for start in range(0, len(m), ASSEMBLE_ROWS):
