@@ -40,7 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("stages", nargs="*", metavar="STAGE",
                         help="stages to run (default: run.stages from the params file); "
                              "'predict' takes the image files and folders that follow it")
-    parser.add_argument("--params", default="params.json", help="params JSON file (default: params.json)")
+    parser.add_argument("--params", default=None,
+                        help="params JSON file (default: ./params.json if there is one, else the built-in defaults, "
+                             "which the repository's params.json copies)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key; repeatable (default: none)")
     parser.add_argument("--trust", action="store_true",
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         stages, paths = check_command(args)  # answered before torch is imported, like config errors
-        cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
+        params = args.params or ("params.json" if os.path.isfile("params.json") else None)
+        cfg = load_config(params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
         stages = stages or cfg.run.stages
         device = start_processes(cfg, stages, lock)
         run_stages(cfg, device, stages, paths, args.output)
