@@ -23,8 +23,11 @@ STAGE_HELP = {
     "finetune": "train the whole network on the images (skips the cache); write reports",
     "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
-    "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
+    "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model); "
+               "a labelled folder (<class>/*.jpg) also gets top-1, mean per-class and the most confused pairs",
+    "caches": "list the feature cache files in extract.cache_dir: data root, backbone, images, size, date (on its own)",
 }
+COMMANDS = ("caches",)  # not stages: they read, and need neither torch nor a run folder
 # Under torchrun these run on every rank; the others run on rank 0 while the rest wait.
 DISTRIBUTED_STAGES = ("extract", "finetune")
 
@@ -40,7 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("stages", nargs="*", metavar="STAGE",
                         help="stages to run (default: run.stages from the params file); "
                              "'predict' takes the image files and folders that follow it")
-    parser.add_argument("--params", default="params.json", help="params JSON file (default: params.json)")
+    parser.add_argument("--params", default=None,
+                        help="params JSON file (default: ./params.json if there is one, else the built-in defaults, "
+                             "which the repository's params.json copies)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key; repeatable (default: none)")
     parser.add_argument("--trust", action="store_true",
@@ -64,9 +69,11 @@ def check_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from pipeline.config import STAGES, ConfigError
 
     stages, paths = split_stages(args.stages)
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGES + COMMANDS]
     if unknown:
-        raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
+        raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES + COMMANDS)})")
+    if any(s in COMMANDS for s in stages) and len(stages) > 1:
+        raise ConfigError("'caches' runs on its own: python run_pipeline.py caches [--set extract.cache_dir=DIR]")
     if "predict" in stages and not paths:
         raise ConfigError("predict needs image files or folders after it: "
                           "python run_pipeline.py predict IMG_OR_FOLDER [...] [--output preds.csv]")
@@ -146,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         stages, paths = check_command(args)  # answered before torch is imported, like config errors
-        cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
+        params = args.params or ("params.json" if os.path.isfile("params.json") else None)
+        cfg = load_config(params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
+        if stages == ["caches"]:
+            from pipeline.cache.catalog import format_caches, list_caches
+            print(format_caches(list_caches(cfg.extract.cache_dir), cfg.extract.cache_dir))
+            return 0
+        from pipeline.runname import resolve_run_name
+        resolve_run_name(cfg)  # run.name null: the data's own folder (and features.file: the file's data)
         stages = stages or cfg.run.stages
         device = start_processes(cfg, stages, lock)
         run_stages(cfg, device, stages, paths, args.output)

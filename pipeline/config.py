@@ -49,8 +49,9 @@ def _c(default: Any, help: str, **constraints: Any) -> Any:
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class RunConfig:
-    name: str = _c("demo", "run folder name under output_dir (at most 100 characters; '/' makes sub-folders, "
-                   "never an absolute path or '..')", nonempty=True, run_name=True)
+    name: Optional[str] = _c(None, "run folder under output_dir (<= 100 characters, '/' makes sub-folders, no absolute "
+                             "path or '..'); null derives it from the data: demo (demo:flowers), demo-digits, else "
+                             "<data folder name>-<8 hex of its real path> (features.file: the file's)", run_name=True)
     output_dir: str = _c("runs", "where run folders (metrics.json, models, plots) go", nonempty=True)
     device: str = _c("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", nonempty=True)
     seed: int = _c(0, "seed for initialisation and shuffling (0 to 2^32-1)", ge=0, le=MAX_SEED)
@@ -118,7 +119,7 @@ class ExtractConfig:
 
 @dataclass
 class FeaturesConfig:
-    file: Optional[str] = _c(None, "a cache file written by extract (e.g. cache/<backbone>-<key>.h5): head, logistic "
+    file: Optional[str] = _c(None, "a cache file written by extract (cache/<data>.<backbone>-<key>.h5): head, logistic "
                              "and report train and predict from it alone, with no image opened and data.root and "
                              "backbone.* ignored; null uses data.root's cache (extracted first when missing or "
                              "stale)", nonempty=True)
@@ -209,7 +210,8 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
+        from pipeline.runname import data_run_name  # run.name null: derived from data.root
+        return Path(self.run.output_dir) / (self.run.name or data_run_name(self.data.root))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -361,7 +363,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         value = parse_json_text(value_text, f"--set {dotted}")
     except ConfigError:
         value = value_text  # a bare word such as resnet18 or /data/ants
-    if tp is str and not isinstance(value, str):
+    if (tp is str or tp == Optional[str] and value is not None) and not isinstance(value, str):
         value = value_text  # run.name=123 means the string "123"
     return section, key, value
 

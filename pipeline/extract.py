@@ -64,7 +64,7 @@ class BuildStats:
 def has_cache_file(cfg: Config, spec: BackboneSpec) -> bool:
     """Whether a cache file for these features exists (then extraction may need no weights at all)."""
     config_key = fc.digest(feature_config(spec, cfg.extract.dtype, cfg.extract.autocast))
-    return fc.cache_path(cfg.extract.cache_dir, spec.name, config_key).is_file()
+    return fc.cache_path(cfg.extract.cache_dir, spec.name, config_key, imgdata.resolve_data_root(cfg.data.root)).is_file()
 
 
 def plan_cache(cfg: Config) -> CachePlan:
@@ -78,8 +78,8 @@ def plan_cache(cfg: Config) -> CachePlan:
     scan = scan_images(data, index, cfg.extract.verify, cfg.data.num_workers)
     scan = split_scan(scan, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     key = fc.cache_key(config_key, fc.manifest_digest(data.classes, scan.manifests))
-    return CachePlan(scan.data, spec, config_key, key, fc.cache_path(cfg.extract.cache_dir, spec.name, config_key),
-                     scan.manifests, scan)
+    return CachePlan(scan.data, spec, config_key, key,
+                     fc.cache_path(cfg.extract.cache_dir, spec.name, config_key, data.root), scan.manifests, scan)
 
 
 # ----------------------------------------------------------------------------- extraction

@@ -208,3 +208,15 @@ def file_sha256(path: str | Path) -> str:
     """sha256_file, remembered while the file's (resolved path, size, mtime_ns) is unchanged (weights files)."""
     st = os.stat(path)
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def data_name(root: str | Path) -> str:
+    """A data folder's identity as a file-name part: `<folder name>-<8 hex of the SHA-256 of its real path>`.
+
+    Two folders of the same name in different places get different names; a link to a folder gets the
+    folder's. Used for default run folder names and cache file names ('.' is replaced, so the first
+    '.' of a cache file name ends it).
+    """
+    real = os.path.realpath(os.path.expanduser(str(root)))
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in os.path.basename(real))[:60] or "data"
+    return f"{slug}-{hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"

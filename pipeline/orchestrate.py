@@ -135,6 +135,6 @@ def stage_features(cfg: Config, device) -> StageFeatures:
         if not Path(cfg.features.file).is_file():
             raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
                                 f"written by the extract stage (under extract.cache_dir, e.g. "
-                                f"{cfg.extract.cache_dir}/<backbone>-<key>.h5), or unset it to use data.root")
+                                f"{cfg.extract.cache_dir}/<data>.<backbone>-<key>.h5), or unset it to use data.root")
         return from_file(cfg.features.file, cfg.extract.views_seed)
     return from_images(cfg, device)

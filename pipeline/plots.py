@@ -66,9 +66,18 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
     ax.set_xticks(range(n), names, rotation=rotate, ha="right" if rotate else "center")
     ax.set_yticks(range(n), names)
     ax.set(xlabel="Predicted label", ylabel="True label")
-    accuracy = float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
-    ax.set_title(_wrap(f"{title}\nval accuracy {accuracy:.3f} ({len(y_true)} images)", side * 0.8, 11), fontsize=11)
+    top1, per_class = accuracies(y_true, y_pred)
+    ax.set_title(_wrap(f"{title}\nval top-1 {top1:.3f}, mean per-class {per_class:.3f} ({len(y_true)} images)",
+                       side * 0.8, 11), fontsize=11)
     return _save(fig, path)
+
+
+def accuracies(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """(top-1, mean per-class) accuracy: every figure shows both, so an imbalanced val set cannot hide a
+    class the model never gets right. y_true, y_pred: (n_samples,) class indices."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(y_true == y_pred)), float(np.mean(recalls))
 
 
 def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Path:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import PipelineError
 from pipeline.config import Config
-from pipeline.data import eval_transform, find_images, load_image
+from pipeline.data import IGNORED_NAMES, eval_transform, find_images, load_image
 from pipeline.fsutil import temp_path
 from pipeline.predictor import Predictor, load_predictor
 
@@ -25,10 +25,21 @@ class ImagePrediction:
     path: str                                   # as the user gave it (or found in a given folder)
     top: list[tuple[str, float]]                # (class, probability), most probable first; [] if failed
     error: Optional[str] = None
+    true: Optional[str] = None                  # its class folder's name, in a labelled folder
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def label(self) -> Optional[str]:
+        """The predicted class (None when the file could not be read)."""
+        return self.top[0][0] if self.top else None
+
+    @property
+    def probability(self) -> Optional[float]:
+        """The predicted class's probability (None when the file could not be read)."""
+        return self.top[0][1] if self.top else None
 
 
 def collect_images(paths: Sequence[str]) -> list[tuple[str, Optional[str]]]:
@@ -63,6 +74,52 @@ class _Images(Dataset):
             return None, f"cannot read image: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
 
 
+def folder_labels(paths: Sequence[str], found: Sequence[tuple[str, Optional[str]]],
+                  classes: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """True classes of images in labelled folders (ImageFolder layout: folder/<class>/...), and one line
+    per folder whose class folders the model does not know.
+
+    A given folder is labelled when at least one of its sub-folders is named after one of the model's
+    classes; its images under such a sub-folder get that class, the rest are left unscored.
+    """
+    known, labels, notes = set(classes), {}, []
+    for text in paths:
+        folder = Path(text)
+        try:
+            subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                          and p.name not in IGNORED_NAMES) if folder.is_dir() else []
+        except OSError:  # an unreadable folder is already a row with its error
+            continue
+        if not known & set(subs):
+            continue
+        unknown = [name for name in subs if name not in known]
+        if unknown:
+            notes.append(f"predict: '{display_path(text)}' has class folders the model does not know: "
+                         f"{', '.join(display_path(u) for u in unknown)} (its classes: {', '.join(classes)}); "
+                         "their images are classified but not scored")
+        for path, _ in found:
+            rel = Path(path).relative_to(folder) if Path(path).is_relative_to(folder) else None
+            if rel is not None and len(rel.parts) > 1 and rel.parts[0] in known:
+                labels[path] = rel.parts[0]
+    return labels, notes
+
+
+def labelled_summary(rows: Sequence[ImagePrediction], classes: Sequence[str], top: int = 5) -> Optional[str]:
+    """Top-1 and mean per-class accuracy side by side, and the most confused pairs, over the readable
+    rows that have a true class; None when there are none."""
+    from pipeline.analysis import confused_pairs, format_confused_pairs, score_labels
+
+    scored = [r for r in rows if r.ok and r.true is not None]
+    if not scored:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = [index[r.true] for r in scored]
+    y_pred = [index[r.label] for r in scored]
+    s = score_labels(y_true, y_pred)
+    return (f"predict: top-1 {s['acc']:.4f}, mean per-class {s['mean_per_class']:.4f} on {s['n']} labelled "
+            f"images\nmost confused pairs:\n{format_confused_pairs(confused_pairs(y_true, y_pred, classes, top))}")
+
+
 def _keep_errors(batch):
     return batch  # a list of (tensor | None, error | None); stacked by classify_files
 
@@ -92,16 +149,19 @@ def classify_files(predictor: Predictor, files: Sequence[str], batch_size: int, 
 
 
 def format_predictions(rows: Sequence[ImagePrediction]) -> str:
-    """A plain-text table: path, top class, its probability, the other top-k classes."""
-    table = [("path", "class", "probability", "top-k")]
+    """A plain-text table: path, (true class, when any row has one), top class, its probability, the top-k."""
+    labelled = any(r.true is not None for r in rows)
+    table = [("path",) + (("true",) if labelled else ()) + ("class", "probability", "top-k")]
     for r in rows:
+        true = ((r.true or "-",) if labelled else ())
         if r.ok:
-            table.append((display_path(r.path), r.top[0][0], f"{r.top[0][1]:.4f}",
-                          ", ".join(f"{c} {p:.3f}" for c, p in r.top)))
+            table.append((display_path(r.path),) + true + (r.top[0][0], f"{r.top[0][1]:.4f}",
+                                                          ", ".join(f"{c} {p:.3f}" for c, p in r.top)))
         else:
-            table.append((display_path(r.path), "-", "-", f"ERROR {r.error}"))
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    lines = ["  ".join([c.ljust(w) for c, w in zip(row[:3], widths)] + [row[3]]) for row in table]
+            table.append((display_path(r.path),) + true + ("-", "-", f"ERROR {r.error}"))
+    n = len(table[0]) - 1
+    widths = [max(len(row[i]) for row in table) for i in range(n)]
+    lines = ["  ".join([c.ljust(w) for c, w in zip(row[:n], widths)] + [row[n]]) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
     return "\n".join(lines)
 
@@ -130,10 +190,11 @@ def display_path(path: str) -> str:
 
 
 def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
-    """path, status, class_1, prob_1, ..., class_k, prob_k, error."""
+    """path, status, class_1, prob_1, ..., class_k, prob_k, error, true (the class folder; '' if unlabelled)."""
     path = Path(path)
     check_output(path)
-    header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+    header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + [
+        "error", "true"]
     tmp = temp_path(path)
     try:
         # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, so the CSV
@@ -144,7 +205,7 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
             for r in rows:
                 cells = [v for c, p in r.top for v in (c, f"{p:.6f}")]
                 cells += [""] * (2 * k - len(cells))
-                writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or ""])
+                writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or "", r.true or ""])
         os.replace(tmp, path)
     except OSError as e:
         raise PipelineError(f"--output '{path}': cannot write the CSV ({e.strerror}); the predictions "
@@ -154,20 +215,36 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
     return path
 
 
+def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int, k: int,
+                  num_workers: int = 0) -> tuple[list[ImagePrediction], list[str]]:
+    """Rows for the given files and folders in order (errors included, true classes from labelled
+    folders), and the lines about class folders the model does not know."""
+    found = collect_images(paths)
+    files = [p for p, error in found if error is None]
+    done = iter(classify_files(predictor, files, batch_size, k, num_workers))
+    rows = [next(done) if error is None else ImagePrediction(p, [], error) for p, error in found]
+    labels, notes = folder_labels(paths, found, predictor.classes)
+    for r in rows:
+        r.true = labels.get(r.path)
+    return rows, notes
+
+
 def run_predict(cfg: Config, device: torch.device, paths: Sequence[str], output: Optional[str] = None) -> list[ImagePrediction]:
     if not paths:
         raise PipelineError("predict needs image files or folders: python run_pipeline.py predict IMG [IMG ...]")
     if output:
         check_output(Path(output))  # before minutes of work, not after
     predictor = load_predictor(cfg.run_dir, cfg.predict.model, device, trust=cfg.run.trust_artifacts)
-    found = collect_images(paths)
-    files = [p for p, error in found if error is None]
-    done = iter(classify_files(predictor, files, cfg.predict.batch_size, cfg.predict.top_k, cfg.data.num_workers))
-    rows = [next(done) if error is None else ImagePrediction(p, [], error) for p, error in found]
+    rows, notes = predict_paths(predictor, paths, cfg.predict.batch_size, cfg.predict.top_k, cfg.data.num_workers)
     k = min(cfg.predict.top_k, len(predictor.classes))
     print(f"predict: {cfg.predict.model} model of {cfg.run_dir} ({len(predictor.classes)} classes), "
           f"{sum(r.ok for r in rows)} of {len(rows)} images classified")
     print(format_predictions(rows))
+    for line in notes:
+        print(line)
+    summary = labelled_summary(rows, predictor.classes)
+    if summary:
+        print(summary)
     if output:
         print(f"predict: wrote {write_csv(rows, k, Path(output))}")
     if not any(r.ok for r in rows):

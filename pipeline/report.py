@@ -98,10 +98,12 @@ def _grid(preds: Predictions, n: int, path: Path, title: str) -> Path:
     idx = grid_indices(preds.targets, preds.predicted, confidence, n)
     images = [_thumbnail(preds.root, preds.paths[i]) for i in idx]
     wrong = int(np.sum(preds.targets != preds.predicted))
+    s = summarise(preds)
     return plot_prediction_grid(images, [preds.classes[preds.targets[i]] for i in idx],
                                 [preds.classes[preds.predicted[i]] for i in idx],
                                 [float(confidence[i]) for i in idx], path,
-                                f"{title}: {wrong} of {len(preds.targets)} val images misclassified "
+                                f"{title}: {wrong} of {len(preds.targets)} val images misclassified, val top-1 "
+                                f"{s['val_acc_top1']:.3f}, mean per-class {s['mean_per_class_acc']:.3f} "
                                 f"(mistakes first, most confident first, in red)")
 
 
@@ -241,7 +243,8 @@ def run_report(cfg: Config, device: torch.device) -> dict:
         kinds = [k for k in kinds if k != "finetune"]  # finetune reads images, not features
     if not kinds:
         subs = sorted({p.parent.name for k in MODEL_FILES for p in cfg.run_dir.glob(f"*/{MODEL_FILES[k]}")})
-        hint = f" (its benchmark sub-folders have models: --set run.name={cfg.run.name}/{subs[0]})" if subs else ""
+        name = cfg.run.name or cfg.run_dir.name
+        hint = f" (its benchmark sub-folders have models: --set run.name={name}/{subs[0]})" if subs else ""
         raise PipelineError(f"no trained model in '{cfg.run_dir}' (looked for {', '.join(MODEL_FILES.values())}): "
                             f"run head, logistic or finetune first, or set run.name to the run folder{hint}")
     metrics = read_metrics(cfg.run_dir)

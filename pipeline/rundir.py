@@ -192,11 +192,9 @@ def remove_leftovers(run_dir: Path) -> int:
 
 
 def _same_root(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    if ":" in a.split("/")[0] or ":" in b.split("/")[0]:  # demo:digits and the like
-        return False
-    return os.path.realpath(a) == os.path.realpath(b)
+    from pipeline.runname import canonical_root
+
+    return a == b or canonical_root(a) == canonical_root(b)  # demo:flowers is also its folder's path
 
 
 def check_same_data(run_dir: Path, data_root: str) -> None:
@@ -204,6 +202,8 @@ def check_same_data(run_dir: Path, data_root: str) -> None:
 
     The data a folder's results came from is the data.root of its config.json (written with them).
     """
+    from pipeline.runname import data_run_name
+
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return
@@ -215,8 +215,8 @@ def check_same_data(run_dir: Path, data_root: str) -> None:
         slug = "demo" if str(data_root).startswith("demo:") else \
             "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(data_root)).name)[:60] or "data"
         raise RunFolderError(f"run folder '{run_dir}' holds results on data.root '{recorded}', not on "
-                             f"'{data_root}': give this data its own run folder (--set run.name={slug}), "
-                             "or remove the old folder")
+                             f"'{data_root}': give this data its own run folder (leave run.name unset to use "
+                             f"'{data_run_name(str(data_root))}', or --set run.name={slug}), or remove the old folder")
 
 
 class Publication:

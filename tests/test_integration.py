@@ -35,7 +35,7 @@ def digits_args(digits_subset, tmp_path_factory):
     args = ["--params", "params.json", "extract", "head", "logistic",
             "--set", f"data.root={digits_subset}", "--set", f"extract.cache_dir={tmp / 'cache'}",
             "--set", f"run.output_dir={tmp / 'runs'}", "--set", "data.num_workers=0",
-            "--set", "logistic.c_grid=[0.01, 0.1, 1.0]",
+            "--set", "logistic.c_grid=[0.01, 0.1, 1.0]", "--set", "run.name=demo",  # its folder, as before
             "--set", "backbone.image_size=128"]  # 8x8 scans gain nothing from 224 px; a third of the forward cost
     return tmp, args
 

@@ -186,3 +186,43 @@ def test_hand_made_model_with_missing_keys_is_one_line_even_with_trust(tmp_path)
                 "backbone": {"name": "resnet18"}}, tmp_path / "head.pt")
     with pytest.raises(PipelineError, match="lacks backbone.weights_id, backbone.preprocess: run the head stage"):
         load_artifact(tmp_path, "head", trust=True)
+
+
+def test_labelled_folder_prints_top1_mean_per_class_and_confused_pairs(trained_run, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "labelled"
+    shutil.copytree(trained_run.root / "val", folder)
+    shutil.copytree(trained_run.root / "val" / "ants", folder / "wasps")   # a class the model does not know
+    out_csv = tmp_path / "p.csv"
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [str(folder)], output=str(out_csv))
+    out = capsys.readouterr().out
+    scored = [r for r in rows if r.true is not None]
+    assert [r.true for r in scored] == ["ants"] * 3 + ["bees"] * 3
+    assert all(r.true is None and r.ok for r in rows if "/wasps/" in r.path) and len(rows) == 9
+    acc = np.mean([r.label == r.true for r in scored])
+    per_class = np.mean([np.mean([r.label == c for r in scored if r.true == c]) for c in ("ants", "bees")])
+    assert f"top-1 {acc:.4f}, mean per-class {per_class:.4f} on 6 labelled images" in out
+    assert "most confused pairs:" in out
+    assert out.count("class folders the model does not know: wasps (its classes: ants, bees)") == 1
+    with open(out_csv, newline="") as f:
+        assert [r["true"] for r in csv.DictReader(f)] == ["ants"] * 3 + ["bees"] * 3 + [""] * 3
+
+
+def test_unlabelled_files_print_no_scores(trained_run, capsys):
+    run_predict(cfg_for(trained_run, "head"), CPU, [str(trained_run.root / "val" / "ants" / "img_000.png")])
+    out = capsys.readouterr().out
+    assert "top-1" not in out and "confused" not in out and "true" not in out.splitlines()[1]
+
+
+def test_labelled_summary_by_hand():
+    from pipeline.predict import ImagePrediction, labelled_summary
+
+    pairs = [("ants", "ants"), ("ants", "bees"), ("bees", "bees"), ("bees", "bees"), ("bees", "ants")]
+    rows = [ImagePrediction(f"{i}.png", [(p, 0.9)], None, t) for i, (t, p) in enumerate(pairs)]
+    rows.append(ImagePrediction("bad.png", [], "cannot read image", "ants"))   # unreadable: not scored
+    text = labelled_summary(rows, ["ants", "bees"])
+    assert text.splitlines()[0] == "predict: top-1 0.6000, mean per-class 0.5833 on 5 labelled images"
+    lines = text.splitlines()
+    assert lines[4].split() == ["ants", "bees", "1", "50.0%"] and lines[5].split() == ["bees", "ants", "1", "33.3%"]
+    assert labelled_summary(rows[-1:], ["ants", "bees"]) is None

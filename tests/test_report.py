@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.config import ReportConfig, load_config
-from pipeline.plots import grid_indices, lr_drops
+from pipeline.plots import accuracies, grid_indices, lr_drops
 from pipeline.report import Predictions, classification_report_dict, report_paths, run_report, write_reports
 
 CPU = torch.device("cpu")
@@ -33,6 +33,12 @@ def test_grid_shows_the_most_confident_mistakes_first():
     assert {y_true[i] for i in grid_indices(y_true, y_pred, conf, n=6)[3:]} == {0, 1, 2}
     assert grid_indices(y_true, y_pred, conf, n=8)[:3] == [3, 5, 0]  # every mistake when there is room
     assert sorted(grid_indices(y_true, y_pred, conf, n=50)) == list(range(8))
+
+
+def test_figures_show_top1_and_mean_per_class_side_by_side():
+    # 3 of 4 right, but the rare class never: top-1 hides it, mean per-class does not
+    assert accuracies(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == (0.75, 0.5)
+    assert accuracies(np.array([0, 1, 2]), np.array([0, 1, 2])) == (1.0, 1.0)
 
 
 def predictions(tmp_path, y_true, y_pred, classes):

@@ -10,9 +10,12 @@
 
 What is cached, and under which name
 ------------------------------------
-One complete cache file per *feature configuration*, named by its config key::
+One complete cache file per dataset and *feature configuration*, named by both::
 
-    <cache_dir>/<backbone>-<config_key[:16]>.h5
+    <cache_dir>/<data folder name>-<8 hex of its real path>.<backbone>-<config_key[:16]>.h5
+
+(older versions wrote `<backbone>-<config_key[:16]>.h5` for any data: such a file is still read as
+features.file, and its rows are copied into the first cache of that configuration under the new name).
 
 The config key is the SHA-256 of `feature_config()`: cache format version, backbone,
 weights identity (the weights file's SHA-256 where there is a file), feature cut, every
@@ -56,7 +59,8 @@ can assemble the complete file once every row is present.
 from pipeline.cache.freshness import explain_new_config, miss_reason
 from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, OPTIONAL_SPLITS,
                                 ROW_CHUNK, SPLITS, CacheError, SplitManifest, build_manifest, cache_key, cache_path,
-                                digest, feature_config, hash_file, lock_path, manifest_digest, partial_dir, write_error)
+                                digest, feature_config, hash_file, legacy_cache_path, lock_path, manifest_digest,
+                                partial_dir, write_error)
 from pipeline.cache.reader import (CachedSplit, FeatureCache, FeatureSet, feature_shapes, open_cache, read_attrs,
                                    read_cache, read_manifest, read_split, verify_cache)
 from pipeline.cache.stream import FeatureReader, SplitReader, open_features

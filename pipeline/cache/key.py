@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import PipelineError
-from pipeline.fsutil import sha256_file
+from pipeline.fsutil import data_name, sha256_file
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")          # every cache file has these
@@ -76,9 +76,26 @@ def cache_key(config_key: str, manifest: str) -> str:
     return hashlib.sha256(f"{config_key}:{manifest}".encode()).hexdigest()
 
 
-def cache_path(cache_dir: str | Path, backbone: str, config_key: str) -> Path:
-    """One file per feature configuration; the image list is checked inside it."""
-    return Path(cache_dir) / f"{backbone.replace('/', '-')}-{config_key[:16]}.h5"  # timm/<model>: no sub-folder
+def cache_path(cache_dir: str | Path, backbone: str, config_key: str, data_root: str | Path | None = None) -> Path:
+    """One file per dataset and feature configuration: `<data name>.<backbone>-<config_key[:16]>.h5`.
+
+    The data name (fsutil.data_name: the data folder's name + 8 hex of its real path) lets several
+    datasets' caches coexist, so switching A -> B -> A extracts nothing the third time. The image
+    list itself is checked inside the file. Without data_root: the name before datasets had their
+    own files, `<backbone>-<config_key[:16]>.h5` (still read: see legacy_cache_path).
+    """
+    name = f"{backbone.replace('/', '-')}-{config_key[:16]}.h5"  # timm/<model>: no sub-folder
+    return Path(cache_dir) / (name if data_root is None else f"{data_name(data_root)}.{name}")
+
+
+def legacy_cache_path(path: Path) -> Path:
+    """The name an older version gave the cache at path (one file per feature configuration, any data).
+
+    Such a file is never written any more; its rows are reused (copied, not recomputed) by the first
+    extraction under the new name, and it stays readable as features.file.
+    """
+    path = Path(path)
+    return path.with_name(path.name.split(".", 1)[1]) if path.name.count(".") >= 2 else path
 
 
 def partial_dir(path: Path) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
 from pipeline.cache.key import (ALL_SPLITS, FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest,
-                                cache_key, damaged, digest, manifest_digest, write_error)
+                                cache_key, damaged, digest, legacy_cache_path, manifest_digest, write_error)
 from pipeline.cache.reader import present_splits, verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
@@ -33,9 +33,11 @@ class RowSource:
 
 
 def previous_rows(path: Path, config_key: str) -> tuple[dict[str, RowSource], Optional[int]]:
-    """sha256 -> row of an intact complete cache at path with this config key (the previous run's rows)."""
+    """sha256 -> row of an intact complete cache at path with this config key (the previous run's rows);
+    with no file at path, of the file an older version named for this configuration (legacy_cache_path)."""
     if not path.is_file():
-        return {}, None
+        legacy = legacy_cache_path(path)
+        return previous_rows(legacy, config_key) if legacy != path and legacy.is_file() else ({}, None)
     try:
         attrs, manifests = verify_cache(path)
     except CacheError:
