@@ -83,59 +83,70 @@ def check_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def start_processes(cfg, stages: list[str], lock: contextlib.ExitStack):
-    """The device and (under torchrun) the process group; rank 0 alone logs and takes the run folder's
-    lock (held in `lock` until main closes it). config.json is written by each stage's publish."""
+    """(device, distributed.DistContext): the device and (under torchrun) the process group, made once here;
+    rank 0 alone logs and takes the run folder's lock (held in `lock` until main closes it)."""
     import torch  # noqa: F401 - the stages need it; loaded here, once the command and config are checked
 
-    from pipeline import distributed as dd
+    from pipeline import distributed
     from pipeline.runtime import resolve_device
 
-    launch = dd.launch_from_env()
-    device = dd.rank_device(resolve_device(cfg.run.device), launch)
-    dd.init_distributed(device, cfg.run.dist_timeout_min)
-    if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
+    launch = distributed.launch_from_env()
+    device = distributed.rank_device(resolve_device(cfg.run.device), launch)
+    dist = distributed.init_distributed(device, cfg.run.dist_timeout_min)
+    if not dist.is_main:  # one log: the other ranks keep stderr (errors, warnings) only
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    if dd.is_main() and (any(s not in ("report", "predict") for s in stages)
+    if dist.is_main and (any(s not in ("report", "predict") for s in stages)
                          or ("report" in stages and cfg.run_dir.is_dir())):
-        from pipeline.config import TRAIN_STAGES
-        from pipeline.rundir import check_same_data, run_lock
-
-        # One process at a time runs stages in a run folder; each stage publishes its model, checksum,
-        # metrics entry, config.json and reports as one unit (pipeline/rundir.py).
-        lock.enter_context(run_lock(cfg.run_dir))
-        if any(s in TRAIN_STAGES for s in stages):
-            check_same_data(cfg.run_dir, cfg.data.root)
-    if dd.is_distributed():
-        print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
+        lock_run_folder(cfg, stages, lock)
+    if dist.is_distributed:
+        print(f"torchrun: {dist.world_size} processes, rank 0 on {distributed.host()} ({device}); distributed "
               f"stages: {', '.join(DISTRIBUTED_STAGES)}; the others run on rank 0")
         if launch.local_rank == 0:  # a demo dataset is written once per node (or once on a shared disk)
             from pipeline.data import resolve_data_root
             resolve_data_root(cfg.data.root)
-        dd.barrier()
-    return device
+        dist.barrier()
+    return device, dist
 
 
-def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | None) -> None:
-    """Each stage in turn (under torchrun: the distributed ones on every rank, the others on rank 0),
-    then the results table."""
-    from pipeline import distributed as dd
+def lock_run_folder(cfg, stages: list[str], lock: contextlib.ExitStack) -> None:
+    """One process at a time runs stages in a run folder; each stage publishes its model, checksum,
+    metrics entry, config.json and reports as one unit (pipeline/rundir.py)."""
     from pipeline.config import TRAIN_STAGES
-    from pipeline.metrics import format_results, read_metrics
+    from pipeline.rundir import check_same_data, run_lock
+
+    lock.enter_context(run_lock(cfg.run_dir))
+    if any(s in TRAIN_STAGES for s in stages):
+        check_same_data(cfg.run_dir, cfg.data.root)
+
+
+def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | None, dist=None) -> None:
+    """Each stage in turn (under torchrun: the distributed ones on every rank, the others on rank 0),
+    then the results table. dist: the distributed.DistContext of start_processes (None: a single process)."""
+    from pipeline.distributed import SINGLE
     from pipeline.runtime import apply_stage_threads, seed_everything
 
+    dist = dist or SINGLE
     t0 = time.perf_counter()
     for stage in stages:
         seed_everything(cfg.run.seed)
         apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
-        if stage in DISTRIBUTED_STAGES or not dd.is_distributed():
-            _run_stage(stage, cfg, device, paths, output)
+        if stage in DISTRIBUTED_STAGES:
+            _run_stage(stage, cfg, device, paths, output, dist)
             continue
-        if dd.is_main():
-            with dd.solo():
-                _run_stage(stage, cfg, device, paths, output)
-        dd.barrier()
-    if dd.is_main() and any(s in TRAIN_STAGES for s in stages):
-        print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
+        if dist.is_main:  # under torchrun the others wait
+            _run_stage(stage, cfg, device, paths, output)
+        dist.barrier()
+    if dist.is_main:
+        print_results(cfg, stages, time.perf_counter() - t0)
+
+
+def print_results(cfg, stages: list[str], seconds: float) -> None:
+    """The results table of metrics.json, after any training stage."""
+    from pipeline.config import TRAIN_STAGES
+    from pipeline.metrics import format_results, read_metrics
+
+    if any(s in TRAIN_STAGES for s in stages):
+        print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {seconds:.1f} s):")
         print(format_results(read_metrics(cfg.run_dir)))
 
 
@@ -162,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.runname import resolve_run_name
         resolve_run_name(cfg)  # run.name null: the data's own folder (and features.file: the file's data)
         stages = stages or cfg.run.stages
-        device = start_processes(cfg, stages, lock)
-        run_stages(cfg, device, stages, paths, args.output)
+        device, dist = start_processes(cfg, stages, lock)
+        run_stages(cfg, device, stages, paths, args.output, dist)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,18 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lock.close()
         if "torch" in sys.modules:
-            from pipeline import distributed as dd
-            dd.shutdown()
+            from pipeline.distributed import shutdown
+            shutdown()
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
     return 0
 
 
-def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None) -> None:
+def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None, dist=None) -> None:
+    """dist: only the distributed stages take one (the others run as a single process)."""
     if stage == "predict":
         from pipeline.predict import run_predict
         run_predict(cfg, device, paths, output)
+    elif dist is not None:
+        _runner(stage)(cfg, device, dist)
     else:
         _runner(stage)(cfg, device)
 

@@ -30,7 +30,7 @@ from _common import REPO, peak_rss_mb, table
 from pipeline.backbones import build_feature_extractor, resolve_backbone
 from pipeline.config import load_config
 from pipeline.data import ImageListDataset, eval_transform, load_image_folder
-from pipeline.extract import ensure_cache
+from pipeline.extract import ExtractJob, ensure_cache
 
 
 @torch.inference_mode()
@@ -49,7 +49,7 @@ def bare_forward_seconds(cfg, images: torch.Tensor, fold: bool) -> float:
 def pipeline_seconds(cfg_args, work: Path, run: int) -> float:
     cfg = load_config(cfg_args[0], cfg_args[1] + [f"extract.cache_dir={work / f'cache{run}'}"])
     t0 = time.perf_counter()
-    _, entry = ensure_cache(cfg, torch.device("cpu"))
+    _, entry = ensure_cache(ExtractJob.of(cfg), torch.device("cpu"))
     seconds = time.perf_counter() - t0
     assert not entry["cache_hit"]
     return seconds
@@ -75,8 +75,8 @@ def subset_folder(data, n: int, target: Path) -> Path:
 
 def child_peak_rss(params: str, sets: list[str], root: Path, cache: Path) -> float:
     code = ("import sys, resource, torch; sys.path.insert(0, %r); from pipeline.config import load_config; "
-            "from pipeline.extract import ensure_cache; "
-            "cfg = load_config(%r, %r); ensure_cache(cfg, torch.device('cpu')); "
+            "from pipeline.extract import ExtractJob, ensure_cache; "
+            "cfg = load_config(%r, %r); ensure_cache(ExtractJob.of(cfg), torch.device('cpu')); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (
         str(REPO), params, sets + [f"data.root={root}", f"extract.cache_dir={cache}"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -364,6 +364,15 @@ def dense_classifier(name: str, net: nn.Module, num_classes: int) -> nn.Sequenti
     return head
 
 
-def build_classifier(cfg: BackboneConfig, spec: BackboneSpec, num_classes: int) -> nn.Module:
-    """The pretrained network with new classifier layer(s) for num_classes, all trainable."""
-    return replace_classifier(cfg.name, build_network(cfg, spec), num_classes)
+def build_classifier(cfg: BackboneConfig, spec: BackboneSpec, num_classes: int,
+                     seed: Optional[int] = None) -> nn.Module:
+    """The pretrained network with new classifier layer(s) for num_classes, all trainable.
+
+    seed: the random initialisation (the new layers, and the body when backbone.weights=none) is drawn
+    from it inside torch.random.fork_rng, as in build_network; None draws from the global generator.
+    """
+    if seed is None:
+        return replace_classifier(cfg.name, build_network(cfg, spec), num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return replace_classifier(cfg.name, build_network(cfg, spec), num_classes)

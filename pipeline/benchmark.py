@@ -15,26 +15,26 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import PipelineError
-from pipeline import cache as fc
-from pipeline.config import Config
+from pipeline import cache
+from pipeline.benchmark_report import (BENCHMARK_MD, markdown_report, markdown_table, memory_note,  # noqa: F401
+                                      plural, write_outputs)
+from pipeline.config import Config, HeadConfig
 from pipeline.fsutil import exit_with_parent
-from pipeline.metrics import update_metrics, write_json
+from pipeline.metrics import update_metrics
+from pipeline.records import StageResult
 from pipeline.runtime import apply_stage_threads, environment_info, seed_everything
 
-BENCHMARK_JSON, BENCHMARK_MD, BENCHMARK_PNG = "benchmark.json", "benchmark.md", "benchmark.png"
+if TYPE_CHECKING:  # the stage modules are imported lazily, by the step that runs them
+    from pipeline.extract import CachePlan, ExtractJob
+
 MIB = 2 ** 20
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -81,19 +81,19 @@ def children_peak_rss_mib() -> Optional[float]:
 
 # ----------------------------------------------------------------------------- steps
 @torch.inference_mode()
-def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) -> tuple[float, int]:
+def sample_throughput(job: ExtractJob, plan: CachePlan, device: torch.device, n_images: int) -> tuple[float, int]:
     """Images/s of the frozen backbone (decoding included, as in extraction) on a seeded sample."""
-    from pipeline.frozen import build_frozen, frozen_features
     from pipeline.data import ImageListDataset, Split, eval_transform
+    from pipeline.frozen import build_frozen, frozen_features
 
     data = plan.data
     split = Split(data.train.paths + data.val.paths, data.train.labels + data.val.labels)
-    order = np.random.default_rng(cfg.run.seed).permutation(len(split))[:n_images]
+    order = np.random.default_rng(job.seed).permutation(len(split))[:n_images]
     dataset = Subset(ImageListDataset(data.root, split, eval_transform(plan.spec.preprocess)), order.tolist())
-    loader = DataLoader(dataset, batch_size=cfg.extract.batch_size, num_workers=cfg.data.num_workers)
-    extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)
+    loader = DataLoader(dataset, batch_size=job.extract.batch_size, num_workers=job.data.num_workers)
+    extractor = build_frozen(job.backbone, plan.spec, job.seed, device)
     t0 = time.perf_counter()
-    for _ in frozen_features(extractor, (images for images, _ in loader), device, cfg.extract.autocast):
+    for _ in frozen_features(extractor, (images for images, _ in loader), device, job.extract.autocast):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -101,24 +101,34 @@ def sample_throughput(cfg: Config, plan, device: torch.device, n_images: int) ->
 
 
 def extract_step(cfg: Config, device: torch.device) -> dict:
-    """Build or reuse the cache; on reuse, estimate what extraction costs from a timed sample."""
+    """The benchmark's extract step (run like a stage's run_<stage>): see `measure_extraction`."""
+    from pipeline.extract import ExtractJob
+
+    return measure_extraction(ExtractJob.of(cfg), cfg.benchmark.timing_images, device)
+
+
+def measure_extraction(job: ExtractJob, timing_images: int, device: torch.device) -> dict:
+    """Build or reuse the cache; on reuse, estimate what extraction costs from a timed sample.
+
+    timing_images: benchmark.timing_images.
+    """
     from pipeline.extract import ensure_cache
 
-    plan, entry = ensure_cache(cfg, device)
+    plan, entry = ensure_cache(job, device)
     n_train, n_val = len(plan.data.train), len(plan.data.val)
     out = {"cache_hit": entry["cache_hit"], "cache_file": entry["cache_file"], "images": entry["images"],
            "n_train": n_train, "n_val": n_val, "classes": list(plan.data.classes),
            "feature_dim": None, "image_size": plan.spec.preprocess.crop_size}
     if entry["cache_hit"]:
-        ips, sampled = sample_throughput(cfg, plan, device, cfg.benchmark.timing_images)
+        ips, sampled = sample_throughput(job, plan, device, timing_images)
         out.update(extract_seconds=entry["seconds"] + entry["images"] / ips, images_per_second=ips,
                    source=f"estimated: the cache was reused, so extraction = hashing ({entry['seconds']:.1f} s) "
                           f"+ {entry['images']} images at the backbone's images/s timed now on {sampled} images")
     else:
         out.update(extract_seconds=entry["seconds"], images_per_second=entry["images_per_second"],
                    source="measured: the cache was built in this benchmark")
-        update_metrics(cfg.run_dir, "extract", entry)
-    out["feature_dim"] = (fc.read_attrs(plan.path) or {}).get("feature_dim")
+        update_metrics(job.run_dir, "extract", entry)
+    out["feature_dim"] = (cache.read_attrs(plan.path) or {}).get("feature_dim")
     return out
 
 
@@ -173,143 +183,101 @@ def split_entry(entry: str) -> tuple[str, Optional[str]]:
 def backbone_config(cfg: Config, backbone: str) -> Config:
     """cfg for one backbone of the benchmark: its own run folder, the benchmark's finetune epochs."""
     bench = cfg.benchmark
-    ft = dataclasses.replace(cfg.finetune, epochs=bench.finetune_epochs or cfg.finetune.epochs)
+    finetune = dataclasses.replace(cfg.finetune, epochs=bench.finetune_epochs or cfg.finetune.epochs)
     name, weights = split_entry(backbone)
-    bb = dataclasses.replace(cfg.backbone, name=name, weights=weights or cfg.backbone.weights)
-    return dataclasses.replace(cfg, backbone=bb,
-                               run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}/{backbone.replace('/', '-')}"), finetune=ft)
+    network = dataclasses.replace(cfg.backbone, name=name, weights=weights or cfg.backbone.weights)
+    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}/{backbone.replace('/', '-')}")
+    return dataclasses.replace(cfg, backbone=network, run=run, finetune=finetune)
 
 
 def benchmark_backbone(cfg: Config, backbone: str, device: torch.device) -> dict:
     """Measure every configured method for one backbone; the rows and break-even of the table."""
-    bcfg = backbone_config(cfg, backbone)
+    per_backbone = backbone_config(cfg, backbone)
     methods = cfg.benchmark.methods
     steps: dict[str, dict] = {}
     if "head" in methods or "logistic" in methods:
-        steps["extract"] = measure("extract", bcfg, device)
+        steps["extract"] = measure("extract", per_backbone, device)
     for method in methods:
-        steps[method] = measure(method, bcfg, device)
-    rows = []
-    ex = steps.get("extract")
-    if ex:
-        rows.append({"method": f"extract (cache {'hit' if ex['cache_hit'] else 'miss'})",
-                     "extract_seconds": ex["extract_seconds"], "total_seconds": ex["extract_seconds"],
-                     "images_per_second": ex["images_per_second"], "peak_rss_mib": ex["peak_rss_mib"],
-                     "peak_gpu_mib": ex["peak_gpu_mib"]})
-    break_even = None
-    if "head" in steps:
-        h = steps["head"]
-        pass_seconds = (ex["n_train"] + ex["n_val"]) / ex["images_per_second"]
-        loop = loop_seconds_per_run(bcfg.head.epochs, pass_seconds, h["train_seconds"])
-        break_even = {"extract_seconds": ex["extract_seconds"], "head_seconds_per_run": h["train_seconds"],
-                      "head_epochs": bcfg.head.epochs, "backbone_pass_seconds": pass_seconds,
-                      "loop_seconds_per_run": loop, "extraction_in_loop_epochs": ex["extract_seconds"] / pass_seconds,
-                      "break_even_runs": break_even_runs(ex["extract_seconds"], h["train_seconds"], loop),
-                      "throughput_source": ("the extraction's images/s" if not ex["cache_hit"]
-                                            else "backbone images/s timed on a sample (cache reused)")}
-        rows.append({"method": f"head ({bcfg.head.type}, {plural(bcfg.head.epochs, 'epoch')})", "val_acc": h["val_acc"],
-                     "mean_per_class_acc": h["mean_per_class_acc"], "extract_seconds": ex["extract_seconds"],
-                     "fit_seconds": h["train_seconds"], "total_seconds": ex["extract_seconds"] + h["seconds"],
-                     "peak_rss_mib": h["peak_rss_mib"], "peak_gpu_mib": h["peak_gpu_mib"],
-                     "break_even_runs": break_even["break_even_runs"]})
-    if "logistic" in steps:
-        lg = steps["logistic"]
-        rows.append({"method": f"logistic (C={lg['C']:g})", "val_acc": lg["val_acc"],
-                     "mean_per_class_acc": lg["mean_per_class_acc"], "extract_seconds": ex["extract_seconds"],
-                     "fit_seconds": lg["fit_seconds"], "total_seconds": ex["extract_seconds"] + lg["seconds"],
-                     "peak_rss_mib": lg["peak_rss_mib"], "peak_gpu_mib": lg["peak_gpu_mib"]})
-    if "finetune" in steps:
-        ft = steps["finetune"]
-        epochs = ft["epochs"]
-        note = "" if epochs == cfg.finetune.epochs else f" of finetune.epochs={cfg.finetune.epochs}"
-        rows.append({"method": f"finetune ({plural(epochs, 'epoch')}{note})", "val_acc": ft["val_acc"],
-                     "mean_per_class_acc": ft["mean_per_class_acc"],
-                     "finetune_seconds_per_epoch": ft["seconds_per_epoch"], "finetune_seconds": ft["train_seconds"],
-                     "total_seconds": ft["seconds"], "images_per_second": ft["train_images_per_second"],
-                     "peak_rss_mib": ft["peak_rss_mib"], "peak_gpu_mib": ft["peak_gpu_mib"]})
+        steps[method] = measure(method, per_backbone, device)
+    rows, break_even = method_rows(steps, per_backbone.head, cfg.finetune.epochs, f"benchmark of {backbone}")
     for row in rows:
         row["backbone"] = backbone
-    return {"backbone": backbone, "run_dir": str(bcfg.run_dir), "rows": rows, "break_even": break_even,
+    return {"backbone": backbone, "run_dir": str(per_backbone.run_dir), "rows": rows, "break_even": break_even,
             "steps": steps}
 
 
-# ----------------------------------------------------------------------------- output
-COLUMNS = (("backbone", "backbone"), ("method", "method"), ("val_acc", "val top-1"),
-           ("mean_per_class_acc", "mean per-class"), ("extract_seconds", "extract s"), ("fit_seconds", "fit s"),
-           ("finetune_seconds_per_epoch", "finetune s/epoch"), ("finetune_seconds", "finetune s"),
-           ("total_seconds", "total s"), ("images_per_second", "images/s"), ("peak_rss_mib", "peak RSS MiB"),
-           ("peak_gpu_mib", "peak GPU MiB"), ("break_even_runs", "break-even runs"))
+def method_rows(steps: dict[str, dict], head: HeadConfig, finetune_epochs: int,
+                source: str) -> tuple[list[dict], Optional[dict]]:
+    """The table's rows for one backbone's steps, and its break-even; the training stages' entries are read
+    as records.StageResult (a key missing from an entry fails naming the step and its record version).
+
+    head: the head section the head step ran with; finetune_epochs: finetune.epochs as configured.
+    """
+    rows, break_even = [], None
+    extraction = steps.get("extract")
+    if extraction:
+        rows.append({"method": f"extract (cache {'hit' if extraction['cache_hit'] else 'miss'})",
+                     "extract_seconds": extraction["extract_seconds"], "total_seconds": extraction["extract_seconds"],
+                     "images_per_second": extraction["images_per_second"],
+                     "peak_rss_mib": extraction["peak_rss_mib"], "peak_gpu_mib": extraction["peak_gpu_mib"]})
+    results = {m: StageResult.from_dict(m, steps[m], source) for m in ("head", "logistic", "finetune") if m in steps}
+    if "head" in results:
+        break_even = _break_even(extraction, results["head"], head.epochs)
+        rows.append(_head_row(extraction, results["head"], head, break_even))
+    if "logistic" in results:
+        rows.append(_logistic_row(extraction, results["logistic"]))
+    if "finetune" in results:
+        rows.append(_finetune_row(results["finetune"], finetune_epochs))
+    return rows, break_even
 
 
-def _cell(key: str, v) -> str:
-    if v is None:
-        return "–"
-    if key in ("val_acc", "mean_per_class_acc"):
-        return f"{v:.4f}"
-    if isinstance(v, float):
-        return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-    return str(v)
+MEASURED = ("mean_per_class_acc", "peak_rss_mib", "peak_gpu_mib")  # added to every training step's entry
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join("---" if k in ("backbone", "method") else "--:" for k, _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+def _break_even(extraction: dict, head: StageResult, head_epochs: int) -> dict:
+    train_seconds = head.require("train_seconds")["train_seconds"]
+    pass_seconds = (extraction["n_train"] + extraction["n_val"]) / extraction["images_per_second"]
+    loop = loop_seconds_per_run(head_epochs, pass_seconds, train_seconds)
+    return {"extract_seconds": extraction["extract_seconds"], "head_seconds_per_run": train_seconds,
+            "head_epochs": head_epochs, "backbone_pass_seconds": pass_seconds, "loop_seconds_per_run": loop,
+            "extraction_in_loop_epochs": extraction["extract_seconds"] / pass_seconds,
+            "break_even_runs": break_even_runs(extraction["extract_seconds"], train_seconds, loop),
+            "throughput_source": ("the extraction's images/s" if not extraction["cache_hit"]
+                                  else "backbone images/s timed on a sample (cache reused)")}
 
 
-def break_even_text(backbone: str, be: dict) -> str:
-    runs = be["break_even_runs"]
-    verdict = (f"pays for itself after {plural(runs, 'head run')}" if runs is not None
-               else "never pays for itself (a cached run is not faster)")
-    return (f"{backbone}: the one-time extraction ({be['extract_seconds']:.1f} s, "
-            f"{be['extraction_in_loop_epochs']:.2f} epochs of the loop) {verdict}: a {be['head_epochs']}-epoch head "
-            f"run takes {be['head_seconds_per_run']:.2f} s from the cache vs {be['loop_seconds_per_run']:.1f} s in a "
-            f"feature-extractor loop that recomputes the backbone over train+val every epoch "
-            f"({be['backbone_pass_seconds']:.1f} s per pass, from {be['throughput_source']}).")
+def _head_row(extraction: dict, head: StageResult, head_cfg: HeadConfig, break_even: dict) -> dict:
+    facts = head.require("train_seconds", *MEASURED)
+    return {"method": f"head ({head_cfg.type}, {plural(head_cfg.epochs, 'epoch')})", "val_acc": head.val_acc,
+            "mean_per_class_acc": facts["mean_per_class_acc"], "extract_seconds": extraction["extract_seconds"],
+            "fit_seconds": facts["train_seconds"], "total_seconds": extraction["extract_seconds"] + head.seconds,
+            "peak_rss_mib": facts["peak_rss_mib"], "peak_gpu_mib": facts["peak_gpu_mib"],
+            "break_even_runs": break_even["break_even_runs"]}
 
 
-def markdown_report(result: dict) -> str:
-    env, data = result["environment"], result["data"]
-    lines = ["# Benchmark: cached-feature heads vs finetuning", "",
-             f"Data `{data['root']}`: {data['n_train']} train / {data['n_val']} val images, "
-             f"{len(data['classes'])} classes, {data['image_size']} px; seed {result['seed']}.  ",
-             f"torch {env['torch']}, torchvision {env['torchvision']}, device {env['device']}"
-             + (f" ({env['gpu']})" if env.get("gpu") else "")
-             + f", {env['num_threads']} threads; {result['created']}.  ",
-             f"Finetuning: {plural(result['finetune_epochs'], 'epoch')}"
-             + (f" (fewer than finetune.epochs={result['configured_finetune_epochs']}, to keep the benchmark short)"
-                if result["finetune_epochs"] != result["configured_finetune_epochs"] else "") + ".", "",
-             markdown_table(result["rows"]), ""]
-    lines += [f"- {break_even_text(b['backbone'], b['break_even'])}" for b in result["backbones"] if b["break_even"]]
-    lines += [f"- {b['backbone']}: extraction cost {b['steps']['extract']['source']}."
-              for b in result["backbones"] if "extract" in b["steps"]]
-    lines += [f"- **{e['backbone']} failed**: {e['error']}" for e in result["errors"]]
-    lines += ["", "Columns: *fit s* is the head's SGD loop or the logistic grid search (cross-validation and "
-              "refit); *total s* adds, for cached methods, the one-time extraction and the loading of the cache; "
-              "*finetune s* is the training loop with a val pass per epoch; *images/s* is the extraction's "
-              "(decoding included) or finetuning's training throughput.",
-              f"Peak RSS: {result['memory_note']} Peak GPU: torch.cuda.max_memory_allocated, on CUDA only.",
-              *([f"Each step's process held {result['baseline_rss_mib']:.0f} MiB before the step began "
-                 "(interpreter, torch and this package)."] if result.get("baseline_rss_mib") else []),
-              "Seconds exclude starting a process and importing torch."]
-    return "\n".join(lines) + "\n"
+def _logistic_row(extraction: dict, logistic: StageResult) -> dict:
+    facts = logistic.require("C", "fit_seconds", *MEASURED)
+    return {"method": f"logistic (C={facts['C']:g})", "val_acc": logistic.val_acc,
+            "mean_per_class_acc": facts["mean_per_class_acc"], "extract_seconds": extraction["extract_seconds"],
+            "fit_seconds": facts["fit_seconds"], "total_seconds": extraction["extract_seconds"] + logistic.seconds,
+            "peak_rss_mib": facts["peak_rss_mib"], "peak_gpu_mib": facts["peak_gpu_mib"]}
 
 
-def _memory_note(isolate: bool) -> str:
-    if isolate:
-        return ("ru_maxrss of the process that ran the step alone (spawned fresh, so it includes the Python, "
-                "torch and library runtime loaded by that step). DataLoader workers are separate processes and "
-                "not included; benchmark.json's peak_rss_children_mib is the largest child's ru_maxrss, which "
-                "counts the pages a forked worker shares with the step's process, so it overstates their own use.")
-    return ("ru_maxrss of the one process that ran every step in turn (benchmark.isolate=false): "
-            "a running high-water mark, so a later step's figure can be an earlier step's peak.")
+def _finetune_row(finetune: StageResult, configured_epochs: int) -> dict:
+    facts = finetune.require("epochs", "seconds_per_epoch", "train_seconds", "train_images_per_second", *MEASURED)
+    epochs = facts["epochs"]
+    note = "" if epochs == configured_epochs else f" of finetune.epochs={configured_epochs}"
+    return {"method": f"finetune ({plural(epochs, 'epoch')}{note})", "val_acc": finetune.val_acc,
+            "mean_per_class_acc": facts["mean_per_class_acc"],
+            "finetune_seconds_per_epoch": facts["seconds_per_epoch"], "finetune_seconds": facts["train_seconds"],
+            "total_seconds": finetune.seconds, "images_per_second": facts["train_images_per_second"],
+            "peak_rss_mib": facts["peak_rss_mib"], "peak_gpu_mib": facts["peak_gpu_mib"]}
 
 
-def _baseline(results: list[dict], cfg: Config) -> Optional[float]:
-    """The smallest RSS a step's process had before the step: the runtime every figure includes."""
+def _baseline(results: list[dict], isolate: bool) -> Optional[float]:
+    """The smallest RSS a step's process had before the step (benchmark.isolate): the runtime every figure includes."""
     before = [s["peak_rss_before_mib"] for r in results for s in r["steps"].values() if s.get("peak_rss_before_mib")]
-    return min(before) if before and cfg.benchmark.isolate else None
+    return min(before) if before and isolate else None
 
 
 def check_backbones(cfg: Config, backbones: list[str]) -> None:
@@ -324,14 +292,14 @@ def check_backbones(cfg: Config, backbones: list[str]) -> None:
 
     key_of = (lambda i: f"benchmark.backbones[{i}]") if cfg.benchmark.backbones else (lambda i: "backbone.name")
     for i, name in enumerate(backbones):
-        bcfg = backbone_config(cfg, name)
+        per_backbone = backbone_config(cfg, name)
         try:
             check_name(split_entry(name)[0], key_of(i))
-            spec = resolve_backbone(bcfg.backbone, cfg.run.seed)
+            spec = resolve_backbone(per_backbone.backbone, cfg.run.seed)
             if "head" in cfg.benchmark.methods:
-                check_head_type(bcfg.head.type, bcfg.backbone)
-            if "finetune" in cfg.benchmark.methods or not has_cache_file(bcfg, spec):
-                ensure_weights(bcfg.backbone)
+                check_head_type(per_backbone.head.type, per_backbone.backbone)
+            if "finetune" in cfg.benchmark.methods or not has_cache_file(per_backbone.extract, spec, per_backbone.data.root):
+                ensure_weights(per_backbone.backbone)
         except PipelineError as e:
             if not cfg.benchmark.backbones:
                 raise
@@ -365,7 +333,8 @@ def run_benchmark(cfg: Config, device: torch.device) -> dict:
                  "image_size": first_extract["image_size"] if first_extract else cfg.backbone.image_size},
         "finetune_epochs": cfg.benchmark.finetune_epochs or cfg.finetune.epochs,
         "configured_finetune_epochs": cfg.finetune.epochs, "isolate": cfg.benchmark.isolate,
-        "memory_note": _memory_note(cfg.benchmark.isolate), "baseline_rss_mib": _baseline(results, cfg),
+        "memory_note": memory_note(cfg.benchmark.isolate),
+        "baseline_rss_mib": _baseline(results, cfg.benchmark.isolate),
         "config": cfg.to_dict(),
         "rows": [row for r in results for row in r["rows"]], "backbones": results, "errors": errors}
     write_outputs(cfg.run_dir, result)
@@ -374,20 +343,3 @@ def run_benchmark(cfg: Config, device: torch.device) -> dict:
     if errors:
         raise PipelineError("benchmark: " + "; ".join(f"{e['backbone']} failed: {e['error']}" for e in errors))
     return result
-
-
-def write_outputs(run_dir: Path, result: dict) -> list[Path]:
-    from pipeline.plots import plot_benchmark
-
-    run_dir = Path(run_dir)
-    write_json(run_dir / BENCHMARK_JSON, result)
-    (run_dir / BENCHMARK_MD).write_text(markdown_report(result), encoding="utf-8")
-    written = [run_dir / BENCHMARK_JSON, run_dir / BENCHMARK_MD]
-    chart_rows = [r for r in result["rows"] if not r["method"].startswith("extract")]
-    if chart_rows:
-        env = result["environment"]
-        written.append(plot_benchmark(chart_rows, run_dir / BENCHMARK_PNG,
-                                      f"{result['data']['root']}: cached-feature heads vs finetuning",
-                                      f"torch {env['torch']} on {env['device']}, {env['num_threads']} threads; "
-                                      f"bars of cached methods include the one-time extraction"))
-    return written

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,14 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline import PipelineError
-from pipeline import distributed as dd
 from pipeline.artifacts import MODEL_FILES, load_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
-from pipeline.config import Config, FinetuneConfig
+from pipeline.config import BackboneConfig, Config, DataConfig, FinetuneConfig
 from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_dataset, train_transform
+from pipeline.distributed import SINGLE, DistContext
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
-from pipeline.records import StageResult
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
@@ -39,77 +41,110 @@ FINETUNE_FILE = MODEL_FILES["finetune"]
 # the run ends, so an interrupted run never replaces the last complete model; finetune.resume=true
 # continues from this file.
 BEST_SO_FAR_FILE = "finetune.best-so-far.pt"
+# What a finetune model file holds beyond a model: enough to continue training from it.
+RESUME_KEYS = ("epoch", "val_acc", "optimizer", "scheduler")
 
 
-def make_loaders(data: ImageFolderData, pre, cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader]:
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What stage finetune reads of the config: its own section, the images', the backbone's and the seed."""
+
+    data: DataConfig
+    backbone: BackboneConfig
+    finetune: FinetuneConfig
+    seed: int                               # initialisation of the new layers, the shuffle
+    run_dir: Path                           # head.pt (init_head=cached) and the best-so-far file
+    trust_artifacts: bool                   # run.trust_artifacts, for reading head.pt
+
+    @classmethod
+    def of(cls, cfg: Config) -> "FinetuneJob":
+        return cls(cfg.data, cfg.backbone, cfg.finetune, cfg.run.seed, cfg.run_dir, cfg.run.trust_artifacts)
+
+
+@dataclass
+class Finetuned:
+    """What the epochs leave: the plain network, its best epoch as a model-file dict and the metrics entry."""
+
+    model: nn.Module                        # not DDP-wrapped
+    data: ImageFolderData
+    spec: BackboneSpec
+    artifact: dict                          # ModelArtifact.to_dict() of the best epoch
+    history: list[dict]
+    entry: dict                             # StageResult.to_dict()
+    val_loader: DataLoader | None           # all of val in this process; None under torchrun (a slice)
+
+
+def make_loaders(data: ImageFolderData, pre, job: FinetuneJob, device: torch.device,
+                 dist: DistContext = SINGLE) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders; under torchrun this rank's share of each (see the module docstring)."""
-    ft = cfg.finetune
+    ft, workers = job.finetune, job.data.num_workers
     train_tf = train_transform(pre) if ft.augment else eval_transform(pre)
     pin = device.type == "cuda"
-    common = {"batch_size": ft.batch_size, "num_workers": cfg.data.num_workers, "pin_memory": pin,
-              "persistent_workers": cfg.data.num_workers > 0}
+    common = {"batch_size": ft.batch_size, "num_workers": workers, "pin_memory": pin,
+              "persistent_workers": workers > 0}
     train_set = ImageListDataset(data.root, data.train, train_tf)
     val_set = ImageListDataset(data.root, data.val, eval_transform(pre))
-    if dd.is_distributed():
-        sampler = DistributedSampler(train_set, num_replicas=dd.world_size(), rank=dd.rank(), shuffle=True,
-                                     seed=cfg.run.seed)
+    if dist.is_distributed:
+        sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                     seed=job.seed)
         train = DataLoader(train_set, sampler=sampler, **common)
-        val = DataLoader(Subset(val_set, val_slice(len(val_set))), shuffle=False, **common)
+        val = DataLoader(Subset(val_set, val_slice(len(val_set), dist)), shuffle=False, **common)
         return train, val
-    generator = torch.Generator().manual_seed(cfg.run.seed)
+    generator = torch.Generator().manual_seed(job.seed)
     train = DataLoader(train_set, shuffle=True, generator=generator, **common)
     val = DataLoader(val_set, shuffle=False, **common)
     return train, val
 
 
-def val_slice(n: int) -> range:
+def val_slice(n: int, dist: DistContext = SINGLE) -> range:
     """This rank's contiguous part of n val images (rank order = image order; no padding, no repeats)."""
-    bounds = [n * r // dd.world_size() for r in range(dd.world_size() + 1)]
-    return range(bounds[dd.rank()], bounds[dd.rank() + 1])
+    bounds = [n * r // dist.world_size for r in range(dist.world_size + 1)]
+    return range(bounds[dist.rank], bounds[dist.rank + 1])
 
 
-def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.device,
+                       dist: DistContext = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C), targets (N,)) for all of val, in order, on every rank."""
     logits, targets = predict(model, loader, device)
-    parts = dd.all_gather((logits, targets))
+    parts = dist.all_gather((logits, targets))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                device: torch.device, desc: str) -> dict:
+                device: torch.device, desc: str, dist: DistContext = SINGLE) -> dict:
     """One epoch; under torchrun loss and accuracy are over every rank's images."""
     out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc)
-    parts = dd.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
+    parts = dist.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
     seen = sum(p[2] for p in parts)
     return {"loss": sum(p[0] for p in parts) / max(seen, 1), "acc": sum(p[1] for p in parts) / max(seen, 1),
             "samples": seen}
 
 
-def load_cached_head(cfg: Config, spec: BackboneSpec, model: nn.Module, classes: tuple[str, ...]) -> list[str]:
+def load_cached_head(job: FinetuneJob, spec: BackboneSpec, model: nn.Module, classes: tuple[str, ...]) -> list[str]:
     """Copy head.pt's weights into model's classifier; return the module paths that now hold them."""
-    path = cfg.run_dir / MODEL_FILES["head"]
+    path, backbone = job.run_dir / MODEL_FILES["head"], job.backbone
     if not path.is_file():
         raise PipelineError(f"finetune.init_head 'cached' starts from '{path}', which does not exist: "
                             "run the head stage first (python run_pipeline.py head finetune)")
-    ckpt = load_checkpoint(path, cfg.run.trust_artifacts)
-    trained_on = ckpt["backbone_config"]
-    if (trained_on["name"], trained_on["image_size"], ckpt["backbone"]["weights_id"]) != \
-            (cfg.backbone.name, cfg.backbone.image_size, spec.weights_id):
+    head = ModelArtifact.from_dict(load_checkpoint(path, job.trust_artifacts), f"'{path}'", "head")
+    trained_on = head.backbone_config
+    if (trained_on["name"], trained_on["image_size"], head.backbone["weights_id"]) != \
+            (backbone.name, backbone.image_size, spec.weights_id):
         raise PipelineError(f"finetune.init_head 'cached': '{path}' was trained on {trained_on['name']} "
                             f"features (weights {trained_on['weights']}, image_size {trained_on['image_size']}), "
                             "not on this backbone: run the head stage again with the same backbone settings")
-    if list(ckpt["classes"]) != list(classes):
-        raise PipelineError(f"finetune.init_head 'cached': '{path}' predicts {ckpt['classes']} but the data "
+    if head.classes != list(classes):
+        raise PipelineError(f"finetune.init_head 'cached': '{path}' predicts {head.classes} but the data "
                             f"has {list(classes)}: run the head stage again on this data")
-    if ckpt.get("head_type", "linear") == "classifier":
-        model.classifier.load_state_dict(ckpt["state_dict"])
+    if head.extra.get("head_type", "linear") == "classifier":
+        model.classifier.load_state_dict(head.weights)
         return ["classifier"]
-    if trained_on.get("cut", "pool") != "pool" or cfg.backbone.name.startswith("squeezenet"):
+    if trained_on.get("cut", "pool") != "pool" or backbone.name.startswith("squeezenet"):
         raise PipelineError("finetune.init_head 'cached' needs a head that can sit in the network: a linear "
                             "head on backbone.cut=pool features (not squeezenet, whose classifier is a conv "
                             "followed by ReLU), or head.type=classifier")
-    layer_path = classifier_path(cfg.backbone.name, model)
-    model.get_submodule(layer_path).load_state_dict(ckpt["state_dict"])
+    layer_path = classifier_path(backbone.name, model)
+    model.get_submodule(layer_path).load_state_dict(head.weights)
     return [layer_path]
 
 
@@ -121,21 +156,23 @@ def head_parameter_groups(model: nn.Module, head_paths: list[str], lr: float, ba
             {"params": [p for n, p in named if not in_head(n)], "lr": lr * backbone_lr_mult, "name": "backbone"}]
 
 
-def build_finetune_model(cfg: Config, spec: BackboneSpec, classes: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
-    """The network with new classifier layer(s), optionally warm-started; and the classifier's module paths."""
-    torch.manual_seed(cfg.run.seed)
-    model = build_classifier(cfg.backbone, spec, len(classes))
-    if cfg.finetune.init_head == "cached":
-        head_paths = load_cached_head(cfg, spec, model, classes)
+def build_finetune_model(job: FinetuneJob, spec: BackboneSpec, classes: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
+    """The network with new classifier layer(s), optionally warm-started; and the classifier's module paths.
+
+    The new layers (and a random-init body) are drawn from job.seed by the build itself.
+    """
+    model = build_classifier(job.backbone, spec, len(classes), seed=job.seed)
+    if job.finetune.init_head == "cached":
+        head_paths = load_cached_head(job, spec, model, classes)
     else:
-        head_paths = [classifier_path(cfg.backbone.name, model)]
-    return model, head_paths + list(AUX_CLASSIFIERS.get(cfg.backbone.name, ()))
+        head_paths = [classifier_path(job.backbone.name, model)]
+    return model, head_paths + list(AUX_CLASSIFIERS.get(job.backbone.name, ()))
 
 
-def _banner(ft: FinetuneConfig, spec, data, device: torch.device) -> str:
+def _banner(ft: FinetuneConfig, spec, data, device: torch.device, dist: DistContext) -> str:
     """The line finetune prints before its first epoch."""
-    ranks = f" x {dd.world_size()} processes (DDP, {ft.batch_size} images per process per step)" \
-        if dd.is_distributed() else ""
+    ranks = f" x {dist.world_size} processes (DDP, {ft.batch_size} images per process per step)" \
+        if dist.is_distributed else ""
     return (f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
             f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}{ranks}"
             + (", classifier from head.pt" if ft.init_head == "cached" else "")
@@ -154,10 +191,21 @@ def save_best_so_far(artifact: dict, path) -> None:
                             "the run folder writable; finetune.pt is unchanged)") from None
 
 
-def resume_checkpoint(cfg: Config, spec: BackboneSpec, data: ImageFolderData) -> dict | None:
+def read_finetune_file(path: Path) -> ModelArtifact:
+    """A finetune model file (finetune.pt or the best-so-far file) as a record that can be trained on from.
+
+    weights_only=True: tensors and containers, never code. A file without record_version is version 0;
+    a newer version, or a file without what resuming needs, fails naming the file and its version.
+    """
+    artifact = ModelArtifact.from_dict(load_checkpoint(path, trust=True), f"'{path}'", "finetune")
+    artifact.require(*RESUME_KEYS)
+    return artifact
+
+
+def resume_checkpoint(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderData) -> ModelArtifact | None:
     """The best-so-far checkpoint to continue from (finetune.resume), after checking it fits this run."""
-    path = cfg.run_dir / BEST_SO_FAR_FILE
-    if not cfg.finetune.resume:
+    path, ft = job.run_dir / BEST_SO_FAR_FILE, job.finetune
+    if not ft.resume:
         if path.is_file():
             print(f"finetune: '{path}' holds the best epoch of an interrupted finetune; starting over "
                   "(set finetune.resume=true to continue from it)")
@@ -165,72 +213,83 @@ def resume_checkpoint(cfg: Config, spec: BackboneSpec, data: ImageFolderData) ->
     if not path.is_file():
         raise PipelineError(f"finetune.resume is true but there is no '{path}' (no interrupted finetune in this "
                             "run folder): run without finetune.resume")
-    ckpt = load_checkpoint(path, trust=True)  # weights_only=True: tensors and containers, never code
+    ckpt = read_finetune_file(path)
     settings = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "resume")}  # noqa: E731
-    if (list(ckpt.get("classes", [])) != list(data.classes) or ckpt.get("data_root") != str(data.root)
-            or ckpt.get("backbone", {}).get("weights_id") != spec.weights_id
-            or ckpt.get("backbone_config") != dataclasses.asdict(cfg.backbone)
-            or settings(ckpt.get("finetune_config", {})) != settings(dataclasses.asdict(cfg.finetune))):
+    if (ckpt.classes != list(data.classes) or ckpt.data_root != str(data.root)
+            or ckpt.backbone.get("weights_id") != spec.weights_id
+            or ckpt.backbone_config != dataclasses.asdict(job.backbone)
+            or settings(ckpt.config) != settings(dataclasses.asdict(ft))):
         raise PipelineError(f"'{path}' was saved by a finetune with other data, backbone or finetune settings: "
                             "resume with those, or set finetune.resume=false to start over")
-    if ckpt["epoch"] >= cfg.finetune.epochs:
-        raise PipelineError(f"'{path}' is already at epoch {ckpt['epoch']} of finetune.epochs="
-                            f"{cfg.finetune.epochs}: raise finetune.epochs to train on from it")
+    if ckpt.extra["epoch"] >= ft.epochs:
+        raise PipelineError(f"'{path}' is already at epoch {ckpt.extra['epoch']} of finetune.epochs="
+                            f"{ft.epochs}: raise finetune.epochs to train on from it")
     return ckpt
 
 
-def _resume_state(resumed: dict | None, optimizer, scheduler, run_dir) -> tuple[list, float, int, dict | None]:
+def _resume_state(resumed: ModelArtifact | None, optimizer, scheduler,
+                  run_dir) -> tuple[list, float, int, dict | None]:
     """(history, best_acc, best_epoch, artifact) to start the epochs from: a fresh run's, or the resumed one's."""
     if resumed is None:
         return [], -1.0, 0, None
-    optimizer.load_state_dict(resumed["optimizer"])
-    scheduler.load_state_dict(resumed["scheduler"])
-    print(f"finetune: resuming from the best epoch so far, {resumed['epoch']} (val_acc {resumed['val_acc']:.4f}), "
+    optimizer.load_state_dict(resumed.extra["optimizer"])
+    scheduler.load_state_dict(resumed.extra["scheduler"])
+    epoch, val_acc = resumed.extra["epoch"], resumed.extra["val_acc"]
+    print(f"finetune: resuming from the best epoch so far, {epoch} (val_acc {val_acc:.4f}), "
           f"in {run_dir / BEST_SO_FAR_FILE}")
-    return list(resumed["history"]), resumed["val_acc"], resumed["epoch"], resumed
+    return list(resumed.history), val_acc, epoch, resumed.to_dict()
 
 
-def _snapshot(cfg: Config, spec: BackboneSpec, data: ImageFolderData, model: nn.Module, optimizer, scheduler,
-              epoch: int, best_acc: float, history: list[dict], device: torch.device) -> dict:
+def _snapshot(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderData, model: nn.Module, optimizer, scheduler,
+              epoch: int, best_acc: float, history: list[dict], device: torch.device, dist: DistContext) -> dict:
     """A consistent snapshot of the best epoch: enough to predict, or to resume from it."""
-    return {"kind": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": best_acc,
-            "classes": list(data.classes), "backbone_config": dataclasses.asdict(cfg.backbone),
-            "backbone": spec.to_dict(), "finetune_config": dataclasses.asdict(cfg.finetune), "seed": cfg.run.seed,
-            "data_root": str(data.root), "history": history, "versions": environment_info(device),
-            "processes": dd.world_size()}
+    return ModelArtifact(
+        "finetune", list(data.classes), model.state_dict(), dataclasses.asdict(job.finetune), spec.to_dict(),
+        dataclasses.asdict(job.backbone), job.seed, str(data.root), history=history,
+        versions=environment_info(device),
+        extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+               "val_acc": best_acc, "processes": dist.world_size}).to_dict()
 
 
-def run_finetune(cfg: Config, device: torch.device) -> dict:
-    t0 = time.perf_counter()
-    ft = cfg.finetune
-    data = load_dataset(cfg.data)
-    spec = resolve_backbone(cfg.backbone, cfg.run.seed)
-    model, head_paths = build_finetune_model(cfg, spec, data.classes)
-    resumed = resume_checkpoint(cfg, spec, data)
+def _prepare(job: FinetuneJob, device: torch.device):
+    """The images, the backbone, the network on device (resumed if asked), its optimizer and where to start."""
+    ft = job.finetune
+    data = load_dataset(job.data)
+    spec = resolve_backbone(job.backbone, job.seed)
+    model, head_paths = build_finetune_model(job, spec, data.classes)
+    resumed = resume_checkpoint(job, spec, data)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        model.load_state_dict(resumed.weights)
     model = model.to(device)
-    train_loader, val_loader = make_loaders(data, spec.preprocess, cfg, device)
-    criterion = nn.CrossEntropyLoss()
     groups = head_parameter_groups(model, head_paths, ft.lr, ft.backbone_lr_mult)
     optimizer, scheduler = make_sgd(groups, ft.lr, ft.momentum, ft.weight_decay, ft.step_size, ft.gamma)
-    history, best_acc, best_epoch, artifact = _resume_state(resumed, optimizer, scheduler, cfg.run_dir)
+    return data, spec, model, optimizer, scheduler, resumed
+
+
+def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = SINGLE) -> Finetuned:
+    """The finetune stage's core: train for finetune.epochs, keeping the best epoch in the best-so-far file."""
+    t0 = time.perf_counter()
+    ft = job.finetune
+    data, spec, model, optimizer, scheduler, resumed = _prepare(job, device)
+    train_loader, val_loader = make_loaders(data, spec.preprocess, job, device, dist)
+    criterion = nn.CrossEntropyLoss()
+    history, best_acc, best_epoch, artifact = _resume_state(resumed, optimizer, scheduler, job.run_dir)
     # DDP averages gradients over ranks in backward; `model` stays the plain network for saving.
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dd.is_distributed() else model
-    print(_banner(ft, spec, data, device))
-    epoch_seconds, best_path = [], cfg.run_dir / BEST_SO_FAR_FILE
+        if dist.is_distributed else model
+    print(_banner(ft, spec, data, device, dist))
+    epoch_seconds, best_path = [], job.run_dir / BEST_SO_FAR_FILE
     for epoch in range(best_epoch + 1, ft.epochs + 1):
         te = time.perf_counter()
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
         lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
-        train = train_epoch(trained, criterion, optimizer, train_loader, device, desc=f"finetune {epoch}/{ft.epochs}")
+        train = train_epoch(trained, criterion, optimizer, train_loader, device,
+                            f"finetune {epoch}/{ft.epochs}", dist)
         check_finite_loss("finetune", train["loss"], epoch, "finetune.lr")
         scheduler.step()
-        dd.sync_buffers(model)
-        val = score(*gather_predictions(model, val_loader, device), criterion)
+        dist.sync_buffers(model)
+        val = score(*gather_predictions(model, val_loader, device, dist), criterion)
         epoch_seconds.append(time.perf_counter() - te)
         history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
                         "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
@@ -239,44 +298,49 @@ def run_finetune(cfg: Config, device: torch.device) -> dict:
               f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s)")
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
-            artifact = _snapshot(cfg, spec, data, model, optimizer, scheduler, epoch, best_acc, history, device)
-            if dd.is_main():
+            artifact = _snapshot(job, spec, data, model, optimizer, scheduler, epoch, best_acc, history, device, dist)
+            if dist.is_main:
                 save_best_so_far(artifact, best_path)
-    entry = _entry(cfg, data, best_acc, best_epoch, epoch_seconds, resumed, history, t0)
-    if dd.is_main():
-        full_val = None if dd.is_distributed() else val_loader  # rank 0 alone predicts all of val
-        with dd.solo(), Publication(cfg.run_dir, "finetune") as pub:
-            pub.adopt_model(best_path, FINETUNE_FILE)
-            write_finetune_reports(cfg, model, data, spec, pub, entry, artifact, history, device, full_val)
-            pub.commit(metrics_entry=entry, config=cfg.to_dict(), forget=(BEST_SO_FAR_FILE,))
-    dd.barrier()
-    return entry
+    entry = _entry(job, data, best_acc, best_epoch, epoch_seconds, resumed, history, t0, dist)
+    return Finetuned(model, data, spec, artifact, history, entry, None if dist.is_distributed else val_loader)
 
 
-def _entry(cfg: Config, data: ImageFolderData, best_acc: float, best_epoch: int, epoch_seconds: list[float],
-           resumed: dict | None, history: list[dict], t0: float) -> dict:
+def run_finetune(cfg: Config, device: torch.device, dist: DistContext = SINGLE) -> dict:
+    """Stage `finetune`: every rank trains (under torchrun); rank 0 alone publishes the best epoch."""
+    done = finetune_stage(FinetuneJob.of(cfg), device, dist)
+    if dist.is_main:
+        publish_finetune(cfg, done, device)
+    dist.barrier()
+    return done.entry
+
+
+def _entry(job: FinetuneJob, data: ImageFolderData, best_acc: float, best_epoch: int, epoch_seconds: list[float],
+           resumed: ModelArtifact | None, history: list[dict], t0: float, dist: DistContext) -> dict:
     """The metrics entry (full precision; rounded only where shown), printed in one line."""
-    ft, path = cfg.finetune, cfg.run_dir / FINETUNE_FILE
+    ft, path = job.finetune, job.run_dir / FINETUNE_FILE
     train_seconds = sum(epoch_seconds)
     entry = StageResult("finetune", best_acc, time.perf_counter() - t0, str(path), history, {
         "best_epoch": best_epoch, "epochs": ft.epochs, "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / len(epoch_seconds),
         "train_images_per_second": len(data.train) * len(epoch_seconds) / train_seconds,
-        "resumed_from_epoch": resumed["epoch"] if resumed is not None else None,
-        "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult, "processes": dd.world_size()}).to_dict()
+        "resumed_from_epoch": resumed.extra["epoch"] if resumed is not None else None,
+        "init_head": ft.init_head, "backbone_lr_mult": ft.backbone_lr_mult, "processes": dist.world_size}).to_dict()
     print(f"finetune: best val_acc {best_acc:.4f} at epoch {best_epoch}/{ft.epochs} -> {path}")
     return entry
 
 
-def write_finetune_reports(cfg: Config, model: nn.Module, data: ImageFolderData, spec: BackboneSpec,
-                           pub: Publication, entry: dict, artifact: dict, history: list[dict], device: torch.device,
-                           val_loader: DataLoader | None) -> None:
-    """Reload the staged best epoch, predict val, stage the reports and complete the metrics entry (rank 0)."""
-    staged = pub.staging / FINETUNE_FILE
-    model.load_state_dict(torch.load(staged, map_location="cpu", weights_only=True)["model"])  # the reports
-    # describe the model being published (its SHA-256 was checked when it was staged)
-    val_loader = val_loader or make_loaders(data, spec.preprocess, cfg, device)[1]
-    logits, targets = predict(model, val_loader, device)
-    preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(data.val.paths), data.root,
-                        list(data.classes))
-    entry.update(finish_stage(cfg, "finetune", preds, artifact, history=history, publication=pub))
+def publish_finetune(cfg: Config, done: Finetuned, device: torch.device) -> None:
+    """Rank 0, as a single process: publish the best epoch with its reports, metrics entry and config.json.
+
+    The reports describe the model being published: the staged file is reloaded (its SHA-256 was checked
+    when it was staged) and predicts all of val.
+    """
+    with Publication(cfg.run_dir, "finetune") as pub:
+        pub.adopt_model(cfg.run_dir / BEST_SO_FAR_FILE, FINETUNE_FILE)
+        done.model.load_state_dict(read_finetune_file(pub.staging / FINETUNE_FILE).weights)
+        val_loader = done.val_loader or make_loaders(done.data, done.spec.preprocess, FinetuneJob.of(cfg), device)[1]
+        logits, targets = predict(done.model, val_loader, device)
+        preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(done.data.val.paths),
+                            done.data.root, list(done.data.classes))
+        done.entry.update(finish_stage(cfg, "finetune", preds, done.artifact, history=done.history, publication=pub))
+        pub.commit(metrics_entry=done.entry, config=cfg.to_dict(), forget=(BEST_SO_FAR_FILE,))

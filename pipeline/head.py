@@ -169,7 +169,7 @@ def run_head(cfg: Config, device: torch.device) -> dict:
     backbone = BackboneConfig(**inputs.backbone_config)
     check_head_type(cfg.head.type, backbone)
     shapes = inputs.features.shapes()
-    check_views_budget(cfg, shapes)
+    check_views_budget(cfg.extract.train_views, cfg.head.max_memory_gb, shapes)
     if not needs_streaming(shapes, cfg.head.max_memory_gb):
         return _run_in_memory(cfg, device, inputs, backbone, t0)
     with inputs.stream() as reader:

@@ -99,33 +99,35 @@ def from_file(path: str, views_seed: int) -> StageFeatures:
 
 def from_images(cfg: Config, device) -> StageFeatures:
     """data.root: scan the images, extract first when the cache is missing or stale."""
-    from pipeline.extract import discard_if_damaged, ensure_cache
+    from pipeline.extract import ExtractJob, discard_if_damaged, ensure_cache
     from pipeline.metrics import update_metrics
     from pipeline.views import ensure_views
 
-    plan, entry = ensure_cache(cfg, device)
+    job = ExtractJob.of(cfg)
+    plan, entry = ensure_cache(job, device)
     if not entry["cache_hit"]:
         update_metrics(cfg.run_dir, "extract", entry)
     state = {"plan": plan}
 
     def rebuild() -> fc.FeatureSet:
-        state["plan"], again = ensure_cache(cfg, device)
+        state["plan"], again = ensure_cache(job, device)
         if not again["cache_hit"]:
             update_metrics(cfg.run_dir, "extract", again)
         return fc.open_cache(state["plan"].path, state["plan"].key)
 
     def views(n_views: int):
-        return ensure_views(cfg, state["plan"], inputs.features.feature_dim, device) if n_views else None
+        return ensure_views(job, state["plan"], inputs.features.feature_dim, device) if n_views else None
 
     try:
         features = fc.open_cache(plan.path, plan.key)
     except fc.CacheError as e:  # replaced or damaged since ensure_cache looked at it
         print(f"extract: {e}; extracting again")
-        discard_if_damaged(cfg, plan)
+        discard_if_damaged(plan, cfg.extract.lock_timeout)
         features = rebuild()
     inputs = StageFeatures(features, plan.data.root, cfg.run.seed, dataclasses.asdict(cfg.backbone),
                            str(plan.data.root), entry,
-                           discard=lambda: discard_if_damaged(cfg, state["plan"]), rebuild=rebuild, views=views)
+                           discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
+                           rebuild=rebuild, views=views)
     return inputs
 
 

@@ -60,11 +60,13 @@ class ModelArtifact:
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)   # the stage's own facts (best_epoch, C, cv, estimator, ...)
     record_version: int = RECORD_VERSION
+    source: str = field(default="model file", compare=False, repr=False)  # where it was read from (messages)
 
     def to_dict(self) -> dict:
         if self.kind not in KINDS:
             raise RecordError(f"unknown model kind '{self.kind}' (kinds: {', '.join(KINDS)})")
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weights", "config", "extra")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("weights", "config", "extra", "source")}
         out = {k: v for k, v in out.items() if v is not None}
         return {**out, WEIGHTS_KEY[self.kind]: self.weights, f"{self.kind}_config": self.config, **self.extra}
 
@@ -84,14 +86,18 @@ class ModelArtifact:
         if missing:
             raise RecordError(f"{source} (record version {version}) lacks {', '.join(missing)}: run the {kind} "
                               "stage again")
-        named = {f.name for f in fields(cls)} - {"weights", "config", "extra", "record_version"}
+        named = {f.name for f in fields(cls)} - {"weights", "config", "extra", "record_version", "source"}
         known = named | {WEIGHTS_KEY[kind], f"{kind}_config", "record_version"}
         return cls(kind=kind, classes=list(d["classes"]), weights=d[WEIGHTS_KEY[kind]],
                    config=d.get(f"{kind}_config", {}), backbone=d["backbone"], backbone_config=d["backbone_config"],
                    seed=int(d.get("seed", 0)), data_root=str(d.get("data_root", "")),
                    feature_dim=d.get("feature_dim"), cache_key=d.get("cache_key"), cache_file=d.get("cache_file"),
                    history=list(d.get("history", [])), versions=dict(d.get("versions", {})),
-                   extra={k: v for k, v in d.items() if k not in known}, record_version=version)
+                   extra={k: v for k, v in d.items() if k not in known}, record_version=version, source=source)
+
+    def require(self, *keys: str) -> None:
+        """RecordError naming the file, its version and every one of keys (stage facts in `extra`) it lacks."""
+        _require(self.extra, keys, self.source, self.record_version, self.kind)
 
 
 @dataclass
@@ -108,6 +114,7 @@ class StageResult:
     # the chosen model on the test split, scored once after selection (pipeline.selection); None: no test split
     test_acc: Optional[float] = None
     test_mean_per_class: Optional[float] = None
+    source: str = field(default="metrics.json", compare=False, repr=False)  # where it was read from (messages)
 
     def to_dict(self) -> dict:
         tested = {k: getattr(self, k) for k in TEST_FIELDS if getattr(self, k) is not None}
@@ -124,4 +131,18 @@ class StageResult:
         common = {"val_acc", "seconds", "model_file", "history", "record_version", *TEST_FIELDS}
         tested = {k: None if d.get(k) is None else float(d[k]) for k in TEST_FIELDS}
         return cls(stage, float(d["val_acc"]), float(d["seconds"]), str(d.get("model_file", "")),
-                   list(d.get("history", [])), {k: v for k, v in d.items() if k not in common}, version, **tested)
+                   list(d.get("history", [])), {k: v for k, v in d.items() if k not in common}, version,
+                   source=source, **tested)
+
+    def require(self, *keys: str) -> dict:
+        """The stage's own facts (`details`) a reader needs; RecordError naming the source, the entry's
+        version and every one of keys it lacks (a renamed key fails here, at load, not later)."""
+        _require(self.details, keys, f"{self.source} entry '{self.stage}'", self.record_version, self.stage)
+        return self.details
+
+
+def _require(found: dict, keys: tuple[str, ...], source: str, version: int, stage: str) -> None:
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise RecordError(f"{source} (record version {version}) lacks {', '.join(missing)}: run the {stage} "
+                          "stage again")

@@ -17,6 +17,7 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, ReportConfig
 from pipeline.metrics import mean_per_class_accuracy, per_class_accuracy, read_metrics, write_json
+from pipeline.records import ModelArtifact, StageResult
 from pipeline.rundir import Publication
 
 REPORT_DIR = "reports"
@@ -255,9 +256,12 @@ def run_report(cfg: Config, device: torch.device) -> dict:
             artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
             preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
                                     cfg.run.trust_artifacts, cfg.features.file)
-            entry = metrics.get(kind, {})
-            history = entry.get("history") or artifact.get("history")
-            cv = entry.get("cv") or artifact.get("cv")
+            # typed readers: a version this tool cannot read fails naming metrics.json or the model file
+            entry = StageResult.from_dict(kind, metrics[kind], f"'{cfg.run_dir / 'metrics.json'}'") \
+                if kind in metrics else None
+            model = ModelArtifact.from_dict(artifact, f"'{model_path(cfg.run_dir, kind)}'", kind)
+            history = (entry.history if entry else None) or model.history
+            cv = (entry.details.get("cv") if entry else None) or model.extra.get("cv")
             files = write_reports(pub.staging, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
             out[kind] = {**summarise(preds), "reports": [str(pub.final_path(p)) for p in files]}
             print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "

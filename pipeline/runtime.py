@@ -135,12 +135,17 @@ class GracefulInterrupt:
             self._previous = None
 
 
+def is_rank_zero() -> bool:
+    """True unless this process is a torchrun worker other than rank 0 (read from torch's process group)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 def progress(iterable=None, **kwargs):
     """A tqdm bar that refreshes often in a terminal and every 30 s in a log file; rank 0's only under torchrun."""
     from tqdm import tqdm
 
-    from pipeline.distributed import is_main
-
     interactive = sys.stderr.isatty()
-    kwargs.setdefault("disable", not is_main())
+    kwargs.setdefault("disable", not is_rank_zero())
     return tqdm(iterable, mininterval=0.2 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)

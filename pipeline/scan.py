@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline import cache as fc
-from pipeline import distributed as dd
+from pipeline.distributed import SINGLE, DistContext, unshard
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
@@ -106,7 +106,7 @@ def _check_file(root: Path, rel: str, known: Optional[ScanEntry], use_stat: bool
 
 
 def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str = "stat",
-                workers: int = 0) -> ScanResult:
+                workers: int = 0, dist: DistContext = SINGLE) -> ScanResult:
     """Hash and decode-check every image of data (threads: max(1, workers)); keep the readable ones.
 
     index_path: the stat index to read and update (None: no fast path, nothing written).
@@ -125,13 +125,13 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
     with warnings.catch_warnings():
         # Pillow warns about large images before the limit that decode_image enforces as an error.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        mine = dd.shard(todo)
+        mine = dist.shard(todo)
         if workers > 0:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(check, mine))
         else:
             results = [check(rel) for rel in mine]
-    results = dd.unshard(dd.all_gather(results))
+    results = unshard(dist.all_gather(results))
 
     by_path = dict(zip(todo, results))
     bad, manifests, kept = [], {}, {}
@@ -147,7 +147,7 @@ def scan_images(data: ImageFolderData, index_path: Optional[Path], verify: str =
                 hashes.append(entry.sha256)
         manifests[split] = fc.SplitManifest(tuple(paths), tuple(labels), tuple(hashes))
         kept[split] = Split(tuple(paths), tuple(labels))
-    if use_stat and dd.is_main():
+    if use_stat and dist.is_main:
         _update_index(index_path, known, by_path)
     valid = dataclasses.replace(data, train=kept["train"], val=kept["val"], test=kept.get("test"))
     return ScanResult(valid, manifests, bad, data.metadata_files, len(todo),

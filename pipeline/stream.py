@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
-from pipeline import cache as fc
-from pipeline.config import Config
+from pipeline import cache
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -42,7 +41,7 @@ def budget_bytes(max_memory_gb: float) -> int:
     return int(max_memory_gb * GIB)
 
 
-def float32_nbytes(shapes: dict[str, tuple[int, int]], splits=fc.SPLITS) -> int:
+def float32_nbytes(shapes: dict[str, tuple[int, int]], splits=cache.SPLITS) -> int:
     """Bytes the features of these splits take as float32: n_samples x feature_dim x 4."""
     return sum(shapes[s][0] * shapes[s][1] * 4 for s in splits)
 
@@ -63,18 +62,21 @@ def stream_message(stage: str, nbytes: int, max_memory_gb: float, how: str) -> s
             f"({size_text(budget_bytes(max_memory_gb))}): {how}")
 
 
-def check_views_budget(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
-    """The view bank is held in memory beside the clean features; refuse when both exceed the budget."""
-    k = cfg.extract.train_views
+def check_views_budget(train_views: int, max_memory_gb: float, shapes: dict[str, tuple[int, int]]) -> None:
+    """The view bank is held in memory beside the clean features; refuse when both exceed the budget.
+
+    train_views: extract.train_views; max_memory_gb: head.max_memory_gb.
+    """
+    k = train_views
     if not k:
         return
     clean, bank = float32_nbytes(shapes), k * float32_nbytes(shapes, ("train",))
-    if clean + bank > budget_bytes(cfg.head.max_memory_gb):
+    if clean + bank > budget_bytes(max_memory_gb):
         need = math.ceil((clean + bank) / GIB * 1000) / 1000
         raise PipelineError(
             f"head: extract.train_views={k} keeps the view bank in memory beside the features "
             f"({size_text(clean)} clean + {size_text(bank)} of views, as float32), more than "
-            f"head.max_memory_gb={cfg.head.max_memory_gb:g}, and the view bank is not streamed: set "
+            f"head.max_memory_gb={max_memory_gb:g}, and the view bank is not streamed: set "
             f"extract.train_views=0 to train from the clean features (streamed from disk when they exceed the "
             f"budget), or raise head.max_memory_gb to at least {need:g}")
 
@@ -94,7 +96,7 @@ class StreamBatches:
     x : float32 tensor of shape (n, feature_dim); y : int64 tensor of shape (n,).
     """
 
-    def __init__(self, split: fc.SplitReader, batch_size: int, max_bytes: int, shuffle: bool,
+    def __init__(self, split: cache.SplitReader, batch_size: int, max_bytes: int, shuffle: bool,
                  seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -13,18 +13,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import PipelineError
-from pipeline import cache as fc
+from pipeline import cache
 from pipeline.cache.h5 import read_arrays, write_arrays
-from pipeline.config import Config
 from pipeline.frozen import build_frozen, frozen_features
 from pipeline.runtime import progress
+
+if TYPE_CHECKING:  # extract imports this module (lazily); the bank only reads the job's fields
+    from pipeline.data import ImageListDataset
+    from pipeline.extract import CachePlan, ExtractJob
 
 AUGMENTATION = "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip(0.5)"
 
@@ -59,32 +62,33 @@ class ViewBank:
     built: bool
 
 
-def views_key(plan, n_views: int, views_seed: int) -> str:
+def views_key(plan: CachePlan, n_views: int, views_seed: int) -> str:
     return bank_key(plan.key, plan.spec.preprocess.to_dict(), n_views, views_seed)
 
 
 def bank_key(cache_key: str, preprocess: dict, n_views: int, views_seed: int) -> str:
     """The view bank's key: the clean cache's key, K, the seed, the augmentation and the preprocessing."""
-    return fc.digest({"cache_key": cache_key, "n_views": n_views, "views_seed": views_seed,
+    return cache.digest({"cache_key": cache_key, "n_views": n_views, "views_seed": views_seed,
                       "augmentation": AUGMENTATION, "preprocess": preprocess})
 
 
 @torch.inference_mode()
-def extract_views(cfg: Config, plan, device: torch.device) -> np.ndarray:
+def extract_views(job: ExtractJob, plan: CachePlan, device: torch.device) -> np.ndarray:
     """Run the frozen backbone over K augmented views of every train image: (K, n_train, feature_dim)."""
     from pipeline.data import ImageListDataset, train_transform
 
-    k = cfg.extract.train_views
-    extractor = build_frozen(cfg.backbone, plan.spec, cfg.run.seed, device)  # as in extract
+    settings = job.extract
+    k = settings.train_views
+    extractor = build_frozen(job.backbone, plan.spec, job.seed, device)  # as in extract
     images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
-    dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, cfg.extract.views_seed)
-    loader = DataLoader(dataset, batch_size=max(1, cfg.extract.batch_size // k), shuffle=False,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    out = np.empty((k, len(dataset), extractor.feature_dim), dtype=cfg.extract.dtype)
+    dataset = AugmentedViews(images, plan.manifests["train"].sha256, k, settings.views_seed)
+    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // k), shuffle=False,
+                        num_workers=job.data.num_workers, pin_memory=device.type == "cuda")
+    out = np.empty((k, len(dataset), extractor.feature_dim), dtype=settings.dtype)
     start = 0
     with progress(total=len(dataset) * k, desc="views", unit="img") as bar:
         flat = (batch.flatten(0, 1) for batch in loader)  # (B, K, 3, H, W) -> (B * K, 3, H, W)
-        for feats in frozen_features(extractor, flat, device, cfg.extract.autocast):
+        for feats in frozen_features(extractor, flat, device, settings.autocast):
             b = len(feats) // k
             out[:, start:start + b] = feats.reshape(b, k, -1).transpose(1, 0, 2)  # (B, K, D) -> (K, B, D)
             start += b
@@ -100,7 +104,7 @@ def views_path(path: Path, views_key: str) -> Path:
 def write_views(path: Path, views: np.ndarray, attrs: dict) -> Path:
     """Write /train/views (n_views, n_train, feature_dim) under a temporary name, then rename it."""
     k, n, d = views.shape
-    options = {"train/views": {"chunks": (1, max(1, min(n, fc.ROW_CHUNK)), d) if n else None, "fletcher32": True}}
+    options = {"train/views": {"chunks": (1, max(1, min(n, cache.ROW_CHUNK)), d) if n else None, "fletcher32": True}}
     return write_arrays(path, {"train/views": views}, {**attrs, "complete": True}, options, in_memory=False)
 
 
@@ -113,32 +117,32 @@ def read_views(path: Path, views_key: str, cache_key: str, n_train: int, feature
         shape, dtype = shapes["train/views"]
         return (bool(attrs.get("complete")) and attrs.get("views_key") == views_key
                 and attrs.get("cache_key") == cache_key and len(shape) == 3
-                and shape[1:] == (n_train, feature_dim) and dtype.name in fc.FEATURE_DTYPES)
+                and shape[1:] == (n_train, feature_dim) and dtype.name in cache.FEATURE_DTYPES)
 
     found = read_arrays(path, ("train/views",), accept)
     return None if found is None else found["train/views"]
 
 
-def ensure_views(cfg: Config, plan, feature_dim: int, device: torch.device) -> ViewBank | None:
-    """The view bank for cfg (building it if missing or stale), or None when extract.train_views is 0."""
-    k = cfg.extract.train_views
+def ensure_views(job: ExtractJob, plan: CachePlan, feature_dim: int, device: torch.device) -> ViewBank | None:
+    """The view bank for job (building it if missing or stale), or None when extract.train_views is 0."""
+    k, views_seed = job.extract.train_views, job.extract.views_seed
     if k == 0:
         return None
-    key = views_key(plan, k, cfg.extract.views_seed)
+    key = views_key(plan, k, views_seed)
     path = views_path(plan.path, key)
     views = read_views(path, key, plan.key, len(plan.data.train), feature_dim)
     if views is not None:
         print(f"views: bank hit {path} ({k} views x {views.shape[1]} train images)")
         return ViewBank(views, str(path), built=False)
     print(f"views: extracting {k} augmented views of {len(plan.data.train)} train images")
-    views = extract_views(cfg, plan, device)
+    views = extract_views(job, plan, device)
     write_views(path, views, {"views_key": key, "cache_key": plan.key, "n_views": k,
-                                 "views_seed": cfg.extract.views_seed, "augmentation": AUGMENTATION,
+                              "views_seed": views_seed, "augmentation": AUGMENTATION,
                                  "seeds": "sha256(views_seed:k:image_sha256)[:16] per view"})
     return ViewBank(views, str(path), built=True)
 
 
-def read_bank(features: fc.FeatureSet, n_views: int, views_seed: int) -> ViewBank | None:
+def read_bank(features: cache.FeatureSet, n_views: int, views_seed: int) -> ViewBank | None:
     """The view bank beside a cache used on its own (features.file); building one needs the images."""
     if n_views == 0:
         return None

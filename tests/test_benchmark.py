@@ -196,3 +196,37 @@ def test_spawned_worker_dies_with_its_killed_parent(tmp_path):
     while running(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(worker), "the worker outlived its parent"
+
+
+def _steps(**head_changes) -> dict:
+    measured = {"mean_per_class_acc": 0.5, "peak_rss_mib": 100.0, "peak_gpu_mib": None}
+    head = {"val_acc": 0.75, "seconds": 3.0, "model_file": "runs/t/head.pt", "history": [], "record_version": 1,
+            "train_seconds": 2.0, **measured}
+    return {"extract": {"cache_hit": False, "extract_seconds": 30.0, "images_per_second": 10.0, "n_train": 100,
+                        "n_val": 20, "peak_rss_mib": 200.0, "peak_gpu_mib": None},
+            "head": {k: v for k, v in {**head, **head_changes}.items() if head_changes.get(k, 0) is not None}}
+
+
+def test_rows_come_from_the_step_entries_read_as_records():
+    from pipeline.benchmark import method_rows
+    from pipeline.config import HeadConfig
+
+    rows, break_even = method_rows(_steps(), HeadConfig(epochs=5), 3, "benchmark of resnet18")
+    assert [r["method"] for r in rows] == ["extract (cache miss)", "head (linear, 5 epochs)"]
+    head = rows[1]
+    assert (head["val_acc"], head["fit_seconds"], head["total_seconds"]) == (0.75, 2.0, 33.0)
+    # a loop run: 5 epochs x 12 s over 120 images + 2 s = 62 s; each cached run saves 60 s: 1 run pays
+    assert break_even["loop_seconds_per_run"] == pytest.approx(62.0) and head["break_even_runs"] == 1
+
+
+def test_a_renamed_or_newer_step_entry_fails_naming_the_step_and_version():
+    from pipeline.benchmark import method_rows
+    from pipeline.config import HeadConfig
+    from pipeline.records import RecordError
+
+    renamed = _steps(train_seconds=None, fit_seconds=2.0)
+    with pytest.raises(RecordError, match=r"benchmark of resnet18 entry 'head' \(record version 1\) lacks "
+                                          r"train_seconds: run the head stage again"):
+        method_rows(renamed, HeadConfig(), 3, "benchmark of resnet18")
+    with pytest.raises(RecordError, match=r"entry 'head' was written by a newer version .*record version 5"):
+        method_rows(_steps(record_version=5), HeadConfig(), 3, "benchmark of resnet18")

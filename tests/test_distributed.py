@@ -129,16 +129,31 @@ def test_ddp_finetune_one_epoch_after_a_head_trained_on_rank_0(tmp_path, folder)
     assert (run_dir / "SHA256SUMS").read_text().count("finetune.pt") == 1
 
 
-def test_single_process_helpers_are_identities():
+def test_single_process_helpers_are_identities(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     assert dd.launch_from_env({}) is None
     assert dd.launch_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None  # torchrun --nproc_per_node=1
     assert dd.launch_from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == dd.Launch(1, 1, 4)
-    assert not dd.is_distributed() and dd.rank() == 0 and dd.world_size() == 1 and dd.is_main()
-    assert dd.broadcast("x") == "x" and dd.all_gather(3) == [3] and dd.on_main(lambda: 5) == 5
+    single = dd.init_distributed(torch.device("cpu"), 1.0)  # no RANK / WORLD_SIZE: a plain run
+    assert single == dd.SINGLE
+    assert not single.is_distributed and single.rank == 0 and single.world_size == 1 and single.is_main
+    assert single.broadcast("x") == "x" and single.all_gather(3) == [3] and single.on_main(lambda: 5) == 5
+    single.barrier()
+    assert dd.DistContext(1, 4).is_distributed and not dd.DistContext(1, 4).is_main
     items = list(range(11))
-    assert dd.shard(items) == items
+    assert dd.SINGLE.shard(items) == items
     parts = [items[r::3] for r in range(3)]
+    assert [dd.DistContext(r, 3).shard(items) for r in range(3)] == parts
     assert dd.unshard(parts) == items
+
+
+def test_the_context_is_frozen_and_the_module_keeps_no_state():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dd.SINGLE.rank = 1
+    assert not [name for name in vars(dd) if name.startswith("_") and not name.startswith("__")]
 
 
 def test_bad_launch_environment_is_a_clear_error(monkeypatch):

@@ -35,7 +35,7 @@ def test_rows_equal_a_direct_forward_pass(tiny_cfg):
     from pipeline.data import eval_transform, load_image
 
     cfg = tiny_cfg()
-    plan, _ = ex.ensure_cache(cfg, CPU)
+    plan, _ = ex.ensure_cache(ex.ExtractJob.of(cfg), CPU)
     cache = fc.read_cache(plan.path)
     torch.manual_seed(cfg.run.seed)
     extractor = build_feature_extractor(cfg.backbone, plan.spec)
@@ -141,7 +141,7 @@ def test_lock_held_elsewhere_with_timeout_zero_names_the_holder(tiny_cfg):
     from pipeline.fsutil import FileLock
 
     cfg = tiny_cfg("extract.lock_timeout=0")
-    plan = ex.plan_cache(cfg)
+    plan = ex.plan_cache(ex.ExtractJob.of(cfg))
     plan.path.parent.mkdir(parents=True)
     with FileLock(fc.lock_path(plan.path)):
         with pytest.raises(fc.CacheError, match=f"is locked by pid {os.getpid()}: another extraction"):

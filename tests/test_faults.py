@@ -111,7 +111,7 @@ def messy(tmp_path_factory):
         Image.new("RGB", (8, 8)).save(hidden / "x.png")
     write_mode_images(ants)
     cfg = load_config(None, tiny_overrides(tmp, root) + ["data.max_bad_fraction=0.5"])
-    plan, entry = ex.ensure_cache(cfg, CPU)
+    plan, entry = ex.ensure_cache(ex.ExtractJob.of(cfg), CPU)
     cache = fc.read_cache(plan.path, plan.key)
     report = json.loads((cfg.run_dir / BAD_FILES).read_text())
     return {"root": root, "cfg": cfg, "plan": plan, "entry": entry, "cache": cache, "report": report}
@@ -467,7 +467,7 @@ def test_flipped_feature_bits_fail_the_checksum_and_get_rebuilt(tiny_cfg):
         fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(fc.CacheError, match="cannot read cache"):
         fc.read_cache(path)
-    features, _ = ex.load_features(cfg, CPU)  # never reused: detected, discarded, extracted again
+    features, _ = ex.load_features(ex.ExtractJob.of(cfg), CPU)  # never reused: detected, discarded, extracted again
     assert np.array_equal(features.train.features, clean.train.features)
 
 

@@ -5,7 +5,7 @@ from torch import nn
 from pipeline.artifacts import load_checkpoint
 from pipeline.config import load_config
 from pipeline.engine import compute_loss
-from pipeline.finetune import run_finetune
+from pipeline.finetune import FinetuneJob, run_finetune
 from pipeline.metrics import read_metrics
 from tests.conftest import make_image_folder, tiny_overrides
 
@@ -63,10 +63,10 @@ def test_init_head_cached_starts_from_head_pt(tiny_cfg):
     run_head(tiny_cfg("head.epochs=2"), CPU)
     head = load_checkpoint(tiny_cfg().run_dir / "head.pt")["state_dict"]
     cfg = tiny_cfg("finetune.init_head=cached")
-    model, head_paths = build_finetune_model(cfg, resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    model, head_paths = build_finetune_model(FinetuneJob.of(cfg), resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
     assert head_paths == ["fc"]
     assert torch.equal(model.fc.weight, head["weight"]) and torch.equal(model.fc.bias, head["bias"])
-    fresh, _ = build_finetune_model(tiny_cfg(), resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    fresh, _ = build_finetune_model(FinetuneJob.of(tiny_cfg()), resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
     assert not torch.equal(fresh.fc.weight, head["weight"])
 
 
@@ -80,7 +80,7 @@ def test_init_head_cached_loads_the_dense_classifier(tmp_path):
     run_head(load_config(None, base + ["backbone.cut=conv", "head.type=classifier"]), CPU)
     head = load_checkpoint(tmp_path / "runs" / "t" / "head.pt")["state_dict"]
     cfg = load_config(None, base + ["finetune.init_head=cached"])  # finetuning ignores the cut
-    model, head_paths = build_finetune_model(cfg, resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
+    model, head_paths = build_finetune_model(FinetuneJob.of(cfg), resolve_backbone(cfg.backbone, 0), ("ants", "bees"))
     assert head_paths == ["classifier"]
     assert all(torch.equal(model.classifier.state_dict()[k], v) for k, v in head.items())
 
@@ -108,3 +108,76 @@ def test_backbone_lr_mult_gives_the_body_a_smaller_rate(tiny_cfg):
     head, body = head_parameter_groups(model, ["2"], lr=0.1, backbone_lr_mult=0.25)
     assert (head["lr"], body["lr"]) == (0.1, 0.025)
     assert [p.shape for p in head["params"]] == [(2, 3), (2,)] and len(body["params"]) == 2
+
+
+# ----------------------------------------------------------------------------- the model file as a record
+def _finetune_file(path, **changes) -> dict:
+    """A finetune model file as this tool writes it (ModelArtifact), with changes; None deletes a key."""
+    from pipeline.records import ModelArtifact
+
+    d = ModelArtifact("finetune", ["ants", "bees"], {"w": torch.zeros(1)}, {"lr": 0.1},
+                      {"name": "resnet18", "weights_id": "none(seed=0)", "preprocess": {}},
+                      {"name": "resnet18", "weights": "none", "image_size": 32, "cut": "pool"}, 0, "imgs",
+                      extra={"epoch": 1, "val_acc": 0.5, "optimizer": {}, "scheduler": {}}).to_dict()
+    d.update(changes)
+    d = {k: v for k, v in d.items() if v is not None}
+    torch.save(d, path)
+    return d
+
+
+def test_finetune_files_are_versioned_records_and_old_ones_still_load(tmp_path):
+    from pipeline.finetune import read_finetune_file
+    from pipeline.records import RECORD_VERSION
+
+    written = _finetune_file(tmp_path / "finetune.pt")
+    assert written["record_version"] == RECORD_VERSION and written["kind"] == "finetune"
+    back = read_finetune_file(tmp_path / "finetune.pt")
+    assert back.record_version == RECORD_VERSION and back.extra["epoch"] == 1 and back.classes == ["ants", "bees"]
+    _finetune_file(tmp_path / "old.pt", record_version=None)  # written before records: the same keys, no version
+    old = read_finetune_file(tmp_path / "old.pt")
+    assert old.record_version == 0 and torch.equal(old.weights["w"], torch.zeros(1))
+
+
+def test_a_newer_or_renamed_finetune_file_fails_naming_the_file_and_version(tmp_path):
+    from pipeline.finetune import read_finetune_file
+    from pipeline.records import RecordError
+
+    _finetune_file(tmp_path / "new.pt", record_version=99)
+    with pytest.raises(RecordError, match=r"new.pt' was written by a newer version .*record version 99; "
+                                          r"this one reads versions up to 1"):
+        read_finetune_file(tmp_path / "new.pt")
+    _finetune_file(tmp_path / "renamed.pt", epoch=None, best_epoch=1)
+    with pytest.raises(RecordError, match=r"renamed.pt' \(record version 1\) lacks epoch: run the finetune stage"):
+        read_finetune_file(tmp_path / "renamed.pt")
+
+
+def test_resuming_from_a_newer_best_so_far_file_fails_before_training(tiny_cfg):
+    from pipeline import PipelineError
+    from pipeline.finetune import BEST_SO_FAR_FILE
+
+    cfg = tiny_cfg("finetune.resume=true", "finetune.epochs=2")
+    cfg.run_dir.mkdir(parents=True)
+    _finetune_file(cfg.run_dir / BEST_SO_FAR_FILE, record_version=99)
+    with pytest.raises(PipelineError, match=r"best-so-far.pt' was written by a newer version .*record version 99"):
+        run_finetune(cfg, CPU)
+    assert not (cfg.run_dir / "finetune.pt").exists()
+
+
+def test_the_new_layers_are_seeded_by_the_build_not_by_the_caller(tiny_cfg):
+    from pipeline.backbones import resolve_backbone
+    from pipeline.finetune import build_finetune_model
+
+    job = FinetuneJob.of(tiny_cfg())
+    spec = resolve_backbone(job.backbone, job.seed)
+    torch.manual_seed(123)
+    a, _ = build_finetune_model(job, spec, ("ants", "bees"))
+    after_a = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(5)  # whatever the global generator went through before
+    b, _ = build_finetune_model(job, spec, ("ants", "bees"))
+    assert torch.equal(a.fc.weight, b.fc.weight) and torch.equal(a.conv1.weight, b.conv1.weight)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_a)  # the build left the caller's generator as it was
+    other, _ = build_finetune_model(FinetuneJob.of(tiny_cfg("run.seed=1")), resolve_backbone(job.backbone, 1),
+                                    ("ants", "bees"))
+    assert not torch.equal(other.fc.weight, a.fc.weight)

@@ -26,7 +26,7 @@ def weights_file(tmp_path):
 
 
 def keys(cfg) -> tuple[str, str]:
-    plan = ex.plan_cache(cfg)
+    plan = ex.plan_cache(ex.ExtractJob.of(cfg))
     return plan.config_key, plan.key
 
 
@@ -91,7 +91,8 @@ def test_head_only_settings_keep_the_key(tiny_cfg, change):
 
 
 def test_cache_dir_moves_the_file_not_the_key(tiny_cfg, tmp_path):
-    a, b = ex.plan_cache(tiny_cfg()), ex.plan_cache(tiny_cfg(f"extract.cache_dir={tmp_path / 'b'}"))
+    other = tiny_cfg(f"extract.cache_dir={tmp_path / 'b'}")
+    a, b = ex.plan_cache(ex.ExtractJob.of(tiny_cfg())), ex.plan_cache(ex.ExtractJob.of(other))
     assert a.key == b.key and a.path.name == b.path.name and a.path != b.path
 
 
@@ -135,9 +136,9 @@ def test_image_changes_change_the_key_not_the_config_key(tiny_cfg, image_root, m
     monkeypatch.setattr("pipeline.scan.RACY_SECONDS", 0.0)  # let the stat fast path trust fresh files
     stored_png(image_root / "train" / "ants" / "stored.png", (0, 200, 0))
     config_key, key = keys(tiny_cfg())
-    assert ex.plan_cache(tiny_cfg()).scan.n_hashed == 0  # the stat index answers for unchanged files
+    assert ex.plan_cache(ex.ExtractJob.of(tiny_cfg())).scan.n_hashed == 0  # the stat index answers for unchanged files
     edit(image_root)
-    plan = ex.plan_cache(tiny_cfg())
+    plan = ex.plan_cache(ex.ExtractJob.of(tiny_cfg()))
     assert plan.config_key == config_key and plan.key != key
     assert plan.scan.n_bad == 0 and plan.scan.n_hashed == n_read  # only the changed files were read
 

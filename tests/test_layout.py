@@ -43,3 +43,101 @@ def test_the_checker_sees_a_long_function(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     tree = ast.parse(f"def f():\n{body}\n")
     assert [fn.end_lineno - fn.lineno + 1 for fn in _functions(tree)] == [MAX_FUNCTION_LINES + 1]
+
+
+# ----------------------------------------------------------------------------- who may import whom
+STAGE_MODULES = {f"pipeline.{s}" for s in ("extract", "head", "logistic", "finetune", "benchmark", "report", "predict")}
+# Stage modules are imported by the CLI (one at a time), by the benchmark (which compares them), by the
+# orchestrator (extract first when data.root's cache is missing or stale) and, for report.finish_stage,
+# by the training stages.
+MAY_IMPORT_STAGES = {"pipeline.benchmark": {"pipeline.extract", "pipeline.finetune", "pipeline.head",
+                                            "pipeline.logistic"},
+                     "pipeline.orchestrate": {"pipeline.extract"}, "pipeline.head": {"pipeline.report"},
+                     "pipeline.logistic": {"pipeline.report"}, "pipeline.finetune": {"pipeline.report"}}
+FOUNDATIONS = {"pipeline", *(f"pipeline.{m}" for m in ("config", "fsutil", "metrics", "records", "runtime",
+                                                        "distributed", "imagefile", "artifacts", "rundir"))}
+NEVER = {"pipeline.head": {"pipeline.extract", "pipeline.frozen", "pipeline.views"},     # heads never run the backbone
+         "pipeline.logistic": {"pipeline.extract", "pipeline.frozen", "pipeline.views"},
+         "pipeline.finetune": {"pipeline.cache", "pipeline.stream", "pipeline.orchestrate"}}  # never touches the cache
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _target(module: str, name: str) -> str:
+    """`from module import name`: the submodule module.name when there is one, else module."""
+    candidate = f"{module}.{name}"
+    as_path = ROOT / candidate.replace(".", "/")
+    return candidate if as_path.with_suffix(".py").is_file() or (as_path / "__init__.py").is_file() else module
+
+
+def project_imports(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(module-level, lazy) imports of project modules; `if TYPE_CHECKING:` blocks are not imports."""
+    top, lazy = set(), set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            found = lazy if in_function else top
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "pipeline":
+                found |= {_target(child.module, a.name) for a in child.names}
+            elif isinstance(child, ast.Import):
+                found |= {a.name for a in child.names if a.name.split(".")[0] == "pipeline"}
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, False)
+    return top, lazy - top
+
+
+def _graph() -> dict[str, tuple[set[str], set[str]]]:
+    return {_module_name(p): project_imports(ast.parse(p.read_text(encoding="utf-8")))
+            for p in SOURCES if p.name != "run_pipeline.py"}
+
+
+def test_stage_modules_are_imported_only_where_the_layout_says():
+    wrong = {m: sorted((top | lazy) & STAGE_MODULES - MAY_IMPORT_STAGES.get(m, set()) - {m})
+             for m, (top, lazy) in _graph().items()}
+    assert {m: s for m, s in wrong.items() if s} == {}
+
+
+def test_foundations_import_only_foundations_and_the_cache_package_only_itself():
+    graph = _graph()
+    assert {m: sorted((top | lazy) - FOUNDATIONS) for m, (top, lazy) in graph.items()
+            if m in FOUNDATIONS and (top | lazy) - FOUNDATIONS} == {}
+    allowed = {"pipeline", "pipeline.fsutil"}
+    assert {m: sorted(top - allowed) for m, (top, _) in graph.items() if m.startswith("pipeline.cache")
+            and {t for t in top if not t.startswith("pipeline.cache")} - allowed} == {}
+
+
+def test_heads_never_import_the_backbone_path_and_finetune_never_the_cache():
+    graph = _graph()
+    assert {m: sorted((graph[m][0] | graph[m][1]) & banned) for m, banned in NEVER.items()} == \
+        {m: [] for m in NEVER}
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {m: top for m, (top, _) in _graph().items()}
+    cycles, state = [], {}
+
+    def walk(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph.get(module, set()) - {module}):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep in graph and dep not in state:
+                walk(dep, path + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])
+    assert cycles == []
+
+
+def test_the_import_checker_sees_lazy_and_type_checking_imports():
+    tree = ast.parse("from pipeline import cache\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                     "    from pipeline.extract import CachePlan\ndef f():\n    from pipeline.views import read_bank\n")
+    assert project_imports(tree) == ({"pipeline.cache"}, {"pipeline.views"})

@@ -48,3 +48,20 @@ def test_stage_results_round_trip_and_check_their_version():
     assert StageResult.from_dict("head", entry).details == {"best_epoch": 1}
     with pytest.raises(RecordError, match="entry 'head' was written by a newer version"):
         StageResult.from_dict("head", {**entry, "record_version": 7})
+
+
+def test_report_reads_metrics_entries_as_records_and_a_newer_one_fails_naming_the_file(tiny_cfg):
+    import json
+
+    from pipeline.head import run_head
+    from pipeline.report import run_report
+
+    cfg = tiny_cfg("head.epochs=1")
+    run_head(cfg, torch.device("cpu"))
+    metrics_file = cfg.run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["head"]["record_version"] = RECORD_VERSION + 1
+    metrics_file.write_text(json.dumps(metrics))
+    with pytest.raises(RecordError, match=rf"metrics.json' entry 'head' was written by a newer version .*"
+                                          rf"record version {RECORD_VERSION + 1}"):
+        run_report(cfg, torch.device("cpu"))

@@ -8,7 +8,7 @@ from pipeline import cache as fc
 from pipeline.backbones import build_feature_extractor
 from pipeline.config import HeadConfig
 from pipeline.data import ImageListDataset, train_transform
-from pipeline.extract import plan_cache, run_extract
+from pipeline.extract import ExtractJob, plan_cache, run_extract
 from pipeline.head import run_head, train_head
 
 CPU = torch.device("cpu")
@@ -35,7 +35,7 @@ def test_bank_stores_k_views_per_train_image_and_leaves_val_alone(tiny_cfg):
 def test_bank_rows_are_the_seeded_views_of_their_images(tiny_cfg):
     cfg = tiny_cfg("extract.train_views=2", "extract.views_seed=7")
     views = bank_of(run_extract(cfg, CPU))
-    plan = plan_cache(cfg)
+    plan = plan_cache(ExtractJob.of(cfg))
     torch.manual_seed(cfg.run.seed)
     extractor = build_feature_extractor(cfg.backbone, plan.spec)
     images = ImageListDataset(plan.data.root, plan.data.train, train_transform(plan.spec.preprocess))
