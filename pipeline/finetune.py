@@ -104,6 +104,9 @@ def load_cached_head(cfg: Config, spec: BackboneSpec, model: nn.Module, classes:
     if ckpt.get("head_type", "linear") == "classifier":
         model.classifier.load_state_dict(ckpt["state_dict"])
         return ["classifier"]
+    if ckpt.get("head_type", "linear") not in ("linear", "logistic"):  # mlp, knn, ncm: not one nn.Linear
+        raise PipelineError(f"finetune.init_head 'cached': '{path}' is a {ckpt['head_type']} head, which cannot "
+                            "sit in the network: train a linear head first (head.type=linear), or use init_head=none")
     if trained_on.get("cut", "pool") != "pool" or cfg.backbone.name.startswith("squeezenet"):
         raise PipelineError("finetune.init_head 'cached' needs a head that can sit in the network: a linear "
                             "head on backbone.cut=pool features (not squeezenet, whose classifier is a conv "
