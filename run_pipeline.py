@@ -4,6 +4,8 @@
     python run_pipeline.py                      # the stages listed in run.stages
     python run_pipeline.py extract head         # just these
     python run_pipeline.py benchmark            # cached heads vs finetuning: table, JSON, chart
+    python run_pipeline.py sweep                # the heads of sweep.grid from one read of the cache
+    python run_pipeline.py leaderboard [--all]  # the best heads trained on this cache (every cache)
     python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
     torchrun --nproc_per_node=4 run_pipeline.py extract finetune   # one process per GPU (or CPU share)
@@ -18,9 +20,13 @@ import time
 
 STAGE_HELP = {
     "extract": "run the frozen backbone once over every image; write the HDF5 feature cache",
-    "head": "train a head (linear, or VGG/AlexNet's own dense layers) from the cache; write reports",
+    "head": "train a head (head.type: linear, mlp, knn, ncm, or VGG/AlexNet's own dense layers) from the cache",
     "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
     "finetune": "train the whole network on the images (skips the cache); write reports",
+    "sweep": "train every head of sweep.grid from one read of the cache; leaderboard, sweep.json/md/png; "
+             "the winner becomes head.pt",
+    "leaderboard": "the best heads trained on the current cache, from run.output_dir/ledger.jsonl (--all: "
+                   "every cache)",
     "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
     "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model)",
@@ -46,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust", action="store_true",
                         help="load model files whose SHA-256 is not recorded in their run folder; they can run "
                              "code when loaded (default: refuse them); same as --set run.trust_artifacts=true")
+    parser.add_argument("--all", action="store_true",
+                        help="leaderboard: list every cache in the ledger, not just the current one "
+                             "(default: the current cache); same as --set leaderboard.all=true")
     parser.add_argument("--output", metavar="CSV", default=None,
                         help="predict: also write the predictions to this CSV file (default: print only)")
     return parser
@@ -88,15 +97,15 @@ def start_processes(cfg, stages: list[str], lock: contextlib.ExitStack):
     dd.init_distributed(device, cfg.run.dist_timeout_min)
     if not dd.is_main():  # one log: the other ranks keep stderr (errors, warnings) only
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    if dd.is_main() and (any(s not in ("report", "predict") for s in stages)
+    if dd.is_main() and (any(s not in ("report", "predict", "leaderboard") for s in stages)
                          or ("report" in stages and cfg.run_dir.is_dir())):
-        from pipeline.config import TRAIN_STAGES
+        from pipeline.config import DATA_STAGES
         from pipeline.rundir import check_same_data, run_lock
 
         # One process at a time runs stages in a run folder; each stage publishes its model, checksum,
         # metrics entry, config.json and reports as one unit (pipeline/rundir.py).
         lock.enter_context(run_lock(cfg.run_dir))
-        if any(s in TRAIN_STAGES for s in stages):
+        if any(s in DATA_STAGES for s in stages):
             check_same_data(cfg.run_dir, cfg.data.root)
     if dd.is_distributed():
         print(f"torchrun: {dd.world_size()} processes, rank 0 on {dd.host()} ({device}); distributed "
@@ -112,7 +121,7 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
     """Each stage in turn (under torchrun: the distributed ones on every rank, the others on rank 0),
     then the results table."""
     from pipeline import distributed as dd
-    from pipeline.config import TRAIN_STAGES
+    from pipeline.config import DATA_STAGES
     from pipeline.metrics import format_results, read_metrics
     from pipeline.runtime import apply_stage_threads, seed_everything
 
@@ -127,7 +136,7 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
             with dd.solo():
                 _run_stage(stage, cfg, device, paths, output)
         dd.barrier()
-    if dd.is_main() and any(s in TRAIN_STAGES for s in stages):
+    if dd.is_main() and any(s in DATA_STAGES for s in stages):
         print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {time.perf_counter() - t0:.1f} s):")
         print(format_results(read_metrics(cfg.run_dir)))
 
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         stages, paths = check_command(args)  # answered before torch is imported, like config errors
-        cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
+        cfg = load_config(args.params, args.overrides + (["run.trust_artifacts=true"] if args.trust else [])
+                          + (["leaderboard.all=true"] if args.all else []))
         stages = stages or cfg.run.stages
         device = start_processes(cfg, stages, lock)
         run_stages(cfg, device, stages, paths, args.output)
@@ -176,7 +186,8 @@ def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None) ->
 
 
 RUNNERS = {"extract": "pipeline.extract", "head": "pipeline.head", "logistic": "pipeline.logistic",
-           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report"}
+           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report",
+           "sweep": "pipeline.sweep_stage", "leaderboard": "pipeline.leaderboard"}
 
 
 def _runner(stage: str):
