@@ -4,6 +4,8 @@
     python run_pipeline.py                      # the stages listed in run.stages
     python run_pipeline.py extract head         # just these
     python run_pipeline.py benchmark            # cached heads vs finetuning: table, JSON, chart
+    python run_pipeline.py sweep                # the heads of sweep.grid from one read of the cache
+    python run_pipeline.py leaderboard [--all]  # the best heads trained on this cache (every cache)
     python run_pipeline.py predict img.jpg photos/ --output preds.csv
     python run_pipeline.py --set data.root=/data/hymenoptera --set backbone.name=resnet18
     torchrun --nproc_per_node=4 run_pipeline.py extract finetune   # one process per GPU (or CPU share)
@@ -18,9 +20,13 @@ import time
 
 STAGE_HELP = {
     "extract": "run the frozen backbone once over every image; write the HDF5 feature cache",
-    "head": "train a head (linear, or VGG/AlexNet's own dense layers) from the cache; write reports",
+    "head": "train a head (head.type: linear, mlp, knn, ncm, or VGG/AlexNet's own dense layers) from the cache",
     "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
     "finetune": "train the whole network on the images (skips the cache); write reports",
+    "sweep": "train every head of sweep.grid from one read of the cache; leaderboard, sweep.json/md/png; "
+             "the winner becomes head.pt",
+    "leaderboard": "the best heads trained on the current cache, from run.output_dir/ledger.jsonl (--all: "
+                   "every cache)",
     "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
     "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
     "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model); "
@@ -51,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust", action="store_true",
                         help="load model files whose SHA-256 is not recorded in their run folder; they can run "
                              "code when loaded (default: refuse them); same as --set run.trust_artifacts=true")
+    parser.add_argument("--all", action="store_true",
+                        help="leaderboard: list every cache in the ledger, not just the current one "
+                             "(default: the current cache); same as --set leaderboard.all=true")
     parser.add_argument("--output", metavar="CSV", default=None,
                         help="predict: also write the predictions to this CSV file (default: print only)")
     return parser
@@ -95,7 +104,7 @@ def start_processes(cfg, stages: list[str], lock: contextlib.ExitStack):
     dist = distributed.init_distributed(device, cfg.run.dist_timeout_min)
     if not dist.is_main:  # one log: the other ranks keep stderr (errors, warnings) only
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    if dist.is_main and (any(s not in ("report", "predict") for s in stages)
+    if dist.is_main and (any(s not in ("report", "predict", "leaderboard") for s in stages)
                          or ("report" in stages and cfg.run_dir.is_dir())):
         lock_run_folder(cfg, stages, lock)
     if dist.is_distributed:
@@ -111,11 +120,11 @@ def start_processes(cfg, stages: list[str], lock: contextlib.ExitStack):
 def lock_run_folder(cfg, stages: list[str], lock: contextlib.ExitStack) -> None:
     """One process at a time runs stages in a run folder; each stage publishes its model, checksum,
     metrics entry, config.json and reports as one unit (pipeline/rundir.py)."""
-    from pipeline.config import TRAIN_STAGES
+    from pipeline.config import DATA_STAGES
     from pipeline.rundir import check_same_data, run_lock
 
     lock.enter_context(run_lock(cfg.run_dir))
-    if any(s in TRAIN_STAGES for s in stages):
+    if any(s in DATA_STAGES for s in stages):
         check_same_data(cfg.run_dir, cfg.data.root)
 
 
@@ -142,10 +151,10 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
 
 def print_results(cfg, stages: list[str], seconds: float) -> None:
     """The results table of metrics.json, after any training stage."""
-    from pipeline.config import TRAIN_STAGES
+    from pipeline.config import DATA_STAGES
     from pipeline.metrics import format_results, read_metrics
 
-    if any(s in TRAIN_STAGES for s in stages):
+    if any(s in DATA_STAGES for s in stages):
         print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {seconds:.1f} s):")
         print(format_results(read_metrics(cfg.run_dir)))
 
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stages, paths = check_command(args)  # answered before torch is imported, like config errors
         params = args.params or ("params.json" if os.path.isfile("params.json") else None)
-        cfg = load_config(params, args.overrides + (["run.trust_artifacts=true"] if args.trust else []))
+        cfg = load_config(params, args.overrides + (["run.trust_artifacts=true"] if args.trust else [])
+                          + (["leaderboard.all=true"] if args.all else []))
         if stages == ["caches"]:
             from pipeline.cache.catalog import format_caches, list_caches
             print(format_caches(list_caches(cfg.extract.cache_dir), cfg.extract.cache_dir))
@@ -204,7 +214,8 @@ def _run_stage(stage: str, cfg, device, paths: list[str], output: str | None, di
 
 
 RUNNERS = {"extract": "pipeline.extract", "head": "pipeline.head", "logistic": "pipeline.logistic",
-           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report"}
+           "finetune": "pipeline.finetune", "benchmark": "pipeline.benchmark", "report": "pipeline.report",
+           "sweep": "pipeline.sweep_stage", "leaderboard": "pipeline.leaderboard"}
 
 
 def _runner(stage: str):

@@ -1,19 +1,30 @@
 """Head zoo speed on cached features: one linear head, 24 joint linear heads, a 60+ configuration sweep.
 
-    python run_pipeline.py extract --set report.enabled=false     # the digits demo's features, once
+    python benchmarks/sweep_heads.py --cli            # the CLI, fresh processes: `sweep` (72 configs) vs `head`
     python benchmarks/sweep_heads.py [--cache cache/<key>.h5] [--threads 1] [--out runs/sweep_bench]
 
-Reads the cache with h5py (train/features, train/labels, val/features, val/labels), then times, in
-this one process and one after another: one 25-epoch linear head with the head stage's defaults
-(pipeline.probes: nn.Linear + torch.optim.SGD), the same head through the batched engine of
-pipeline.joint (manual gradient, one head), 24 linear heads trained jointly (pipeline.joint; 6 lr x 4 weight_decay), and
-the sweep below (pipeline.sweep), printing each wall time and its ratio to the one linear head.
+--cli: on the digits demo (`--set data.root=demo:digits`, extracted first if needed, not timed), times
+`run_pipeline.py head` (warm cache, fresh process, start-up included) before and after
+`run_pipeline.py sweep` with the 72-configuration grid below (48 linear, 16 kNN, 2 NCM, 4 logistic C,
+2 MLP; fresh process), and prints the ratio of the sweep to the mean of the two head runs.
+
+Without --cli: reads the cache with h5py (train/features, train/labels, val/features, val/labels),
+then times, in this one process and one after another: one 25-epoch linear head with the head
+stage's defaults as the head stage trains it in memory (pipeline.head.train_linear_batched) and
+through its engine loop (pipeline.head.train_head: streamed, views, classifier), the same through
+pipeline.probes (nn.Linear + torch.optim.SGD) and through the batched engine of pipeline.joint
+(manual gradient, one head), 24 linear heads trained jointly (6 lr x 4 weight_decay), and the
+sweep below (pipeline.sweep), printing each wall time and its ratio to the probes' linear head.
 Imports and the cache read are not timed. With --out it also writes sweep.json/md/png there.
+The load average is printed at the start and the end.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +33,7 @@ import h5py
 import numpy as np
 import torch
 
-from _common import table
+from _common import table, timed_process
 from pipeline.joint import train_linear_heads
 from pipeline.probes import LinearConfig, build_probe
 from pipeline.sweep import expand_grid, run_sweep
@@ -38,10 +49,44 @@ SWEEP_GRID = {
     "mlp": {"hidden": [256, 512], "lr": [1e-3]},                               # 2
 }
 EXTRA_LINEAR = {"lr": LRS, "weight_decay": WEIGHT_DECAYS, "momentum": [0.0]}   # 24 more, same joint group
+# The same 72 configurations as one sweep.grid for the CLI (momentum 0.9 is the head.* default).
+CLI_GRID = {**SWEEP_GRID, "linear": {"lr": LRS, "weight_decay": WEIGHT_DECAYS, "momentum": [0.9, 0.0]}}
+
+
+def load_text() -> str:
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def cli_comparison() -> None:
+    """`sweep` of CLI_GRID vs a warm `head`, each a fresh process, on the digits demo."""
+    out = Path(tempfile.mkdtemp(prefix="sweep_bench_"))
+
+    def cli(stage: str, *sets: str) -> tuple[float, str]:
+        extra = ["data.root=demo:digits", f"run.output_dir={out}", "run.name=bench", "report.enabled=false", *sets]
+        return timed_process([sys.executable, "run_pipeline.py", stage] + [a for s in extra for a in ("--set", s)])
+
+    print(f"start: {load_text()}; run folders in {out}")
+    t_extract, _ = cli("extract")
+    print(f"extract (not part of the comparison): {t_extract:.1f} s")
+    t_head1, _ = cli("head")
+    t_sweep, text = cli("sweep", f"sweep.grid={json.dumps(CLI_GRID)}")
+    t_head2, _ = cli("head")
+    head = (t_head1 + t_head2) / 2
+    summary = json.loads((out / "bench" / "sweep.json").read_text())
+    print(table([("head (warm cache, fresh process), mean of 2", f"{head:.2f}", "1.00",
+                  f"{t_head1:.2f} before, {t_head2:.2f} after"),
+                 (f"sweep of {summary['finished']} configurations (fresh process)", f"{t_sweep:.2f}",
+                  f"{t_sweep / head:.2f}", f"winner val top-1 {summary['winner']['val_acc']:.4f}")],
+                ("run", "seconds", "x one head run", "notes")))
+    per_type: dict = {}
+    for r in summary["results"]:
+        per_type[r["head_type"]] = per_type.get(r["head_type"], 0.0) + r["seconds"]
+    print("sweep seconds by head type: " + ", ".join(f"{t} {s:.2f}" for t, s in per_type.items()))
+    print(f"end: {load_text()}")
 
 
 def newest_cache(folder: Path) -> Path:
-    files = sorted(folder.glob("*.h5"), key=os.path.getmtime)
+    files = sorted((p for p in folder.glob("*.h5") if not p.name.startswith("scan-")), key=os.path.getmtime)
     if not files:
         raise SystemExit(f"no cache in {folder}: run `python run_pipeline.py extract --set report.enabled=false`")
     return files[-1]
@@ -63,14 +108,25 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="HDF5 feature cache (default: newest in cache/)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own)")
     parser.add_argument("--out", type=Path, default=None, help="also write sweep.json/md/png here (default: none)")
+    parser.add_argument("--cli", action="store_true", help="time the CLI's sweep against its head instead "
+                        "(fresh processes, digits demo; default: the in-process timings)")
     args = parser.parse_args()
+    if args.cli:
+        return cli_comparison()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.cache or newest_cache(_common.REPO / "cache")
     X, y, Xv, yv = load(path)
     print(f"{path.name}: train {X.shape}, val {Xv.shape}, {len(np.unique(y))} classes; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; {load_text()}")
 
+    from pipeline.config import HeadConfig
+    from pipeline.head import train_head, train_linear_batched
+
+    tx, ty, tvx, tvy = (torch.from_numpy(np.ascontiguousarray(a)) for a in (X, y, Xv, yv))
+    n, cpu = len(np.unique(y)), torch.device("cpu")
+    stage, t_stage = timed(lambda: train_linear_batched(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0, 0))
+    engine, t_engine = timed(lambda: train_head(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0))
     one, t_one = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
     batched, t_batched = timed(lambda: train_linear_heads(X, y, Xv, yv, [LinearConfig()]))
     grid = [LinearConfig(lr=lr, weight_decay=wd) for lr in LRS for wd in WEIGHT_DECAYS]
@@ -80,7 +136,11 @@ def main() -> None:
     kinds = {t: sum(c.head_type == t for c in configs) for t in SWEEP_GRID}
     outcome, t_sweep = timed(lambda: run_sweep(configs, X, y, Xv, yv))
 
-    print(table([("one linear head (25 epochs, batch 4)", f"{t_one:.2f}", "1.00", f"{one.result.best_acc:.4f}"),
+    print(table([("one linear head, the head stage in memory (head.train_linear_batched)", f"{t_stage:.2f}",
+                  f"{t_stage / t_one:.2f}", f"{stage.best_acc:.4f}"),
+                 ("one linear head, the engine loop (head.train_head)", f"{t_engine:.2f}",
+                  f"{t_engine / t_one:.2f}", f"{engine.best_acc:.4f}"),
+                 ("one linear head (25 epochs, batch 4)", f"{t_one:.2f}", "1.00", f"{one.result.best_acc:.4f}"),
                  ("one linear head, batched engine (joint.py, 1 head)", f"{t_batched:.2f}",
                   f"{t_batched / t_one:.2f}", f"{batched.results[0].best_acc:.4f}"),
                  ("24 linear heads, jointly", f"{t_joint:.2f}", f"{t_joint / t_one:.2f}",
@@ -93,6 +153,7 @@ def main() -> None:
         per_type[r.head_type] = per_type.get(r.head_type, 0.0) + r.seconds
     print("sweep seconds by head type: " + ", ".join(f"{t} {s:.2f}" for t, s in per_type.items()))
     print(format_leaderboard(outcome, top=10))
+    print(f"end: {load_text()}")
     if args.out:
         for p in write_sweep_reports(outcome, args.out, grid={**SWEEP_GRID, "linear (extra)": EXTRA_LINEAR}):
             print(f"wrote {p}")

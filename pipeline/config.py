@@ -18,32 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline import PipelineError
+from pipeline import PipelineError  # noqa: F401
+# The value helpers and bounds, and the sections of the head-training stages, are kept in their own
+# modules (config.py stays under the layout's 400 lines); every name is re-exported from here.
+from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, MAX_NAME, MAX_SEED, ConfigError, _c  # noqa: F401
+from pipeline.config_heads import (DEFAULT_GRID, HEAD_TYPES, SWEEP_TYPES, HeadConfig,  # noqa: F401
+                                   LeaderboardConfig, LogisticConfig, SweepStageConfig, check_grid, check_object)
 
 TRAIN_STAGES = ("extract", "head", "logistic", "finetune")
-# Bounds that keep every number within what the code can handle (numpy seeds are 32-bit; a
-# learning rate above 10 only diverges; bigger images or thread pools exhaust memory before use).
-MAX_SEED = 2 ** 32 - 1
-MAX_LR = 10.0
-MAX_EPOCHS = 100_000
-MAX_BATCH = 1_000_000
-MAX_NAME = 100
+# Stages whose results belong to one dataset (the run folder's data check, the results table).
+DATA_STAGES = TRAIN_STAGES + ("sweep",)
 # predict needs image paths from the command line, so it cannot be listed in run.stages.
-RUN_STAGES = TRAIN_STAGES + ("benchmark", "report")
+RUN_STAGES = TRAIN_STAGES + ("sweep", "benchmark", "report", "leaderboard")
 STAGES = RUN_STAGES + ("predict",)
 PREDICT_MODELS = ("head", "logistic", "finetune")
-
-
-class ConfigError(PipelineError):
-    """A params file or override that cannot be used; the message names the key."""
-
-
-def _c(default: Any, help: str, **constraints: Any) -> Any:
-    """A field with a help text and constraints (gt, ge, le, choices, item_choices)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: copy.deepcopy(default),
-                     metadata={"help": help, **constraints})
-    return field(default=default, metadata={"help": help, **constraints})
 
 
 # ----------------------------------------------------------------------------- sections
@@ -126,32 +114,6 @@ class FeaturesConfig:
 
 
 @dataclass
-class HeadConfig:
-    type: str = _c("linear", "linear (a new nn.Linear) or classifier (the backbone's own pretrained dense "
-                   "layers, last one replaced; needs backbone.cut=conv)", choices=("linear", "classifier"))
-    epochs: int = _c(25, "training epochs", gt=0, le=MAX_EPOCHS)
-    batch_size: int = _c(4, "samples per SGD step", gt=0, le=MAX_BATCH)
-    lr: float = _c(0.001, "SGD learning rate (at most 10)", gt=0, le=MAX_LR)
-    momentum: float = _c(0.9, "SGD momentum", ge=0, lt=1)
-    weight_decay: float = _c(0.0, "SGD weight decay", ge=0, le=1)
-    step_size: int = _c(7, "StepLR: epochs between decays", gt=0, le=MAX_EPOCHS)
-    gamma: float = _c(0.1, "StepLR: decay factor", gt=0, le=1)
-    max_memory_gb: float = _c(4.0, "feature memory budget of the head and logistic stages, in GiB (2^30 bytes): "
-                              "a cache whose train+val features, as float32, exceed it is streamed from disk "
-                              "in chunks (logistic then uses an out-of-core SGDClassifier)", gt=0, le=1e6)
-
-
-@dataclass
-class LogisticConfig:
-    c_grid: list[float] = _c([0.001, 0.01, 0.1, 1.0, 10.0], "inverse regularisation strengths tried",
-                             item_gt=0, item_le=1e6, nonempty=True)
-    cv_folds: int = _c(3, "cross-validation folds on train for choosing C", ge=2, le=100)
-    max_iter: int = _c(1000, "solver iterations", gt=0, le=10_000_000)
-    sgd_epochs: int = _c(20, "passes of the out-of-core SGDClassifier over train, per C of the grid and "
-                         "again for the refit (streamed caches only; see head.max_memory_gb)", gt=0, le=MAX_EPOCHS)
-
-
-@dataclass
 class FinetuneConfig:
     epochs: int = _c(25, "training epochs", gt=0, le=MAX_EPOCHS)
     batch_size: int = _c(16, "images per SGD step", gt=0, le=65536)
@@ -207,6 +169,8 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
+    leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -270,6 +234,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             return None
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
         origin = typing.get_origin(tp)
+    if tp is dict or origin is dict:
+        return check_grid(key, value) if meta.get("grid") else check_object(key, value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -139,6 +139,10 @@ def load_cached_head(job: FinetuneJob, spec: BackboneSpec, model: nn.Module, cla
     if head.extra.get("head_type", "linear") == "classifier":
         model.classifier.load_state_dict(head.weights)
         return ["classifier"]
+    head_type = head.extra.get("head_type", "linear")
+    if head_type not in ("linear", "logistic"):  # mlp, knn, ncm: not one nn.Linear
+        raise PipelineError(f"finetune.init_head 'cached': '{path}' is a {head_type} head, which cannot "
+                            "sit in the network: train a linear head first (head.type=linear), or use init_head=none")
     if trained_on.get("cut", "pool") != "pool" or backbone.name.startswith("squeezenet"):
         raise PipelineError("finetune.init_head 'cached' needs a head that can sit in the network: a linear "
                             "head on backbone.cut=pool features (not squeezenet, whose classifier is a conv "

@@ -1,12 +1,16 @@
-"""Stage `head`: a classifier trained from the feature cache with SGD + StepLR.
+"""Stage `head`: a classifier trained from the feature cache.
 
 The features are loaded whole, or, when they exceed head.max_memory_gb, streamed from the cache
 in chunks (pipeline/stream.py); both feed the same epoch loop, `fit_head`.
 
-Two head types:
-- ``linear``: a new ``nn.Linear(feature_dim, num_classes)`` (the tutorial's fixed feature extractor);
+Head types (head.type):
+- ``linear``: a new ``nn.Linear(feature_dim, num_classes)`` (the tutorial's fixed feature extractor),
+  SGD + momentum + StepLR;
 - ``classifier``: the backbone's own pretrained dense layers (VGG, AlexNet) with the last layer
-  replaced, trained on the cached conv-trunk activations (``backbone.cut=conv``).
+  replaced, trained on the cached conv-trunk activations (``backbone.cut=conv``);
+- ``mlp``, ``knn``, ``ncm``: the probes of pipeline/probes.py, features in memory only.
+The core functions take the head's own section (HeadConfig), a device and a seed; `run_head`
+unpacks the Config.
 """
 from __future__ import annotations
 
@@ -26,17 +30,20 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import BackboneConfig, Config, HeadConfig
 from pipeline.engine import TensorBatches, check_finite_loss, evaluate, make_sgd, predict, to_tensors, train_one_epoch
+from pipeline.head_outputs import compact_params, confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
 from pipeline.orchestrate import StageFeatures, stage_features
+from pipeline.probes import CONFIGS, LinearConfig, Probe, build_probe, loss_weights, param_names
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
-from pipeline.selection import module_proba, score_test
+from pipeline.selection import score_test
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
 
 HEAD_FILE = MODEL_FILES["head"]
 EVAL_BATCH = 4096
+PROBE_TYPES = ("mlp", "knn", "ncm")   # trained by pipeline.probes, on features in memory
 
 
 @dataclass
@@ -47,8 +54,11 @@ class HeadResult:
     history: list[dict] = field(default_factory=list)  # per epoch: lr, train/val loss and acc
 
 
-def check_head_type(head_type: str, backbone: BackboneConfig) -> None:
-    """head.type 'classifier' needs a VGG/AlexNet backbone cached at the conv cut."""
+def check_head_type(head_type: str, backbone: BackboneConfig, train_views: int = 0) -> None:
+    """head.type 'classifier' needs a VGG/AlexNet backbone cached at the conv cut; the probes, no view bank."""
+    if head_type in PROBE_TYPES and train_views:
+        raise PipelineError(f"head.type '{head_type}' trains on the clean cached features: set extract.train_views=0 "
+                            "(the augmented views are drawn by head.type linear or classifier)")
     if head_type != "classifier":
         return
     from pipeline.backbones import check_dense_classifier
@@ -101,16 +111,17 @@ class ViewBatches:
 
 
 def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cfg: HeadConfig,
-             device: torch.device, seed: int) -> HeadResult:
+             device: torch.device, seed: int, class_weight: Optional[torch.Tensor] = None) -> HeadResult:
     """SGD + StepLR over train_batches for cfg.epochs; evaluate on val_batches after every epoch.
 
     train_batches, val_batches : re-iterable (x, y) mini-batches, x of shape (batch, feature_dim):
     in memory (engine.TensorBatches) or streamed from the cache (stream.StreamBatches).
+    class_weight : (num_classes,) loss weights (head.class_weight=balanced), or None.
     Keeps the best epoch's weights (first best on ties).
     """
     torch.manual_seed(seed)  # dropout in a classifier head
     head = head.to(device)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(weight=None if class_weight is None else class_weight.to(device))
     optimizer, scheduler = make_sgd(head.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                     cfg.step_size, cfg.gamma, light=True)
     best = HeadResult(copy.deepcopy(head.state_dict()), 0, -1.0)
@@ -145,7 +156,77 @@ def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
                                     torch.Generator().manual_seed(seed + 1), device)
     else:
         train_batches = TensorBatches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
-    return fit_head(head, train_batches, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False), cfg, device, seed)
+    weight = loss_weights(train_y.cpu(), num_classes, cfg.class_weight)
+    return fit_head(head, train_batches, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False), cfg, device, seed,
+                    weight)
+
+
+def train_linear_batched(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                         num_classes: int, cfg: HeadConfig, device: torch.device, seed: int,
+                         init_seed: int) -> HeadResult:
+    """The linear head of train_head through pipeline.joint's batched engine (one head): the same nn.Linear
+    initialisation (init_seed), batch order (seed), loss and SGD + StepLR updates, written out by hand, so
+    the weights agree with train_head's to float rounding (tests/test_head.py), about 3x faster (no
+    autograd or optimizer objects per step; docs/heads.md)."""
+    from pipeline.joint import train_linear_heads
+
+    linear = LinearConfig(**{name: getattr(cfg, name) for name in param_names("linear")})
+    joint = train_linear_heads(train_x, train_y, val_x, val_y, [linear], num_classes=num_classes, seed=seed,
+                               device=device, init_seed=init_seed)
+    (result,) = joint.results
+    for entry in result.history:
+        check_finite_loss("head", entry["train_loss"], entry["epoch"], "head.lr")
+    state = {"weight": joint.weight[0].clone(), "bias": joint.bias[0].clone()}
+    return HeadResult(state, result.best_epoch, result.best_acc, result.history)
+
+
+def probe_params(cfg: HeadConfig) -> dict:
+    """The head.* values a probe of cfg.type takes (pipeline.probe_config's parameters)."""
+    return {name: getattr(cfg, name) for name in param_names(cfg.type)}
+
+
+def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                num_classes: int, cfg: HeadConfig, device: torch.device, seed: int) -> Probe:
+    """A fitted mlp, knn or ncm probe on (n_samples, feature_dim) features; the epoch (mlp) chosen on val."""
+    probe = build_probe(cfg.type, probe_params(cfg), num_classes=num_classes, seed=seed, device=device)
+    probe.fit(train_x, train_y, val_x, val_y)
+    for entry in probe.result.history:
+        check_finite_loss("head", entry["train_loss"], entry["epoch"], "head.lr")
+    return probe
+
+
+@dataclass
+class FittedHead:
+    """A trained head, whatever its type: what head.pt stores and its probabilities on val."""
+
+    weights: dict                          # head.pt's state_dict: a module's weights, or a probe's state()
+    best_epoch: Optional[int]              # None for knn / ncm (no training)
+    best_acc: float                        # val top-1 of the kept weights
+    history: list
+    val_probs: np.ndarray                  # (n_val, num_classes), cache order
+    proba: Optional[object] = None         # features (n, feature_dim) -> (n, num_classes); in-memory runs only
+
+
+def fitted_module(head: nn.Module, result: HeadResult, val_batches: Iterable, device: torch.device) -> FittedHead:
+    """The kept weights' val probabilities; best_acc recomputed from them as correct / n (float64)."""
+    head = head.to(device)  # the batched engine trains its own tensors: the module may still be on the CPU
+    head.load_state_dict(result.state_dict)
+    logits, targets = predict(head, val_batches, device)
+    if len(targets):
+        result.best_acc = int((logits.argmax(1) == targets).sum()) / len(targets)
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        batches = TensorBatches(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.long), EVAL_BATCH, False)
+        return torch.softmax(predict(head, batches, device)[0], 1).numpy()
+
+    return FittedHead(result.state_dict, result.best_epoch, result.best_acc, result.history,
+                      torch.softmax(logits, 1).numpy(), proba)
+
+
+def fitted_probe(probe: Probe, val_x: torch.Tensor) -> FittedHead:
+    trained = probe.head_type == "mlp"
+    return FittedHead(probe.state(), probe.result.best_epoch if trained else None, float(probe.result.best_acc or 0.0),
+                      probe.result.history, probe.predict_proba(val_x), probe.predict_proba)
 
 
 @dataclass
@@ -158,20 +239,25 @@ class HeadData:
     val_labels: np.ndarray       # (n_val,)
     val_paths: list[str]
     info: dict                   # for metrics.json: streamed, buffer size
+    test: Optional[object] = None  # the cache's test split (in memory only), scored once for the kept head
 
 
 def run_head(cfg: Config, device: torch.device) -> dict:
     """Stage `head`: train on the cache from stage_features (features.file, or data.root's)."""
     if not cfg.features.file:
-        check_head_type(cfg.head.type, cfg.backbone)  # before spending minutes on extraction
+        check_head_type(cfg.head.type, cfg.backbone, cfg.extract.train_views)  # before minutes of extraction
     t0 = time.perf_counter()
     inputs = stage_features(cfg, device)
     backbone = BackboneConfig(**inputs.backbone_config)
-    check_head_type(cfg.head.type, backbone)
+    check_head_type(cfg.head.type, backbone, cfg.extract.train_views)
     shapes = inputs.features.shapes()
     check_views_budget(cfg.extract.train_views, cfg.head.max_memory_gb, shapes)
     if not needs_streaming(shapes, cfg.head.max_memory_gb):
         return _run_in_memory(cfg, device, inputs, backbone, t0)
+    if cfg.head.type in PROBE_TYPES:
+        raise PipelineError(stream_message("head", float32_nbytes(shapes), cfg.head.max_memory_gb,
+                                           f"head.type '{cfg.head.type}' needs the features in memory: raise "
+                                           "head.max_memory_gb, or use head.type=linear (streamed)"))
     with inputs.stream() as reader:
         return _run_streamed(cfg, device, inputs, backbone, reader, float32_nbytes(shapes), t0)
 
@@ -191,16 +277,27 @@ def _run_in_memory(cfg: Config, device: torch.device, inputs: StageFeatures, bac
     features = inputs.load()
     train_x, train_y = to_tensors(features.train)
     val_x, val_y = to_tensors(features.val)
-    head = _build(cfg, inputs, backbone, features.feature_dim, len(features.classes))
-    bank = inputs.views(cfg.extract.train_views)
-    views = torch.from_numpy(bank.views.astype(np.float32, copy=False)) if bank else None
+    num_classes = len(features.classes)
+    val_batches = TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False)
     t1 = time.perf_counter()
-    result = train_head(train_x, train_y, val_x, val_y, len(features.classes), cfg.head, device, cfg.run.seed,
-                        head=head, train_views=views)
+    if cfg.head.type in PROBE_TYPES:
+        fitted = fitted_probe(train_probe(train_x, train_y, val_x, val_y, num_classes, cfg.head, device,
+                                          cfg.run.seed), val_x)
+    else:
+        head = _build(cfg, inputs, backbone, features.feature_dim, num_classes)
+        bank = inputs.views(cfg.extract.train_views)
+        views = torch.from_numpy(bank.views.astype(np.float32, copy=False)) if bank else None
+        if cfg.head.type == "linear" and views is None:
+            result = train_linear_batched(train_x, train_y, val_x, val_y, num_classes, cfg.head, device,
+                                          cfg.run.seed, inputs.seed)
+        else:
+            result = train_head(train_x, train_y, val_x, val_y, num_classes, cfg.head, device, cfg.run.seed,
+                                head=head, train_views=views)
+        fitted = fitted_module(head, result, val_batches, device)
     train_seconds = time.perf_counter() - t1
-    data = HeadData(features.classes, features.feature_dim, TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False),
-                    features.val.labels, features.val.paths, {"streamed": False})
-    return _save_and_report(cfg, device, inputs, backbone, head, result, data, train_seconds, t0)
+    data = HeadData(features.classes, features.feature_dim, val_batches, features.val.labels, features.val.paths,
+                    {"streamed": False}, test_split(features))
+    return _save_and_report(cfg, device, inputs, backbone, fitted, data, train_seconds, t0)
 
 
 def _run_streamed(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
@@ -212,14 +309,17 @@ def _run_streamed(cfg: Config, device: torch.device, inputs: StageFeatures, back
                          f"{size_text(train_batches.nbytes)} for train, {size_text(val_batches.nbytes)} "
                          f"for val{mix})"))
     head = _build(cfg, inputs, backbone, reader.feature_dim, len(reader.classes))
+    weight = loss_weights(torch.from_numpy(np.asarray(reader.train.labels)), len(reader.classes),
+                          cfg.head.class_weight)
     t1 = time.perf_counter()
-    result = fit_head(head, train_batches, val_batches, cfg.head, device, cfg.run.seed)
+    result = fit_head(head, train_batches, val_batches, cfg.head, device, cfg.run.seed, weight)
     train_seconds = time.perf_counter() - t1
     info = {"streamed": True, "buffer_mib": round((train_batches.nbytes + val_batches.nbytes) / MIB, 1),
             "buffer_rows": train_batches.rows, "chunk_rows": reader.train.chunk_rows,
             "chunk_reads_per_epoch": train_batches.chunk_reads}
     data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info)
-    return _save_and_report(cfg, device, inputs, backbone, head, result, data, train_seconds, t0)
+    return _save_and_report(cfg, device, inputs, backbone, fitted_module(head, result, val_batches, device), data,
+                            train_seconds, t0)
 
 
 def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
@@ -231,37 +331,51 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
             StreamBatches(reader.val, EVAL_BATCH, int(budget * VAL_SHARE), shuffle=False))
 
 
+def head_params(cfg: HeadConfig) -> dict:
+    """The head.* values that shape this head type, for the ledger (those that differ from the defaults)."""
+    kind = cfg.type if cfg.type in CONFIGS else "linear"
+    params = {name: getattr(cfg, name) for name in param_names(kind)}
+    return compact_params(params, dataclasses.asdict(CONFIGS[kind]()))
+
+
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,
-                     head: nn.Module, result: HeadResult, data: HeadData, train_seconds: float, t0: float) -> dict:
-    """Stage head.pt, its reports and metrics entry, and publish them as one unit (pipeline/rundir.py)."""
+                     fitted: FittedHead, data: HeadData, train_seconds: float, t0: float) -> dict:
+    """Stage head.pt, its reports, val predictions and metrics entry, and publish them as one unit
+    (pipeline/rundir.py); then a line in the ledger."""
     artifact = ModelArtifact(
-        "head", list(data.classes), result.state_dict, dataclasses.asdict(cfg.head), inputs.features.backbone,
+        "head", list(data.classes), fitted.weights, dataclasses.asdict(cfg.head), inputs.features.backbone,
         dataclasses.asdict(backbone), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
-        str(inputs.features.path), result.history, environment_info(device),
-        {"head_type": cfg.head.type, "best_epoch": result.best_epoch, "val_acc": result.best_acc,
+        str(inputs.features.path), fitted.history, environment_info(device),
+        {"head_type": cfg.head.type, "best_epoch": fitted.best_epoch, "val_acc": fitted.best_acc,
          "streamed": data.info["streamed"]}).to_dict()
+    chosen_on = "val (best epoch)" if fitted.best_epoch is not None else "nothing (no training choices)"
+    test = (score_test("head", data, fitted.proba, chosen_on) if fitted.proba is not None
+            else {"selected_on": chosen_on, "test_acc": None})
     with Publication(cfg.run_dir, "head") as pub:
         pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
-        entry = _report(cfg, device, inputs, head, result, data, train_seconds, t0, artifact, pub)
+        entry = _report(cfg, inputs, fitted, data, train_seconds, t0, artifact, pub, test)
         pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    record_heads(cfg.run.output_dir, [ledger_entry(inputs.features, cfg.head.type, head_params(cfg.head),
+                                                   entry["val_acc"], entry["mean_per_class_acc"], test,
+                                                   entry["seconds"], cfg.run_dir, "head")])
     return entry
 
 
-def _report(cfg: Config, device: torch.device, inputs: StageFeatures, head: nn.Module, result: HeadResult,
-            data: HeadData, train_seconds: float, t0: float, artifact: dict, pub: Publication) -> dict:
-    """Print the result, predict val in cache order, stage the reports; the metrics entry (full precision)."""
+def _report(cfg: Config, inputs: StageFeatures, fitted: FittedHead, data: HeadData, train_seconds: float,
+            t0: float, artifact: dict, pub: Publication, test: dict) -> dict:
+    """Print the result, stage the reports and val predictions; the metrics entry (full precision)."""
     path = cfg.run_dir / HEAD_FILE
     seconds = time.perf_counter() - t0
-    entry = StageResult("head", result.best_acc, seconds, str(path), result.history,
-                        {"train_seconds": train_seconds, "best_epoch": result.best_epoch,
-                         "epochs": cfg.head.epochs, "head_type": cfg.head.type,
-                         "train_views": cfg.extract.train_views, **data.info}).to_dict()
-    print(f"head: best val_acc {result.best_acc:.4f} at epoch {result.best_epoch}/{cfg.head.epochs} "
-          f"({train_seconds:.2f} s of training) -> {path}")
-    head.load_state_dict(result.state_dict)
-    entry.update(score_test("head", inputs, module_proba(head, device), "val (best epoch)"))
-    logits, _ = predict(head, data.val_batches, device)
-    preds = Predictions(torch.softmax(logits, 1).numpy(), data.val_labels, data.val_paths,
-                        inputs.images, list(data.classes))
-    entry.update(finish_stage(cfg, "head", preds, artifact, history=result.history, publication=pub))
+    trained = {"best_epoch": fitted.best_epoch, "epochs": cfg.head.epochs} if fitted.best_epoch is not None else {}
+    entry = StageResult("head", fitted.best_acc, seconds, str(path), fitted.history,
+                        {"train_seconds": train_seconds, **trained, "head_type": cfg.head.type,
+                         "train_views": cfg.extract.train_views, **data.info, **test}).to_dict()
+    preds = Predictions(fitted.val_probs, data.val_labels, data.val_paths, inputs.images, list(data.classes))
+    entry.update(finish_stage(cfg, "head", preds, artifact, history=fitted.history, publication=pub))
+    entry.update(stage_error_analysis(pub, "head", preds))
+    at = f" at epoch {fitted.best_epoch}/{cfg.head.epochs}" if fitted.best_epoch is not None else ""
+    shown = f"; test top-1 {test['test_acc']:.4f}" if test.get("test_acc") is not None else ""
+    print(f"head: best val_acc {fitted.best_acc:.4f}{at} ({cfg.head.type}), mean per-class "
+          f"{entry['mean_per_class_acc']:.4f}{shown} ({train_seconds:.2f} s of training) -> {path}; "
+          f"{confused_text(entry['confused_pairs'])}")
     return entry

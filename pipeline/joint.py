@@ -220,11 +220,13 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
 
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
-                       device: Union[str, torch.device] = "cpu", progress: bool = False) -> JointResult:
+                       device: Union[str, torch.device] = "cpu", progress: bool = False,
+                       init_seed: Optional[int] = None) -> JointResult:
     """Train one linear head per config together; each keeps its best val epoch.
 
     X : (n_samples, n_features); y : (n_samples,); X_val, y_val likewise or None (then the last epoch).
-    The configs must agree on epochs, batch_size and class_weight (see shared_key).
+    The configs must agree on epochs, batch_size and class_weight (see shared_key). seed draws the
+    batch order and, unless init_seed is given, the initial weights.
     """
     t0 = time.perf_counter()
     configs = _check_joint_configs(configs)
@@ -233,7 +235,8 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     first = configs[0]
     cw = loss_weights(labels, num_classes, first.class_weight)
     cw = cw.to(device) if cw is not None else None
-    weight, bias = _initial_heads(len(configs), x.shape[1], num_classes, seed, device)
+    weight, bias = _initial_heads(len(configs), x.shape[1], num_classes, seed if init_seed is None else init_seed,
+                                  device)
     best = _BestEpochs(weight, bias)
     history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)

@@ -34,6 +34,7 @@ class LedgerEntry:
     run_dir: str = ""
     source: str = ""                        # head, logistic, sweep, benchmark, api
     time: str = ""                          # UTC, ISO 8601; filled in by append_entries when empty
+    cache_file: str = ""                    # where the cache was when the head was trained
 
     @classmethod
     def from_dict(cls, d: dict) -> "LedgerEntry":
@@ -115,6 +116,7 @@ class CacheSummary:
     heads: int
     best: LedgerEntry
     last_time: str
+    cache_file: str = ""                    # the file of its newest entry that names one
 
 
 def caches(entries: Iterable[LedgerEntry]) -> list[CacheSummary]:
@@ -122,7 +124,8 @@ def caches(entries: Iterable[LedgerEntry]) -> list[CacheSummary]:
     by_key: dict[str, list[LedgerEntry]] = {}
     for e in entries:
         by_key.setdefault(e.cache_key, []).append(e)
-    out = [CacheSummary(k, es[-1].backbone, len(es), best_heads(es, k, 1)[0], max(e.time for e in es))
+    out = [CacheSummary(k, es[-1].backbone, len(es), best_heads(es, k, 1)[0], max(e.time for e in es),
+                        next((e.cache_file for e in reversed(es) if e.cache_file), ""))
            for k, es in by_key.items()]
     return sorted(out, key=lambda s: s.last_time, reverse=True)
 
@@ -162,6 +165,6 @@ def format_caches(entries: Sequence[LedgerEntry]) -> str:
     summaries = caches(entries)
     if not summaries:
         return "the ledger is empty"
-    rows = [[s.cache_key, s.backbone, str(s.heads), f"{s.best.head_type} {_params(s.best.params)}",
-             _f(s.best.val_acc), s.last_time] for s in summaries]
-    return _table(["cache", "backbone", "heads", "best head", "val top-1", "last used"], rows)
+    rows = [[s.cache_key[:16], s.backbone, str(s.heads), f"{s.best.head_type} {_params(s.best.params)}",
+             _f(s.best.val_acc), s.last_time, s.cache_file or "-"] for s in summaries]
+    return _table(["cache", "backbone", "heads", "best head", "val top-1", "last used", "file"], rows)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, LogisticConfig
+from pipeline.head_outputs import confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
@@ -236,6 +238,7 @@ class LogisticFit:
     feature_dim: int
     fit_seconds: float
     info: dict                   # for metrics.json: estimator, streamed, ...
+    test: dict = field(default_factory=dict)   # test top-1 / mean per-class, scored once (in memory only)
 
 
 def _full_probs(model: Pipeline, x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -245,31 +248,36 @@ def _full_probs(model: Pipeline, x: np.ndarray, num_classes: int) -> np.ndarray:
     return full
 
 
-def _fit_in_memory(cfg: Config, inputs: StageFeatures) -> LogisticFit:
+def _fit_in_memory(lcfg: LogisticConfig, seed: int, inputs: StageFeatures) -> LogisticFit:
     features = inputs.load()
     x_train = features.train.features.astype(np.float32)
     x_val = features.val.features.astype(np.float32)
     t1 = time.perf_counter()
-    search = fit_logistic(x_train, features.train.labels, cfg.logistic, cfg.run.seed, features.classes)
+    search = fit_logistic(x_train, features.train.labels, lcfg, seed, features.classes)
     fit_seconds = time.perf_counter() - t1
-    probs = _full_probs(search.best_estimator_, x_val, len(features.classes))
-    return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv_summary(search),
+    n = len(features.classes)
+    probs = _full_probs(search.best_estimator_, x_val, n)
+    cv = cv_summary(search)
+    test = score_test("logistic", SimpleNamespace(test=test_split(features)),
+                      lambda x: _full_probs(search.best_estimator_, x, n), f"train ({cv['selection']})")
+    return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv,
                        float(search.best_score_), probs, features.val.labels, features.val.paths, features.classes,
-                       features.feature_dim, fit_seconds, {"estimator": "LogisticRegression", "streamed": False})
+                       features.feature_dim, fit_seconds, {"estimator": "LogisticRegression", "streamed": False}, test)
 
 
-def _fit_streamed(cfg: Config, reader: fc.FeatureReader, nbytes: int) -> LogisticFit:
-    budget = budget_bytes(cfg.head.max_memory_gb)
-    passes = 2 + 2 * cfg.logistic.sgd_epochs
-    print(stream_message("logistic", nbytes, cfg.head.max_memory_gb,
+def _fit_streamed(lcfg: LogisticConfig, seed: int, max_memory_gb: float, reader: fc.FeatureReader,
+                  nbytes: int) -> LogisticFit:
+    budget = budget_bytes(max_memory_gb)
+    passes = 2 + 2 * lcfg.sgd_epochs
+    print(stream_message("logistic", nbytes, max_memory_gb,
                          f'out-of-core SGDClassifier(loss="log_loss") with partial_fit, {passes} passes over '
-                         f"{reader.path} (each read feeds all {len(cfg.logistic.c_grid)} C values of the grid)"))
+                         f"{reader.path} (each read feeds all {len(lcfg.c_grid)} C values of the grid)"))
     t1 = time.perf_counter()
-    fit = fit_logistic_streamed(reader.train, cfg.logistic, cfg.run.seed, budget)
+    fit = fit_logistic_streamed(reader.train, lcfg, seed, budget)
     fit_seconds = time.perf_counter() - t1
     probs = predict_proba_streamed(fit.model, reader.val, len(reader.classes), budget)
     best_acc = next(r["acc"] for r in fit.held_out if r["C"] == fit.best_c)
-    info = {"estimator": "SGDClassifier", "streamed": True, "sgd_epochs": cfg.logistic.sgd_epochs,
+    info = {"estimator": "SGDClassifier", "streamed": True, "sgd_epochs": lcfg.sgd_epochs,
             "passes": fit.passes + 1, "chunk_reads": fit.chunk_reads, "buffer_mib": round(fit.buffer_bytes / MIB, 1),
             "held_out_rows": fit.held_out_rows, "held_out": fit.held_out}
     return LogisticFit(fit.model, fit.best_c, fit.cv, best_acc, probs, reader.val.labels, reader.val.paths,
@@ -282,9 +290,9 @@ def run_logistic(cfg: Config, device: torch.device) -> dict:
     inputs = stage_features(cfg, device)
     shapes = inputs.features.shapes()
     if not needs_streaming(shapes, cfg.head.max_memory_gb):
-        return _save_and_report(cfg, device, inputs, _fit_in_memory(cfg, inputs), t0)
+        return _save_and_report(cfg, device, inputs, _fit_in_memory(cfg.logistic, cfg.run.seed, inputs), t0)
     with inputs.stream() as reader:
-        fit = _fit_streamed(cfg, reader, float32_nbytes(shapes))
+        fit = _fit_streamed(cfg.logistic, cfg.run.seed, cfg.head.max_memory_gb, reader, float32_nbytes(shapes))
     return _save_and_report(cfg, device, inputs, fit, t0)
 
 
@@ -303,6 +311,9 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, f
         pub.save_model(LOGISTIC_FILE, lambda tmp: joblib.dump(artifact, tmp))
         entry = _report(cfg, inputs, fit, t0, val_acc, artifact, pub)
         pub.commit(metrics_entry=entry, config=cfg.to_dict())
+    record_heads(cfg.run.output_dir, [ledger_entry(inputs.features, "logistic", {"C": fit.best_c}, val_acc,
+                                                   entry["mean_per_class_acc"], fit.test, entry["seconds"],
+                                                   cfg.run_dir, "logistic")])
     return entry
 
 
@@ -312,12 +323,12 @@ def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val
     path = cfg.run_dir / LOGISTIC_FILE
     entry = StageResult("logistic", val_acc, time.perf_counter() - t0, str(path),
                         details={"fit_seconds": fit.fit_seconds, "C": fit.best_c,
-                                 "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info}).to_dict()
-    print(f"logistic: val_acc {val_acc:.4f} with C={fit.best_c:g} ({fit.info['estimator']}; C chosen by "
-          f"{fit.cv['selection']}: {fit.cv_accuracy:.4f}; {fit.fit_seconds:.2f} s) -> {path}")
-    entry.update(score_test("logistic", inputs, lambda x: _full_probs(fit.model, x, len(fit.classes)),
-                            f"train ({fit.cv['selection']})"))
+                                 "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info, **fit.test}).to_dict()
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
     entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv, publication=pub))
-    return entry
+    entry.update(stage_error_analysis(pub, "logistic", preds))
+    shown = f"; test top-1 {fit.test['test_acc']:.4f}" if fit.test.get("test_acc") is not None else ""
+    print(f"logistic: val_acc {val_acc:.4f}, mean per-class {entry['mean_per_class_acc']:.4f}{shown} with "
+          f"C={fit.best_c:g} ({fit.info['estimator']}; C chosen by {fit.cv['selection']}: {fit.cv_accuracy:.4f}; "
+          f"{fit.fit_seconds:.2f} s) -> {path}; {confused_text(entry['confused_pairs'])}")
     return entry

@@ -1,6 +1,8 @@
 """Rebuild a trained classifier from its run-folder artifact: images (or cached features) -> probabilities.
 
-- head: the backbone cut as at extraction, then the saved head (linear or the dense classifier);
+- head: the backbone cut as at extraction, then the saved head: an nn.Linear (head.type linear, or a
+  sweep's logistic winner folded into one), the dense classifier, or an mlp / knn / ncm probe
+  rebuilt from its state (pipeline.probes.load_probe);
 - logistic: the same backbone, then the saved scikit-learn pipeline;
 - finetune: the whole network with its trained weights.
 """
@@ -101,7 +103,34 @@ def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     return build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
 
 
+PROBE_HEADS = ("mlp", "knn", "ncm")   # saved as pipeline.probes state, not as a module's state dict
+
+
+def _probe_proba(artifact: dict, device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
+    """The saved mlp / knn / ncm probe: features -> (N, num_classes) probabilities."""
+    from pipeline.probes import load_probe
+
+    head_type = artifact["head_type"]
+    try:
+        probe = load_probe(artifact["state_dict"], device)
+        fits = probe.n_features == artifact["feature_dim"] and probe.num_classes == len(artifact["classes"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise PipelineError(f"the saved {head_type} head cannot be rebuilt ({str(e).splitlines()[0]}): train it "
+                            "again with the head stage") from None
+    if not fits:
+        raise PipelineError(f"the saved {head_type} head does not fit its recorded shape ({artifact['feature_dim']} "
+                            f"features, {len(artifact['classes'])} classes): train it again with the head stage")
+    return probe.predict_proba
+
+
+def _head_classifier(artifact: dict, device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
+    if artifact.get("head_type", "linear") in PROBE_HEADS:
+        return _probe_proba(artifact, device)
+    return _softmax(_head_module(artifact).to(device))
+
+
 def _head_module(artifact: dict) -> nn.Module:
+    """nn.Linear (linear, a folded logistic winner) or the dense classifier, with the saved weights."""
     num_classes = len(artifact["classes"])
     if artifact.get("head_type", "linear") == "classifier":
         name = artifact["backbone_config"]["name"]
@@ -157,7 +186,7 @@ def predictor_from_artifact(kind: str, artifact: dict, device: torch.device, wit
         network = network.to(device).eval()
         return Predictor(kind, classes, preprocess, artifact, _softmax(network), None, device)
     if kind == "head":
-        classify = _softmax(_head_module(artifact).to(device))
+        classify = _head_classifier(artifact, device)
     elif kind == "logistic":
         classify = _sklearn_proba(artifact["model"], len(classes))
     else:

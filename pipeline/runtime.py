@@ -57,8 +57,8 @@ def stage_threads(stage: str, head_type: str, requested: int) -> int:
     """
     if requested:
         return requested
-    if stage == "logistic" or (stage == "head" and head_type == "linear"):
-        return 1
+    if stage in ("logistic", "sweep", "leaderboard") or (stage == "head" and head_type != "classifier"):
+        return 1  # the sweep's and the probes' steps are as small as a linear head's
     return available_cores()
 
 

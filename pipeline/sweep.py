@@ -65,6 +65,11 @@ def _value_text(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def full_params(config: SweepConfig, defaults: Optional[dict] = None) -> dict:
+    """The grid's values over defaults[head_type]: the values of the parameters the grid leaves out."""
+    return {**(defaults or {}).get(config.head_type, {}), **config.param_dict}
+
+
 def allowed_params(head_type: str) -> tuple[str, ...]:
     return tuple(LOGISTIC_DEFAULTS) if head_type == "logistic" else param_names(head_type)
 
@@ -168,27 +173,31 @@ class SweepOutcome:
         return list(best.values())
 
 
-def _fit_logistic_path(unit: list[SweepConfig], x: np.ndarray, y: np.ndarray, seed: int):
+def _fit_logistic_path(unit: list[SweepConfig], x: np.ndarray, y: np.ndarray, seed: int, defaults: Optional[dict]):
     """Yield (config, fitted pipeline, seconds) for the logistic configs of one max_iter, C ascending.
 
     One StandardScaler for all; each C starts from the previous C's solution (warm_start): the
-    problem is convex, so the solution is the same, reached in fewer iterations.
+    problem is convex, so the solution is the same, reached in fewer iterations. Each fit runs on one
+    BLAS thread, as the logistic stage's: BLAS threads spin while they wait, which on a busy machine
+    made the logistic stage's search 38 times slower (pipeline/logistic.py).
     """
     import copy
 
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
     share = (time.perf_counter() - t0) / len(unit)
-    clf = LogisticRegression(max_iter=int(check_logistic(unit[0].param_dict)["max_iter"]), warm_start=True,
-                             random_state=seed)
-    for c in sorted(unit, key=lambda c: check_logistic(c.param_dict)["C"]):
+    params = {c: check_logistic(full_params(c, defaults)) for c in unit}
+    clf = LogisticRegression(max_iter=int(params[unit[0]]["max_iter"]), warm_start=True, random_state=seed)
+    for c in sorted(unit, key=lambda c: params[c]["C"]):
         t1 = time.perf_counter()
-        clf.set_params(C=float(check_logistic(c.param_dict)["C"])).fit(xs, y)
+        with threadpool_limits(1):
+            clf.set_params(C=float(params[c]["C"])).fit(xs, y)
         model = Pipeline([("scale", scaler), ("clf", copy.deepcopy(clf))])
         yield c, model, time.perf_counter() - t1 + share
 
@@ -205,16 +214,16 @@ class LogisticModel:
         return proba
 
 
-def _order(configs: Sequence[SweepConfig]) -> list[list[SweepConfig]]:
+def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None) -> list[list[SweepConfig]]:
     """Work units: one per joint group of linear configs (first), one per other config, and one per
     max_iter of the logistic configs (last: scikit-learn is imported only if there are any)."""
     groups: dict[tuple, list[SweepConfig]] = {}
     paths: dict[int, list[SweepConfig]] = {}
     for c in configs:
         if c.head_type == "linear":
-            groups.setdefault(shared_key(make_config("linear", c.param_dict)), []).append(c)
+            groups.setdefault(shared_key(make_config("linear", full_params(c, defaults))), []).append(c)
         elif c.head_type == "logistic":
-            paths.setdefault(check_logistic(c.param_dict)["max_iter"], []).append(c)
+            paths.setdefault(check_logistic(full_params(c, defaults))["max_iter"], []).append(c)
     return (list(groups.values()) + [[c] for c in configs if c.head_type not in ("linear", "logistic")]
             + list(paths.values()))
 
@@ -222,9 +231,12 @@ def _order(configs: Sequence[SweepConfig]) -> list[list[SweepConfig]]:
 def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, y_val: Array,
               X_test: Optional[Array] = None, y_test: Optional[Array] = None, num_classes: Optional[int] = None,
               seed: int = 0, device: Union[str, torch.device] = "cpu",
-              on_result: Optional[Callable[[SweepResult], None]] = None, progress: bool = False) -> SweepOutcome:
+              on_result: Optional[Callable[[SweepResult], None]] = None, progress: bool = False,
+              defaults: Optional[dict] = None) -> SweepOutcome:
     """Train every configuration on (X, y), score it on val, then score test for the chosen ones.
 
+    defaults: {head_type: {parameter: value}} for the parameters a configuration leaves out (the
+    sweep stage passes head.* there); without it, each head type's own defaults.
     X : (n_samples, n_features), y : (n_samples,) class indices; likewise val (required: it does the
     selecting) and the optional test. on_result(result) is called as each configuration finishes, so a
     caller can keep results as they come; Ctrl-C (KeyboardInterrupt) stops the sweep and returns what
@@ -241,7 +253,7 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     x_test = as_features(X_test, "X_test") if has_test else None
     labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
     num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
-    units = _order(configs)
+    units = _order(configs, defaults)
     outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
     bar = None
     if progress:
@@ -261,7 +273,7 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
 
     try:
         for unit in units:
-            for result in _run_unit(unit, x, labels, x_val, labels_val, num_classes, seed, device):
+            for result in _run_unit(unit, x, labels, x_val, labels_val, num_classes, seed, device, defaults):
                 finish(result)
     except KeyboardInterrupt:
         outcome.interrupted = True
@@ -276,13 +288,13 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     return outcome
 
 
-def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes, seed, device):
+def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes, seed, device, defaults=None):
     """Yield the SweepResult of every configuration of one work unit."""
     yv = labels_val.numpy()
     head_type = unit[0].head_type
     t0 = time.perf_counter()
     if head_type == "linear":
-        cfgs = [make_config("linear", c.param_dict) for c in unit]
+        cfgs = [make_config("linear", full_params(c, defaults)) for c in unit]
         joint = train_linear_heads(x, labels, x_val, labels_val, cfgs, num_classes=num_classes, seed=seed,
                                    device=device)
         share = joint.seconds / len(unit)
@@ -292,13 +304,13 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
             yield SweepResult(c, s["acc"], s["mean_per_class"], share, True, probe.result.best_epoch, model=probe)
         return
     if head_type == "logistic":
-        for c, fitted, seconds in _fit_logistic_path(unit, x.numpy(), labels.numpy(), seed):
+        for c, fitted, seconds in _fit_logistic_path(unit, x.numpy(), labels.numpy(), seed, defaults):
             model = LogisticModel(fitted, num_classes)
             s = score_proba(yv, model.predict_proba(x_val))
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
         return
     c = unit[0]
-    model = build_probe(head_type, c.param_dict, num_classes=num_classes, seed=seed, device=device)
+    model = build_probe(head_type, full_params(c, defaults), num_classes=num_classes, seed=seed, device=device)
     model.fit(x, labels, x_val, labels_val)
     best_epoch = model.result.best_epoch if head_type == "mlp" else None
     s = score_proba(yv, model.predict_proba(x_val))

@@ -35,6 +35,14 @@ def test_overrides_parse_types():
     assert cfg.backbone.image_size is None and cfg.finetune.augment is False and cfg.run.stages == ["head"]
 
 
+def test_head_zoo_and_sweep_keys_parse():
+    cfg = load_config(None, ["head.type=mlp", "head.hidden=64", "head.class_weight=balanced",
+                             'sweep.grid={"knn": {"k": [5, 10]}, "ncm": {}}', "leaderboard.all=true"])
+    assert (cfg.head.type, cfg.head.hidden, cfg.head.class_weight) == ("mlp", 64, "balanced")
+    assert cfg.sweep.grid == {"knn": {"k": [5, 10]}, "ncm": {}} and cfg.leaderboard.all is True
+    assert set(Config().sweep.grid) == {"linear", "knn", "ncm", "logistic", "mlp"}  # the example grid
+
+
 def test_new_sections_have_working_defaults():
     cfg = Config()
     assert (cfg.backbone.cut, cfg.head.type, cfg.finetune.init_head, cfg.finetune.backbone_lr_mult) == \
@@ -63,7 +71,16 @@ def test_int_accepted_for_float():
     ("logistic.c_grid=[]", "logistic.c_grid: must not be empty"),
     ("head.lr", "expected section.key=value"),
     ("backbone.cut=fc7", "backbone.cut: 'fc7' is not one of pool, conv"),
-    ("head.type=mlp", "head.type: 'mlp' is not one of linear, classifier"),
+    ("head.type=svm", "head.type: 'svm' is not one of linear, mlp, knn, ncm, classifier"),
+    ("head.class_weight=auto", "head.class_weight: 'auto' is not one of none, balanced"),
+    ("head.dropout=1", "head.dropout: must be < 1"),
+    ("head.k=0", "head.k: must be > 0"),
+    ("sweep.grid={\"svm\": {}}", "sweep.grid: unknown head type 'svm' .use: linear, mlp, knn, ncm, logistic."),
+    ("sweep.grid={\"knn\": [5]}", "sweep.grid.knn: expected an object {parameter: [values]}"),
+    ("sweep.grid={\"knn\": {\"k\": []}}", "sweep.grid.knn.k: expected a value or a non-empty list of values"),
+    ("sweep.grid={}", "sweep.grid: expected a non-empty object"),
+    ("sweep.grid=fast", "sweep.grid: expected a non-empty object"),
+    ("leaderboard.all=yes", "leaderboard.all: expected true or false"),
     ("finetune.init_head=yes", "finetune.init_head: 'yes' is not one of none, cached"),
     ("finetune.backbone_lr_mult=0", "finetune.backbone_lr_mult: must be > 0"),
     ("finetune.backbone_lr_mult=2", "finetune.backbone_lr_mult: must be <= 1"),

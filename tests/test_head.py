@@ -206,3 +206,84 @@ def test_a_diverged_loss_stops_the_run_with_a_line():
     x, y = torch.full((8, 4), 1e38), torch.tensor([0, 1] * 4)
     with pytest.raises(PipelineError, match=r"head: the training loss diverged \(.*\) in epoch 1: lower head.lr"):
         train_head(x, y, x, y, 2, HeadConfig(epochs=2, lr=10.0), torch.device("cpu"), 0)
+
+
+# ----------------------------------------------------------------------------- the head zoo in the stage
+def test_balanced_class_weight_trains_the_probes_weights():
+    """head.class_weight=balanced in the stage's loop is the probes' (scikit-learn's) weighting, same weights."""
+    from pipeline.probes import build_probe
+
+    x, y = blobs(n_per_class=30)
+    keep = torch.cat([torch.arange(0, 30), torch.arange(30, 36), torch.arange(60, 90)])  # class 1 is rare
+    x, y = x[keep], y[keep]
+    vx, vy = blobs(seed=1)
+    cfg = HeadConfig(epochs=3, lr=0.01, class_weight="balanced")
+    result = train_head(x, y, vx, vy, 3, cfg, CPU, seed=0)
+    probe = build_probe("linear", {"epochs": 3, "lr": 0.01, "class_weight": "balanced"}, num_classes=3).fit(x, y, vx, vy)
+    assert torch.allclose(result.state_dict["weight"], probe.model.weight, atol=1e-6)
+    plain = train_head(x, y, vx, vy, 3, HeadConfig(epochs=3, lr=0.01), CPU, seed=0)
+    assert not torch.allclose(result.state_dict["weight"], plain.state_dict["weight"], atol=1e-4)
+
+
+def test_every_head_type_trains_saves_and_predicts_like_it_scored(tiny_cfg, image_root, params_file, capsys):
+    """mlp, knn and ncm from one cache: head.pt rebuilt by predict and report, val predictions, ledger lines."""
+    import csv
+
+    import run_pipeline
+    from pipeline.ledger import read_ledger
+    from pipeline.predictor import load_predictor
+    from pipeline.report import run_report
+
+    for head_type in ("mlp", "knn", "ncm"):
+        cfg = tiny_cfg(f"head.type={head_type}", f"run.name={head_type}", "head.hidden=16", "head.k=3")
+        entry = run_head(cfg, CPU)
+        ckpt = load_checkpoint(cfg.run_dir / "head.pt")
+        assert ckpt["head_type"] == head_type and ckpt["state_dict"]["head_type"] == head_type
+        assert entry["head_type"] == head_type and {"val_acc_top1", "mean_per_class_acc"} <= set(entry)
+        assert ("best_epoch" in entry) == (head_type == "mlp")
+        val = fc.read_cache(ckpt["cache_file"]).val
+        probs = load_predictor(cfg.run_dir, "head", CPU, with_backbone=False).probs_from_features(val.features)
+        assert np.mean(probs.argmax(1) == val.labels) == pytest.approx(entry["val_acc"])
+        assert run_report(cfg, CPU)["head"]["val_acc_top1"] == pytest.approx(entry["val_acc"])
+        rows = list(csv.DictReader((cfg.run_dir / "head_val_predictions.csv").open()))
+        assert [r["path"] for r in rows] == list(val.paths)
+        assert all(r["predicted"] in ("ants", "bees") and r["top_k"].count(":") == 2 for r in rows)
+        assert isinstance(read_metrics(cfg.run_dir)["head"]["confused_pairs"], list)
+    ledger = read_ledger(cfg.run_dir.parent / "ledger.jsonl").entries
+    assert [e.head_type for e in ledger] == ["mlp", "knn", "ncm"] and ledger[1].params == {"k": 3}
+    assert len({e.cache_key for e in ledger}) == 1 and ledger[0].cache_key == ckpt["cache_key"]
+    image = image_root / "val" / "bees" / "img_000.png"   # predict runs the backbone, then the saved ncm head
+    capsys.readouterr()
+    assert run_pipeline.main(["--params", str(params_file), "--set", "run.name=ncm", "predict", str(image)]) == 0
+    assert "1 of 1 images classified" in capsys.readouterr().out
+
+
+def test_probe_heads_need_the_features_in_memory_and_no_view_bank(tiny_cfg):
+    from pipeline import PipelineError
+
+    with pytest.raises(PipelineError, match="head.type 'knn' trains on the clean cached features: set "
+                                            "extract.train_views=0"):
+        run_head(tiny_cfg("head.type=knn", "extract.train_views=2"), CPU)
+    with pytest.raises(PipelineError, match=r"head.max_memory_gb=1e-05 .*head.type 'mlp' needs the features in "
+                                            r"memory: raise head.max_memory_gb, or use head.type=linear"):
+        run_head(tiny_cfg("head.type=mlp", "head.max_memory_gb=1e-5"), CPU)
+
+
+@pytest.mark.parametrize("cfg", [HeadConfig(epochs=4), HeadConfig(epochs=5, lr=0.01, weight_decay=1e-3, step_size=2,
+                                                                  class_weight="balanced", batch_size=7)])
+def test_the_stages_batched_linear_head_trains_the_engines_weights(cfg):
+    """In memory, the stage trains head.type=linear through joint.py's batched engine: same init, batch order,
+    updates and best epoch as train_head (nn.Linear + torch.optim.SGD + StepLR), to float rounding."""
+    from pipeline.head import train_linear_batched
+
+    x, y = blobs()
+    vx, vy = blobs(seed=1)
+    torch.manual_seed(7)              # the stage draws the layer from the cache's seed, the batches from run.seed
+    engine = train_head(x, y, vx, vy, 3, cfg, CPU, seed=3, head=torch.nn.Linear(16, 3))
+    batched = train_linear_batched(x, y, vx, vy, 3, cfg, CPU, seed=3, init_seed=7)
+    for name in ("weight", "bias"):
+        assert torch.allclose(batched.state_dict[name], engine.state_dict[name], atol=1e-5), name
+    assert batched.best_epoch == engine.best_epoch
+    for mine, theirs in zip(batched.history, engine.history):
+        assert mine["lr"] == pytest.approx(theirs["lr"]) and mine["val_acc"] == pytest.approx(theirs["val_acc"])
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)

@@ -153,3 +153,18 @@ def test_too_few_images_names_the_class():
 
     with pytest.raises(PipelineError, match="class 'bees' has 1 training image"):
         _folds(np.array([0, 0, 0, 1]), 3, ("ants", "bees"))
+
+
+def test_run_logistic_writes_val_predictions_and_a_ledger_line(tiny_cfg):
+    import csv
+
+    from pipeline.ledger import read_ledger
+
+    cfg = tiny_cfg()
+    entry = run_logistic(cfg, torch.device("cpu"))
+    rows = list(csv.DictReader((cfg.run_dir / "logistic_val_predictions.csv").open()))
+    assert len(rows) == 6 and all(r["correct"] == "1" for r in rows)   # val_acc 1.0 on the colour-coded classes
+    assert entry["mean_per_class_acc"] == entry["val_acc_top1"] == 1.0 and entry["confused_pairs"] == []
+    (line,) = read_ledger(cfg.run_dir.parent / "ledger.jsonl").entries
+    assert (line.head_type, line.source, line.params, line.val_acc) == ("logistic", "logistic", {"C": entry["C"]}, 1.0)
+    assert line.cache_file == read_metrics(cfg.run_dir)["extract"]["cache_file"]

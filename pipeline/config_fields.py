@@ -1,0 +1,31 @@
+"""The building blocks of the config sections: ConfigError, the field helper `_c` and the numeric bounds.
+
+Re-exported by pipeline.config; stdlib only (config errors are answered before torch is imported).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import field
+from typing import Any
+
+from pipeline import PipelineError
+
+# Bounds that keep every number within what the code can handle (numpy seeds are 32-bit; a
+# learning rate above 10 only diverges; bigger images or thread pools exhaust memory before use).
+MAX_SEED = 2 ** 32 - 1
+MAX_LR = 10.0
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_NAME = 100
+
+
+class ConfigError(PipelineError):
+    """A params file or override that cannot be used; the message names the key."""
+
+
+def _c(default: Any, help: str, **constraints: Any) -> Any:
+    """A field with a help text and constraints (gt, ge, le, choices, item_choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default),
+                     metadata={"help": help, **constraints})
+    return field(default=default, metadata={"help": help, **constraints})

@@ -1,0 +1,61 @@
+"""The leaderboard stage: the best heads on the current cache from the ledger, from the cache file alone; --all."""
+from __future__ import annotations
+
+import shutil
+
+import run_pipeline
+from pipeline.metrics import read_metrics
+from tests.conftest import tiny_overrides
+
+
+def sets(overrides, *extra):
+    return [a for s in list(overrides) + list(extra) for a in ("--set", s)]
+
+
+def table_rows(out: str) -> list[tuple[str, float]]:
+    """(head type, val top-1) of each row of the printed leaderboard (columns padded to the header)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    at = lines[start].index("val top-1")
+    rows = [line for line in lines[start + 2:] if line[:1].isdigit()]
+    return [(line.split()[1], float(line[at:at + 9])) for line in rows]
+
+
+def test_best_heads_on_this_cache_best_first_from_the_cache_file_alone(tmp_path, image_root, capsys):
+    overrides = tiny_overrides(tmp_path, image_root)
+    assert run_pipeline.main(sets(overrides, "head.lr=0.0001", "head.epochs=1") + ["head"]) == 0
+    assert run_pipeline.main(sets(overrides) + ["logistic"]) == 0
+    assert run_pipeline.main(sets(overrides, "head.type=knn", "head.k=3") + ["head"]) == 0
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides) + ["leaderboard"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert len(rows) == 3 and {head for head, _ in rows} == {"linear", "logistic", "knn"}
+    scores = [score for _, score in rows]
+    assert scores == sorted(scores, reverse=True) and scores[0] == 1.0
+    assert "no test split was scored" in out
+    cache_file = read_metrics(tmp_path / "runs" / "t")["extract"]["cache_file"]
+    shutil.rmtree(image_root)                                   # a laptop with the cache file but no images
+    assert run_pipeline.main(sets(overrides, f"features.file={cache_file}") + ["leaderboard"]) == 0
+    assert table_rows(capsys.readouterr().out) == rows
+
+
+def test_all_lists_every_cache_and_an_empty_ledger_says_so(tmp_path, image_root, capsys):
+    overrides = tiny_overrides(tmp_path, image_root)
+    assert run_pipeline.main(sets(overrides) + ["leaderboard", "--all"]) == 0
+    assert "the ledger is empty" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "t").exists()               # it takes no run folder
+    assert run_pipeline.main(sets(overrides) + ["head"]) == 0
+    assert run_pipeline.main(sets(overrides, "backbone.image_size=40", "run.name=big") + ["head"]) == 0
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides) + ["leaderboard", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if " resnet18 " in line]) == 2 and "2 heads" in out
+
+
+def test_help_describes_the_new_stages_and_keys():
+    text = run_pipeline.get_args_parser().format_help()
+    for word in ("sweep ", "leaderboard ", "--all", "head.class_weight (default \"none\")", "head.hidden (default 512)",
+                 "head.dropout", "head.k (default 20)", "head.temperature (default 0.07)", "sweep.grid (default {",
+                 "sweep.top", "leaderboard.all (default false)", "leaderboard.top", "linear, mlp, knn, ncm"):
+        assert word in text, word
