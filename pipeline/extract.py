@@ -79,7 +79,7 @@ class BuildStats:
 def has_cache_file(settings: ExtractConfig, spec: BackboneSpec, data_root: str) -> bool:
     """Whether a cache file for these features of data_root exists (then extraction may need no weights)."""
     config_key = cache.digest(feature_config(spec, settings.dtype, settings.autocast))
-    return cache.cache_path(settings.cache_dir, spec.name, config_key, resolve_data_root(data_root)).is_file()
+    return cache.cache_path(settings.cache_dir, spec.name, config_key, resolve_data_root(str(data_root))).is_file()
 
 
 def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
@@ -308,7 +308,7 @@ def ensure_cache(job: ExtractJob, device: torch.device, dist: DistContext = SING
               f"reasons in {report}")
     n_images = sum(len(m) for m in plan.manifests.values())
     entry = {"images": n_images, "bad_files": plan.scan.n_bad, "bad_files_report": str(report),
-             "files_hashed": plan.scan.n_hashed, "leaked_images": report_leaks(plan.manifests, not dist.is_main())}
+             "files_hashed": plan.scan.n_hashed, "leaked_images": report_leaks(plan.manifests, not dist.is_main)}
     n_unique = len({h for m in plan.manifests.values() for h in m.sha256})
     reason = dist.on_main(lambda: cache.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests,
                                                     plan.scan.split_rule))

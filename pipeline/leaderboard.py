@@ -26,9 +26,9 @@ def current_cache(cfg: Config) -> tuple[str, str]:
             raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
                                 "written by the extract stage, or unset it to use data.root")
         return fc.open_cache(cfg.features.file).key, cfg.features.file
-    from pipeline.extract import plan_cache
+    from pipeline.extract import ExtractJob, plan_cache
 
-    plan = plan_cache(cfg)
+    plan = plan_cache(ExtractJob.of(cfg))
     return plan.key, str(plan.path)
 
 

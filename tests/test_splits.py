@@ -117,12 +117,12 @@ def test_a_train_only_dataset_is_split_by_content_and_adding_images_moves_none(t
     import torch
 
     from pipeline import cache as fc
-    from pipeline.extract import ensure_cache
+    from pipeline.extract import ExtractJob, ensure_cache
 
     cpu = torch.device("cpu")
     root = _train_only(tmp_path, 10)
     cfg = tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.2", "data.split_seed=5")
-    plan, entry = ensure_cache(cfg, cpu)
+    plan, entry = ensure_cache(ExtractJob.of(cfg), cpu)
     before = _splits_of(plan.manifests)
     assert set(before.values()) == {"train", "val", "test"} and len(before) == 20
     assert all(p.startswith("train/") for p in before)  # every image stays where it is on disk
@@ -140,12 +140,12 @@ def test_a_train_only_dataset_is_split_by_content_and_adding_images_moves_none(t
     for cls in ("ants", "bees"):
         for f in (more / "train" / cls).iterdir():
             shutil.copy(f, root / "train" / cls / f"new_{f.name}")
-    plan2, entry2 = ensure_cache(cfg, cpu)
+    plan2, entry2 = ensure_cache(ExtractJob.of(cfg), cpu)
     after = _splits_of(plan2.manifests)
     assert len(after) == 36 and {p: after[p] for p in before} == before
     assert entry2["rows_extracted"] == 16 and entry2["rows_reused"] == 20
     # a changed fraction is a miss that says so, and reuses every row's features
-    plan3, entry3 = ensure_cache(tiny_cfg(f"data.root={root}", "data.val_fraction=0.5", "data.split_seed=5"), cpu)
+    plan3, entry3 = ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.5", "data.split_seed=5")), cpu)
     assert entry3["miss_reason"].startswith("the split changed (test content -> none, test_fraction 0.2 -> 0.0, "
                                             "val_fraction 0.3 -> 0.5): ")
     assert entry3["rows_extracted"] == 0 and "test" not in plan3.manifests
@@ -157,20 +157,20 @@ def test_split_settings_that_cannot_be_used_are_one_line(tiny_cfg, tmp_path, ima
     import torch
 
     from pipeline import PipelineError
-    from pipeline.extract import ensure_cache
+    from pipeline.extract import ExtractJob, ensure_cache
 
     cpu = torch.device("cpu")
     with pytest.raises(PipelineError, match="data.val_fraction is set, but data.root .* has a val folder 'val/'"):
-        ensure_cache(tiny_cfg("data.val_fraction=0.2"), cpu)
+        ensure_cache(ExtractJob.of(tiny_cfg("data.val_fraction=0.2")), cpu)
     with pytest.raises(PipelineError, match="data.test_fraction = 0.2 splits train/ and needs data.val_fraction"):
-        ensure_cache(tiny_cfg("data.test_fraction=0.2"), cpu)
+        ensure_cache(ExtractJob.of(tiny_cfg("data.test_fraction=0.2")), cpu)
     root = _train_only(tmp_path, 3)
     with pytest.raises(PipelineError, match=r"has no val folder .*set data.val_dir to its name, or "
                                             r"data.val_fraction to split train"):
-        ensure_cache(tiny_cfg(f"data.root={root}"), cpu)
+        ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}")), cpu)
     shutil.copytree(root / "train", root / "test")
     with pytest.raises(PipelineError, match="data.test_fraction is set, but data.root .* has a test/ folder"):
-        ensure_cache(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.1"), cpu)
+        ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.1")), cpu)
 
 
 def test_a_changed_split_rule_is_named_in_the_miss_reason():
