@@ -145,7 +145,8 @@ def test_a_train_only_dataset_is_split_by_content_and_adding_images_moves_none(t
     assert len(after) == 36 and {p: after[p] for p in before} == before
     assert entry2["rows_extracted"] == 16 and entry2["rows_reused"] == 20
     # a changed fraction is a miss that says so, and reuses every row's features
-    plan3, entry3 = ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.5", "data.split_seed=5")), cpu)
+    plan3, entry3 = ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.5",
+                                                        "data.split_seed=5")), cpu)
     assert entry3["miss_reason"].startswith("the split changed (test content -> none, test_fraction 0.2 -> 0.0, "
                                             "val_fraction 0.3 -> 0.5): ")
     assert entry3["rows_extracted"] == 0 and "test" not in plan3.manifests
@@ -170,7 +171,8 @@ def test_split_settings_that_cannot_be_used_are_one_line(tiny_cfg, tmp_path, ima
         ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}")), cpu)
     shutil.copytree(root / "train", root / "test")
     with pytest.raises(PipelineError, match="data.test_fraction is set, but data.root .* has a test/ folder"):
-        ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3", "data.test_fraction=0.1")), cpu)
+        ensure_cache(ExtractJob.of(tiny_cfg(f"data.root={root}", "data.val_fraction=0.3",
+                                            "data.test_fraction=0.1")), cpu)
 
 
 def test_a_changed_split_rule_is_named_in_the_miss_reason():
