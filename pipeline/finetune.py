@@ -346,5 +346,5 @@ def publish_finetune(cfg: Config, done: Finetuned, device: torch.device) -> None
         logits, targets = predict(done.model, val_loader, device)
         preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(done.data.val.paths),
                             done.data.root, list(done.data.classes))
-        done.entry.update(finish_stage(cfg, "finetune", preds, done.artifact, history=done.history, publication=pub))
+        done.entry.update(finish_stage(cfg.report, "finetune", preds, done.artifact, pub, history=done.history))
         pub.commit(metrics_entry=done.entry, config=cfg.to_dict(), forget=(BEST_SO_FAR_FILE,))

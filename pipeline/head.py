@@ -371,7 +371,7 @@ def _report(cfg: Config, inputs: StageFeatures, fitted: FittedHead, data: HeadDa
                         {"train_seconds": train_seconds, **trained, "head_type": cfg.head.type,
                          "train_views": cfg.extract.train_views, **data.info, **test}).to_dict()
     preds = Predictions(fitted.val_probs, data.val_labels, data.val_paths, inputs.images, list(data.classes))
-    entry.update(finish_stage(cfg, "head", preds, artifact, history=fitted.history, publication=pub))
+    entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=fitted.history))
     entry.update(stage_error_analysis(pub, "head", preds))
     at = f" at epoch {fitted.best_epoch}/{cfg.head.epochs}" if fitted.best_epoch is not None else ""
     shown = f"; test top-1 {test['test_acc']:.4f}" if test.get("test_acc") is not None else ""

@@ -325,7 +325,7 @@ def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val
                         details={"fit_seconds": fit.fit_seconds, "C": fit.best_c,
                                  "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info, **fit.test}).to_dict()
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
-    entry.update(finish_stage(cfg, "logistic", preds, artifact, cv=fit.cv, publication=pub))
+    entry.update(finish_stage(cfg.report, "logistic", preds, artifact, pub, cv=fit.cv))
     entry.update(stage_error_analysis(pub, "logistic", preds))
     shown = f"; test top-1 {fit.test['test_acc']:.4f}" if fit.test.get("test_acc") is not None else ""
     print(f"logistic: val_acc {val_acc:.4f}, mean per-class {entry['mean_per_class_acc']:.4f}{shown} with "

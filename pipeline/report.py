@@ -146,20 +146,17 @@ def model_title(kind: str, artifact: dict) -> str:
     return f"{name} finetuned"
 
 
-def finish_stage(cfg: Config, kind: str, preds: Predictions, artifact: dict,
-                 history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None,
-                 publication=None) -> dict:
+def finish_stage(settings: ReportConfig, kind: str, preds: Predictions, artifact: dict, publication: Publication,
+                 history: Optional[Sequence[dict]] = None, cv: Optional[dict] = None) -> dict:
     """What a training stage adds to its metrics entry: accuracies, and the report files if enabled.
 
-    publication: a rundir.Publication: the reports are staged in it and published with the model.
+    settings: the report section; publication: the stage's rundir.Publication, in which the reports are
+    staged and published with the model.
     """
     summary = summarise(preds)
-    if cfg.report.enabled:
-        out_dir = publication.staging if publication is not None else cfg.run_dir
-        files = write_reports(out_dir, kind, preds, cfg.report, model_title(kind, artifact), history, cv)
-        if publication is not None:
-            files = [publication.final_path(p) for p in files]
-        summary["reports"] = [str(p) for p in files]
+    if settings.enabled:
+        files = write_reports(publication.staging, kind, preds, settings, model_title(kind, artifact), history, cv)
+        summary["reports"] = [str(publication.final_path(p)) for p in files]
     return summary
 
 

@@ -146,7 +146,7 @@ def _publish(cfg: Config, device: torch.device, inputs: StageFeatures, features,
         files = write_sweep_reports(outcome, pub.staging, cfg.sweep.grid)
         entry = StageResult("head", winner.val_acc, time.perf_counter() - t0, str(cfg.run_dir / HEAD_FILE), history,
                             _details(cfg, outcome, winner, defaults, [pub.final_path(p) for p in files])).to_dict()
-        entry.update(finish_stage(cfg, "head", preds, artifact, history=history, publication=pub))
+        entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=history))
         entry.update(stage_error_analysis(pub, "head", preds))
         pub.commit(metrics_entry=entry, config=cfg.to_dict())
     print(f"sweep: winner {winner.head_type} {winner.config.label()} saved as {cfg.run_dir / HEAD_FILE} (predict and "

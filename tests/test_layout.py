@@ -1,5 +1,6 @@
 """The house rules of the layout (docs/layout.md): small functions and modules, h5py only in pipeline/cache/."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,16 @@ def test_the_import_checker_sees_lazy_and_type_checking_imports():
     tree = ast.parse("from pipeline import cache\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                      "    from pipeline.extract import CachePlan\ndef f():\n    from pipeline.views import read_bank\n")
     assert project_imports(tree) == ({"pipeline.cache"}, {"pipeline.views"})
+
+
+# The modules that may see the whole Config: the stages' thin run_<stage> / publish layer and the
+# orchestrator. Everything else (the cores: engine, probes, joint, sweep, frozen, fold, views, stream,
+# selection, analysis, the cache package ...) takes its own config section, a device and a seed.
+CONFIG_READERS = {f"pipeline.{m}" for m in ("config", "benchmark", "extract", "finetune", "head", "leaderboard",
+                                            "logistic", "orchestrate", "predict", "report", "sweep_stage")}
+
+
+def test_only_the_stage_layer_sees_the_whole_config():
+    pattern = re.compile(r"from pipeline\.config import[^\n]*\bConfig\b|from pipeline\.config import \([^)]*\bConfig\b")
+    readers = {_module_name(p) for p in (ROOT / "pipeline").rglob("*.py") if pattern.search(p.read_text())}
+    assert readers - CONFIG_READERS == set()
