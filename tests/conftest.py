@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -137,3 +139,22 @@ def flip_feature_byte(path: Path, split: str = "train", chunk: int = 0) -> None:
         byte = fh.read(1)
         fh.seek(offset + 100)
         fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def read_only():
+    """Make a folder read-only for this process: chmod, or chattr +i where we are root."""
+    made = []
+
+    def make(folder: Path) -> None:
+        folder.chmod(0o555)
+        made.append(folder)
+        if not os.access(folder, os.W_OK):
+            return
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a folder read-only for root here")
+
+    yield make
+    for folder in made:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)

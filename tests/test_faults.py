@@ -384,25 +384,6 @@ def test_real_disk_full_keeps_the_previous_cache(tmp_path, image_root, tiny_disk
     assert len(fc.read_cache(entry["cache_file"]).train.paths) == 13
 
 
-@pytest.fixture
-def read_only(tmp_path):
-    """Make a folder read-only for this process: chmod, or chattr +i where we are root."""
-    made = []
-
-    def make(folder: Path) -> None:
-        folder.chmod(0o555)
-        made.append(folder)
-        if not os.access(folder, os.W_OK):
-            return
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-            pytest.skip("cannot make a folder read-only for root here")
-
-    yield make
-    for folder in made:
-        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-        folder.chmod(0o755)
-
-
 def test_read_only_cache_folder(tiny_cfg, image_root, read_only):
     cfg = tiny_cfg()
     before = fc.read_cache(ex.run_extract(cfg, CPU)["cache_file"])

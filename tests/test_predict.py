@@ -151,15 +151,11 @@ def test_fifo_and_dev_zero_are_error_rows_not_a_hang(trained_run, tmp_path, caps
 
 @pytest.mark.parametrize("output, message", [(".", "is a folder"), ("/dev/full", "is not a regular file"),
                                              ("ro/p.csv", "cannot write in folder")])
-def test_bad_output_fails_before_classifying(trained_run, tmp_path, monkeypatch, output, message):
-    import os
-
+def test_bad_output_fails_before_classifying(trained_run, tmp_path, monkeypatch, read_only, output, message):
     import pipeline.predict
 
     (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o555)
-    if os.access(tmp_path / "ro", os.W_OK) and output.startswith("ro/"):  # root ignores the mode bits
-        pytest.skip("running as root: a mode-555 folder is still writable")
+    read_only(tmp_path / "ro")  # mode 555, or chattr +i where we are root (root ignores the mode bits)
     monkeypatch.setattr(pipeline.predict, "load_predictor", lambda *a, **k: pytest.fail("classified first"))
     target = output if output.startswith("/") else str(tmp_path / output)
     with pytest.raises(PipelineError, match=message):
