@@ -94,3 +94,23 @@ def test_view_bank_from_the_file_alone_is_read_not_built(tiny_cfg, image_root):
     assert 0.0 <= entry["val_acc"] <= 1.0
     with pytest.raises(PipelineError, match="building one needs the images"):
         run_head(tiny_cfg("extract.train_views=3", f"features.file={path}"), CPU)
+
+
+def test_a_sweep_runs_from_the_cache_file_with_the_images_deleted(tiny_cfg, image_root, monkeypatch):
+    """The sweep, like head and logistic, needs only the cache file: no image opened, nothing scanned."""
+    from pipeline.extract import run_extract
+    from pipeline.sweep_stage import run_sweep
+
+    grid = 'sweep.grid={"linear": {"lr": [0.01, 0.1]}, "ncm": {}, "knn": {"k": [3]}}'
+    cache_file = run_extract(tiny_cfg(), CPU)["cache_file"]
+    with_images = run_sweep(tiny_cfg(grid), CPU)
+    shutil.rmtree(image_root)
+    monkeypatch.setattr("PIL.Image.open", no_images)
+    alone = tiny_cfg(grid, "report.enabled=true", "report.grid_images=4", f"features.file={cache_file}",
+                     "data.root=/nonexistent/images", "run.name=alone")
+    entry = run_sweep(alone, CPU)
+    assert entry["val_acc"] == with_images["val_acc"] and entry["head_type"] == with_images["head_type"]
+    saved = torch.load(alone.run_dir / "head.pt", weights_only=False)
+    assert saved["cache_key"] == fc.open_cache(cache_file).key
+    assert (alone.run_dir / "sweep.json").is_file()
+    assert "extract" not in json.loads((alone.run_dir / "metrics.json").read_text())
