@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pipeline.class_report import confusion_counts
+
 from pipeline.fsutil import atomic_path
 
 PREDICTIONS_FILE = "val_predictions.csv"
@@ -55,8 +57,7 @@ def confused_pairs(y_true, y_pred, classes: Sequence[str], top: int = 5) -> list
     n = len(classes)
     if len(y_true) and max(int(y_true.max()), int(y_pred.max())) >= n:
         raise ValueError(f"a label is >= the {n} classes given")
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (y_true, y_pred), 1)
+    matrix = confusion_counts(y_true, y_pred, n)
     support = matrix.sum(1)
     np.fill_diagonal(matrix, 0)
     pairs = [(int(matrix[t, p]), t, p) for t in range(n) for p in range(n) if matrix[t, p]]

@@ -16,14 +16,20 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
 
 
+def confusion_counts(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts: row = true class, column = predicted class."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
     """{class: {precision, recall, f1-score, support}, "accuracy", "macro avg", "weighted avg"}.
 
     y_true, y_pred: class indices in [0, len(classes)); every class is listed, present or not.
     """
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     n = len(classes)
-    confusion = np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
+    confusion = confusion_counts(y_true, y_pred, n)
     hits = np.diag(confusion).astype(np.float64)
     support, predicted = confusion.sum(1).astype(np.float64), confusion.sum(0).astype(np.float64)
     precision, recall = _ratio(hits, predicted), _ratio(hits, support)

@@ -49,9 +49,10 @@ def lr_drops(history: Sequence[dict]) -> list[tuple[int, float]]:
 def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], path: Path,
                           title: str) -> Path:
     """Counts of true (rows) vs predicted (columns) classes on val, with class names."""
+    from pipeline.class_report import confusion_counts
+
     n = len(classes)
-    counts = np.bincount(np.asarray(y_true, dtype=np.int64) * n + np.asarray(y_pred, dtype=np.int64),
-                         minlength=n * n).reshape(n, n)
+    counts = confusion_counts(y_true, y_pred, n)
     side = min(max(4.5, 0.45 * n + 2.5), 24)
     fig = _figure(side + 1, side)
     ax = fig.add_subplot()

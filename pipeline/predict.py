@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import PipelineError
 from pipeline.config import Config
 from pipeline.data import IGNORED_NAMES, eval_transform, find_images, load_image
-from pipeline.fsutil import temp_path
+from pipeline.fsutil import atomic_path, temp_path
 from pipeline.predictor import Predictor, load_predictor
 
 
@@ -195,23 +194,19 @@ def write_csv(rows: Sequence[ImagePrediction], k: int, path: Path) -> Path:
     check_output(path)
     header = ["path", "status"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + [
         "error", "true"]
-    tmp = temp_path(path)
     try:
         # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, so the CSV
         # names the file that exists; written under a temporary name, so a failure leaves no half CSV.
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for r in rows:
                 cells = [v for c, p in r.top for v in (c, f"{p:.6f}")]
                 cells += [""] * (2 * k - len(cells))
                 writer.writerow([r.path, "ok" if r.ok else "error"] + cells + [r.error or "", r.true or ""])
-        os.replace(tmp, path)
     except OSError as e:
         raise PipelineError(f"--output '{path}': cannot write the CSV ({e.strerror}); the predictions "
                             "are printed above") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

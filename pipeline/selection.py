@@ -3,7 +3,7 @@
 The test split (a test/ folder, or data.test_fraction) never takes part in choosing anything: the
 stages call `score_test` only after their choice is final, once, and record what it returns next to
 val_acc. `selected_on` says what the choice looked at, so the results table can say which val
-figures are optimistic (they chose the model they score). numpy only; torch lazily (`module_proba`).
+figures are optimistic (they chose the model they score). numpy only.
 """
 from __future__ import annotations
 
@@ -32,19 +32,3 @@ def score_test(stage: str, inputs: Any, predict_proba: Proba, selected_on: str) 
           f"images (scored once, after choosing on {selected_on})")
     return {"selected_on": selected_on, "test_acc": s["acc"], "test_mean_per_class": s["mean_per_class"],
             "n_test": s["n"]}
-
-
-def module_proba(module, device, batch_size: int = 4096) -> Proba:
-    """predict_proba of a torch classifier over features: softmax of its logits, in eval mode."""
-    import torch
-
-    def proba(x: np.ndarray) -> np.ndarray:
-        module.eval()
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                logits = module(torch.from_numpy(x[start:start + batch_size]).to(device))
-                out.append(torch.softmax(logits.float(), 1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0))
-    return proba
-
