@@ -32,9 +32,10 @@ from pipeline.distributed import SINGLE, DistContext
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
 from pipeline.records import ModelArtifact, StageResult
-from pipeline.report import Predictions, finish_stage
+from pipeline.report import SPLIT_KEYS, Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
+from pipeline.selection import score_test_probs, untested
 
 FINETUNE_FILE = MODEL_FILES["finetune"]
 # The best epoch so far of a finetune in progress (or interrupted): finetune.pt is replaced only when
@@ -252,7 +253,12 @@ def _snapshot(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderData, model
         dataclasses.asdict(job.backbone), job.seed, str(data.root), history=history,
         versions=environment_info(device),
         extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-               "val_acc": best_acc, "processes": dist.world_size}).to_dict()
+               "val_acc": best_acc, "processes": dist.world_size, "data_split": data_split(job.data)}).to_dict()
+
+
+def data_split(data: DataConfig) -> dict:
+    """The data.* keys that decide which images are val (and test): what `report` needs to find them again."""
+    return {k: getattr(data, k) for k in SPLIT_KEYS}
 
 
 def _prepare(job: FinetuneJob, device: torch.device):
@@ -333,11 +339,25 @@ def _entry(job: FinetuneJob, data: ImageFolderData, best_acc: float, best_epoch:
     return entry
 
 
+def score_finetune_test(done: Finetuned, job: FinetuneJob, device: torch.device) -> dict:
+    """The kept epoch (done.model, already reloaded from the published file) scored once on the test images;
+    the best epoch was chosen on val alone. Without a test split: selected_on and test_acc None."""
+    chosen_on = "val (best epoch)"
+    test = done.data.test
+    if test is None or not len(test):
+        return untested(chosen_on)
+    loader = DataLoader(ImageListDataset(done.data.root, test, eval_transform(done.spec.preprocess)),
+                        batch_size=job.finetune.batch_size, shuffle=False, num_workers=job.data.num_workers,
+                        pin_memory=device.type == "cuda")
+    logits, targets = predict(done.model, loader, device)
+    return score_test_probs("finetune", targets.numpy(), torch.softmax(logits, 1).numpy(), chosen_on)
+
+
 def publish_finetune(cfg: Config, done: Finetuned, device: torch.device) -> None:
     """Rank 0, as a single process: publish the best epoch with its reports, metrics entry and config.json.
 
     The reports describe the model being published: the staged file is reloaded (its SHA-256 was checked
-    when it was staged) and predicts all of val.
+    when it was staged) and predicts all of val, and (once) the test split if there is one.
     """
     with Publication(cfg.run_dir, "finetune") as pub:
         pub.adopt_model(cfg.run_dir / BEST_SO_FAR_FILE, FINETUNE_FILE)
@@ -346,5 +366,6 @@ def publish_finetune(cfg: Config, done: Finetuned, device: torch.device) -> None
         logits, targets = predict(done.model, val_loader, device)
         preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(done.data.val.paths),
                             done.data.root, list(done.data.classes))
+        done.entry.update(score_finetune_test(done, FinetuneJob.of(cfg), device))
         done.entry.update(finish_stage(cfg.report, "finetune", preds, done.artifact, pub, history=done.history))
         pub.commit(metrics_entry=done.entry, config=cfg.to_dict(), forget=(BEST_SO_FAR_FILE,))

@@ -5,6 +5,7 @@ files later from the saved artifacts (head.pt, logistic.joblib, finetune.pt) wit
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,13 +16,14 @@ import torch
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
-from pipeline.config import Config, ReportConfig
+from pipeline.config import Config, DataConfig, ReportConfig
 from pipeline.metrics import mean_per_class_accuracy, per_class_accuracy, read_metrics, write_json
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.rundir import Publication
 
 REPORT_DIR = "reports"
 THUMBNAIL = 128
+SPLIT_KEYS = ("val_dir", "val_fraction", "test_fraction", "split_seed")  # data.* that decide val and test
 READ_BYTES = 64 * 2 ** 20   # cached features read at a time for the reports (the whole cache may not fit)
 
 
@@ -183,12 +185,14 @@ def cached_probs(predictor, split: fc.SplitReader) -> np.ndarray:
 
 
 def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: int = 64,
-                    num_workers: int = 0, trust: bool = False, features_file: Optional[str] = None) -> Predictions:
+                    num_workers: int = 0, trust: bool = False, features_file: Optional[str] = None,
+                    data: Optional[DataConfig] = None) -> Predictions:
     """Predictions of run_dir's saved `kind` model on val: from the cache when it still holds the
     features the model was trained on, else by running the model on the val images.
 
     features_file: read the cached features from this file instead of the one the model records, and
     never fall back to the images (features.file: no image tree).
+    data: this run's data.* (a val_dir or val_fraction split of the images; see model_data_config).
     """
     from pipeline.predictor import load_artifact, model_path, predictor_from_artifact
 
@@ -213,16 +217,24 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
     if features_file:
         raise PipelineError(f"report: the {kind} model needs the images (it does not train from the cache); "
                             "unset features.file, or leave it out of the run folder")
-    return _predictions_from_images(run_dir, kind, artifact, device, batch_size, num_workers)
+    return _predictions_from_images(run_dir, kind, artifact, device, batch_size, num_workers, data)
+
+
+def model_data_config(artifact: dict, data: Optional[DataConfig]) -> DataConfig:
+    """The data.* that split the model's images: its data root, and the val folder / val_fraction split it
+    was trained with (recorded by finetune as data_split; otherwise this run's data.* settings)."""
+    split = artifact.get("data_split") or ({k: getattr(data, k) for k in SPLIT_KEYS} if data else {})
+    return dataclasses.replace(data or DataConfig(), root=str(artifact["data_root"]),
+                               **{k: v for k, v in split.items() if k in SPLIT_KEYS})
 
 
 def _predictions_from_images(run_dir: Path, kind: str, artifact: dict, device: torch.device, batch_size: int,
-                             num_workers: int) -> Predictions:
-    from pipeline.data import discover_image_folder
+                             num_workers: int, data_cfg: Optional[DataConfig] = None) -> Predictions:
+    from pipeline.data import load_dataset
     from pipeline.predictor import model_path, predictor_from_artifact
 
     classes, root = list(artifact["classes"]), Path(artifact["data_root"])
-    data = discover_image_folder(root)
+    data = load_dataset(model_data_config(artifact, data_cfg))
     if list(data.classes) != classes:
         raise PipelineError(f"the classes in '{root}' ({', '.join(data.classes)}) are not the ones "
                             f"{model_path(run_dir, kind).name} was trained on ({', '.join(classes)})")
@@ -252,7 +264,7 @@ def run_report(cfg: Config, device: torch.device) -> dict:
         for kind in kinds:
             artifact = load_artifact(cfg.run_dir, kind, cfg.run.trust_artifacts)
             preds = val_predictions(cfg.run_dir, kind, device, cfg.extract.batch_size, cfg.data.num_workers,
-                                    cfg.run.trust_artifacts, cfg.features.file)
+                                    cfg.run.trust_artifacts, cfg.features.file, cfg.data)
             # typed readers: a version this tool cannot read fails naming metrics.json or the model file
             entry = StageResult.from_dict(kind, metrics[kind], f"'{cfg.run_dir / 'metrics.json'}'") \
                 if kind in metrics else None

@@ -41,13 +41,17 @@ def budget_bytes(max_memory_gb: float) -> int:
     return int(max_memory_gb * GIB)
 
 
-def float32_nbytes(shapes: dict[str, tuple[int, int]], splits=cache.SPLITS) -> int:
-    """Bytes the features of these splits take as float32: n_samples x feature_dim x 4."""
+def float32_nbytes(shapes: dict[str, tuple[int, int]], splits=None) -> int:
+    """Bytes the features of these splits take as float32: n_samples x feature_dim x 4.
+
+    splits None: every split the cache has (train, val and a test split, which is loaded with them).
+    """
+    splits = [s for s in cache.ALL_SPLITS if s in shapes] if splits is None else splits
     return sum(shapes[s][0] * shapes[s][1] * 4 for s in splits)
 
 
 def needs_streaming(shapes: dict[str, tuple[int, int]], max_memory_gb: float) -> bool:
-    """True when train+val, as float32, exceed the budget: stream from disk instead of loading."""
+    """True when train+val(+test), as float32, exceed the budget: stream from disk instead of loading."""
     return float32_nbytes(shapes) > budget_bytes(max_memory_gb)
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ def test_finetune_trains_and_checkpoints(tmp_path, name, image_size):
         "finetune.epochs=2", "finetune.batch_size=2", "finetune.augment=true"])
     entry = run_finetune(cfg, CPU)
     assert 0.0 <= entry["val_acc"] <= 1.0 and entry["best_epoch"] in (1, 2)
+    assert entry["test_acc"] is None and entry["selected_on"] == "val (best epoch)"  # no test/: nothing scored
     assert [h["epoch"] for h in entry["history"]] == [1, 2]
     assert all(h["train_loss"] > 0 for h in entry["history"])
     ckpt = load_checkpoint(cfg.run_dir / "finetune.pt")
@@ -181,3 +183,28 @@ def test_the_new_layers_are_seeded_by_the_build_not_by_the_caller(tiny_cfg):
     other, _ = build_finetune_model(FinetuneJob.of(tiny_cfg("run.seed=1")), resolve_backbone(job.backbone, 1),
                                     ("ants", "bees"))
     assert not torch.equal(other.fc.weight, a.fc.weight)
+
+
+def test_finetune_chooses_on_val_and_scores_the_kept_epoch_once_on_test(tmp_path, monkeypatch, capsys):
+    from pipeline import selection
+    from pipeline.data import eval_transform, load_dataset, load_image
+    from pipeline.predictor import load_predictor
+    from tests.test_folders import make_layout
+
+    root = make_layout(tmp_path / "d", "val", n_train=2, n_val=1, n_test=2)
+    cfg = load_config(None, tiny_overrides(tmp_path, root) + ["finetune.batch_size=8"])
+    calls = []
+    real = selection.score_proba
+    monkeypatch.setattr(selection, "score_proba", lambda y, p: calls.append(len(y)) or real(y, p))
+    entry = run_finetune(cfg, CPU)
+    assert calls == [4]  # once, on the 4 test images, after the best epoch was chosen on val
+    assert "finetune: test top-1" in capsys.readouterr().out
+    assert entry["selected_on"] == "val (best epoch)" and entry["n_test"] == 4
+    assert read_metrics(cfg.run_dir)["finetune"]["test_acc"] == entry["test_acc"]
+    # the figure is the kept (published) model's accuracy on the test images
+    predictor = load_predictor(cfg.run_dir, "finetune", CPU)
+    test = load_dataset(cfg.data).test
+    pre = eval_transform(predictor.preprocess)
+    x = torch.stack([pre(load_image(root / p)) for p in test.paths])
+    predicted = predictor.probs_from_images(x).argmax(1)
+    assert entry["test_acc"] == float((predicted == np.asarray(test.labels)).mean())

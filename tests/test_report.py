@@ -9,8 +9,10 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.config import ReportConfig, load_config
+from pipeline.data import load_dataset
 from pipeline.plots import accuracies, grid_indices, lr_drops
 from pipeline.report import Predictions, classification_report_dict, report_paths, run_report, write_reports
+from tests.conftest import make_image_folder, tiny_overrides
 
 CPU = torch.device("cpu")
 KINDS = ("head", "logistic", "finetune")
@@ -152,3 +154,26 @@ def test_report_without_models_is_a_clear_error(tiny_cfg):
     (cfg.run_dir / "resnet18" / "head.pt").write_bytes(b"")  # as a benchmark leaves them
     with pytest.raises(PipelineError, match="benchmark sub-folders have models: --set run.name=t/resnet18"):
         run_report(cfg, CPU)
+
+
+@pytest.mark.parametrize("layout", ["val_fraction", "valid", "dev"])
+def test_report_redraws_a_finetune_run_on_a_val_fraction_or_val_dir_split(tmp_path, layout):
+    from pipeline.finetune import run_finetune
+
+    root = make_image_folder(tmp_path / "imgs", n_train=4 if layout == "val_fraction" else 2, n_val=1)
+    if layout == "val_fraction":
+        shutil.rmtree(root / "val")
+        split = ["data.val_fraction=0.25"]
+    else:
+        (root / "val").rename(root / layout)
+        split = [f"data.val_dir={layout}"]
+    cfg = load_config(None, tiny_overrides(tmp_path, root) + split + ["finetune.batch_size=8"])
+    entry = run_finetune(cfg, CPU)
+    model = torch.load(cfg.run_dir / "finetune.pt", weights_only=False)
+    assert model["data_split"]["val_dir" if layout != "val_fraction" else "val_fraction"] == \
+        (layout if layout != "val_fraction" else 0.25)
+    # the redraw finds the val images the model was chosen on, even when this run's params leave the split out
+    out = run_report(load_config(None, tiny_overrides(tmp_path, root)), CPU)["finetune"]
+    assert out["val_acc_top1"] == entry["val_acc"]
+    report = json.loads(report_paths(cfg.run_dir, "finetune")["classification_report_json"].read_text())
+    assert sum(report[c]["support"] for c in ("ants", "bees")) == len(load_dataset(cfg.data).val) > 0

@@ -119,3 +119,13 @@ def test_the_cli_table_leads_with_test_on_a_train_validation_test_folder(params_
         assert rows[stage][1:4] == [f"{entry['test_acc']:.4f}", f"{entry['test_mean_per_class']:.4f}",
                                     f"{entry['val_acc']:.4f}"]
     assert table[-1].startswith("note: test_acc (top-1)")
+
+
+def test_the_memory_decision_counts_the_test_rows_too():
+    from pipeline import stream
+
+    shapes = {"train": (1000, 1280), "val": (200, 1280)}  # 5.86 MiB as float32
+    with_test = {**shapes, "test": (300, 1280)}            # + 1.46 MiB, loaded with train and val
+    assert stream.float32_nbytes(with_test) == 1500 * 1280 * 4
+    assert stream.float32_nbytes(with_test, ("train",)) == 1000 * 1280 * 4
+    assert not stream.needs_streaming(shapes, 6 / 1024) and stream.needs_streaming(with_test, 6 / 1024)
