@@ -112,7 +112,13 @@ def _details(stage: str, m: dict) -> str:
         return (f"{m.get('images')} images, cache {'hit' if m.get('cache_hit') else 'miss'}"
                 + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else "")
                 + (f", {leaks} image(s) in more than one split" if leaks else ""))
-    return ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
+    trained = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
+    if m.get("source") == "sweep":  # head.pt is the sweep's winner, not a head trained with head.*
+        sweep = m.get("sweep") or {}
+        params = sweep.get("winner") or ", ".join(f"{k}={_fmt(v)}" for k, v in (m.get("params") or {}).items())
+        return (f"sweep winner of {sweep.get('finished', '?')} configurations: {m.get('head_type')} ({params})"
+                + (f", {trained}" if trained else ""))
+    return trained
 
 
 def _selection_note(metrics: dict, tested: bool) -> str:

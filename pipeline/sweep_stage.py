@@ -164,4 +164,5 @@ def _details(cfg: Config, outcome: SweepOutcome, winner: SweepResult, defaults: 
             "val_mean_per_class": winner.val_mean_per_class, **test,
             "sweep": {"planned": outcome.planned, "finished": len(outcome.results), "interrupted": outcome.interrupted,
                       "has_test": outcome.has_test, "selection": "val", "seconds": outcome.seconds,
+                      "winner": winner.config.label(),  # the grid's values of the winner (results table)
                       "files": [str(p) for p in files]}}

@@ -129,3 +129,16 @@ def test_the_memory_decision_counts_the_test_rows_too():
     assert stream.float32_nbytes(with_test) == 1500 * 1280 * 4
     assert stream.float32_nbytes(with_test, ("train",)) == 1000 * 1280 * 4
     assert not stream.needs_streaming(shapes, 6 / 1024) and stream.needs_streaming(with_test, 6 / 1024)
+
+
+def test_the_table_says_the_head_is_the_sweep_winner_with_its_type_and_params():
+    sweep = {"val_acc": 0.9, "seconds": 2.0, "source": "sweep", "head_type": "knn", "params": {"k": 5, "temperature": 0.07},
+             "selected_on": "val (the sweep's winner)", "sweep": {"planned": 8, "finished": 8, "winner": "k=5"}}
+    row = format_results({"head": sweep}).splitlines()[2]
+    assert row.split()[:3] == ["head", "0.9000", "2.0"]
+    assert row.endswith("sweep winner of 8 configurations: knn (k=5)")
+    older = {**sweep, "best_epoch": 4, "epochs": 10, "sweep": {"finished": 3}}  # written before the label was kept
+    assert format_results({"head": older}).splitlines()[2].endswith(
+        "sweep winner of 3 configurations: knn (k=5, temperature=0.07), best_epoch=4, epochs=10")
+    plain = {"val_acc": 0.9, "seconds": 2.0, "head_type": "linear", "best_epoch": 4, "epochs": 10}
+    assert "sweep" not in format_results({"head": plain})

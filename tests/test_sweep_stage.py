@@ -50,6 +50,7 @@ def test_sweep_publishes_the_winner_as_the_head_and_reports_it(tmp_path, image_r
     assert summary["planned"] == summary["finished"] == 8 and not summary["interrupted"]
     assert summary["grid"] == GRID and summary["has_test"] is False
     assert "sweep winner:" in out and "also used for selection" in out and "rank" in out
+    assert f"sweep winner of 8 configurations: {summary['winner']['head_type']} (" in out[out.index("\nresults ("):]
     assert (run_dir / "sweep.md").read_text().startswith("# Sweep") and (run_dir / "sweep.png").stat().st_size > 1000
     winner = summary["winner"]
     entry = read_metrics(run_dir)["head"]
