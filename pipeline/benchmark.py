@@ -228,7 +228,16 @@ def method_rows(steps: dict[str, dict], head: HeadConfig, finetune_epochs: int,
         rows.append(_logistic_row(extraction, results["logistic"]))
     if "finetune" in results:
         rows.append(_finetune_row(results["finetune"], finetune_epochs))
+    for row, result in zip(rows[1 if extraction else 0:], results.values()):
+        row.update(_selection(result))
     return rows, break_even
+
+
+def _selection(result: StageResult) -> dict:
+    """The row's test figures (scored once, after selection; None without a test split) and what chose the model."""
+    return {"test_acc": result.test_acc, "test_mean_per_class": result.test_mean_per_class,
+            "selected_on": result.details.get("selected_on")
+            or ("val (best epoch)" if "best_epoch" in result.details else None)}
 
 
 MEASURED = ("mean_per_class_acc", "peak_rss_mib", "peak_gpu_mib")  # added to every training step's entry

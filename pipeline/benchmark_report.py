@@ -12,6 +12,7 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+TEST_COLUMNS = (("test_acc", "test top-1"), ("test_mean_per_class", "test mean per-class"))  # the headline, if any
 COLUMNS = (("backbone", "backbone"), ("method", "method"), ("val_acc", "val top-1"),
            ("mean_per_class_acc", "mean per-class"), ("extract_seconds", "extract s"), ("fit_seconds", "fit s"),
            ("finetune_seconds_per_epoch", "finetune s/epoch"), ("finetune_seconds", "finetune s"),
@@ -22,17 +23,38 @@ COLUMNS = (("backbone", "backbone"), ("method", "method"), ("val_acc", "val top-
 def _cell(key: str, v) -> str:
     if v is None:
         return "–"
-    if key in ("val_acc", "mean_per_class_acc"):
+    if key in ("val_acc", "mean_per_class_acc", "test_acc", "test_mean_per_class"):
         return f"{v:.4f}"
     if isinstance(v, float):
         return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
     return str(v)
 
 
+def tested(rows: list[dict]) -> bool:
+    """Whether any method was scored on a test split: then test leads the table and the chart."""
+    return any(r.get("test_acc") is not None for r in rows)
+
+
+def columns(rows: list[dict]) -> tuple:
+    """COLUMNS, with the test columns as the first scores when a test split was scored."""
+    return COLUMNS[:2] + (TEST_COLUMNS if tested(rows) else ()) + COLUMNS[2:]
+
+
+def selection_text(rows: list[dict]) -> str:
+    """The table's note on its figures, in the wording of every table (pipeline.selection)."""
+    from pipeline.selection import HEADLINE, also_selected
+
+    if tested(rows):
+        return f"{HEADLINE}; val top-1 is shown beside it."
+    chose = [r["method"] for r in rows if str(r.get("selected_on") or "").startswith("val")]
+    return (also_selected(f"val top-1 of {', '.join(chose)} was") + ".") if chose else ""
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join("---" if k in ("backbone", "method") else "--:" for k, _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    cols = columns(rows)
+    lines = ["| " + " | ".join(title for _, title in cols) + " |",
+             "|" + "|".join("---" if k in ("backbone", "method") else "--:" for k, _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -59,6 +81,8 @@ def markdown_report(result: dict) -> str:
              + (f" (fewer than finetune.epochs={result['configured_finetune_epochs']}, to keep the benchmark short)"
                 if result["finetune_epochs"] != result["configured_finetune_epochs"] else "") + ".", "",
              markdown_table(result["rows"]), ""]
+    note = selection_text(result["rows"])
+    lines += [note, ""] if note else []
     lines += [f"- {break_even_text(b['backbone'], b['break_even'])}" for b in result["backbones"] if b["break_even"]]
     lines += [f"- {b['backbone']}: extraction cost {b['steps']['extract']['source']}."
               for b in result["backbones"] if "extract" in b["steps"]]
@@ -94,8 +118,10 @@ def write_outputs(run_dir: Path, result: dict) -> list[Path]:
     chart_rows = [r for r in result["rows"] if not r["method"].startswith("extract")]
     if chart_rows:
         env = result["environment"]
+        note = selection_text(result["rows"])
         written.append(plot_benchmark(chart_rows, run_dir / BENCHMARK_PNG,
                                       f"{result['data']['root']}: cached-feature heads vs finetuning",
                                       f"torch {env['torch']} on {env['device']}, {env['num_threads']} threads; "
-                                      f"bars of cached methods include the one-time extraction"))
+                                      f"bars of cached methods include the one-time extraction"
+                                      + (f"\n{note}" if note else ""), "test" if tested(chart_rows) else "val"))
     return written

@@ -150,13 +150,17 @@ def format_best(entries: Sequence[LedgerEntry], cache_key: str, top: Optional[in
     best = best_heads(entries, cache_key, top)
     if not best:
         return f"no heads in the ledger for cache {cache_key}"
-    rows = [[str(i), e.head_type, _params(e.params), _f(e.val_acc), _f(e.val_mean_per_class), _f(e.test_acc),
+    from pipeline.selection import selection_note
+
+    tested = any(e.test_acc is not None for e in best)
+    # with a test split, test leads the score columns (the headline); the ranking stays on val, as selection does
+    scores = (lambda e: [_f(e.test_acc), _f(e.test_mean_per_class)]) if tested else (lambda e: [])  # noqa: E731
+    rows = [[str(i), e.head_type, _params(e.params), *scores(e), _f(e.val_acc), _f(e.val_mean_per_class),
              "-" if e.seconds is None else f"{e.seconds:.2f}", e.source, e.run_dir, e.time]
             for i, e in enumerate(best, 1)]
-    header = ["rank", "head", "params", "val top-1", "val mean/class", "test top-1", "seconds", "by", "run", "time"]
-    note = ("ranked by val top-1, the figure every selection used; test top-1 where a test split was scored"
-            if any(e.test_acc is not None for e in best) else
-            "ranked by val top-1; no test split was scored, so these val figures were also used for selection")
+    header = ["rank", "head", "params", *(["test top-1", "test mean/class"] if tested else []), "val top-1",
+              "val mean/class", "seconds", "by", "run", "time"]
+    note = selection_note(tested, "ranked by val top-1 (selection uses val only)")
     return f"best heads on cache {cache_key} ({best[0].backbone})\n{_table(header, rows)}\n{note}"
 
 

@@ -129,8 +129,9 @@ def _selection_note(metrics: dict, tested: bool) -> str:
                 f"scored once on test, after it was chosen{also}")
     if not chose:
         return ""
-    return (f"val_acc of {', '.join(chose)} was also used to choose that model (its best epoch), so it is "
-            "optimistic: add a test/ folder (or data.test_fraction) for a figure nothing was chosen on")
+    from pipeline.selection import also_selected
+
+    return also_selected(f"val_acc of {', '.join(chose)} was")
 
 
 def format_results(metrics: dict) -> str:

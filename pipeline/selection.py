@@ -15,6 +15,21 @@ import numpy as np
 from pipeline.analysis import score_proba
 
 Proba = Callable[[np.ndarray], np.ndarray]   # (n_samples, feature_dim) -> (n_samples, num_classes)
+# The one wording of every table (results, leaderboard, benchmark table and chart) for what its figures are.
+HEADLINE = "test is the headline figure: each model was scored once on test, after it was chosen on val"
+NO_TEST = "no test split was scored"
+
+
+def also_selected(figures: str = "these val figures were") -> str:
+    """What a table without a test split says of its val figures: `figures` names them ('val_acc of head was')."""
+    return (f"{figures} also used for selection ({NO_TEST}), so optimistic: add a test/ folder (or "
+            "data.test_fraction) for a figure nothing was chosen on")
+
+
+def selection_note(tested: bool, ranked: str = "") -> str:
+    """The note under a table of models: HEADLINE with a test split, else also_selected(); ranked: how it is sorted."""
+    lead = f"{ranked}; " if ranked else ""
+    return lead + (HEADLINE if tested else also_selected())
 
 
 def score_test(stage: str, inputs: Any, predict_proba: Proba, selected_on: str) -> dict:

@@ -44,6 +44,7 @@ def test_benchmark_writes_table_json_chart(tiny_cfg, capsys):
     saved = json.loads((cfg.run_dir / "benchmark.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert (cfg.run_dir / "benchmark.md").read_text().count("| resnet18 |") == 4
+    assert "was also used for selection (no test split was scored)" in (cfg.run_dir / "benchmark.md").read_text()
     assert (cfg.run_dir / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["num_threads"] >= 1
@@ -230,3 +231,30 @@ def test_a_renamed_or_newer_step_entry_fails_naming_the_step_and_version():
         method_rows(renamed, HeadConfig(), 3, "benchmark of resnet18")
     with pytest.raises(RecordError, match=r"entry 'head' was written by a newer version .*record version 5"):
         method_rows(_steps(record_version=5), HeadConfig(), 3, "benchmark of resnet18")
+
+
+def test_test_leads_the_benchmark_table_and_chart_and_without_it_the_val_figures_say_they_chose(tmp_path,
+                                                                                                  monkeypatch):
+    from pipeline import plots
+    from pipeline.benchmark import method_rows
+    from pipeline.benchmark_report import selection_text
+    from pipeline.config import HeadConfig
+
+    chosen = {"best_epoch": 3, "selected_on": "val (best epoch)"}
+    rows, _ = method_rows(_steps(test_acc=0.6, test_mean_per_class=0.55, **chosen), HeadConfig(epochs=5), 3, "b")
+    head = rows[1]
+    assert (head["test_acc"], head["test_mean_per_class"], head["selected_on"]) == (0.6, 0.55, "val (best epoch)")
+    header, _, _, row = markdown_table(rows).splitlines()
+    assert header.startswith("| backbone | method | test top-1 | test mean per-class | val top-1 |")
+    assert row.startswith("| – | head (linear, 5 epochs) | 0.6000 | 0.5500 | 0.7500 |")
+    assert selection_text(rows).startswith("test is the headline figure: each model was scored once on test")
+    untested, _ = method_rows(_steps(**chosen), HeadConfig(epochs=5), 3, "b")
+    assert "test top-1" not in markdown_table(untested)
+    assert selection_text(untested) == ("val top-1 of head (linear, 5 epochs) was also used for selection (no test "
+                                        "split was scored), so optimistic: add a test/ folder (or data.test_fraction) "
+                                        "for a figure nothing was chosen on.")
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.plot_benchmark([{**head, "backbone": "a"}], tmp_path / "b.png", "t", split="test")
+    ax_acc = figures[0].axes[0]
+    assert ax_acc.get_title() == "accuracy on test" and sorted(t.get_text() for t in ax_acc.texts) == ["0.550", "0.600"]

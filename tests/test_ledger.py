@@ -83,3 +83,18 @@ def test_best_heads_on_a_cache_best_first_and_all_caches(tmp_path):
     assert "lr=0.3" in text.splitlines()[3] and "test top-1" in text
     assert "k2" in format_caches(entries) and "knn k=5" in format_caches(entries)
     assert format_best(entries, "nope") == "no heads in the ledger for cache nope"
+
+
+def test_the_leaderboard_ranks_by_val_but_leads_with_test_when_it_was_scored():
+    tested = [entry(val=0.95, test=0.80, lr=0.1), entry(val=0.90, test=0.85, lr=0.01)]
+    lines = format_best(tested, "k1").splitlines()
+    assert lines[1].split()[:7] == ["rank", "head", "params", "test", "top-1", "test", "mean/class"]
+    assert [line.split()[2] for line in lines[3:5]] == ["lr=0.1", "lr=0.01"]   # ranked by val, not by test
+    assert lines[3].split()[3] == "0.8000" and lines[-1] == (
+        "ranked by val top-1 (selection uses val only); test is the headline figure: each model was scored once on "
+        "test, after it was chosen on val")
+    untested = format_best([entry(val=0.95, lr=0.1)], "k1").splitlines()
+    assert "test top-1" not in untested[1] and untested[-1] == (
+        "ranked by val top-1 (selection uses val only); these val figures were also used for selection (no test "
+        "split was scored), so optimistic: add a test/ folder (or data.test_fraction) for a figure nothing was "
+        "chosen on")

@@ -51,8 +51,8 @@ def test_without_test_the_table_says_which_val_figures_also_chose_the_model():
                "finetune": {"val_acc": 0.95, "seconds": 30.0, "best_epoch": 1}}
     text = format_results(metrics)
     assert text.splitlines()[0].split() == ["stage", "val_acc", "seconds", "details"]
-    assert text.splitlines()[-1] == ("note: val_acc of head, finetune was also used to choose that model (its best "
-                                     "epoch), so it is optimistic: add a test/ folder (or data.test_fraction) for a "
+    assert text.splitlines()[-1] == ("note: val_acc of head, finetune was also used for selection (no test split was "
+                                     "scored), so optimistic: add a test/ folder (or data.test_fraction) for a "
                                      "figure nothing was chosen on")
     assert "note" not in format_results({"logistic": metrics["logistic"]})
 
