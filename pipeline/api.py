@@ -12,6 +12,11 @@ Everything goes through the modules the CLI uses: `load_features` is the head st
 `load_model` is `predict`'s `predictor.load_predictor`. Importing this module imports neither torch nor
 scikit-learn (the estimators are loaded on first use), and nothing here prints unless `verbose=True`:
 what the CLI would have printed is kept in `FeatureSet.log`.
+
+The ledger rule: `fit(estimator, fs)` on a FeatureSet that came from a cache (load_features) appends
+one line to `output_dir/ledger.jsonl` (source "api"), as the CLI's head stage does, so the
+`leaderboard` stage lists it; an estimator fitted on plain arrays (estimator.fit(X, y), GridSearchCV
+on fs.train.X) has no cache and is not logged; `fit(..., ledger=False)` logs nothing.
 """
 from __future__ import annotations
 
@@ -85,6 +90,8 @@ class FeatureSet:
     run_dir: Path                       # the run folder the CLI uses for this data (models, metrics.json)
     extract: Optional[dict] = None      # the extract stage's metrics entry (None when read from a cache file)
     log: str = field(default="", repr=False)  # what the CLI would have printed
+    key: str = ""                       # the cache's key ("": not from a cache; `fit` then keeps no ledger line)
+    output_dir: Optional[Path] = None   # run.output_dir, whose ledger.jsonl `fit` appends to (None: no ledger)
 
     @property
     def feature_dim(self) -> int:
@@ -153,7 +160,7 @@ def load_features(source: str | Path, backbone: str = "efficientnet_lite0", *, w
     return FeatureSet(list(cache.classes), _split(splits["train"]), _split(splits["val"]),
                       _split(splits["test"]) if "test" in splits else None, Path(cache.path),
                       dict(inputs.features.backbone), inputs.data_root, cfg.run_dir, inputs.extract_entry,
-                      _log_text(out))
+                      _log_text(out), key=inputs.features.key, output_dir=Path(cfg.run.output_dir))
 
 
 # ----------------------------------------------------------------------------- heads
@@ -164,13 +171,19 @@ def score(estimator, split: FeatureSplit) -> dict:
     return score_labels(split.y, np.asarray(estimator.predict(split.X)))
 
 
-def fit(estimator, fs: FeatureSet) -> dict:
+def fit(estimator, fs: FeatureSet, ledger: bool = True) -> dict:
     """Fit any scikit-learn classifier (or one of the heads) on fs.train and score it on val (and test).
 
     The heads (LinearHead, MLPHead) keep their best val epoch, as the head stage does; the result then
     says `"selected_on": "val"`, since that val figure was also used for selection. Returns
-    {"val": {"acc", "mean_per_class", "n"}, "test": {...} (when fs has test), "seconds", "selected_on"};
-    the estimator is fitted in place.
+    {"val": {"acc", "mean_per_class", "n"}, "test": {...} (when fs has test), "seconds", "selected_on",
+    "ledger"}; the estimator is fitted in place.
+
+    The ledger: when fs came from a cache (load_features: fs.key and fs.output_dir are set) and ledger is
+    True, one line is appended to fs.output_dir/ledger.jsonl, as the CLI's head stage does (source "api");
+    "ledger" is its path, or None (fs built from plain arrays, or ledger=False). An estimator fitted on
+    arrays directly (estimator.fit(X, y)) has no cache and is never logged. A ledger that cannot be written
+    is "ledger_error" in the result (the estimator is fitted); nothing is printed.
     """
     from pipeline.estimators import ProbeClassifier
 
@@ -184,7 +197,61 @@ def fit(estimator, fs: FeatureSet) -> dict:
     out = {"val": score(estimator, fs.val)}
     if fs.test is not None:
         out["test"] = score(estimator, fs.test)
-    return {**out, "seconds": seconds, "selected_on": "val" if uses_val else None}
+    out = {**out, "seconds": seconds, "selected_on": "val" if uses_val else None}
+    return {**out, **(_record(estimator, fs, out) if ledger else {"ledger": None})}
+
+
+def _head_params(estimator) -> tuple[str, dict]:
+    """(head type, the parameters that differ from its defaults) of a fitted estimator, for the ledger."""
+    from pipeline.estimators import ProbeClassifier
+
+    params = estimator.get_params(deep=False)
+    try:
+        defaults = type(estimator)().get_params(deep=False)
+    except TypeError:                   # an estimator with required arguments (a Pipeline): keep them all
+        defaults = {}
+    kind = estimator.head_type if isinstance(estimator, ProbeClassifier) else type(estimator).__name__
+    shown = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in params.items()
+             if k not in ("verbose", "device") and (k not in defaults or _differs(defaults[k], v))}
+    return kind, shown
+
+
+def _differs(default: Any, value: Any) -> bool:
+    try:
+        return bool(default != value)
+    except (TypeError, ValueError):     # arrays and other values without one truth value
+        return True
+
+
+def _record(estimator, fs: FeatureSet, result: dict) -> dict:
+    """Append the fitted head to fs.output_dir's ledger when fs came from a cache; {"ledger": path or None}."""
+    if not fs.key or fs.output_dir is None:
+        return {"ledger": None}
+    from pipeline.head_outputs import ledger_entry, ledger_path
+    from pipeline.ledger import append_entries
+
+    kind, params = _head_params(estimator)
+    test = {"test_acc": result["test"]["acc"], "test_mean_per_class": result["test"]["mean_per_class"]} \
+        if "test" in result else {}
+    features = _Cache(fs.key, fs.backbone, fs.path)
+    entry = ledger_entry(features, kind, params, result["val"]["acc"], result["val"]["mean_per_class"], test,
+                         result["seconds"], fs.run_dir, "api")
+    path = ledger_path(fs.output_dir)
+    try:
+        append_entries(path, [entry])
+    except OSError as e:
+        return {"ledger": None, "ledger_error": f"cannot append to '{path}': {e.strerror} (the estimator is fitted; "
+                                                "the leaderboard will not list it)"}
+    return {"ledger": str(path)}
+
+
+@dataclass(frozen=True)
+class _Cache:
+    """What head_outputs.ledger_entry reads of a cache."""
+
+    key: str
+    backbone: dict
+    path: Path
 
 
 # ----------------------------------------------------------------------------- saved models

@@ -126,3 +126,30 @@ def test_the_readme_example_runs_verbatim(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "['ants', 'bees']" in out and "(12, 1280)" in out and "'mean_per_class'" in out
     assert "hymenoptera_data/val/bees/img_000.png" in out and "confused_pairs" in out
+
+
+def test_fit_on_a_cached_feature_set_is_in_the_ledger_and_arrays_are_not(tmp_path, image_root, capfd):
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.ledger import best_heads, read_ledger
+
+    fs = api.load_features(image_root, **tiny(tmp_path))
+    ledger = tmp_path / "runs" / "ledger.jsonl"
+    knn = api.fit(api.KNNHead(k=3), fs)
+    logistic = api.fit(LogisticRegression(C=0.5, max_iter=500), fs)
+    assert knn["ledger"] == logistic["ledger"] == str(ledger)
+    api.KNNHead(k=5).fit(fs.train.X, fs.train.y)                              # plain arrays: no cache, no line
+    assert api.fit(api.NCMHead(), fs, ledger=False)["ledger"] is None
+    arrays = api.FeatureSet(fs.classes, fs.train, fs.val, None, fs.path, fs.backbone, fs.data_root, fs.run_dir)
+    assert api.fit(api.NCMHead(), arrays)["ledger"] is None                  # built by hand: no cache key
+    assert capfd.readouterr() == ("", "")                                     # and nothing printed
+    entries = read_ledger(ledger).entries
+    assert [(e.head_type, e.params, e.source) for e in entries] == [("knn", {"k": 3}, "api"),
+                                                                     ("LogisticRegression", {"C": 0.5, "max_iter": 500},
+                                                                      "api")]
+    assert entries[0].cache_key == fs.key == fc.open_cache(fs.path).key and entries[0].val_acc == knn["val"]["acc"]
+    assert entries[1].run_dir == str(fs.run_dir) and entries[1].cache_file == str(fs.path)
+    assert len(best_heads(entries, fs.key)) == 2                              # what `leaderboard` lists
+    assert run_pipeline.main(["--set", f"features.file={fs.path}", "--set", f"run.output_dir={tmp_path / 'runs'}",
+                              "leaderboard"]) == 0
+    assert "LogisticRegression" in capfd.readouterr().out
