@@ -133,18 +133,20 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
     then the results table. dist: the distributed.DistContext of start_processes (None: a single process)."""
     from pipeline.distributed import SINGLE
     from pipeline.runtime import apply_stage_threads, seed_everything
+    from pipeline.splits import one_leak_warning_per_run
 
     dist = dist or SINGLE
     t0 = time.perf_counter()
-    for stage in stages:
-        seed_everything(cfg.run.seed)
-        apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
-        if stage in DISTRIBUTED_STAGES:
-            _run_stage(stage, cfg, device, paths, output, dist)
-            continue
-        if dist.is_main:  # under torchrun the others wait
-            _run_stage(stage, cfg, device, paths, output)
-        dist.barrier()
+    with one_leak_warning_per_run():  # images in two splits: warned by the first stage that sees the cache
+        for stage in stages:
+            seed_everything(cfg.run.seed)
+            apply_stage_threads(stage, cfg.head.type, cfg.run.num_threads)
+            if stage in DISTRIBUTED_STAGES:
+                _run_stage(stage, cfg, device, paths, output, dist)
+                continue
+            if dist.is_main:  # under torchrun the others wait
+                _run_stage(stage, cfg, device, paths, output)
+            dist.barrier()
     if dist.is_main:
         print_results(cfg, stages, time.perf_counter() - t0)
 

@@ -373,6 +373,7 @@ def _report(cfg: Config, inputs: StageFeatures, fitted: FittedHead, data: HeadDa
     preds = Predictions(fitted.val_probs, data.val_labels, data.val_paths, inputs.images, list(data.classes))
     entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=fitted.history))
     entry.update(stage_error_analysis(pub, "head", preds))
+    entry["leaked_images"] = inputs.leaked_images  # warned once per run, counted by every stage
     at = f" at epoch {fitted.best_epoch}/{cfg.head.epochs}" if fitted.best_epoch is not None else ""
     shown = f"; test top-1 {test['test_acc']:.4f}" if test.get("test_acc") is not None else ""
     print(f"head: best val_acc {fitted.best_acc:.4f}{at} ({cfg.head.type}), mean per-class "

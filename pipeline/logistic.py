@@ -327,6 +327,7 @@ def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))
     entry.update(finish_stage(cfg.report, "logistic", preds, artifact, pub, cv=fit.cv))
     entry.update(stage_error_analysis(pub, "logistic", preds))
+    entry["leaked_images"] = inputs.leaked_images  # warned once per run, counted by every stage
     shown = f"; test top-1 {fit.test['test_acc']:.4f}" if fit.test.get("test_acc") is not None else ""
     print(f"logistic: val_acc {val_acc:.4f}, mean per-class {entry['mean_per_class_acc']:.4f}{shown} with "
           f"C={fit.best_c:g} ({fit.info['estimator']}; C chosen by {fit.cv['selection']}: {fit.cv_accuracy:.4f}; "

@@ -45,6 +45,15 @@ class StageFeatures:
         """
         return self.features.test
 
+    @property
+    def leaked_images(self) -> int:
+        """Images whose content is in more than one split: the extract entry's count, or the file's own."""
+        if self.extract_entry is not None and "leaked_images" in self.extract_entry:
+            return int(self.extract_entry["leaked_images"])
+        from pipeline.splits import count_leaks
+
+        return count_leaks(self.features.manifests)
+
     def load(self) -> fc.FeatureCache:
         """Every feature in memory; a checksum failure re-extracts once (data.root) or names the file."""
         try:

@@ -7,14 +7,18 @@
   and identical files always land in the same split, so the split itself cannot leak duplicates.
   Each class gets val_fraction of its images in expectation, not exactly: an exact per-class
   count would have to move images whenever a class grows.
-- ``find_leaks``: content hashes that appear in more than one split, with their paths.
+- ``find_leaks``: content hashes that appear in more than one split, with their paths; inside
+  ``one_leak_warning_per_run`` (the CLI's run of its stages) ``first_warning`` lets only the first stage
+  that sees a leak report it (every stage still counts it in its metrics entry).
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from pipeline import PipelineError
 
@@ -156,3 +160,36 @@ def format_leaks(leaks: Sequence[Leak], limit: int = 10) -> str:
     if len(leaks) > limit:
         lines.append(f"  ... and {len(leaks) - limit} more")
     return "\n".join(lines)
+
+
+# Inside one_leak_warning_per_run: the leak reports already printed in this run (None: outside a run).
+_RUN_WARNINGS: ContextVar[Optional[set]] = ContextVar("leak_warnings", default=None)
+
+
+@contextmanager
+def one_leak_warning_per_run() -> Iterator[None]:
+    """Within this block each leak report is printed once, by the first stage that sees the cache."""
+    token = _RUN_WARNINGS.set(set())
+    try:
+        yield
+    finally:
+        _RUN_WARNINGS.reset(token)
+
+
+def first_warning(leaks: Sequence[Leak]) -> bool:
+    """Whether to print the warning about leaks: always outside a run; inside one, the first time only."""
+    if not leaks:
+        return False
+    shown = _RUN_WARNINGS.get()
+    if shown is None:
+        return True
+    signature = tuple((leak.digest, tuple(leak.paths.items())) for leak in leaks)
+    if signature in shown:
+        return False
+    shown.add(signature)
+    return True
+
+
+def count_leaks(manifests: dict) -> int:
+    """Images whose content is in more than one split of a cache's manifests (cache.SplitManifest)."""
+    return len(find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in manifests.items()}))

@@ -148,6 +148,7 @@ def _publish(cfg: Config, device: torch.device, inputs: StageFeatures, features,
                             _details(cfg, outcome, winner, defaults, [pub.final_path(p) for p in files])).to_dict()
         entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=history))
         entry.update(stage_error_analysis(pub, "head", preds))
+        entry["leaked_images"] = inputs.leaked_images  # warned once per run, counted by every stage
         pub.commit(metrics_entry=entry, config=cfg.to_dict())
     print(f"sweep: winner {winner.head_type} {winner.config.label()} saved as {cfg.run_dir / HEAD_FILE} (predict and "
           f"report use it); {confused_text(entry['confused_pairs'])}")

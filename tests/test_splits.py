@@ -184,3 +184,35 @@ def test_a_changed_split_rule_is_named_in_the_miss_reason():
     assert _split_change(folder, content) == ("the split changed (val folder -> content, seed = 0, "
                                               "test_fraction = 0.0, val_fraction = 0.2)")
     assert _split_change(content, {**content, "seed": 3}) == "the split changed (seed 0 -> 3)"
+
+
+def test_a_leak_is_warned_once_per_run_and_counted_by_every_stage(params_file, tmp_path, capsys):
+    import shutil
+
+    import run_pipeline
+    from pipeline.metrics import read_metrics
+    from tests.test_folders import make_layout
+
+    root = make_layout(tmp_path / "d")
+    shutil.copy(root / "train" / "ants" / "img_001.png", root / "validation" / "ants" / "copy.png")
+    shutil.copy(root / "train" / "bees" / "img_000.png", root / "test" / "bees" / "again.png")
+    args = ["--params", str(params_file), "--set", f"data.root={root}", "--set", "head.epochs=1"]
+    assert run_pipeline.main(args + ["extract", "head", "logistic"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("image(s) appear in more than one split") == 1          # by extract, the first to see it
+    assert out.index("appear in more than one split") < out.index("head: best val_acc")
+    metrics = read_metrics(tmp_path / "runs" / "t")
+    assert [metrics[s]["leaked_images"] for s in ("extract", "head", "logistic")] == [2, 2, 2]
+    assert run_pipeline.main(args + ["head"]) == 0                             # a new run warns again
+    assert capsys.readouterr().out.count("image(s) appear in more than one split") == 1
+
+
+def test_outside_a_run_every_report_is_printed_and_inside_one_each_once():
+    from pipeline.splits import first_warning, one_leak_warning_per_run
+
+    leaks = find_leaks({"train": [("a", "d1")], "val": [("b", "d1")]})
+    other = find_leaks({"train": [("a", "d2")], "val": [("c", "d2")]})
+    assert first_warning(leaks) and first_warning(leaks) and not first_warning([])
+    with one_leak_warning_per_run():
+        assert first_warning(leaks) and not first_warning(leaks) and first_warning(other)
+    assert first_warning(leaks)
