@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.metrics import write_json
+from pipeline.metrics import HEADLINE, also_selected, write_json
 
 BENCHMARK_JSON, BENCHMARK_MD, BENCHMARK_PNG = "benchmark.json", "benchmark.md", "benchmark.png"
 
@@ -41,9 +41,7 @@ def columns(rows: list[dict]) -> tuple:
 
 
 def selection_text(rows: list[dict]) -> str:
-    """The table's note on its figures, in the wording of every table (pipeline.selection)."""
-    from pipeline.selection import HEADLINE, also_selected
-
+    """The table's note on its figures, in the wording of every table (metrics.also_selected)."""
     if tested(rows):
         return f"{HEADLINE}; val top-1 is shown beside it."
     chose = [r["method"] for r in rows if str(r.get("selected_on") or "").startswith("val")]

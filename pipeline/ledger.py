@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from pipeline.metrics import selection_note
+
 LEDGER_FILE = "ledger.jsonl"
 
 
@@ -150,8 +152,6 @@ def format_best(entries: Sequence[LedgerEntry], cache_key: str, top: Optional[in
     best = best_heads(entries, cache_key, top)
     if not best:
         return f"no heads in the ledger for cache {cache_key}"
-    from pipeline.selection import selection_note
-
     tested = any(e.test_acc is not None for e in best)
     # with a test split, test leads the score columns (the headline); the ranking stays on val, as selection does
     scores = (lambda e: [_f(e.test_acc), _f(e.test_mean_per_class)]) if tested else (lambda e: [])  # noqa: E731

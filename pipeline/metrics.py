@@ -9,6 +9,21 @@ from typing import Any, Optional
 import numpy as np
 
 METRICS_FILE = "metrics.json"
+# The one wording of every table (results, leaderboard, benchmark table and chart) for what its figures are.
+HEADLINE = "test is the headline figure: each model was scored once on test, after it was chosen on val"
+NO_TEST = "no test split was scored"
+
+
+def also_selected(figures: str = "these val figures were") -> str:
+    """What a table without a test split says of its val figures: `figures` names them ('val_acc of head was')."""
+    return (f"{figures} also used for selection ({NO_TEST}), so optimistic: add a test/ folder (or "
+            "data.test_fraction) for a figure nothing was chosen on")
+
+
+def selection_note(tested: bool, ranked: str = "") -> str:
+    """The note under a table of models: HEADLINE with a test split, else also_selected(); ranked: how it is sorted."""
+    lead = f"{ranked}; " if ranked else ""
+    return lead + (HEADLINE if tested else also_selected())
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -129,8 +144,6 @@ def _selection_note(metrics: dict, tested: bool) -> str:
                 f"scored once on test, after it was chosen{also}")
     if not chose:
         return ""
-    from pipeline.selection import also_selected
-
     return also_selected(f"val_acc of {', '.join(chose)} was")
 
 

@@ -4,7 +4,8 @@ The test split (a test/ folder, or data.test_fraction) never takes part in choos
 stages call `score_test` only after their choice is final, once, and record what it returns next to
 val_acc. `selected_on` says what the choice looked at, so the results table can say which val
 figures are optimistic (they chose the model they score). The finetune stage, which trains on images,
-scores its kept epoch on the test images and records the same fields through `score_test_probs`. numpy only.
+scores its kept epoch on the test images and records the same fields through `score_test_probs`.
+The tables' wording for what their figures mean is metrics.also_selected / metrics.selection_note. numpy only.
 """
 from __future__ import annotations
 
@@ -15,21 +16,6 @@ import numpy as np
 from pipeline.analysis import score_proba
 
 Proba = Callable[[np.ndarray], np.ndarray]   # (n_samples, feature_dim) -> (n_samples, num_classes)
-# The one wording of every table (results, leaderboard, benchmark table and chart) for what its figures are.
-HEADLINE = "test is the headline figure: each model was scored once on test, after it was chosen on val"
-NO_TEST = "no test split was scored"
-
-
-def also_selected(figures: str = "these val figures were") -> str:
-    """What a table without a test split says of its val figures: `figures` names them ('val_acc of head was')."""
-    return (f"{figures} also used for selection ({NO_TEST}), so optimistic: add a test/ folder (or "
-            "data.test_fraction) for a figure nothing was chosen on")
-
-
-def selection_note(tested: bool, ranked: str = "") -> str:
-    """The note under a table of models: HEADLINE with a test split, else also_selected(); ranked: how it is sorted."""
-    lead = f"{ranked}; " if ranked else ""
-    return lead + (HEADLINE if tested else also_selected())
 
 
 def score_test(stage: str, inputs: Any, predict_proba: Proba, selected_on: str) -> dict:
