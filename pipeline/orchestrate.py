@@ -96,7 +96,12 @@ class StageFeatures:
 
 def from_file(path: str, views_seed: int) -> StageFeatures:
     """features.file: the cache file on its own."""
+    from pipeline.splits import find_leaks, first_warning, format_leaks
+
     features = fc.open_cache(path)
+    leaks = find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in features.manifests.items()})
+    if first_warning(leaks):  # as extract warns in data.root mode: once per run
+        print(f"features.file: {format_leaks(leaks, limit=5)}")
 
     def views(n_views: int):
         from pipeline.views import read_bank

@@ -205,6 +205,11 @@ def test_a_leak_is_warned_once_per_run_and_counted_by_every_stage(params_file, t
     assert [metrics[s]["leaked_images"] for s in ("extract", "head", "logistic")] == [2, 2, 2]
     assert run_pipeline.main(args + ["head"]) == 0                             # a new run warns again
     assert capsys.readouterr().out.count("image(s) appear in more than one split") == 1
+    alone = ["--set", f"features.file={metrics['extract']['cache_file']}", "--set", "run.name=alone"]
+    assert run_pipeline.main(args + alone + ["head", "logistic"]) == 0         # the cache file on its own
+    assert capsys.readouterr().out.count("features.file: warning: 2 image(s) appear in more than one split") == 1
+    metrics = read_metrics(tmp_path / "runs" / "alone")
+    assert metrics["head"]["leaked_images"] == metrics["logistic"]["leaked_images"] == 2
 
 
 def test_outside_a_run_every_report_is_printed_and_inside_one_each_once():
