@@ -79,10 +79,17 @@ class BackboneConfig:
                                    "(from its weights or pretrained config)", gt=0, le=1024)
     cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
                   "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
+    taps: list[str] = _c(["pool"], "feature sets cached from one forward pass, each its own dataset: pool (always "
+                         "stored), stage-1, stage-2, ... (pooled output of a stage, counted from the last), concat "
+                         "(pool + the stage taps listed), cls and patch_mean (ViTs); in the cache key; see "
+                         "docs/backbones.md", nonempty=True)
 
     def __post_init__(self) -> None:
         if self.weights is None or self.weights in ("None", "null"):
             self.weights = "none"  # torchvision's weights=None, as users type it
+        from pipeline.taps import check_tap_names
+
+        check_tap_names(self.taps, error=ConfigError)
 
 
 @dataclass

@@ -42,6 +42,8 @@ class HeadConfig:
                               "bytes): a cache whose train+val features, as float32, exceed it is streamed from disk "
                               "in chunks (logistic then uses an out-of-core SGDClassifier; head.type linear and "
                               "classifier only; sweep refuses)", gt=0, le=1e6)
+    tap: str = _c("pool", "the cached tap (backbone.taps) that head, logistic, sweep, report, predict and the API "
+                  "train on or use; predict computes the same tap from images", nonempty=True)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class SweepStageConfig:
                     "mlp, knn, ncm, logistic; parameters as in head.* (logistic: C, max_iter); a parameter left out "
                     "takes its head.* value (logistic.max_iter); linear heads sharing epochs, batch_size and "
                     "class_weight train jointly", grid=True)
+    taps: list[str] = _c([], "cached taps the grid runs on, each in turn (the leaderboard shows the tap, the "
+                         "winner's head.pt records it); empty: head.tap only")
     top: int = _c(20, "leaderboard rows printed after a sweep (every row is in sweep.md and sweep.json)",
                   gt=0, le=MAX_BATCH)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,6 +30,7 @@ from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
 from pipeline.scan import ScanResult, check_bad_files, report_leaks, scan_images, split_scan, write_bad_files_report
 from pipeline.scan_index import scan_index_path
+from pipeline.taps import batch_rows, join_batches, tapped
 
 
 class ExtractInterrupted(KeyboardInterrupt):
@@ -120,6 +120,7 @@ def extract_chunks(job: ExtractJob, plan: CachePlan, work: list[list[str]], stor
     # channels_last lets oneDNN / cuDNN pick faster convolution kernels (1.7x measured on CPU).
     extractor = build_feature_extractor(job.backbone, plan.spec, seed=job.seed).to(
         device, memory_format=torch.channels_last)
+    extractor = tapped(extractor, plan.spec.taps, plan.spec.preprocess.crop_size, plan.spec.name)
     first_path = {}
     for split in plan.manifests:
         for rel, h in zip(plan.manifests[split].paths, plan.manifests[split].sha256):
@@ -138,18 +139,18 @@ def extract_chunks(job: ExtractJob, plan: CachePlan, work: list[list[str]], stor
         for chunk in work:
             feats = []
             for _ in range(-(-len(chunk) // batch_size)):
-                feats.append(next(computed))  # (B, feature_dim)
-                bar.update(len(feats[-1]))
+                feats.append(next(computed))  # (B, feature_dim), or {tap: (B, D_tap)}
+                bar.update(batch_rows(feats[-1]))
                 if interrupt.requested:
-                    n = sum(len(f) for f in feats)
-                    store.write(chunk[:n], np.concatenate(feats))
+                    n = sum(batch_rows(f) for f in feats)
+                    store.write(chunk[:n], join_batches(feats))
                     done += n
                     who = f"rank {dist.rank} " if dist.is_distributed else ""
                     raise ExtractInterrupted(
                         f"extract: {who}interrupted; {done} of {len(order)} images extracted in this run are saved in "
                         f"{store.folder}. Run the same command again to resume: only the "
                         f"{len(order) - done} remaining images will go through the backbone")
-            store.write(chunk, np.concatenate(feats))
+            store.write(chunk, join_batches(feats))
             done += len(chunk)
     return extractor.feature_dim
 
@@ -229,7 +230,7 @@ def build_cache(job: ExtractJob, plan: CachePlan, device: torch.device, reason: 
     in manifest order, exactly as a single process would from its own chunks.
     """
     dtype = job.extract.dtype
-    store = cache.ChunkStore(cache.partial_dir(plan.path), plan.config_key, dtype)
+    store = cache.ChunkStore(cache.partial_dir(plan.path), plan.config_key, dtype, plan.spec.taps)
     work = plan_work(job.extract.chunk_size, plan, store, device, reason, dist) if dist.is_main else None
     chunks, stats = dist.broadcast((work.chunks, work.stats) if work else None)
     if dist.is_distributed and chunks:
@@ -245,7 +246,7 @@ def build_cache(job: ExtractJob, plan: CachePlan, device: torch.device, reason: 
         saved, _ = store.rows()
         t1 = time.perf_counter()
         cache.assemble_cache(plan.path, plan.manifests, feature_dim, dtype, {**saved, **work.previous},
-                             _cache_attrs(job, plan, device))
+                             _cache_attrs(job, plan, device), plan.spec.taps)
         stats.assemble_seconds = time.perf_counter() - t1
         store.remove()
     return dist.broadcast(stats)

@@ -55,7 +55,7 @@ class StageFeatures:
                                     "(python run_pipeline.py extract with data.root set)") from None
             print(f"extract: {e}; extracting again")
             self.discard()
-            self.features = self.rebuild()
+            self.features = self.rebuild().with_tap(self.features.tap)
             return self.features.load()
 
     @contextmanager
@@ -68,7 +68,7 @@ class StageFeatures:
             if self.rebuild is None:
                 raise
             self.discard()
-            self.features = self.rebuild()
+            self.features = self.rebuild().with_tap(self.features.tap)
             reader = self.features.stream()
         try:
             yield reader
@@ -85,9 +85,9 @@ class StageFeatures:
             reader.close()
 
 
-def from_file(path: str, views_seed: int) -> StageFeatures:
-    """features.file: the cache file on its own."""
-    features = fc.open_cache(path)
+def from_file(path: str, views_seed: int, tap: str = "pool") -> StageFeatures:
+    """features.file: the cache file on its own, seen through tap (head.tap)."""
+    features = fc.open_cache(path).with_tap(tap)
 
     def views(n_views: int):
         from pipeline.views import read_bank
@@ -124,6 +124,7 @@ def from_images(cfg: Config, device) -> StageFeatures:
         print(f"extract: {e}; extracting again")
         discard_if_damaged(plan, cfg.extract.lock_timeout)
         features = rebuild()
+    features = features.with_tap(cfg.head.tap)  # a tap not cached: one line naming head.tap and the cached taps
     inputs = StageFeatures(features, plan.data.root, cfg.run.seed, dataclasses.asdict(cfg.backbone),
                            str(plan.data.root), entry,
                            discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
@@ -132,11 +133,15 @@ def from_images(cfg: Config, device) -> StageFeatures:
 
 
 def stage_features(cfg: Config, device) -> StageFeatures:
-    """The cache for a head-type stage: features.file when set, else data.root's (extracted when needed)."""
+    """The cache for a head-type stage: features.file when set, else data.root's (extracted when needed);
+    its features are head.tap's (pipeline.taps)."""
+    if cfg.head.tap != "pool" and cfg.extract.train_views:
+        raise PipelineError(f"extract.train_views augments the pool features only, and head.tap is '{cfg.head.tap}': "
+                            "set extract.train_views=0 or head.tap=pool")
     if cfg.features.file:
         if not Path(cfg.features.file).is_file():
             raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
                                 f"written by the extract stage (under extract.cache_dir, e.g. "
                                 f"{cfg.extract.cache_dir}/<data>.<backbone>-<key>.h5), or unset it to use data.root")
-        return from_file(cfg.features.file, cfg.extract.views_seed)
+        return from_file(cfg.features.file, cfg.extract.views_seed, cfg.head.tap)
     return from_images(cfg, device)

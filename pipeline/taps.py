@@ -1,0 +1,169 @@
+"""Feature taps: several feature sets of one backbone from ONE forward pass per batch (backbone.taps).
+
+Names (docs/backbones.md has the table per family):
+    pool        the final pooled pre-logits, the cache's `features` (always stored)
+    stage-N     the global-average-pooled output of the N-th stage counted from the end (stage-1: the
+                last); a stage is a run of the network's trunk at one spatial resolution (torchvision
+                CNNs, EfficientNet-Lite's blocks), timm's `feature_info` entries (for a ViT: its blocks,
+                whose tokens are averaged over the patches)
+    concat      pool and every stage tap asked for, concatenated in the order of backbone.taps
+    cls         ViTs (timm): the class token after the final norm
+    patch_mean  ViTs (timm): the mean of the patch tokens after the final norm
+
+The taps are forward hooks on the extractor's own modules, registered after batch-norm folding, so
+`pool` is computed exactly as without taps and every other tap comes out of the same pass.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.weight_files import BackboneError
+
+POOL = "pool"
+DEFAULT_TAPS = (POOL,)
+TOKEN_TAPS = ("cls", "patch_mean")
+STAGE = re.compile(r"stage-([1-9][0-9]*)$")
+SKIPPED = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Linear)
+
+
+def normalize_taps(taps: Sequence[str]) -> tuple[str, ...]:
+    """pool first (always stored), then the others in the order given, each once."""
+    return tuple(dict.fromkeys((POOL, *taps)))
+
+
+def check_tap_names(taps: Sequence[str], key: str = "backbone.taps", error: type = BackboneError) -> None:
+    """The names' syntax, before anything is built (the backbone's own names are checked when it is built)."""
+    bad = [t for t in taps if not isinstance(t, str) or t not in (POOL, "concat", *TOKEN_TAPS) and not STAGE.match(t)]
+    if bad:
+        raise error(f"{key} {bad} unknown; use pool, stage-1, stage-2, ... (counted from the last "
+                            "stage), concat, and for ViTs cls or patch_mean")
+
+
+# ----------------------------------------------------------------------------- where the stages are
+def _trunk(net: nn.Module) -> list[nn.Module]:
+    """The modules a torchvision or Lite network runs in sequence, whose outputs may be stage outputs."""
+    if hasattr(net, "_blocks"):  # efficientnet_lite_pytorch: the MBConv blocks
+        return list(net._blocks)
+    for name in ("features", "trunk_output", "layers"):
+        trunk = getattr(net, name, None)
+        if isinstance(trunk, nn.Sequential):
+            return list(trunk)
+    return [m for m in net.children() if not isinstance(m, SKIPPED)]
+
+
+@torch.inference_mode()
+def _stages_by_resolution(extractor: nn.Module, candidates: list[nn.Module], crop: int) -> list[nn.Module]:
+    """The last module of each run of candidates at one spatial size (one probe pass of a blank image)."""
+    seen: list[tuple[int, tuple[int, int]]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out, i=i: seen.append((i, tuple(out.shape[2:])))
+                                     if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
+             for i, m in enumerate(candidates)]
+    try:
+        param = next(extractor.parameters())
+        extractor(torch.zeros(1, 3, crop, crop, device=param.device, dtype=param.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    stages = []
+    for (i, size), nxt in zip(seen, seen[1:] + [(None, None)]):
+        if nxt[1] != size:
+            stages.append(candidates[i])
+    return stages
+
+
+def _timm_stages(net: nn.Module) -> list[nn.Module]:
+    info = getattr(net, "feature_info", None) or []
+    names = [d["module"] for d in info if isinstance(d, dict) and d.get("module")]
+    return [net.get_submodule(n) for n in names]
+
+
+def find_taps(extractor: nn.Module, crop: int) -> tuple[list[nn.Module], Optional[nn.Module], int]:
+    """(stage modules, first to last; the final token norm of a ViT or None; its prefix tokens)."""
+    net = getattr(extractor, "net", extractor)
+    if type(extractor).__name__ == "TimmFeatureExtractor":
+        tokens = net.get_submodule("norm") if hasattr(net, "num_prefix_tokens") and hasattr(net, "norm") else None
+        return _timm_stages(net), tokens, int(getattr(net, "num_prefix_tokens", 0))
+    if type(extractor).__name__ == "ConvFeatureExtractor":
+        net = extractor.features
+    return _stages_by_resolution(extractor, _trunk(net), crop), None, 0
+
+
+def valid_taps(n_stages: int, tokens: bool, has_cls: bool) -> list[str]:
+    names = [POOL] + [f"stage-{k}" for k in range(1, n_stages + 1)] + (["concat"] if n_stages else [])
+    return names + (["cls"] if tokens and has_cls else []) + (["patch_mean"] if tokens else [])
+
+
+def _pooled(x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) global average; (B, N, D) tokens -> (B, D) mean of the patch tokens."""
+    if x.ndim == 4:
+        return x.float().mean(dim=(2, 3))
+    return x[:, prefix:].float().mean(dim=1)
+
+
+class TappedExtractor(nn.Module):
+    """extractor's forward, returning {tap: (B, D_tap)} for every tap from one pass (select: one tap's tensor)."""
+
+    def __init__(self, extractor: nn.Module, taps: Sequence[str], crop: int, backbone: str,
+                 select: Optional[str] = None) -> None:
+        super().__init__()
+        self.extractor, self.taps, self.select = extractor, normalize_taps(taps), select
+        stages, tokens, self.prefix = find_taps(extractor, crop)
+        net = getattr(extractor, "net", extractor)
+        valid = valid_taps(len(stages), tokens is not None, getattr(net, "cls_token", None) is not None)
+        unknown = [t for t in self.taps if t not in valid]
+        if unknown:
+            raise BackboneError(f"backbone.taps {unknown} not available for {backbone}; its taps: {', '.join(valid)}")
+        self.feature_dim = extractor.feature_dim
+        self._seen: dict[str, torch.Tensor] = {}
+        wanted = {t: stages[-int(STAGE.match(t).group(1))] for t in self.taps if STAGE.match(t)}
+        if set(self.taps) & set(TOKEN_TAPS):
+            wanted["tokens"] = tokens
+        self._hooks = [m.register_forward_hook(self._keeper(name)) for name, m in wanted.items()]
+
+    def _keeper(self, name: str):
+        def keep(_module, _inputs, output) -> None:
+            self._seen[name] = output
+        return keep
+
+    def forward(self, x: torch.Tensor):  # (B, 3, H, W) -> {tap: (B, D_tap)}
+        self._seen.clear()
+        out = {POOL: self.extractor(x)}
+        for tap in self.taps:
+            if STAGE.match(tap):
+                out[tap] = _pooled(self._seen[tap], self.prefix)
+        if "tokens" in self._seen:
+            tokens = self._seen["tokens"]
+            if "cls" in self.taps:
+                out["cls"] = tokens[:, 0]
+            if "patch_mean" in self.taps:
+                out["patch_mean"] = tokens[:, self.prefix:].mean(dim=1)
+        if "concat" in self.taps:
+            parts = [POOL] + [t for t in self.taps if STAGE.match(t)]
+            out["concat"] = torch.cat([out[t].float() for t in parts], dim=1)
+        self._seen.clear()
+        return out[self.select] if self.select else {t: out[t] for t in self.taps}
+
+
+def tapped(extractor: nn.Module, taps: Sequence[str], crop: int, backbone: str,
+           select: Optional[str] = None) -> nn.Module:
+    """extractor itself for the default taps (pool only, unchanged), else a TappedExtractor around it."""
+    if normalize_taps(taps) == DEFAULT_TAPS and select in (None, POOL):
+        return extractor
+    return TappedExtractor(extractor, taps, crop, backbone, select)
+
+
+def batch_rows(batch) -> int:
+    """Rows of one computed batch: an array, or {tap: array} from a TappedExtractor."""
+    return len(batch[POOL] if isinstance(batch, dict) else batch)
+
+
+def join_batches(batches: list):
+    """The batches of one chunk as one array (or one array per tap)."""
+    if batches and isinstance(batches[0], dict):
+        return {tap: np.concatenate([b[tap] for b in batches]) for tap in batches[0]}
+    return np.concatenate(batches)
