@@ -21,7 +21,8 @@ from typing import Any, Optional
 from pipeline import PipelineError  # noqa: F401
 # The value helpers and bounds, and the sections of the head-training stages, are kept in their own
 # modules (config.py stays under the layout's 400 lines); every name is re-exported from here.
-from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, MAX_NAME, MAX_SEED, ConfigError, _c  # noqa: F401
+from pipeline.config_fields import (MAX_BATCH, MAX_EPOCHS, MAX_LR, MAX_NAME, MAX_SEED, ConfigError, _c,  # noqa: F401
+                                    check_tap_names)
 from pipeline.config_heads import (DEFAULT_GRID, HEAD_TYPES, SWEEP_TYPES, HeadConfig,  # noqa: F401
                                    LeaderboardConfig, LogisticConfig, SweepStageConfig, check_grid, check_object)
 
@@ -87,9 +88,7 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.weights is None or self.weights in ("None", "null"):
             self.weights = "none"  # torchvision's weights=None, as users type it
-        from pipeline.taps import check_tap_names
-
-        check_tap_names(self.taps, error=ConfigError)
+        check_tap_names(self.taps)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, ConfigError, _c
+from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, ConfigError, _c, check_tap_names
 
 HEAD_TYPES = ("linear", "mlp", "knn", "ncm", "classifier")
 SWEEP_TYPES = ("linear", "mlp", "knn", "ncm", "logistic")  # pipeline.sweep checks each type's parameters
@@ -45,6 +45,9 @@ class HeadConfig:
     tap: str = _c("pool", "the cached tap (backbone.taps) that head, logistic, sweep, report, predict and the API "
                   "train on or use; predict computes the same tap from images", nonempty=True)
 
+    def __post_init__(self) -> None:
+        check_tap_names([self.tap], "head.tap")
+
 
 @dataclass
 class LogisticConfig:
@@ -66,6 +69,9 @@ class SweepStageConfig:
                          "winner's head.pt records it); empty: head.tap only")
     top: int = _c(20, "leaderboard rows printed after a sweep (every row is in sweep.md and sweep.json)",
                   gt=0, le=MAX_BATCH)
+
+    def __post_init__(self) -> None:
+        check_tap_names(self.taps, "sweep.taps")
 
 
 @dataclass

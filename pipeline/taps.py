@@ -15,33 +15,24 @@ The taps are forward hooks on the extractor's own modules, registered after batc
 """
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config_fields import STAGE_TAP as STAGE
 from pipeline.weight_files import BackboneError
 
 POOL = "pool"
 DEFAULT_TAPS = (POOL,)
 TOKEN_TAPS = ("cls", "patch_mean")
-STAGE = re.compile(r"stage-([1-9][0-9]*)$")
 SKIPPED = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Linear)
 
 
 def normalize_taps(taps: Sequence[str]) -> tuple[str, ...]:
     """pool first (always stored), then the others in the order given, each once."""
     return tuple(dict.fromkeys((POOL, *taps)))
-
-
-def check_tap_names(taps: Sequence[str], key: str = "backbone.taps", error: type = BackboneError) -> None:
-    """The names' syntax, before anything is built (the backbone's own names are checked when it is built)."""
-    bad = [t for t in taps if not isinstance(t, str) or t not in (POOL, "concat", *TOKEN_TAPS) and not STAGE.match(t)]
-    if bad:
-        raise error(f"{key} {bad} unknown; use pool, stage-1, stage-2, ... (counted from the last "
-                            "stage), concat, and for ViTs cls or patch_mean")
 
 
 # ----------------------------------------------------------------------------- where the stages are
