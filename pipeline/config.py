@@ -90,6 +90,11 @@ class BackboneConfig:
             self.weights = "none"  # torchvision's weights=None, as users type it
         check_tap_names(self.taps)
 
+    def recorded(self) -> dict:
+        """backbone.* as cache files record them: taps only when not the default (those files stay as they were)."""
+        values = dataclasses.asdict(self)
+        return {k: v for k, v in values.items() if k != "taps" or v != ["pool"]}
+
 
 @dataclass
 class ExtractConfig:

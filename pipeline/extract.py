@@ -7,7 +7,6 @@ starts. See pipeline/cache/__init__.py for the file layout and the crash-safety 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -159,7 +158,7 @@ def _cache_attrs(job: ExtractJob, plan: CachePlan, device: torch.device) -> dict
     dtype = job.extract.dtype
     return {"format_version": cache.FORMAT_VERSION, "config_key": plan.config_key,
             "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
-            "backbone_config": dataclasses.asdict(job.backbone),
+            "backbone_config": job.backbone.recorded(),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": dtype, "data_root": str(plan.data.root),
             "versions": feature_config(plan.spec, dtype, job.extract.autocast),
             "environment": environment_info(device), "seed": job.seed, "split": plan.scan.split_rule}

@@ -11,7 +11,6 @@ The stages (head, logistic) take a StageFeatures and never run the backbone them
 """
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +124,7 @@ def from_images(cfg: Config, device) -> StageFeatures:
         discard_if_damaged(plan, cfg.extract.lock_timeout)
         features = rebuild()
     features = features.with_tap(cfg.head.tap)  # a tap not cached: one line naming head.tap and the cached taps
-    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, dataclasses.asdict(cfg.backbone),
+    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, cfg.backbone.recorded(),
                            str(plan.data.root), entry,
                            discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
                            rebuild=rebuild, views=views)
