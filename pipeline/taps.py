@@ -112,31 +112,26 @@ class TappedExtractor(nn.Module):
         self.feature_dim = extractor.feature_dim
         self._seen: dict[str, torch.Tensor] = {}
         wanted = {t: stages[-int(STAGE.match(t).group(1))] for t in self.taps if STAGE.match(t)}
-        if set(self.taps) & set(TOKEN_TAPS):
-            wanted["tokens"] = tokens
         self._hooks = [m.register_forward_hook(self._keeper(name)) for name, m in wanted.items()]
+        if set(self.taps) & set(TOKEN_TAPS):
+            self._hooks.append(tokens.register_forward_hook(self._tokens))
 
     def _keeper(self, name: str):
-        def keep(_module, _inputs, output) -> None:
-            self._seen[name] = output
+        def keep(_module, _inputs, output) -> None:  # pooled at once: a later in-place op cannot change it
+            self._seen[name] = _pooled(output, self.prefix)
         return keep
+
+    def _tokens(self, _module, _inputs, tokens: torch.Tensor) -> None:  # (B, N, D) after the final norm
+        self._seen["cls"] = tokens[:, 0].clone()
+        self._seen["patch_mean"] = tokens[:, self.prefix:].mean(dim=1)
 
     def forward(self, x: torch.Tensor):  # (B, 3, H, W) -> {tap: (B, D_tap)}
         self._seen.clear()
-        out = {POOL: self.extractor(x)}
-        for tap in self.taps:
-            if STAGE.match(tap):
-                out[tap] = _pooled(self._seen[tap], self.prefix)
-        if "tokens" in self._seen:
-            tokens = self._seen["tokens"]
-            if "cls" in self.taps:
-                out["cls"] = tokens[:, 0]
-            if "patch_mean" in self.taps:
-                out["patch_mean"] = tokens[:, self.prefix:].mean(dim=1)
+        out = {POOL: self.extractor(x), **self._seen}
+        self._seen.clear()
         if "concat" in self.taps:
             parts = [POOL] + [t for t in self.taps if STAGE.match(t)]
             out["concat"] = torch.cat([out[t].float() for t in parts], dim=1)
-        self._seen.clear()
         return out[self.select] if self.select else {t: out[t] for t in self.taps}
 
 

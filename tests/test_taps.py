@@ -153,7 +153,9 @@ def _val_images(root, preprocess, paths):
 def test_head_and_logistic_on_a_tap_and_predict_computes_it(tiny_cfg, image_root):
     from pipeline.head import run_head
     from pipeline.logistic import run_logistic
+    from pipeline.head_outputs import ledger_path
     from pipeline.predictor import load_predictor
+    from pipeline.report import val_predictions
 
     cfg = tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-2")
     run_head(cfg, CPU)
@@ -164,7 +166,11 @@ def test_head_and_logistic_on_a_tap_and_predict_computes_it(tiny_cfg, image_root
         predictor = load_predictor(cfg.run_dir, kind, CPU)
         assert predictor.artifact["feature_dim"] == 256 and predictor.artifact["backbone"]["tap"] == "stage-2"
         from_images = predictor.probs_from_images(_val_images(image_root, predictor.preprocess, cached.paths))
-        assert np.allclose(from_images, predictor.probs_from_features(cached.features), atol=1e-4)
+        from_cache = predictor.probs_from_features(cached.features)
+        assert np.allclose(from_images, from_cache, atol=1e-4)
+        assert np.allclose(val_predictions(cfg.run_dir, kind, CPU).probs, from_cache, atol=1e-6)  # report reads the tap
+    ledger = [json.loads(line) for line in ledger_path(cfg.run.output_dir).read_text().splitlines()]
+    assert [e["params"].get("tap") for e in ledger] == ["stage-2", "stage-2"]
 
 
 def test_sweep_over_two_taps(tiny_cfg, capsys):
