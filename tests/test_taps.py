@@ -70,6 +70,25 @@ def test_unknown_taps_fail_in_one_line_naming_the_valid_ones():
         _extractor("resnet18", 32, ["stage-9"])
     with pytest.raises(ConfigError, match=r"backbone.taps \['layer3'\] unknown; use pool, stage-1"):
         load_config(None, ['backbone.taps=["layer3"]'])
+    with pytest.raises(ConfigError, match=r"^head.tap \['layer3'\] unknown"):
+        load_config(None, ["head.tap=layer3"])
+    with pytest.raises(ConfigError, match=r"^sweep.taps \['Pool'\] unknown"):
+        load_config(None, ['sweep.taps=["Pool"]'])
+
+
+def test_chunks_keep_every_tap_and_a_chunk_without_them_is_recomputed(tmp_path, capsys):
+    rows = {"pool": np.ones((2, 4), np.float32), "stage-2": np.full((2, 3), 2, np.float32)}
+    tapped_store = fc.ChunkStore(tmp_path / "p", "k", "float32", ("pool", "stage-2"))
+    path = tapped_store.write(["a" * 64, "b" * 64], rows)
+    found, dim = tapped_store.rows()
+    assert dim == 4 and found["b" * 64] == fc.RowSource(path, "features", 1)
+    with h5py.File(path) as f:
+        assert np.array_equal(f["taps/stage-2"][()], rows["stage-2"])
+    plain = fc.ChunkStore(tmp_path / "q", "k", "float32")
+    plain.write(["c" * 64], rows["pool"][:1])
+    lacking = fc.ChunkStore(tmp_path / "q", "k", "float32", ("pool", "stage-2"))
+    assert lacking.rows() == ({}, None) and not lacking.chunk_files()  # discarded: its rows get recomputed
+    assert "lacks the datasets of backbone.taps" in capsys.readouterr().out
 
 
 def test_cache_key_covers_taps_and_default_key_is_unchanged():
@@ -143,6 +162,15 @@ def test_tap_not_cached_fails_in_one_line(tiny_cfg):
     with pytest.raises(PipelineError, match=r"^head.tap 'stage-3' is not in the cache '.*' \(cached taps: pool, "
                                             r"stage-2\): set head.tap to one of them, or add 'stage-3'"):
         run_head(tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-3"), CPU)
+
+
+def test_streamed_head_reads_the_tap(tiny_cfg):
+    from pipeline.head import run_head
+
+    cfg = tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-2", "head.max_memory_gb=0.000001")
+    entry = run_head(cfg, CPU)
+    assert entry["streamed"] is True
+    assert torch.load(cfg.run_dir / "head.pt", weights_only=False)["state_dict"]["weight"].shape == (2, 256)
 
 
 def _val_images(root, preprocess, paths):
