@@ -50,10 +50,15 @@ def _trunk(net: nn.Module) -> list[nn.Module]:
 @torch.inference_mode()
 def _stages_by_resolution(extractor: nn.Module, candidates: list[nn.Module], crop: int) -> list[nn.Module]:
     """The last module of each run of candidates at one spatial size (one probe pass of a blank image)."""
-    seen: list[tuple[int, tuple[int, int]]] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out, i=i: seen.append((i, tuple(out.shape[2:])))
-                                     if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
-             for i, m in enumerate(candidates)]
+    seen: list[tuple[int, tuple[int, ...]]] = []   # (candidate index, its output's (H, W)), in the order they ran
+
+    def recorder(i: int):
+        def record(_module, _inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                seen.append((i, tuple(output.shape[2:])))
+        return record
+
+    hooks = [m.register_forward_hook(recorder(i)) for i, m in enumerate(candidates)]
     try:
         param = next(extractor.parameters())
         extractor(torch.zeros(1, 3, crop, crop, device=param.device, dtype=param.dtype))
@@ -75,11 +80,14 @@ def _timm_stages(net: nn.Module) -> list[nn.Module]:
 
 def find_taps(extractor: nn.Module, crop: int) -> tuple[list[nn.Module], Optional[nn.Module], int]:
     """(stage modules, first to last; the final token norm of a ViT or None; its prefix tokens)."""
+    from pipeline.backbones import ConvFeatureExtractor  # backbones imports this module
+    from pipeline.timm_backbones import TimmFeatureExtractor  # timm itself is not imported
+
     net = getattr(extractor, "net", extractor)
-    if type(extractor).__name__ == "TimmFeatureExtractor":
+    if isinstance(extractor, TimmFeatureExtractor):
         tokens = net.get_submodule("norm") if hasattr(net, "num_prefix_tokens") and hasattr(net, "norm") else None
         return _timm_stages(net), tokens, int(getattr(net, "num_prefix_tokens", 0))
-    if type(extractor).__name__ == "ConvFeatureExtractor":
+    if isinstance(extractor, ConvFeatureExtractor):
         net = extractor.features
     return _stages_by_resolution(extractor, _trunk(net), crop), None, 0
 
@@ -115,6 +123,7 @@ class TappedExtractor(nn.Module):
         self._hooks = [m.register_forward_hook(self._keeper(name)) for name, m in wanted.items()]
         if set(self.taps) & set(TOKEN_TAPS):
             self._hooks.append(tokens.register_forward_hook(self._tokens))
+        self.train(extractor.training)  # frozen: eval, as the extractor it wraps
 
     def _keeper(self, name: str):
         def keep(_module, _inputs, output) -> None:  # pooled at once: a later in-place op cannot change it
