@@ -15,6 +15,7 @@ The taps are forward hooks on the extractor's own modules, registered after batc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -78,29 +79,46 @@ def _timm_stages(net: nn.Module) -> list[nn.Module]:
     return [net.get_submodule(n) for n in names]
 
 
-def find_taps(extractor: nn.Module, crop: int) -> tuple[list[nn.Module], Optional[nn.Module], int]:
-    """(stage modules, first to last; the final token norm of a ViT or None; its prefix tokens)."""
+@dataclass
+class TapPoints:
+    """Where a backbone's taps are: its stages (first to last) and, for a ViT, its final token norm."""
+
+    stages: list[nn.Module]
+    tokens: Optional[nn.Module] = None      # (B, N, D) after the final norm: cls and patch_mean
+    prefix: int = 0                         # class (and register) tokens before the patch tokens
+    has_cls: bool = False
+    nhwc: bool = False                      # stage outputs are (B, H, W, C) (Swin)
+
+    def names(self) -> list[str]:
+        stages = [f"stage-{k}" for k in range(1, len(self.stages) + 1)] + (["concat"] if self.stages else [])
+        tokens = ((["cls"] if self.has_cls else []) + ["patch_mean"]) if self.tokens is not None else []
+        return [POOL, *stages, *tokens]
+
+
+def find_taps(extractor: nn.Module, crop: int) -> TapPoints:
+    """The stages and token norm of extractor's network (a probe pass for torchvision CNNs and the Lites)."""
     from pipeline.backbones import ConvFeatureExtractor  # backbones imports this module
     from pipeline.timm_backbones import TimmFeatureExtractor  # timm itself is not imported
 
     net = getattr(extractor, "net", extractor)
     if isinstance(extractor, TimmFeatureExtractor):
-        tokens = net.get_submodule("norm") if hasattr(net, "num_prefix_tokens") and hasattr(net, "norm") else None
-        return _timm_stages(net), tokens, int(getattr(net, "num_prefix_tokens", 0))
+        vit = hasattr(net, "num_prefix_tokens") and isinstance(getattr(net, "norm", None), nn.Module)
+        return TapPoints(_timm_stages(net), net.norm if vit else None, int(getattr(net, "num_prefix_tokens", 0)),
+                         getattr(net, "cls_token", None) is not None, getattr(net, "output_fmt", "NCHW") == "NHWC")
     if isinstance(extractor, ConvFeatureExtractor):
         net = extractor.features
-    return _stages_by_resolution(extractor, _trunk(net), crop), None, 0
+    encoder = getattr(net, "encoder", None)
+    if hasattr(net, "class_token") and hasattr(encoder, "layers"):  # torchvision ViT: blocks, then encoder.ln
+        return TapPoints(list(encoder.layers), encoder.ln, 1, True)
+    nhwc = type(net).__name__ == "SwinTransformer"  # torchvision Swin: features are (B, H, W, C)
+    return TapPoints(_stages_by_resolution(extractor, _trunk(net), crop), nhwc=nhwc)
 
 
-def valid_taps(n_stages: int, tokens: bool, has_cls: bool) -> list[str]:
-    names = [POOL] + [f"stage-{k}" for k in range(1, n_stages + 1)] + (["concat"] if n_stages else [])
-    return names + (["cls"] if tokens and has_cls else []) + (["patch_mean"] if tokens else [])
-
-
-def _pooled(x: torch.Tensor, prefix: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C) global average; (B, N, D) tokens -> (B, D) mean of the patch tokens."""
+def _pooled(x: torch.Tensor, prefix: int, nhwc: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) global average ((B, H, W, C) when nhwc); (B, N, D) tokens -> (B, D) mean of the
+    patch tokens."""
     if x.ndim == 4:
-        return x.float().mean(dim=(2, 3))
+        return x.float().mean(dim=(1, 2) if nhwc else (2, 3))
     return x[:, prefix:].float().mean(dim=1)
 
 
@@ -111,23 +129,23 @@ class TappedExtractor(nn.Module):
                  select: Optional[str] = None) -> None:
         super().__init__()
         self.extractor, self.taps, self.select = extractor, normalize_taps(taps), select
-        stages, tokens, self.prefix = find_taps(extractor, crop)
-        net = getattr(extractor, "net", extractor)
-        valid = valid_taps(len(stages), tokens is not None, getattr(net, "cls_token", None) is not None)
+        points = find_taps(extractor, crop)
+        self.prefix, self.nhwc = points.prefix, points.nhwc
+        valid = points.names()
         unknown = [t for t in self.taps if t not in valid]
         if unknown:
             raise BackboneError(f"backbone.taps {unknown} not available for {backbone}; its taps: {', '.join(valid)}")
         self.feature_dim = extractor.feature_dim
         self._seen: dict[str, torch.Tensor] = {}
-        wanted = {t: stages[-int(STAGE.match(t).group(1))] for t in self.taps if STAGE.match(t)}
+        wanted = {t: points.stages[-int(STAGE.match(t).group(1))] for t in self.taps if STAGE.match(t)}
         self._hooks = [m.register_forward_hook(self._keeper(name)) for name, m in wanted.items()]
         if set(self.taps) & set(TOKEN_TAPS):
-            self._hooks.append(tokens.register_forward_hook(self._tokens))
+            self._hooks.append(points.tokens.register_forward_hook(self._tokens))
         self.train(extractor.training)  # frozen: eval, as the extractor it wraps
 
     def _keeper(self, name: str):
         def keep(_module, _inputs, output) -> None:  # pooled at once: a later in-place op cannot change it
-            self._seen[name] = _pooled(output, self.prefix)
+            self._seen[name] = _pooled(output, self.prefix, self.nhwc)
         return keep
 
     def _tokens(self, _module, _inputs, tokens: torch.Tensor) -> None:  # (B, N, D) after the final norm

@@ -62,6 +62,26 @@ def test_timm_cnn_and_vit_taps():
     assert torch.allclose(out["patch_mean"], tokens[:, net.num_prefix_tokens:].mean(1), atol=1e-6)
 
 
+def test_torchvision_vit_taps_are_its_blocks_and_tokens():
+    from torchvision.models import VisionTransformer
+
+    from pipeline.backbones import FeatureExtractor
+    from pipeline.taps import TappedExtractor
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=32, patch_size=16, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32)
+    extractor = TappedExtractor(FeatureExtractor("vit_b_16", net).eval(), ["cls", "patch_mean", "stage-3"], 32, "vit")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = extractor(x)
+        tokens = net.encoder(torch.cat([net.class_token.expand(2, -1, -1), net._process_input(x)], dim=1))
+        first_block = net.encoder.layers[0](net.encoder.dropout(
+            torch.cat([net.class_token.expand(2, -1, -1), net._process_input(x)], dim=1) + net.encoder.pos_embedding))
+    assert torch.allclose(out["cls"], out["pool"], atol=1e-6)  # torchvision's ViT classifies its class token
+    assert torch.allclose(out["patch_mean"], tokens[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(out["stage-3"], first_block[:, 1:].mean(1), atol=1e-5)  # 3 blocks: stage-3 is the first
+
+
 def test_unknown_taps_fail_in_one_line_naming_the_valid_ones():
     with pytest.raises(BackboneError, match=r"backbone.taps \['cls'\] not available for resnet18; its taps: pool, "
                                             r"stage-1, .*concat$"):
