@@ -62,6 +62,7 @@ class CachePlan:
     path: Path
     manifests: dict[str, cache.SplitManifest]
     scan: Optional[ScanResult] = field(default=None, repr=False)
+    features: dict = field(default_factory=dict, repr=False)  # feature_config(): what config_key digests
 
 
 @dataclass
@@ -86,7 +87,8 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     settings = job.extract
     data = load_image_folder(job.data.root, job.data.val_dir, split_train=job.data.val_fraction is not None)
     spec = resolve_backbone(job.backbone, job.seed)
-    config_key = cache.digest(feature_config(spec, settings.dtype, settings.autocast))
+    features = feature_config(spec, settings.dtype, settings.autocast)
+    config_key = cache.digest(features)
     if not has_cache_file(settings, spec, data.root):
         ensure_weights(job.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(settings.cache_dir, data.root) if settings.verify == "stat" else None
@@ -94,7 +96,8 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     scan = split_scan(scan, job.data.val_fraction, job.data.test_fraction, job.data.split_seed)
     key = cache.cache_key(config_key, cache.manifest_digest(data.classes, scan.manifests))
     return CachePlan(scan.data, spec, config_key, key,
-                     cache.cache_path(settings.cache_dir, spec.name, config_key, data.root), scan.manifests, scan)
+                     cache.cache_path(settings.cache_dir, spec.name, config_key, data.root), scan.manifests, scan,
+                     features)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -181,6 +184,8 @@ def plan_work(chunk_size: int, plan: CachePlan, store: cache.ChunkStore, device:
     cache.remove_stale_files(plan.path)
     store.clean()
     previous, feature_dim = cache.previous_rows(plan.path, plan.config_key)
+    if not previous:  # backbone.taps narrowed: a cache of more taps holds every row
+        previous, feature_dim = cache.rows_of_more_taps(plan.path, plan.features, str(plan.data.root))
     saved, saved_dim = store.rows()
     needed = cache.iter_unique(h for s in plan.manifests for h in plan.manifests[s].sha256)
     todo = [h for h in needed if h not in previous]

@@ -175,6 +175,19 @@ def test_tap_datasets_and_default_layout(tiny_cfg, capsys):
         assert reader.feature_dim == 256 and np.array_equal(reader.val.read_rows(0, 3, out), stage2[:3])
 
 
+def test_narrowing_the_taps_copies_rows_without_a_forward_pass(tiny_cfg, capsys):
+    wide, _ = ensure_cache(ExtractJob.of(tiny_cfg('backbone.taps=["stage-1", "stage-2", "concat"]')), CPU)
+    wide_fs = fc.open_cache(wide.path)
+    capsys.readouterr()
+    for taps, extracted in (('["stage-2"]', 0), ('["pool"]', 0), ('["stage-2", "concat"]', 18)):
+        plan, entry = ensure_cache(ExtractJob.of(tiny_cfg(f"backbone.taps={taps}")), CPU)
+        assert entry["rows_extracted"] == extracted, taps  # concat of other stage taps is not the same concat
+        fs = fc.open_cache(plan.path, plan.key)
+        for tap in fs.taps if extracted == 0 else ():
+            assert np.array_equal(fs.with_tap(tap).load().train.features, wide_fs.with_tap(tap).load().train.features)
+    assert "0 of 18 images need the backbone (18 reused)" in capsys.readouterr().out
+
+
 def test_tap_not_cached_fails_in_one_line(tiny_cfg):
     from pipeline.head import run_head
 

@@ -68,4 +68,5 @@ from pipeline.cache.reader import (CachedSplit, FeatureCache, FeatureSet, featur
                                    read_cache, read_manifest, read_split, verify_cache)
 from pipeline.cache.stream import FeatureReader, SplitReader, open_features
 from pipeline.cache.writer import (ASSEMBLE_ROWS, CacheWriter, ChunkStore, RowSource, assemble_cache, check_features,
-                                   discard, is_intact, iter_unique, previous_rows, remove_stale_files)
+                                   discard, is_intact, iter_unique, previous_rows, remove_stale_files,
+                                   rows_of_more_taps)

@@ -18,7 +18,7 @@ from pipeline.cache.h5 import attrs_of, open_h5
 from pipeline.cache.key import (ALL_SPLITS, FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest,
                                 cache_key, damaged, digest, extra_taps, legacy_cache_path, manifest_digest,
                                 tap_dataset, write_error)
-from pipeline.cache.reader import present_splits, verify_cache
+from pipeline.cache.reader import present_splits, read_attrs, verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 ASSEMBLE_ROWS = 4096      # rows copied per step when assembling a complete file
@@ -55,6 +55,30 @@ def previous_rows(path: Path, config_key: str) -> tuple[dict[str, RowSource], Op
         for i, h in enumerate(m.sha256):
             rows.setdefault(h, RowSource(path, f"{split}/features", i))
     return rows, int(attrs["feature_dim"])
+
+
+def _taps_cover(theirs: list[str], mine: list[str]) -> bool:
+    """A file with taps `theirs` holds every tap of `mine` as mine would compute it (concat: same stage taps)."""
+    stages = lambda taps: [t for t in taps if t.startswith("stage-")]  # noqa: E731
+    return set(mine) <= set(theirs) and ("concat" not in mine or stages(mine) == stages(theirs))
+
+
+def rows_of_more_taps(path: Path, config: dict, data_root: str) -> tuple[dict[str, RowSource], Optional[int]]:
+    """sha256 -> row of an intact cache next to path, of the same data and feature configuration but more
+    taps (backbone.taps narrowed: its rows are copied, no forward pass); ({}, None) when there is none."""
+    mine = config.get("taps", ["pool"])
+    for other in sorted(Path(path).parent.glob("*.h5")):
+        attrs = read_attrs(other)
+        versions = (attrs or {}).get("versions")
+        if other == path or not isinstance(versions, dict) or attrs.get("data_root") != data_root:
+            continue
+        theirs = versions.get("taps", ["pool"])
+        same = {k: v for k, v in versions.items() if k != "taps"} == {k: v for k, v in config.items() if k != "taps"}
+        if same and _taps_cover(theirs, mine):
+            rows, dim = previous_rows(other, attrs["config_key"])
+            if rows:
+                return rows, dim
+    return {}, None
 
 
 def is_intact(path: Path) -> bool:
