@@ -84,9 +84,9 @@ class StageFeatures:
             reader.close()
 
 
-def from_file(path: str, views_seed: int, tap: str = "pool") -> StageFeatures:
-    """features.file: the cache file on its own, seen through tap (head.tap)."""
-    features = fc.open_cache(path).with_tap(tap)
+def from_file(path: str, views_seed: int) -> StageFeatures:
+    """features.file: the cache file on its own."""
+    features = fc.open_cache(path)
 
     def views(n_views: int):
         from pipeline.views import read_bank
@@ -123,7 +123,6 @@ def from_images(cfg: Config, device) -> StageFeatures:
         print(f"extract: {e}; extracting again")
         discard_if_damaged(plan, cfg.extract.lock_timeout)
         features = rebuild()
-    features = features.with_tap(cfg.head.tap)  # a tap not cached: one line naming head.tap and the cached taps
     inputs = StageFeatures(features, plan.data.root, cfg.run.seed, cfg.backbone.recorded(),
                            str(plan.data.root), entry,
                            discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
@@ -142,5 +141,8 @@ def stage_features(cfg: Config, device) -> StageFeatures:
             raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
                                 f"written by the extract stage (under extract.cache_dir, e.g. "
                                 f"{cfg.extract.cache_dir}/<data>.<backbone>-<key>.h5), or unset it to use data.root")
-        return from_file(cfg.features.file, cfg.extract.views_seed, cfg.head.tap)
-    return from_images(cfg, device)
+        inputs = from_file(cfg.features.file, cfg.extract.views_seed)
+    else:
+        inputs = from_images(cfg, device)
+    inputs.features = inputs.features.with_tap(cfg.head.tap)  # not cached: one line naming head.tap and the cached taps
+    return inputs

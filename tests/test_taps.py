@@ -191,10 +191,15 @@ def test_narrowing_the_taps_copies_rows_without_a_forward_pass(tiny_cfg, capsys)
 def test_tap_not_cached_fails_in_one_line(tiny_cfg):
     from pipeline.head import run_head
 
-    ensure_cache(ExtractJob.of(tiny_cfg('backbone.taps=["stage-2"]')), CPU)
-    with pytest.raises(PipelineError, match=r"^head.tap 'stage-3' is not in the cache '.*' \(cached taps: pool, "
-                                            r"stage-2\): set head.tap to one of them, or add 'stage-3'"):
-        run_head(tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-3"), CPU)
+    plan, _ = ensure_cache(ExtractJob.of(tiny_cfg('backbone.taps=["stage-2"]')), CPU)
+    for source in ('backbone.taps=["stage-2"]', f"features.file={plan.path}"):  # data.root, or the file alone
+        with pytest.raises(PipelineError, match=r"^head.tap 'stage-3' is not in the cache '.*' \(cached taps: pool, "
+                                                r"stage-2\): set head.tap to one of them, or add 'stage-3'"):
+            run_head(tiny_cfg(source, "head.tap=stage-3"), CPU)
+    cfg = tiny_cfg(f"features.file={plan.path}", "head.tap=stage-2")
+    run_head(cfg, CPU)
+    saved = torch.load(cfg.run_dir / "head.pt", weights_only=False)
+    assert saved["feature_dim"] == 256 and saved["backbone"]["tap"] == "stage-2"
 
 
 def test_streamed_head_reads_the_tap(tiny_cfg):
