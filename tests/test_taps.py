@@ -186,6 +186,10 @@ def test_narrowing_the_taps_copies_rows_without_a_forward_pass(tiny_cfg, capsys)
         for tap in fs.taps if extracted == 0 else ():
             assert np.array_equal(fs.with_tap(tap).load().train.features, wide_fs.with_tap(tap).load().train.features)
     assert "0 of 18 images need the backbone (18 reused)" in capsys.readouterr().out
+    from pipeline.cache.catalog import format_caches, list_caches
+
+    listed = format_caches(list_caches(wide.path.parent), wide.path.parent)  # the caches command
+    assert "resnet18 (taps pool, stage-1, stage-2, concat)" in listed and "resnet18 (taps pool, stage-2)" in listed
 
 
 def test_tap_not_cached_fails_in_one_line(tiny_cfg):
