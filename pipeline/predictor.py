@@ -103,7 +103,8 @@ def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     # seeded as at extraction: a random-init backbone must be the same one
     extractor = build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
     tap = artifact["backbone"].get("tap", "pool")  # the cached tap the model was trained on (head.tap)
-    return tapped(extractor, (tap,), spec.preprocess.crop_size, spec.name, select=tap)
+    taps = artifact["backbone"].get("taps", [tap])  # every tap of that cache: concat joins the stage taps listed
+    return tapped(extractor, taps, spec.preprocess.crop_size, spec.name, select=tap)
 
 
 PROBE_HEADS = ("mlp", "knn", "ncm")   # saved as pipeline.probes state, not as a module's state dict

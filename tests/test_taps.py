@@ -227,20 +227,20 @@ def test_head_and_logistic_on_a_tap_and_predict_computes_it(tiny_cfg, image_root
     from pipeline.predictor import load_predictor
     from pipeline.report import val_predictions
 
-    cfg = tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-2")
+    cfg = tiny_cfg('backbone.taps=["stage-2", "concat"]', "head.tap=concat")
     run_head(cfg, CPU)
     run_logistic(cfg, CPU)
     plan, _ = ensure_cache(ExtractJob.of(cfg), CPU)
-    cached = fc.open_cache(plan.path).with_tap("stage-2").load().val
+    cached = fc.open_cache(plan.path).with_tap("concat").load().val
     for kind in ("head", "logistic"):
         predictor = load_predictor(cfg.run_dir, kind, CPU)
-        assert predictor.artifact["feature_dim"] == 256 and predictor.artifact["backbone"]["tap"] == "stage-2"
+        assert predictor.artifact["feature_dim"] == 512 + 256 and predictor.artifact["backbone"]["tap"] == "concat"
         from_images = predictor.probs_from_images(_val_images(image_root, predictor.preprocess, cached.paths))
         from_cache = predictor.probs_from_features(cached.features)
         assert np.allclose(from_images, from_cache, atol=1e-4)
         assert np.allclose(val_predictions(cfg.run_dir, kind, CPU).probs, from_cache, atol=1e-6)  # report reads the tap
     ledger = [json.loads(line) for line in ledger_path(cfg.run.output_dir).read_text().splitlines()]
-    assert [e["params"].get("tap") for e in ledger] == ["stage-2", "stage-2"]
+    assert [e["params"].get("tap") for e in ledger] == ["concat", "concat"]
 
 
 def test_sweep_over_two_taps(tiny_cfg, capsys):
