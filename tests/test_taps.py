@@ -200,6 +200,8 @@ def test_tap_not_cached_fails_in_one_line(tiny_cfg):
         with pytest.raises(PipelineError, match=r"^head.tap 'stage-3' is not in the cache '.*' \(cached taps: pool, "
                                                 r"stage-2\): set head.tap to one of them, or add 'stage-3'"):
             run_head(tiny_cfg(source, "head.tap=stage-3"), CPU)
+    with pytest.raises(PipelineError, match=r"^extract.train_views augments the pool features only"):
+        run_head(tiny_cfg('backbone.taps=["stage-2"]', "head.tap=stage-2", "extract.train_views=2"), CPU)
     cfg = tiny_cfg(f"features.file={plan.path}", "head.tap=stage-2")
     run_head(cfg, CPU)
     saved = torch.load(cfg.run_dir / "head.pt", weights_only=False)
