@@ -103,7 +103,8 @@ def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     # seeded as at extraction: a random-init backbone must be the same one
     extractor = build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
     tap = artifact["backbone"].get("tap", "pool")  # the cached tap the model was trained on (head.tap)
-    taps = artifact["backbone"].get("taps", [tap])  # every tap of that cache: concat joins the stage taps listed
+    # concat joins the stage taps its cache lists; any other tap needs only its own hook
+    taps = artifact["backbone"].get("taps", [tap]) if tap == "concat" else [tap]
     return tapped(extractor, taps, spec.preprocess.crop_size, spec.name, select=tap)
 
 

@@ -165,7 +165,7 @@ class TappedExtractor(nn.Module):
 def tapped(extractor: nn.Module, taps: Sequence[str], crop: int, backbone: str,
            select: Optional[str] = None) -> nn.Module:
     """extractor itself for the default taps (pool only, unchanged), else a TappedExtractor around it."""
-    if normalize_taps(taps) == DEFAULT_TAPS and select in (None, POOL):
+    if select == POOL or select is None and normalize_taps(taps) == DEFAULT_TAPS:
         return extractor
     return TappedExtractor(extractor, taps, crop, backbone, select)
 
