@@ -108,7 +108,8 @@ def _config(source: str, from_file: bool, backbone: str, params: Optional[dict],
 
     raw: dict = {"data": {"root": "demo:flowers" if from_file else source, "num_workers": values["num_workers"]},
                  "backbone": {"name": backbone, "weights": values["weights"], "image_size": values["image_size"],
-                              "cut": values["cut"]},
+                              "cut": values["cut"], "taps": list(values["taps"] or ["pool", values["tap"]])},
+                 "head": {"tap": values["tap"]},
                  "extract": {"cache_dir": str(values["cache_dir"]), "dtype": values["dtype"],
                              "batch_size": values["batch_size"]},
                  "features": {"file": source if from_file else None},
@@ -128,13 +129,16 @@ def load_features(source: str | Path, backbone: str = "efficientnet_lite0", *, w
                   image_size: Optional[int] = None, cut: str = "pool", dtype: str = "float32",
                   cache_dir: str | Path = "cache", output_dir: str | Path = "runs", run_name: Optional[str] = None,
                   device: str = "auto", seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-                  params: Optional[dict] = None, verbose: bool = False) -> FeatureSet:
+                  taps: Optional[Sequence[str]] = None, tap: str = "pool", params: Optional[dict] = None,
+                  verbose: bool = False) -> FeatureSet:
     """The features of an ImageFolder (extracted first when the cache is missing or stale) or of a cache file.
 
     source : a data root (folder with train/ and val/, or demo:flowers / demo:digits), or a cache file
         written by extract (then the backbone arguments are ignored: the file says what it holds).
     The keyword arguments are the params keys of the same names (backbone.weights, backbone.image_size,
     extract.cache_dir, run.output_dir, run.name, ...); params: any other keys, as {"section": {"key": v}}.
+    tap : the cached feature set X holds (head.tap: pool, stage-2, concat, cls, ...); taps: backbone.taps
+        to extract (default: pool and tap). fs.backbone then records the tap.
     Raises PipelineError (one line naming the key or file and the fix) for anything a user can fix.
     """
     from pipeline import orchestrate
@@ -146,7 +150,7 @@ def load_features(source: str | Path, backbone: str = "efficientnet_lite0", *, w
     from_file = Path(source).is_file()
     cfg = _config(source, from_file, backbone, params, weights=weights, image_size=image_size, cut=cut,
                   dtype=dtype, cache_dir=cache_dir, output_dir=output_dir, run_name=run_name, device=device,
-                  seed=seed, batch_size=batch_size, num_workers=num_workers)
+                  seed=seed, batch_size=batch_size, num_workers=num_workers, taps=taps, tap=tap)
     with _output(verbose) as out:
         resolve_run_name(cfg)
         if from_file:

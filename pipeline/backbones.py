@@ -21,6 +21,7 @@ from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
 from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_weights_file,  # noqa: F401
                            lite_network, lite_preprocess, lite_weights_file)
+from pipeline.taps import normalize_taps
 from pipeline.weight_files import (BackboneError, check_hub_file, download_error, file_sha256,  # noqa: F401
                                    download_hub_file, is_local_file, load_state_file, weights_enum)
 
@@ -46,16 +47,18 @@ class BackboneSpec:
     weights_id: str         # identity used in cache keys: enum + URL, or sha256 of the file bytes
     preprocess: Preprocess
     cut: str = "pool"       # pool: the final classifier layer's input; conv: the flattened conv trunk
+    taps: tuple[str, ...] = ("pool",)  # pipeline.taps: the feature sets cached (pool first)
 
     def to_dict(self) -> dict:
+        taps = {"taps": list(self.taps)} if self.taps != ("pool",) else {}  # default caches: unchanged
         return {"name": self.name, "weights": self.weights, "weights_id": self.weights_id,
-                "preprocess": self.preprocess.to_dict(), "cut": self.cut}
+                "preprocess": self.preprocess.to_dict(), "cut": self.cut, **taps}
 
 
 def spec_from_dict(d: dict) -> BackboneSpec:
     """The BackboneSpec recorded by `to_dict` (in a cache file or a model file)."""
     return BackboneSpec(d["name"], d["weights"], d["weights_id"], Preprocess.from_dict(d["preprocess"]),
-                        d.get("cut", "pool"))
+                        d.get("cut", "pool"), tuple(d.get("taps", ("pool",))))
 
 
 # ----------------------------------------------------------------------------- names and weights
@@ -154,7 +157,8 @@ def resolve_backbone(cfg: BackboneConfig, seed: int) -> BackboneSpec:
         enum = weights_enum(cfg.name, weights)
         check_hub_file(enum)
         weights_id, pre = f"{type(enum).__name__}.{enum.name}:{enum.url}", preprocess_from_weights(enum)
-    return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size), cfg.cut)
+    return BackboneSpec(cfg.name, weights, weights_id, _resize_to(pre, cfg.image_size), cfg.cut,
+                        normalize_taps(cfg.taps))
 
 
 def ensure_weights(cfg: BackboneConfig) -> None:

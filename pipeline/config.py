@@ -21,7 +21,8 @@ from typing import Any, Optional
 from pipeline import PipelineError  # noqa: F401
 # The value helpers and bounds, and the sections of the head-training stages, are kept in their own
 # modules (config.py stays under the layout's 400 lines); every name is re-exported from here.
-from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, MAX_NAME, MAX_SEED, ConfigError, _c  # noqa: F401
+from pipeline.config_fields import (MAX_BATCH, MAX_EPOCHS, MAX_LR, MAX_NAME, MAX_SEED, ConfigError, _c,  # noqa: F401
+                                    check_tap_names)
 from pipeline.config_heads import (DEFAULT_GRID, HEAD_TYPES, SWEEP_TYPES, HeadConfig,  # noqa: F401
                                    LeaderboardConfig, LogisticConfig, SweepStageConfig, check_grid, check_object)
 
@@ -79,10 +80,20 @@ class BackboneConfig:
                                    "(from its weights or pretrained config)", gt=0, le=1024)
     cut: str = _c("pool", "cached features: pool (input of the final classifier layer) or conv (the "
                   "flattened conv trunk after the adaptive pool; vgg*, alexnet)", choices=("pool", "conv"))
+    taps: list[str] = _c(["pool"], "feature sets cached from one forward pass, each its own dataset: pool (always "
+                         "stored), stage-1, stage-2, ... (pooled output of a stage, counted from the last), concat "
+                         "(pool + the stage taps listed), cls and patch_mean (ViTs); in the cache key; see "
+                         "docs/backbones.md", nonempty=True)
 
     def __post_init__(self) -> None:
         if self.weights is None or self.weights in ("None", "null"):
             self.weights = "none"  # torchvision's weights=None, as users type it
+        check_tap_names(self.taps)
+
+    def recorded(self) -> dict:
+        """backbone.* as cache files record them: taps only when not the default (those files stay as they were)."""
+        values = dataclasses.asdict(self)
+        return {k: v for k, v in values.items() if k != "taps" or v != ["pool"]}
 
 
 @dataclass

@@ -5,8 +5,9 @@ Re-exported by pipeline.config; stdlib only (config errors are answered before t
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import field
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline import PipelineError
 
@@ -29,3 +30,16 @@ def _c(default: Any, help: str, **constraints: Any) -> Any:
         return field(default_factory=lambda: copy.deepcopy(default),
                      metadata={"help": help, **constraints})
     return field(default=default, metadata={"help": help, **constraints})
+
+
+# Feature taps (backbone.taps, head.tap, sweep.taps; pipeline/taps.py computes them).
+TAP_NAMES = ("pool", "concat", "cls", "patch_mean")
+STAGE_TAP = re.compile(r"stage-([1-9][0-9]*)$")
+
+
+def check_tap_names(taps: Sequence[str], key: str = "backbone.taps", error: type = ConfigError) -> None:
+    """The names' syntax, before anything is built (the backbone's own names are checked when it is built)."""
+    bad = [t for t in taps if not isinstance(t, str) or t not in TAP_NAMES and not STAGE_TAP.match(t)]
+    if bad:
+        raise error(f"{key} {bad} unknown; use pool, stage-1, stage-2, ... (counted from the last stage), "
+                    "concat, and for ViTs cls or patch_mean")

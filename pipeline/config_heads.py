@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, ConfigError, _c
+from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, ConfigError, _c, check_tap_names
 
 HEAD_TYPES = ("linear", "mlp", "knn", "ncm", "classifier")
 SWEEP_TYPES = ("linear", "mlp", "knn", "ncm", "logistic")  # pipeline.sweep checks each type's parameters
@@ -42,6 +42,11 @@ class HeadConfig:
                               "bytes): a cache whose train+val features, as float32, exceed it is streamed from disk "
                               "in chunks (logistic then uses an out-of-core SGDClassifier; head.type linear and "
                               "classifier only; sweep refuses)", gt=0, le=1e6)
+    tap: str = _c("pool", "the cached tap (backbone.taps) that head, logistic, sweep, report, predict and the API "
+                  "train on or use; predict computes the same tap from images", nonempty=True)
+
+    def __post_init__(self) -> None:
+        check_tap_names([self.tap], "head.tap")
 
 
 @dataclass
@@ -60,8 +65,13 @@ class SweepStageConfig:
                     "mlp, knn, ncm, logistic; parameters as in head.* (logistic: C, max_iter); a parameter left out "
                     "takes its head.* value (logistic.max_iter); linear heads sharing epochs, batch_size and "
                     "class_weight train jointly", grid=True)
+    taps: list[str] = _c([], "cached taps the grid runs on, each in turn (the leaderboard shows the tap, the "
+                         "winner's head.pt records it); empty: head.tap only")
     top: int = _c(20, "leaderboard rows printed after a sweep (every row is in sweep.md and sweep.json)",
                   gt=0, le=MAX_BATCH)
+
+    def __post_init__(self) -> None:
+        check_tap_names(self.taps, "sweep.taps")
 
 
 @dataclass

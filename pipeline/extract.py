@@ -7,14 +7,12 @@ starts. See pipeline/cache/__init__.py for the file layout and the crash-safety 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,6 +29,7 @@ from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
 from pipeline.scan import ScanResult, check_bad_files, report_leaks, scan_images, split_scan, write_bad_files_report
 from pipeline.scan_index import scan_index_path
+from pipeline.taps import batch_rows, join_batches, tapped
 
 
 class ExtractInterrupted(KeyboardInterrupt):
@@ -63,6 +62,7 @@ class CachePlan:
     path: Path
     manifests: dict[str, cache.SplitManifest]
     scan: Optional[ScanResult] = field(default=None, repr=False)
+    features: dict = field(default_factory=dict, repr=False)  # feature_config(): what config_key digests
 
 
 @dataclass
@@ -87,7 +87,8 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     settings = job.extract
     data = load_image_folder(job.data.root, job.data.val_dir, split_train=job.data.val_fraction is not None)
     spec = resolve_backbone(job.backbone, job.seed)
-    config_key = cache.digest(feature_config(spec, settings.dtype, settings.autocast))
+    features = feature_config(spec, settings.dtype, settings.autocast)
+    config_key = cache.digest(features)
     if not has_cache_file(settings, spec, data.root):
         ensure_weights(job.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(settings.cache_dir, data.root) if settings.verify == "stat" else None
@@ -95,7 +96,8 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     scan = split_scan(scan, job.data.val_fraction, job.data.test_fraction, job.data.split_seed)
     key = cache.cache_key(config_key, cache.manifest_digest(data.classes, scan.manifests))
     return CachePlan(scan.data, spec, config_key, key,
-                     cache.cache_path(settings.cache_dir, spec.name, config_key, data.root), scan.manifests, scan)
+                     cache.cache_path(settings.cache_dir, spec.name, config_key, data.root), scan.manifests, scan,
+                     features)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -120,6 +122,7 @@ def extract_chunks(job: ExtractJob, plan: CachePlan, work: list[list[str]], stor
     # channels_last lets oneDNN / cuDNN pick faster convolution kernels (1.7x measured on CPU).
     extractor = build_feature_extractor(job.backbone, plan.spec, seed=job.seed).to(
         device, memory_format=torch.channels_last)
+    extractor = tapped(extractor, plan.spec.taps, plan.spec.preprocess.crop_size, plan.spec.name)
     first_path = {}
     for split in plan.manifests:
         for rel, h in zip(plan.manifests[split].paths, plan.manifests[split].sha256):
@@ -138,18 +141,18 @@ def extract_chunks(job: ExtractJob, plan: CachePlan, work: list[list[str]], stor
         for chunk in work:
             feats = []
             for _ in range(-(-len(chunk) // batch_size)):
-                feats.append(next(computed))  # (B, feature_dim)
-                bar.update(len(feats[-1]))
+                feats.append(next(computed))  # (B, feature_dim), or {tap: (B, D_tap)}
+                bar.update(batch_rows(feats[-1]))
                 if interrupt.requested:
-                    n = sum(len(f) for f in feats)
-                    store.write(chunk[:n], np.concatenate(feats))
+                    n = sum(batch_rows(f) for f in feats)
+                    store.write(chunk[:n], join_batches(feats))
                     done += n
                     who = f"rank {dist.rank} " if dist.is_distributed else ""
                     raise ExtractInterrupted(
                         f"extract: {who}interrupted; {done} of {len(order)} images extracted in this run are saved in "
                         f"{store.folder}. Run the same command again to resume: only the "
                         f"{len(order) - done} remaining images will go through the backbone")
-            store.write(chunk, np.concatenate(feats))
+            store.write(chunk, join_batches(feats))
             done += len(chunk)
     return extractor.feature_dim
 
@@ -158,7 +161,7 @@ def _cache_attrs(job: ExtractJob, plan: CachePlan, device: torch.device) -> dict
     dtype = job.extract.dtype
     return {"format_version": cache.FORMAT_VERSION, "config_key": plan.config_key,
             "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
-            "backbone_config": dataclasses.asdict(job.backbone),
+            "backbone_config": job.backbone.recorded(),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": dtype, "data_root": str(plan.data.root),
             "versions": feature_config(plan.spec, dtype, job.extract.autocast),
             "environment": environment_info(device), "seed": job.seed, "split": plan.scan.split_rule}
@@ -181,6 +184,8 @@ def plan_work(chunk_size: int, plan: CachePlan, store: cache.ChunkStore, device:
     cache.remove_stale_files(plan.path)
     store.clean()
     previous, feature_dim = cache.previous_rows(plan.path, plan.config_key)
+    if not previous:  # backbone.taps narrowed: a cache of more taps holds every row
+        previous, feature_dim = cache.rows_of_more_taps(plan.path, plan.features, str(plan.data.root))
     saved, saved_dim = store.rows()
     needed = cache.iter_unique(h for s in plan.manifests for h in plan.manifests[s].sha256)
     todo = [h for h in needed if h not in previous]
@@ -229,7 +234,7 @@ def build_cache(job: ExtractJob, plan: CachePlan, device: torch.device, reason: 
     in manifest order, exactly as a single process would from its own chunks.
     """
     dtype = job.extract.dtype
-    store = cache.ChunkStore(cache.partial_dir(plan.path), plan.config_key, dtype)
+    store = cache.ChunkStore(cache.partial_dir(plan.path), plan.config_key, dtype, plan.spec.taps)
     work = plan_work(job.extract.chunk_size, plan, store, device, reason, dist) if dist.is_main else None
     chunks, stats = dist.broadcast((work.chunks, work.stats) if work else None)
     if dist.is_distributed and chunks:
@@ -245,7 +250,7 @@ def build_cache(job: ExtractJob, plan: CachePlan, device: torch.device, reason: 
         saved, _ = store.rows()
         t1 = time.perf_counter()
         cache.assemble_cache(plan.path, plan.manifests, feature_dim, dtype, {**saved, **work.previous},
-                             _cache_attrs(job, plan, device))
+                             _cache_attrs(job, plan, device), plan.spec.taps)
         stats.assemble_seconds = time.perf_counter() - t1
         store.remove()
     return dist.broadcast(stats)

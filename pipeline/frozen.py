@@ -25,7 +25,8 @@ AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 @torch.inference_mode()
 def frozen_features(extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
                     autocast: str = "none") -> Iterator[np.ndarray]:
-    """For each (B, 3, H, W) batch of images: its (B, feature_dim) float32 features, on the CPU.
+    """For each (B, 3, H, W) batch of images: its (B, feature_dim) float32 features, on the CPU
+    ({tap: (B, D_tap)} for an extractor with taps, pipeline.taps).
 
     Images are copied without blocking (pinned memory on CUDA) and in channels_last layout. autocast
     (extract.autocast): none, or float16 / bfloat16 forward passes under torch.autocast on device's
@@ -35,4 +36,7 @@ def frozen_features(extractor: nn.Module, batches: Iterable[torch.Tensor], devic
         x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(autocast), enabled=autocast != "none"):
             features = extractor(x)
-        yield features.float().cpu().numpy()
+        if isinstance(features, dict):  # a taps.TappedExtractor: {tap: (B, D_tap)} from the same pass
+            yield {tap: f.float().cpu().numpy() for tap, f in features.items()}
+        else:
+            yield features.float().cpu().numpy()

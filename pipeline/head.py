@@ -344,7 +344,7 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, b
     (pipeline/rundir.py); then a line in the ledger."""
     artifact = ModelArtifact(
         "head", list(data.classes), fitted.weights, dataclasses.asdict(cfg.head), inputs.features.backbone,
-        dataclasses.asdict(backbone), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
+        backbone.recorded(), inputs.seed, inputs.data_root, data.feature_dim, inputs.features.key,
         str(inputs.features.path), fitted.history, environment_info(device),
         {"head_type": cfg.head.type, "best_epoch": fitted.best_epoch, "val_acc": fitted.best_acc,
          "streamed": data.info["streamed"]}).to_dict()

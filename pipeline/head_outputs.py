@@ -63,7 +63,9 @@ def ledger_path(output_dir: str | Path) -> Path:
 def ledger_entry(features, head_type: str, params: dict, val_acc: Optional[float],
                  val_mean_per_class: Optional[float], test: dict, seconds: float, run_dir: Path,
                  source: str) -> LedgerEntry:
-    """One ledger line for a head trained on features (a cache.FeatureSet)."""
+    """One ledger line for a head trained on features (a cache.FeatureSet); a tap other than pool is a param."""
+    tap = getattr(features, "tap", "pool")
+    params = params if tap == "pool" or "tap" in params else {"tap": tap, **params}
     return LedgerEntry(features.key, str(features.backbone.get("name", "")), head_type, params, val_acc,
                        val_mean_per_class, test.get("test_acc"), test.get("test_mean_per_class"), seconds,
                        str(run_dir), source, cache_file=str(features.path))

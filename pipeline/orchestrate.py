@@ -11,7 +11,6 @@ The stages (head, logistic) take a StageFeatures and never run the backbone them
 """
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,7 @@ class StageFeatures:
                                     "(python run_pipeline.py extract with data.root set)") from None
             print(f"extract: {e}; extracting again")
             self.discard()
-            self.features = self.rebuild()
+            self.features = self.rebuild().with_tap(self.features.tap)
             return self.features.load()
 
     @contextmanager
@@ -77,7 +76,7 @@ class StageFeatures:
             if self.rebuild is None:
                 raise
             self.discard()
-            self.features = self.rebuild()
+            self.features = self.rebuild().with_tap(self.features.tap)
             reader = self.features.stream()
         try:
             yield reader
@@ -138,7 +137,7 @@ def from_images(cfg: Config, device) -> StageFeatures:
         print(f"extract: {e}; extracting again")
         discard_if_damaged(plan, cfg.extract.lock_timeout)
         features = rebuild()
-    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, dataclasses.asdict(cfg.backbone),
+    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, cfg.backbone.recorded(),
                            str(plan.data.root), entry,
                            discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
                            rebuild=rebuild, views=views)
@@ -146,11 +145,18 @@ def from_images(cfg: Config, device) -> StageFeatures:
 
 
 def stage_features(cfg: Config, device) -> StageFeatures:
-    """The cache for a head-type stage: features.file when set, else data.root's (extracted when needed)."""
+    """The cache for a head-type stage: features.file when set, else data.root's (extracted when needed);
+    its features are head.tap's (pipeline.taps)."""
+    if cfg.head.tap != "pool" and cfg.extract.train_views:
+        raise PipelineError(f"extract.train_views augments the pool features only, and head.tap is '{cfg.head.tap}': "
+                            "set extract.train_views=0 or head.tap=pool")
     if cfg.features.file:
         if not Path(cfg.features.file).is_file():
             raise PipelineError(f"features.file '{cfg.features.file}' is not a file: give the path of a cache "
                                 f"written by the extract stage (under extract.cache_dir, e.g. "
                                 f"{cfg.extract.cache_dir}/<data>.<backbone>-<key>.h5), or unset it to use data.root")
-        return from_file(cfg.features.file, cfg.extract.views_seed)
-    return from_images(cfg, device)
+        inputs = from_file(cfg.features.file, cfg.extract.views_seed)
+    else:
+        inputs = from_images(cfg, device)
+    inputs.features = inputs.features.with_tap(cfg.head.tap)  # not cached: one line naming head.tap and the cached taps
+    return inputs

@@ -24,6 +24,7 @@ from pipeline.config import BackboneConfig
 from pipeline.data import Preprocess
 from pipeline.records import ModelArtifact
 from pipeline.rundir import reading
+from pipeline.taps import tapped
 
 
 @dataclass
@@ -100,7 +101,11 @@ def backbone_of(artifact: dict) -> tuple[BackboneConfig, BackboneSpec]:
 def _build_extractor(artifact: dict, device: torch.device) -> nn.Module:
     cfg, spec = backbone_of(artifact)
     # seeded as at extraction: a random-init backbone must be the same one
-    return build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
+    extractor = build_feature_extractor(cfg, spec, seed=artifact["seed"]).to(device, memory_format=torch.channels_last)
+    tap = artifact["backbone"].get("tap", "pool")  # the cached tap the model was trained on (head.tap)
+    # concat joins the stage taps its cache lists; any other tap needs only its own hook
+    taps = artifact["backbone"].get("taps", [tap]) if tap == "concat" else [tap]
+    return tapped(extractor, taps, spec.preprocess.crop_size, spec.name, select=tap)
 
 
 PROBE_HEADS = ("mlp", "knn", "ncm")   # saved as pipeline.probes state, not as a module's state dict

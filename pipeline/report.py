@@ -205,7 +205,8 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
     if kind in ("head", "logistic"):
         try:
             predictor = predictor_from_artifact(kind, artifact, device, with_backbone=False)
-            with fc.open_features(features_file or artifact["cache_file"], artifact["cache_key"]) as cache:
+            tap = artifact["backbone"].get("tap", "pool")  # the cached tap it was trained on (head.tap)
+            with fc.open_features(features_file or artifact["cache_file"], artifact["cache_key"], tap) as cache:
                 return Predictions(cached_probs(predictor, cache.val), cache.val.labels, cache.val.paths, root,
                                    classes)
         except fc.CacheError as e:

@@ -25,6 +25,7 @@ import torch
 
 from pipeline import PipelineError
 from pipeline.artifacts import MODEL_FILES
+from pipeline.cache import CacheError
 from pipeline.config import Config
 from pipeline.head_outputs import compact_params, confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
 from pipeline.orchestrate import StageFeatures, stage_features
@@ -34,8 +35,8 @@ from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import float32_nbytes, needs_streaming, stream_message
-from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_TYPES, SweepOutcome, SweepResult, allowed_params,
-                            expand_grid, full_params)
+from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_TYPES, SweepConfig, SweepOutcome, SweepResult,
+                            allowed_params, expand_grid, full_params)
 from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
@@ -94,15 +95,8 @@ def run_sweep(cfg: Config, device: torch.device) -> dict:
         raise PipelineError(stream_message("sweep", float32_nbytes(shapes), cfg.head.max_memory_gb,
                                            "a sweep keeps the features in memory: raise head.max_memory_gb, or "
                                            "train one linear head with the head stage (streamed)"))
-    features = inputs.load()
-    test = test_split(features)
     defaults = sweep_defaults(cfg)
-    print(f"sweep: {len(configs)} configurations on {inputs.features.path} ({len(features.train.labels)} train, "
-          f"{len(features.val.labels)} val" + (f", {len(test.labels)} test" if test is not None else "") + " rows)")
-    outcome = sweep_heads(configs, features.train.features, features.train.labels, features.val.features,
-                          features.val.labels, None if test is None else test.features,
-                          None if test is None else test.labels, num_classes=len(features.classes),
-                          seed=cfg.run.seed, device=device, progress=sys.stderr.isatty(), defaults=defaults)
+    outcome, features = _sweep_taps(cfg, device, inputs, configs, defaults)
     if not outcome.results:
         raise KeyboardInterrupt("sweep: interrupted before any configuration finished; nothing was written")
     entry = _publish(cfg, device, inputs, features, outcome, defaults, t0)
@@ -116,6 +110,47 @@ def run_sweep(cfg: Config, device: torch.device) -> dict:
                                 f"finished; their results are in {cfg.run_dir / SWEEP_JSON}, the best of them in "
                                 f"{cfg.run_dir / HEAD_FILE}")
     return entry
+
+
+def _sweep_one(cfg: Config, device: torch.device, inputs: StageFeatures, configs: list, defaults: dict):
+    """(outcome, features in memory) of the grid on inputs' current tap."""
+    features = inputs.load()
+    test = test_split(features)
+    tap = "" if inputs.features.tap == "pool" and not cfg.sweep.taps else f" (tap {inputs.features.tap})"
+    print(f"sweep: {len(configs)} configurations on {inputs.features.path}{tap} ({len(features.train.labels)} train, "
+          f"{len(features.val.labels)} val" + (f", {len(test.labels)} test" if test is not None else "") + " rows)")
+    outcome = sweep_heads(configs, features.train.features, features.train.labels, features.val.features,
+                          features.val.labels, None if test is None else test.features,
+                          None if test is None else test.labels, num_classes=len(features.classes),
+                          seed=cfg.run.seed, device=device, progress=sys.stderr.isatty(), defaults=defaults)
+    return outcome, features
+
+
+def _sweep_taps(cfg: Config, device: torch.device, inputs: StageFeatures, configs: list, defaults: dict):
+    """The grid on head.tap, or on each of sweep.taps in turn: every result's params then start with its tap
+    (the leaderboard shows it; the winner's head.pt records it). inputs is left on the winner's tap."""
+    if not cfg.sweep.taps:
+        return _sweep_one(cfg, device, inputs, configs, defaults)
+    base, taps = inputs.features, list(dict.fromkeys(cfg.sweep.taps))
+    for tap in taps:  # every tap cached, before any training
+        try:
+            base.with_tap(tap)
+        except CacheError as e:
+            raise CacheError(str(e).replace("head.tap", "sweep.taps")) from None
+    results, loaded, runs = [], {}, []
+    for i, tap in enumerate(taps):
+        inputs.features = base.with_tap(tap)
+        run, loaded[tap] = _sweep_one(cfg, device, inputs, configs, defaults)
+        runs.append(run)
+        results += [dataclasses.replace(r, config=SweepConfig(r.head_type, (("tap", tap),) + r.config.params),
+                                        position=i * run.planned + r.position) for r in run.results]
+        if run.interrupted:
+            break
+    outcome = SweepOutcome(results, any(r.has_test for r in runs), runs[-1].interrupted,
+                           sum(r.seconds for r in runs), len(configs) * len(taps))
+    winner = outcome.winner.config.param_dict["tap"] if results else taps[0]
+    inputs.features = base.with_tap(winner)
+    return outcome, loaded[winner]
 
 
 def _artifact(cfg: Config, device: torch.device, inputs: StageFeatures, features, winner: SweepResult,

@@ -30,9 +30,12 @@ Layout of a complete file::
     /<split>/labels     (n_samples,) int64, index into the 'classes' attribute
     /<split>/paths      (n_samples,) utf-8, relative to the data root
     /<split>/sha256     (n_samples,) the image file's SHA-256, hex
+    /<split>/taps/<tap> (n_samples, D_tap) per extra tap of backbone.taps (stage-2, concat, cls, ...),
+                        stored like features; only in caches whose taps are not the default [pool]
     attrs: format_version, key, config_key, manifest_digest, classes, backbone, preprocess,
            feature_dim, dtype, data_root, versions, environment, seed, split (how the rows were split:
-           folders, or data.val_fraction's content-hash rule), created, complete (last)
+           folders, or data.val_fraction's content-hash rule), created, complete (last); with extra
+           taps also taps (pool first) and tap_dims ({tap: D_tap})
 
 A file carries everything the heads, the reports and `predict` need besides its features: the
 classes, every row's label and path, the backbone spec (name, weights identity, cut) and its
@@ -59,10 +62,11 @@ can assemble the complete file once every row is present.
 from pipeline.cache.freshness import explain_new_config, miss_reason
 from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, OPTIONAL_SPLITS,
                                 ROW_CHUNK, SPLITS, CacheError, SplitManifest, build_manifest, cache_key, cache_path,
-                                digest, feature_config, hash_file, legacy_cache_path, lock_path, manifest_digest,
-                                partial_dir, write_error)
+                                digest, extra_taps, feature_config, hash_file, legacy_cache_path, lock_path, manifest_digest,
+                                partial_dir, tap_dataset, write_error)
 from pipeline.cache.reader import (CachedSplit, FeatureCache, FeatureSet, feature_shapes, open_cache, read_attrs,
                                    read_cache, read_manifest, read_split, verify_cache)
 from pipeline.cache.stream import FeatureReader, SplitReader, open_features
 from pipeline.cache.writer import (ASSEMBLE_ROWS, CacheWriter, ChunkStore, RowSource, assemble_cache, check_features,
-                                   discard, is_intact, iter_unique, previous_rows, remove_stale_files)
+                                   discard, is_intact, iter_unique, previous_rows, remove_stale_files,
+                                   rows_of_more_taps)

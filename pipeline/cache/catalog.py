@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.cache.key import CacheError, cache_path, partial_dir
+from pipeline.cache.key import CacheError, cache_path, extra_taps, partial_dir
 from pipeline.cache.reader import feature_shapes, read_attrs
 
 SIDE_FILES = ("scan-",)  # the pre-scan's stat index, one per data folder: not a feature cache
@@ -27,6 +27,7 @@ class CacheEntry:
     size_bytes: int              # the file, its view banks and unfinished chunks
     created: str                 # when it was written (the file's mtime when not recorded)
     old_name: bool               # named as before datasets had their own files
+    taps: tuple[str, ...] = ("pool",)  # the feature sets it holds (backbone.taps)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -48,7 +49,7 @@ def _entry(path: Path) -> CacheEntry:
                       str((attrs or {}).get("data_root", "")),
                       backbone.get("name", "?") if isinstance(backbone, dict) else "?", rows,
                       path.stat().st_size + related + _folder_bytes(partial_dir(path)), str(created),
-                      _old_name(path, attrs))
+                      _old_name(path, attrs), ("pool", *extra_taps(attrs or {})))
 
 
 def _old_name(path: Path, attrs: Optional[dict]) -> bool:
@@ -85,7 +86,8 @@ def format_caches(entries: list[CacheEntry], cache_dir: str | Path) -> str:
     rows = [("file", "data root", "backbone", "images", "size", "created")]
     for e in entries:
         note = " (old name)" if e.old_name else "" if e.status == "complete" else f" ({e.status})"
-        rows.append((e.path.name + note, e.data_root or "-", e.backbone, "-" if e.rows is None else str(e.rows),
+        taps = f" (taps {', '.join(e.taps)})" if e.taps != ("pool",) else ""
+        rows.append((e.path.name + note, e.data_root or "-", e.backbone + taps, "-" if e.rows is None else str(e.rows),
                      _size(e.size_bytes), e.created))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

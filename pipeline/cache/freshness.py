@@ -73,6 +73,8 @@ def _describe_config_change(old: dict, new: dict) -> str:
         elif k == "preprocess" and isinstance(a, dict) and isinstance(b, dict):
             fields = ", ".join(f"{f} {a.get(f)} -> {b.get(f)}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
             parts.append(f"preprocessing changed ({fields})")
+        elif k == "taps":  # absent means the default, pool alone
+            parts.append(f"taps changed: [{', '.join(a or ['pool'])}] -> [{', '.join(b or ['pool'])}]")
         elif k == "dtype":
             parts.append(f"storage dtype changed ({a} -> {b})")
         else:

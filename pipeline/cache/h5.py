@@ -17,7 +17,8 @@ import numpy as np
 from pipeline.cache.key import H5_ERRORS, CacheError, damaged
 from pipeline.fsutil import atomic_path, atomic_write_bytes
 
-JSON_ATTRS = ("classes", "backbone", "backbone_config", "preprocess", "versions", "environment", "split")
+JSON_ATTRS = ("classes", "backbone", "backbone_config", "preprocess", "versions", "environment", "split", "taps",
+              "tap_dims")
 STRINGS = "utf-8"   # dataset option {"dtype": STRINGS}: variable-length UTF-8 strings
 USERBLOCK = 512     # bytes before the HDF5 data of a checksummed file: a magic and the SHA-256 of the rest
 

@@ -29,6 +29,23 @@ class CacheError(PipelineError):
     pass
 
 
+def tap_dataset(dataset: str, tap: str) -> str:
+    """Where a tap's rows live next to the pool features at dataset: 'train/features' -> 'train/taps/<tap>'.
+
+    The pool tap is `features` itself, so a cache of the default taps has exactly the layout it always had.
+    """
+    if tap == "pool":
+        return dataset
+    parent = dataset.rpartition("/")[0]
+    return f"{parent}/taps/{tap}" if parent else f"taps/{tap}"
+
+
+def extra_taps(attrs: dict) -> list[str]:
+    """The taps a file or chunk stores besides pool (its 'taps' attribute; none in a default cache)."""
+    taps = attrs.get("taps")
+    return [t for t in taps if t != "pool"] if isinstance(taps, list) else []
+
+
 # What h5py raises on a damaged file, depending on which byte is damaged (a flipped byte in a B-tree
 # node, a heap or an attribute gives KeyError, OSError, UnicodeDecodeError, ...): all mean "damaged".
 H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError)
@@ -138,7 +155,9 @@ def feature_config(spec, dtype: str, autocast: str = "none") -> dict:
             "rewrites": ["fold_bn"],  # inference-only rewrites of the extractor (pipeline.fold)
             "autocast": autocast,     # the forward passes' precision (extract.autocast); storage is dtype
             "torch": ".".join(torch.__version__.split(".")[:2]),
-            "torchvision": ".".join(torchvision_version().split(".")[:2])}
+            "torchvision": ".".join(torchvision_version().split(".")[:2]),
+            # the feature sets stored (pipeline.taps); absent for the default, so pool-only keys are unchanged
+            **({"taps": list(spec.taps)} if tuple(getattr(spec, "taps", ("pool",))) != ("pool",) else {})}
 
 
 def torchvision_version() -> str:

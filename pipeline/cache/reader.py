@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
 from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS,
-                                CacheError, SplitManifest, cache_key, damaged, manifest_digest)
+                                CacheError, SplitManifest, cache_key, damaged, extra_taps, manifest_digest, tap_dataset)
 
 
 @dataclass
@@ -77,6 +77,17 @@ def present_splits(f: h5py.File) -> tuple[str, ...]:
     return SPLITS + tuple(s for s in ALL_SPLITS[len(SPLITS):] if s in f)
 
 
+def _check_taps(f: h5py.File, path: Path, attrs: dict) -> None:
+    """Every extra tap the file lists has (n_samples, D_tap) features in every split."""
+    dims = attrs.get("tap_dims") if isinstance(attrs.get("tap_dims"), dict) else {}
+    for tap in extra_taps(attrs):
+        for split in present_splits(f):
+            name, n = tap_dataset(f"{split}/features", tap), f[split]["labels"].shape[0]
+            ds = f.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.shape != (n, dims.get(tap)) or ds.dtype.name not in FEATURE_DTYPES:
+                raise CacheError(f"cache '{path}': tap '{tap}' has no ({n}, {dims.get(tap)}) dataset '{name}'")
+
+
 def _check_structure(f: h5py.File, path: Path, feature_dim: int) -> None:
     """Dataset names, dtypes and shapes are what this module writes, before any data is read."""
     for split in present_splits(f):
@@ -119,6 +130,7 @@ def _verify_open_unchecked(f: h5py.File, path: Path, key: Optional[str]) -> tupl
     attrs = attrs_of(f)
     _check_attrs(attrs, path)
     _check_structure(f, path, attrs["feature_dim"])
+    _check_taps(f, path, attrs)
     manifests = _read_manifests(f)
     n_classes = len(attrs["classes"])
     for split, m in manifests.items():
@@ -174,12 +186,26 @@ def read_manifest(path: str | Path) -> dict[str, SplitManifest]:
         raise damaged(path, e) from None
 
 
-def _read_splits(path: Path, key: Optional[str], names: Optional[tuple[str, ...]]) -> tuple[dict, dict]:
-    """(attrs, split -> CachedSplit) of the named splits (default: all), verified in the same open."""
+def tapped_attrs(attrs: dict, tap: str, path: Path) -> dict:
+    """attrs as seen through tap: feature_dim is the tap's; CacheError naming head.tap when it is not cached."""
+    if tap == "pool":
+        return attrs
+    cached = ["pool", *extra_taps(attrs)]
+    if tap not in cached:
+        raise CacheError(f"head.tap '{tap}' is not in the cache '{path}' (cached taps: {', '.join(cached)}): set "
+                         f"head.tap to one of them, or add '{tap}' to backbone.taps and extract again")
+    return {**attrs, "feature_dim": int(attrs["tap_dims"][tap]), "tap": tap}
+
+
+def _read_splits(path: Path, key: Optional[str], names: Optional[tuple[str, ...]],
+                 tap: str = "pool") -> tuple[dict, dict]:
+    """(attrs, split -> CachedSplit) of the named splits (default: all) and tap, verified in the same open."""
     try:
         with _open_cache(path) as f:
             attrs, manifests = _verify_open(f, path, key)
-            splits = {s: CachedSplit(f[s]["features"][()], np.asarray(manifests[s].labels, dtype=np.int64),
+            attrs = tapped_attrs(attrs, tap, path)
+            dataset = tap_dataset("features", tap)
+            splits = {s: CachedSplit(f[s][dataset][()], np.asarray(manifests[s].labels, dtype=np.int64),
                                      list(manifests[s].paths), list(manifests[s].sha256))
                       for s in manifests if names is None or s in names}
     except CacheError:
@@ -189,15 +215,17 @@ def _read_splits(path: Path, key: Optional[str], names: Optional[tuple[str, ...]
     return attrs, splits
 
 
-def read_cache(path: str | Path, key: Optional[str] = None) -> FeatureCache:
-    """Load a complete cache into memory after verifying structure, rows and key (and `key`, when given)."""
-    attrs, splits = _read_splits(Path(path), key, None)
+def read_cache(path: str | Path, key: Optional[str] = None, tap: str = "pool") -> FeatureCache:
+    """Load a complete cache into memory after verifying structure, rows and key (and `key`, when given).
+
+    tap: which cached feature set the splits' `features` hold (backbone.taps; head.tap picks it)."""
+    attrs, splits = _read_splits(Path(path), key, None, tap)
     return FeatureCache(Path(path), attrs, tuple(attrs["classes"]), splits)
 
 
-def read_split(path: str | Path, split: str, key: Optional[str] = None) -> Optional[CachedSplit]:
+def read_split(path: str | Path, split: str, key: Optional[str] = None, tap: str = "pool") -> Optional[CachedSplit]:
     """One split of a verified cache in memory (the others' features not read); None if the file lacks it."""
-    return _read_splits(Path(path), key, (split,))[1].get(split)
+    return _read_splits(Path(path), key, (split,), tap)[1].get(split)
 
 
 
@@ -243,6 +271,17 @@ class FeatureSet:
     classes: tuple[str, ...]
     manifests: dict[str, SplitManifest]
     _read: dict = field(default_factory=dict, repr=False, compare=False)  # splits read on their own
+    tap: str = "pool"      # the cached feature set load(), stream() and feature_dim see (head.tap)
+
+    def with_tap(self, tap: str) -> "FeatureSet":
+        """This file seen through another cached tap; CacheError naming head.tap and the cached taps if absent."""
+        tapped_attrs(self.attrs, tap, self.path)
+        return FeatureSet(self.path, self.attrs, self.classes, self.manifests, tap=tap)
+
+    @property
+    def taps(self) -> list[str]:
+        """Every tap the file holds, pool first."""
+        return ["pool", *extra_taps(self.attrs)]
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -258,7 +297,7 @@ class FeatureSet:
         if "test" not in self.manifests:
             return None
         if "test" not in self._read:
-            self._read["test"] = read_split(self.path, "test", self.key)
+            self._read["test"] = read_split(self.path, "test", self.key, self.tap)
         return self._read["test"]
 
     @property
@@ -273,12 +312,14 @@ class FeatureSet:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.attrs["feature_dim"])
+        return int(tapped_attrs(self.attrs, self.tap, self.path)["feature_dim"])
 
     @property
     def backbone(self) -> dict:
-        """The backbone spec the features came from: name, weights, weights_id, preprocess, cut."""
-        return self.attrs["backbone"]
+        """The backbone spec the features came from: name, weights, weights_id, preprocess, cut (taps, and the
+        tap seen when it is not pool: what a model trained on these features records for predict)."""
+        spec = self.attrs["backbone"]
+        return spec if self.tap == "pool" else {**spec, "tap": self.tap}
 
     @property
     def backbone_config(self) -> dict:
@@ -305,13 +346,13 @@ class FeatureSet:
         return {s: (len(m), self.feature_dim) for s, m in self.manifests.items()}
 
     def load(self) -> FeatureCache:
-        return read_cache(self.path, self.key)
+        return read_cache(self.path, self.key, self.tap)
 
     def stream(self):
-        """A FeatureReader over this file (context manager)."""
+        """A FeatureReader over this file's tap (context manager)."""
         from pipeline.cache.stream import open_features
 
-        return open_features(self.path, self.key)
+        return open_features(self.path, self.key, self.tap)
 
 
 def open_cache(path: str | Path, key: Optional[str] = None) -> FeatureSet:

@@ -7,8 +7,8 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from pipeline.cache.key import H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest
-from pipeline.cache.reader import _Splits, _open_cache, _verify_open
+from pipeline.cache.key import H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest, tap_dataset
+from pipeline.cache.reader import _Splits, _open_cache, _verify_open, tapped_attrs
 
 
 class SplitReader:
@@ -54,19 +54,21 @@ class FeatureReader(_Splits):
     """A verified cache file kept open for streaming its features; use as a context manager.
 
     Opening checks the file exactly like `read_cache` (structure, rows against the manifest digest,
-    key) but reads no feature: `train` and `val` read row ranges on demand.
+    key) but reads no feature: `train` and `val` read row ranges on demand, of the cached tap `tap` (head.tap; pool by default).
     """
 
-    def __init__(self, path: str | Path, key: Optional[str] = None) -> None:
+    def __init__(self, path: str | Path, key: Optional[str] = None, tap: str = "pool") -> None:
         self.path = Path(path)
         self._file = _open_cache(self.path)
         try:
             self.attrs, manifests = _verify_open(self._file, self.path, key)
+            self.attrs = tapped_attrs(self.attrs, tap, self.path)
         except BaseException:
             self._file.close()
             raise
         self.classes = tuple(self.attrs["classes"])
-        self.splits = {s: SplitReader(self.path, s, self._file[s]["features"], manifests[s]) for s in manifests}
+        dataset = tap_dataset("features", tap)
+        self.splits = {s: SplitReader(self.path, s, self._file[s][dataset], manifests[s]) for s in manifests}
 
     def close(self) -> None:
         self._file.close()
@@ -78,7 +80,7 @@ class FeatureReader(_Splits):
         self.close()
 
 
-def open_features(path: str | Path, key: Optional[str] = None) -> FeatureReader:
-    """Open a complete cache for streaming after verifying structure, rows and key; CacheError if not."""
-    return FeatureReader(path, key)
+def open_features(path: str | Path, key: Optional[str] = None, tap: str = "pool") -> FeatureReader:
+    """Open a complete cache for streaming (of tap) after verifying structure, rows and key; CacheError if not."""
+    return FeatureReader(path, key, tap)
 

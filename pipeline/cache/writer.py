@@ -16,8 +16,9 @@ import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
 from pipeline.cache.key import (ALL_SPLITS, FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest,
-                                cache_key, damaged, digest, legacy_cache_path, manifest_digest, write_error)
-from pipeline.cache.reader import present_splits, verify_cache
+                                cache_key, damaged, digest, extra_taps, legacy_cache_path, manifest_digest,
+                                tap_dataset, write_error)
+from pipeline.cache.reader import present_splits, read_attrs, verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 ASSEMBLE_ROWS = 4096      # rows copied per step when assembling a complete file
@@ -56,6 +57,30 @@ def previous_rows(path: Path, config_key: str) -> tuple[dict[str, RowSource], Op
     return rows, int(attrs["feature_dim"])
 
 
+def _taps_cover(theirs: list[str], mine: list[str]) -> bool:
+    """A file with taps `theirs` holds every tap of `mine` as mine would compute it (concat: same stage taps)."""
+    stages = lambda taps: [t for t in taps if t.startswith("stage-")]  # noqa: E731
+    return set(mine) <= set(theirs) and ("concat" not in mine or stages(mine) == stages(theirs))
+
+
+def rows_of_more_taps(path: Path, config: dict, data_root: str) -> tuple[dict[str, RowSource], Optional[int]]:
+    """sha256 -> row of an intact cache next to path, of the same data and feature configuration but more
+    taps (backbone.taps narrowed: its rows are copied, no forward pass); ({}, None) when there is none."""
+    mine = config.get("taps", ["pool"])
+    for other in sorted(Path(path).parent.glob("*.h5")):
+        attrs = read_attrs(other)
+        versions = (attrs or {}).get("versions")
+        if other == path or not isinstance(versions, dict) or attrs.get("data_root") != data_root:
+            continue
+        theirs = versions.get("taps", ["pool"])
+        same = {k: v for k, v in versions.items() if k != "taps"} == {k: v for k, v in config.items() if k != "taps"}
+        if same and _taps_cover(theirs, mine):
+            rows, dim = previous_rows(other, attrs["config_key"])
+            if rows:
+                return rows, dim
+    return {}, None
+
+
 def is_intact(path: Path) -> bool:
     """True when path is a complete cache whose structure, rows, key and feature checksums all verify."""
     try:
@@ -71,7 +96,8 @@ def check_features(path: Path, datasets: Optional[Iterable[str]] = None) -> None
     fletcher32 checksums; CacheError on damage."""
     try:
         with open_h5(path) as f:
-            for name in datasets or [f"{s}/features" for s in present_splits(f)]:
+            taps = ["pool", *extra_taps(attrs_of(f))]
+            for name in datasets or [tap_dataset(f"{s}/features", t) for s in present_splits(f) for t in taps]:
                 ds = f[name]
                 for start in range(0, ds.shape[0], ASSEMBLE_ROWS):
                     ds[start:start + ASSEMBLE_ROWS]
@@ -84,14 +110,16 @@ def check_features(path: Path, datasets: Optional[Iterable[str]] = None) -> None
 class ChunkStore:
     """Rows computed by an unfinished extraction: self-contained chunk files in `<name>.partial/`.
 
-    Each chunk file holds `sha256` (k,) and `features` (k, feature_dim) and is renamed into place
-    only once complete, so the folder never holds a torn chunk under a real name.
+    Each chunk file holds `sha256` (k,) and `features` (k, feature_dim) (and `taps/<tap>` (k, D_tap) per
+    extra tap) and is renamed into place only once complete, so the folder never holds a torn chunk
+    under a real name.
     """
 
-    def __init__(self, folder: Path, config_key: str, dtype: str) -> None:
+    def __init__(self, folder: Path, config_key: str, dtype: str, taps: Iterable[str] = ()) -> None:
         self.folder = Path(folder)
         self.config_key = config_key
         self.dtype = np.dtype(dtype)
+        self.taps = [t for t in taps if t != "pool"]  # stored besides `features` (pipeline.taps)
 
     def chunk_files(self) -> list[Path]:
         return sorted(self.folder.glob("chunk-*.h5")) if self.folder.is_dir() else []
@@ -123,8 +151,11 @@ class ChunkStore:
             if sha.ndim != 1 or sha.dtype != np.dtype("S64") or feats.ndim != 2 \
                     or feats.shape[0] != sha.shape[0] or feats.dtype != self.dtype:
                 raise CacheError(f"chunk '{path}' has an unexpected structure")
+            if any(tap_dataset("features", t) not in f or f[tap_dataset("features", t)].shape[0] != sha.shape[0]
+                   for t in self.taps):
+                raise CacheError(f"chunk '{path}' lacks the datasets of backbone.taps")
             hashes, dim = [h.decode() for h in sha[()]], int(feats.shape[1])
-        check_features(path, ("features",))
+        check_features(path, ("features", *(tap_dataset("features", t) for t in self.taps)))
         return hashes, dim
 
     def rows(self) -> tuple[dict[str, RowSource], Optional[int]]:
@@ -143,18 +174,24 @@ class ChunkStore:
                 rows.setdefault(h, RowSource(path, "features", i))
         return rows, dim
 
-    def write(self, sha256: list[str], features: np.ndarray) -> Path:
-        """Save one chunk: sha256 (k,), features (k, feature_dim) in the storage dtype.
+    def write(self, sha256: list[str], features: np.ndarray | dict[str, np.ndarray]) -> Path:
+        """Save one chunk: sha256 (k,), features (k, feature_dim) in the storage dtype ({tap: (k, D_tap)}
+        with taps: pool is `features`).
 
         The HDF5 image is built in memory and written with plain file I/O, so a full disk is an
         ordinary OSError rather than a failure inside the HDF5 library.
         """
         path = self.folder / f"chunk-{digest(sha256)[:16]}.h5"
+        tapped = features if isinstance(features, dict) else {"pool": features}
         image = io.BytesIO()
         with h5py.File(image, "w") as f:
             f.create_dataset("sha256", data=np.asarray(sha256, dtype="S64"))
-            f.create_dataset("features", data=features.astype(self.dtype, copy=False),
-                             chunks=features.shape, fletcher32=True)
+            for tap in ["pool", *self.taps]:
+                data = tapped[tap]
+                f.create_dataset(tap_dataset("features", tap), data=data.astype(self.dtype, copy=False),
+                                 chunks=data.shape, fletcher32=True)
+            if self.taps:
+                f.attrs["taps"] = json.dumps(["pool", *self.taps])
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config_key"] = self.config_key
             f.attrs["complete"] = True
@@ -177,9 +214,10 @@ class CacheWriter:
     leaves any previous cache at `path` untouched.
     """
 
-    def __init__(self, path: str | Path, feature_dim: int, dtype: str) -> None:
+    def __init__(self, path: str | Path, feature_dim: int, dtype: str, tap_dims: Optional[dict[str, int]] = None) -> None:
         self.path = Path(path)
         self.feature_dim = feature_dim
+        self.tap_dims = dict(tap_dims or {})  # {tap: D_tap} stored besides pool as <split>/taps/<tap>
         self.dtype = np.dtype(dtype)
         self.tmp = temp_path(self.path)
         self.manifests: dict[str, SplitManifest] = {}
@@ -199,6 +237,9 @@ class CacheWriter:
             g = self._file.create_group(split)
             chunked = {"chunks": (max(1, min(n, ROW_CHUNK)), self.feature_dim), "fletcher32": True} if n else {}
             g.create_dataset("features", shape=(n, self.feature_dim), dtype=self.dtype, **chunked)
+            for tap, dim in self.tap_dims.items():
+                opts = {"chunks": (max(1, min(n, ROW_CHUNK)), dim), "fletcher32": True} if n else {}
+                g.create_dataset(tap_dataset("features", tap), shape=(n, dim), dtype=self.dtype, **opts)
             g.create_dataset("labels", data=np.asarray(manifest.labels, dtype=np.int64))
             g.create_dataset("paths", data=list(manifest.paths), dtype=h5py.string_dtype("utf-8"))
             g.create_dataset("sha256", data=np.asarray(manifest.sha256, dtype="S64"))
@@ -206,10 +247,11 @@ class CacheWriter:
             raise write_error(self.path.parent, e) from None
         self.manifests[split] = manifest
 
-    def write_rows(self, split: str, start: int, features: np.ndarray) -> None:
-        """features: (batch, feature_dim) written at rows [start, start + batch)."""
+    def write_rows(self, split: str, start: int, features: np.ndarray, tap: str = "pool") -> None:
+        """features: (batch, feature_dim) (or the tap's (batch, D_tap)) written at rows [start, start + batch)."""
         try:
-            self._file[split]["features"][start:start + len(features)] = features.astype(self.dtype, copy=False)
+            ds = self._file[split][tap_dataset("features", tap)]
+            ds[start:start + len(features)] = features.astype(self.dtype, copy=False)
         except (OSError, RuntimeError) as e:
             raise write_error(self.path.parent, e) from None
 
@@ -224,6 +266,7 @@ class CacheWriter:
         try:
             for k, v in {**attrs, "manifest_digest": digest_, "key": key, "feature_dim": self.feature_dim,
                          "dtype": self.dtype.name, "format_version": attrs.get("format_version", FORMAT_VERSION),
+                         **({"taps": ["pool", *self.tap_dims], "tap_dims": self.tap_dims} if self.tap_dims else {}),
                          }.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -246,11 +289,11 @@ class CacheWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _gather(sources: list[tuple[RowSource, int]], out: np.ndarray) -> None:
-    """Copy each (source row, output position) into out, reading each file once, in row order."""
+def _gather(sources: list[tuple[RowSource, int]], out: np.ndarray, tap: str = "pool") -> None:
+    """Copy each (source row, output position) of tap into out, reading each file once, in row order."""
     groups: dict[tuple[Path, str], list[tuple[int, int]]] = defaultdict(list)
     for src, pos in sources:
-        groups[(src.file, src.dataset)].append((src.row, pos))
+        groups[(src.file, tap_dataset(src.dataset, tap))].append((src.row, pos))
     for (file, dataset), items in groups.items():
         rows = sorted({r for r, _ in items})
         lo, hi = rows[0], rows[-1] + 1
@@ -265,24 +308,36 @@ def _gather(sources: list[tuple[RowSource, int]], out: np.ndarray) -> None:
             out[pos] = block[index[r]]
 
 
+def _tap_dims(rows: dict[str, RowSource], taps: list[str]) -> dict[str, int]:
+    """{tap: D_tap} of the extra taps, read from where the first computed row lives."""
+    if not taps or not rows:
+        return {}
+    src = next(iter(rows.values()))
+    with open_h5(src.file) as f:
+        return {t: int(f[tap_dataset(src.dataset, t)].shape[1]) for t in taps}
+
+
 def assemble_cache(path: Path, manifests: dict[str, SplitManifest], feature_dim: int, dtype: str,
-                   rows: dict[str, RowSource], attrs: dict) -> Path:
+                   rows: dict[str, RowSource], attrs: dict, taps: Iterable[str] = ()) -> Path:
     """Write the complete cache at path from rows already computed (previous cache, chunk files).
 
-    Rows are copied in the storage dtype, so every feature is bitwise what was computed.
+    Rows are copied in the storage dtype, so every feature is bitwise what was computed. taps: the
+    backbone's taps; those besides pool are written as <split>/taps/<tap>.
     """
     missing = [h for m in manifests.values() for h in m.sha256 if h not in rows]
     if missing:
         raise CacheError(f"internal error: {len(missing)} rows have no computed features")
-    with CacheWriter(path, feature_dim, dtype) as writer:
+    dims = {"pool": feature_dim, **_tap_dims(rows, [t for t in taps if t != "pool"])}
+    with CacheWriter(path, feature_dim, dtype, {t: d for t, d in dims.items() if t != "pool"}) as writer:
         for split in [s for s in ALL_SPLITS if s in manifests]:  # train, val, then test when present
             m = manifests[split]
             writer.create_split(split, m)
             for start in range(0, len(m), ASSEMBLE_ROWS):
                 block = m.sha256[start:start + ASSEMBLE_ROWS]
-                out = np.empty((len(block), feature_dim), dtype=dtype)
-                _gather([(rows[h], i) for i, h in enumerate(block)], out)
-                writer.write_rows(split, start, out)
+                for tap, dim in dims.items():
+                    out = np.empty((len(block), dim), dtype=dtype)
+                    _gather([(rows[h], i) for i, h in enumerate(block)], out, tap)
+                    writer.write_rows(split, start, out, tap)
         return writer.commit(attrs)
 
 
