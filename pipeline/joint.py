@@ -223,7 +223,7 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     x = with_ones(x)
     gram = full_gram(x, first.epochs, first.batch_size)
     layer = LazyLayer(torch.cat([weight.view(-1, n_features), bias.view(-1, 1)], 1),
-                      [c.momentum for c in configs], [c.weight_decay for c in configs], num_classes)
+                      [c.momentum for c in configs], [c.weight_decay for c in configs], [num_classes] * n_heads)
     for epoch in _epoch_range(first.epochs, len(configs), progress):
         lrs = list(schedule.lrs)
         layer.set_lr(lrs, window_steps(first.batch_size))

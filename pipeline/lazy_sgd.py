@@ -96,23 +96,24 @@ def sgd_tables(lr: Sequence[float], momentum: Sequence[float], weight_decay: Seq
 class _Rows:
     """Per-row hyper-parameters: python floats when every row agrees (scalar kernels), else (R,) tensors."""
 
-    def __init__(self, values: Sequence[float], group: int, device: torch.device) -> None:
+    def __init__(self, values: Sequence[float], groups: torch.Tensor, device: torch.device) -> None:
         self.uniform = len(set(values)) == 1
         self.scalar = float(values[0])
-        self.tensor = torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(group)
+        self.tensor = torch.tensor(values, dtype=torch.float32).repeat_interleave(groups).to(device)
         self.any = any(v != 0 for v in values)
 
 
 class LazyLayer:
-    """W (R, D') trained by SGD a window at a time; rows come in parameter groups of ``group`` rows
-    (a head's classes, or one MLP's hidden units), each with its own lr, momentum and weight decay."""
+    """W (R, D') trained by SGD a window at a time; rows come in parameter groups of groups[i] rows
+    (a head's classes, or an MLP's hidden units), each with its own lr, momentum and weight decay."""
 
     def __init__(self, weight: torch.Tensor, momentum: Sequence[float], weight_decay: Sequence[float],
-                 group: int) -> None:
-        self.weight, self.group, self.device = weight, group, weight.device
+                 groups: Sequence[int]) -> None:
+        self.weight, self.device = weight, weight.device
+        self.group = torch.tensor(list(groups), dtype=torch.long)
         self.momentum, self.decay = list(map(float, momentum)), list(map(float, weight_decay))
-        self.m = _Rows(self.momentum, group, self.device)
-        self.wd = _Rows(self.decay, group, self.device)
+        self.m = _Rows(self.momentum, self.group, self.device)
+        self.wd = _Rows(self.decay, self.group, self.device)
         self.buf = torch.zeros_like(weight) if self.m.any else None      # momentum 0 everywhere: no buffer
         self._tables: dict = {}
 
