@@ -145,3 +145,21 @@ def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
         np.testing.assert_allclose(r.model.predict_proba(Xv), cold.predict_proba(Xv), atol=1e-2)  # lbfgs tol
         assert r.val_acc == pytest.approx((cold.predict(Xv) == yv).mean())
     assert outcome.ranked()[0].position <= 2 and {r.position for r in outcome.results} == {0, 1, 2}
+
+
+def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
+    """A sweep's mlp configurations (dropout 0: lazy_sgd's windows for the hidden layer) get the val top-1,
+    best epoch and weights of the same mlp trained by fit_module (autograd, the SGD update)."""
+    from pipeline.probes import fit_module
+
+    (X, y), (Xv, yv), _ = data
+    grid = {"mlp": {"hidden": [8, 16], "epochs": [4], "batch_size": [4], "lr": [0.05], "weight_decay": [1e-3]}}
+    outcome = run_sweep(expand_grid(grid), X, y, Xv, yv)
+    assert len(outcome.results) == 2
+    for r in outcome.results:
+        alone = build_probe("mlp", r.config.param_dict)
+        alone.trainer = lambda: fit_module
+        alone.fit(X, y, Xv, yv)
+        assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
+        for k, v in alone.model.state_dict().items():
+            np.testing.assert_allclose(r.model.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-5)
