@@ -134,6 +134,21 @@ def _epoch_range(epochs: int, n_heads: int, progress: bool):
     return out
 
 
+def _window(layer: LazyLayer, yw: torch.Tensor, sw: torch.Tensor, share: torch.Tensor, n_heads: int,
+            num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step of the window begun on layer; (summed train loss (H,), correct rows (H,)) from the logits used."""
+    target = (F.one_hot(yw, num_classes) * -sw).repeat(1, n_heads)       # (n, H * C): minus the scaled one-hot
+    for k, (s, e) in enumerate(layer.bounds):
+        p = torch.softmax(layer.z[s:e].view(e - s, n_heads, num_classes), 2).view(e - s, -1)
+        torch.addcmul(target[s:e], p, sw[s:e], out=layer.g[s:e])         # d loss / d logits
+        layer.step(k)
+    logits = layer.z.view(-1, n_heads, num_classes)                        # what each step used
+    top = logits.amax(2, keepdim=True)           # log-sum-exp written out: 4x faster than log_softmax at C = 10
+    lse = (logits - top).exp_().sum(2).log_().add_(top.squeeze(2))
+    nll = lse - logits.gather(2, yw.view(-1, 1, 1).expand(-1, n_heads, 1)).squeeze(2)   # (n, H)
+    return (nll * share[:, None]).sum(0), (logits.argmax(2) == yw[:, None]).float().sum(0)
+
+
 def _train_epoch(layer: LazyLayer, x: torch.Tensor, labels: torch.Tensor, n_heads: int, num_classes: int,
                  batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
                  gram: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,21 +161,15 @@ def _train_epoch(layer: LazyLayer, x: torch.Tensor, labels: torch.Tensor, n_head
     order_labels = labels[order]
     scale, loss_share = batch_scale(order_labels, windows, class_weight)
     for start, end, bounds in windows:
-        idx, yw, sw = order[start:end], order_labels[start:end], scale[start:end, None]
+        idx, yw = order[start:end], order_labels[start:end]
         xw = x[idx]
-        layer.begin(xw, window_gram(xw, idx, gram), bounds)
-        target = (F.one_hot(yw, num_classes) * -sw).repeat(1, n_heads)   # (n, H * C): minus the scaled one-hot
         with small_ops(x.device):
-            for k, (s, e) in enumerate(bounds):
-                p = torch.softmax(layer.z[s:e].view(e - s, n_heads, num_classes), 2).view(e - s, -1)
-                torch.addcmul(target[s:e], p, sw[s:e], out=layer.g[s:e])     # d loss / d logits
-                layer.step(k)
-        logits = layer.z.view(-1, n_heads, num_classes)                    # what each step used
-        top = logits.amax(2, keepdim=True)       # log-sum-exp written out: 4x faster than log_softmax at C = 10
-        lse = (logits - top).exp_().sum(2).log_().add_(top.squeeze(2))
-        nll = lse - logits.gather(2, yw.view(-1, 1, 1).expand(-1, n_heads, 1)).squeeze(2)   # (n, H)
-        total_loss += (nll * loss_share[start:end, None]).sum(0)
-        correct += (logits.argmax(2) == yw[:, None]).float().sum(0)
+            gram_w = window_gram(xw, idx, gram)
+        layer.begin(xw, gram_w, bounds)                                    # GEMMs: torch's threads
+        with small_ops(x.device):
+            loss, right = _window(layer, yw, scale[start:end, None], loss_share[start:end], n_heads, num_classes)
+        total_loss += loss
+        correct += right
         layer.end()
     return total_loss, correct
 

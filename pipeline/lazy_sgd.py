@@ -130,6 +130,8 @@ class LazyLayer:
     def begin(self, x_win: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
         """Start a window over rows x_win (n, D') whose steps take the row ranges bounds; gram = x_win x_win^T."""
         self.x, self.gram, self.bounds = x_win, gram, bounds
+        self.after = torch.tensor([len(bounds) - 1 - k for k, (s, e) in enumerate(bounds) for _ in range(e - s)],
+                                  device=self.device)               # each row's number of later steps
         self.z = x_win @ self.weight.T                                   # (n, R): each row's outputs, kept current
         self.zb = x_win @ self.buf.T if self.buf is not None else None
         self.g = torch.empty_like(self.z)                                # each step's output gradients
@@ -161,10 +163,8 @@ class LazyLayer:
     def end(self) -> None:
         """Materialise W and buf after the window's steps: one GEMM each."""
         n_steps = len(self.bounds)
-        sizes = torch.tensor([e - s for s, e in self.bounds])
-        q = torch.arange(n_steps - 1, -1, -1).repeat_interleave(sizes).to(self.device)   # steps after each row's
         p = self.P[n_steps]                                                # (4, R)
-        coef = self.V.index_select(0, q)                                   # (n, 2, R)
+        coef = self.V.index_select(0, self.after)                          # (n, 2, R)
         w0, b0 = self.weight, self.buf
         new_w = p[0, :, None] * w0 if b0 is None else p[0, :, None] * w0 + p[1, :, None] * b0
         new_w.addmm_((coef[:, 0] * self.g).T, self.x)
