@@ -104,7 +104,7 @@ def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: 
     from pipeline.probes import EVAL_BATCH, FitResult, loss_weights
 
     generator = torch.Generator().manual_seed(seed)
-    lin1, lin2 = model[0], model[3]
+    lin1, lin2 = model.to(device)[0], model[3]          # on the device, as fit_module leaves it (predict_proba)
     x, y = with_ones(x.to(device)), y.to(device)
     x_val = x_val.to(device) if x_val is not None else None
     weight = loss_weights(y.cpu(), num_classes, cfg.class_weight)
