@@ -11,7 +11,8 @@
 Without --cli: reads the cache with h5py (train/features, train/labels, val/features, val/labels),
 then times, in this one process and one after another: one 25-epoch linear head with the head
 stage's defaults as the head stage trains it in memory (pipeline.head.train_linear_batched: joint.py
-with one head, on lazy_sgd's windows), through its engine loop (pipeline.head.train_head: streamed,
+with one head, on lazy_sgd's windows), as a probe from Python (build_probe("linear").fit, which the
+API's LinearHead calls: the same engine), through its engine loop (pipeline.head.train_head: streamed,
 views, classifier) and through the reference loop (pipeline.probes.fit_module: nn.Linear, autograd,
 torch.optim's SGD update), 24 linear heads trained jointly (6 lr x 4 weight_decay), and the sweep
 below (pipeline.sweep), printing each wall time and its ratio to BOTH the head stage's linear head
@@ -36,7 +37,7 @@ import torch
 
 from _common import table, timed_process
 from pipeline.joint import train_linear_heads
-from pipeline.probes import LinearConfig, build_probe
+from pipeline.probes import LinearConfig, build_probe, fit_module
 from pipeline.sweep import expand_grid, run_sweep
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
@@ -128,7 +129,10 @@ def main() -> None:
     n, cpu = len(np.unique(y)), torch.device("cpu")
     stage, t_stage = timed(lambda: train_linear_batched(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0, 0))
     engine, t_engine = timed(lambda: train_head(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0))
-    one, t_one = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
+    probe, t_probe = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
+    reference = build_probe("linear")
+    reference.trainer = lambda: fit_module                               # the autograd loop, not joint.py
+    one, t_one = timed(lambda: reference.fit(X, y, Xv, yv))
     grid = [LinearConfig(lr=lr, weight_decay=wd) for lr in LRS for wd in WEIGHT_DECAYS]
     joint, t_joint = timed(lambda: train_linear_heads(X, y, Xv, yv, grid))
     configs = expand_grid(SWEEP_GRID)
@@ -141,6 +145,8 @@ def main() -> None:
 
     print(table([row("one linear head, the head stage's trainer (head.train_linear_batched: joint.py, lazy_sgd)",
                      t_stage, stage.best_acc),
+                 row("one linear head, the probe / API path (build_probe('linear').fit, api.LinearHead)", t_probe,
+                     probe.result.best_acc),
                  row("one linear head, the engine loop (head.train_head: autograd, streamed batches)", t_engine,
                      engine.best_acc),
                  row("one linear head, the reference (probes.fit_module: nn.Linear, autograd, torch.optim's "

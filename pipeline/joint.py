@@ -206,12 +206,13 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False,
-                       init_seed: Optional[int] = None) -> JointResult:
+                       init_seed: Optional[int] = None, init: Optional[torch.Tensor] = None) -> JointResult:
     """Train one linear head per config together; each keeps its best val epoch.
 
     X : (n_samples, n_features); y : (n_samples,); X_val, y_val likewise or None (then the last epoch).
     The configs must agree on epochs, batch_size and class_weight (see shared_key). seed draws the
-    batch order and, unless init_seed is given, the initial weights.
+    batch order and, unless init_seed is given, the initial weights; init ((num_classes, n_features + 1):
+    weight and bias), when given, is every head's start instead.
     """
     t0 = time.perf_counter()
     configs = _check_joint_configs(configs)
@@ -220,8 +221,12 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     first = configs[0]
     cw = loss_weights(labels, num_classes, first.class_weight)
     cw = cw.to(device) if cw is not None else None
-    weight, bias = _initial_heads(len(configs), x.shape[1], num_classes, seed if init_seed is None else init_seed,
-                                  device)
+    if init is not None:
+        weight = init[:, :-1].to(device).expand(len(configs), -1, -1).clone()
+        bias = init[:, -1].to(device).expand(len(configs), -1).clone()
+    else:
+        weight, bias = _initial_heads(len(configs), x.shape[1], num_classes,
+                                      seed if init_seed is None else init_seed, device)
     best = _BestEpochs(weight, bias)
     history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)
@@ -252,6 +257,19 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
         return JointResult(list(configs), weight.cpu(), bias.cpu(), results, time.perf_counter() - t0)
     return JointResult(list(configs), best.weight.cpu(), best.bias.cpu(), best.results(history),
                        time.perf_counter() - t0)
+
+
+def fit_linear(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
+               y_val: Optional[torch.Tensor], cfg: LinearConfig, num_classes: int, seed: int,
+               device: torch.device, show_progress: bool = False) -> tuple[dict, FitResult]:
+    """fit_module for a LinearProbe's nn.Linear, as one joint head: (the best epoch's state_dict on the CPU,
+    FitResult). It starts from model's weights (drawn with the probe's seed) and draws the batches from seed."""
+    with torch.no_grad():
+        init = torch.cat([model.weight, model.bias[:, None]], 1).to(device)
+    joint = train_linear_heads(x, y, x_val, y_val, [cfg], num_classes=num_classes, seed=seed, device=device,
+                               progress=show_progress, init=init)
+    model.to(device)
+    return {"weight": joint.weight[0].clone(), "bias": joint.bias[0].clone()}, joint.results[0]
 
 
 def predict_proba_heads(result: JointResult, X: Array) -> np.ndarray:

@@ -238,6 +238,12 @@ class LinearProbe(TrainedProbe):
     def build(self, n_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(n_features, num_classes)
 
+    def trainer(self):
+        """joint.py's engine with one head (lazy_sgd's windows): fit_module's result, to float rounding."""
+        from pipeline.joint import fit_linear
+
+        return fit_linear
+
 
 class MLPProbe(TrainedProbe):
     head_type = "mlp"

@@ -299,3 +299,23 @@ def test_mlp_with_dropout_keeps_the_autograd_loop():
 
     assert build_probe("mlp", {"dropout": 0.2}).trainer() is fit_module
     assert build_probe("mlp").trainer() is fit_mlp_lazy
+
+
+def test_the_linear_probe_trains_on_the_joint_engine_across_windows(monkeypatch):
+    """build_probe('linear').fit (and so the API's LinearHead) runs joint.py's engine with one head; with
+    windows of 3 steps (30 rows in batches of 4: 8 steps, the last of 2 rows; 3 windows) it still
+    trains the reference loop's weights and picks its best epoch."""
+    from pipeline import lazy_sgd
+    from pipeline.joint import fit_linear
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    X, y = blobs(n_per_class=10, spread=2.5, seed=6)
+    Xv, yv = blobs(n_per_class=6, spread=2.5, seed=7)
+    cfg = LinearConfig(epochs=6, batch_size=4, lr=0.01, step_size=2, weight_decay=1e-3, momentum=0.5)
+    probe = build_probe("linear", vars(cfg), seed=3)
+    assert probe.trainer() is fit_linear
+    probe.fit(X, y, Xv, yv)
+    want, acc, epoch = reference_linear_head(X, y, Xv, yv, cfg, seed=3)
+    assert (probe.result.best_epoch, probe.result.best_acc) == (epoch, pytest.approx(acc))
+    for k, v in probe.model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5)
