@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps, with_ones
+from pipeline.lazy_sgd import (LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps,
+                               with_ones)
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
-                             as_labels, check_config, infer_num_classes, loss_weights, shuffled_batches)
+                             as_labels, check_config, infer_num_classes, loss_weights)
 
 SHARED = ("epochs", "batch_size", "class_weight")   # what the heads of one joint run must agree on
 

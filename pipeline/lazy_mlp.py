@@ -11,7 +11,7 @@ torch.optim). Dropout > 0 draws random masks per step and stays on fit_module.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch.nn import functional as F
 
 from pipeline.lazy_sgd import (LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps,
                                with_ones)
+
+if TYPE_CHECKING:
+    from pipeline.probes import FitResult, MLPConfig
 
 
 class _OutputLayer:
@@ -98,8 +101,8 @@ def _val_logits(first: LazyLayer, out: _OutputLayer, x_val: torch.Tensor, eval_b
 
 
 def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
-                 y_val: Optional[torch.Tensor], cfg, num_classes: int, seed: int, device: torch.device,
-                 show_progress: bool = False) -> tuple[dict, "FitResult"]:  # noqa: F821
+                 y_val: Optional[torch.Tensor], cfg: "MLPConfig", num_classes: int, seed: int, device: torch.device,
+                 show_progress: bool = False) -> tuple[dict, "FitResult"]:
     """fit_module for an MLPProbe's model with dropout 0: (the best epoch's state_dict on the CPU, FitResult)."""
     from pipeline.probes import EVAL_BATCH, FitResult, loss_weights
 
