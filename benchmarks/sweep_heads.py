@@ -10,11 +10,13 @@
 
 Without --cli: reads the cache with h5py (train/features, train/labels, val/features, val/labels),
 then times, in this one process and one after another: one 25-epoch linear head with the head
-stage's defaults as the head stage trains it in memory (pipeline.head.train_linear_batched) and
-through its engine loop (pipeline.head.train_head: streamed, views, classifier), the same through
-pipeline.probes (nn.Linear + torch.optim.SGD) and through the batched engine of pipeline.joint
-(manual gradient, one head), 24 linear heads trained jointly (6 lr x 4 weight_decay), and the
-sweep below (pipeline.sweep), printing each wall time and its ratio to the probes' linear head.
+stage's defaults as the head stage trains it in memory (pipeline.head.train_linear_batched: joint.py
+with one head, on lazy_sgd's windows), as a probe from Python (build_probe("linear").fit, which the
+API's LinearHead calls: the same engine), through its engine loop (pipeline.head.train_head: streamed,
+views, classifier) and through the reference loop (pipeline.probes.fit_module: nn.Linear, autograd,
+torch.optim's SGD update), 24 linear heads trained jointly (6 lr x 4 weight_decay), and the sweep
+below (pipeline.sweep), printing each wall time and its ratio to BOTH the head stage's linear head
+and the reference's, then the sweep's seconds by head type.
 Imports and the cache read are not timed. With --out it also writes sweep.json/md/png there.
 The load average is printed at the start and the end.
 """
@@ -35,7 +37,7 @@ import torch
 
 from _common import table, timed_process
 from pipeline.joint import train_linear_heads
-from pipeline.probes import LinearConfig, build_probe
+from pipeline.probes import LinearConfig, build_probe, fit_module
 from pipeline.sweep import expand_grid, run_sweep
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
@@ -127,8 +129,10 @@ def main() -> None:
     n, cpu = len(np.unique(y)), torch.device("cpu")
     stage, t_stage = timed(lambda: train_linear_batched(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0, 0))
     engine, t_engine = timed(lambda: train_head(tx, ty, tvx, tvy, n, HeadConfig(), cpu, 0))
-    one, t_one = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
-    batched, t_batched = timed(lambda: train_linear_heads(X, y, Xv, yv, [LinearConfig()]))
+    probe, t_probe = timed(lambda: build_probe("linear").fit(X, y, Xv, yv))
+    reference = build_probe("linear")
+    reference.trainer = lambda: fit_module                               # the autograd loop, not joint.py
+    one, t_one = timed(lambda: reference.fit(X, y, Xv, yv))
     grid = [LinearConfig(lr=lr, weight_decay=wd) for lr in LRS for wd in WEIGHT_DECAYS]
     joint, t_joint = timed(lambda: train_linear_heads(X, y, Xv, yv, grid))
     configs = expand_grid(SWEEP_GRID)
@@ -136,18 +140,22 @@ def main() -> None:
     kinds = {t: sum(c.head_type == t for c in configs) for t in SWEEP_GRID}
     outcome, t_sweep = timed(lambda: run_sweep(configs, X, y, Xv, yv))
 
-    print(table([("one linear head, the head stage in memory (head.train_linear_batched)", f"{t_stage:.2f}",
-                  f"{t_stage / t_one:.2f}", f"{stage.best_acc:.4f}"),
-                 ("one linear head, the engine loop (head.train_head)", f"{t_engine:.2f}",
-                  f"{t_engine / t_one:.2f}", f"{engine.best_acc:.4f}"),
-                 ("one linear head (25 epochs, batch 4)", f"{t_one:.2f}", "1.00", f"{one.result.best_acc:.4f}"),
-                 ("one linear head, batched engine (joint.py, 1 head)", f"{t_batched:.2f}",
-                  f"{t_batched / t_one:.2f}", f"{batched.results[0].best_acc:.4f}"),
-                 ("24 linear heads, jointly", f"{t_joint:.2f}", f"{t_joint / t_one:.2f}",
-                  f"{max(r.best_acc for r in joint.results):.4f}"),
-                 (f"sweep of {len(configs)} configs ({', '.join(f'{n} {t}' for t, n in kinds.items())})",
-                  f"{t_sweep:.2f}", f"{t_sweep / t_one:.2f}", f"{outcome.winner.val_acc:.4f}")],
-                ("run", "seconds", "x one head", "best val top-1")))
+    def row(name, seconds, acc):
+        return name, f"{seconds:.2f}", f"{seconds / t_stage:.2f}", f"{seconds / t_one:.2f}", f"{acc:.4f}"
+
+    print(table([row("one linear head, the head stage's trainer (head.train_linear_batched: joint.py, lazy_sgd)",
+                     t_stage, stage.best_acc),
+                 row("one linear head, the probe / API path (build_probe('linear').fit, api.LinearHead)", t_probe,
+                     probe.result.best_acc),
+                 row("one linear head, the engine loop (head.train_head: autograd, streamed batches)", t_engine,
+                     engine.best_acc),
+                 row("one linear head, the reference (probes.fit_module: nn.Linear, autograd, torch.optim's "
+                     "SGD update)", t_one, one.result.best_acc),
+                 row("24 linear heads, jointly (joint.train_linear_heads)", t_joint,
+                     max(r.best_acc for r in joint.results)),
+                 row(f"sweep of {len(configs)} configs ({', '.join(f'{n} {t}' for t, n in kinds.items())})",
+                     t_sweep, outcome.winner.val_acc)],
+                ("run", "seconds", "x head stage's head", "x reference head", "best val top-1")))
     per_type = {}
     for r in outcome.results:
         per_type[r.head_type] = per_type.get(r.head_type, 0.0) + r.seconds

@@ -166,8 +166,8 @@ def train_linear_batched(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
                          init_seed: int) -> HeadResult:
     """The linear head of train_head through pipeline.joint's batched engine (one head): the same nn.Linear
     initialisation (init_seed), batch order (seed), loss and SGD + StepLR updates, written out by hand, so
-    the weights agree with train_head's to float rounding (tests/test_head.py), about 3x faster (no
-    autograd or optimizer objects per step; docs/heads.md)."""
+    the weights agree with train_head's to float rounding (tests/test_head.py), without autograd,
+    optimizer objects or full-size weight passes per step (pipeline/lazy_sgd.py's windows; docs/heads.md)."""
     from pipeline.joint import train_linear_heads
 
     linear = LinearConfig(**{name: getattr(cfg, name) for name in param_names("linear")})

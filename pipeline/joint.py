@@ -3,10 +3,11 @@
 The DINOv2 linear-evaluation trick (Oquab et al. 2023): every head sees the same shuffled batches,
 so one pass over the features serves the whole grid. Each head has its own lr, weight_decay,
 momentum and StepLR (step_size, gamma); they share epochs, batch_size and class_weight (the batches
-and the loss). The weights live in one (n_heads, num_classes, n_features) tensor; the cross-entropy
-gradient and the SGD update are written out per head, batched, so that head h follows exactly the
-update torch.optim.SGD + StepLR would apply to an nn.Linear trained alone with the same seed and
-batch order (the test checks this within float tolerance).
+and the loss). The weights live in one (n_heads * num_classes, n_features + 1) matrix (bias folded in)
+trained by pipeline/lazy_sgd.py's windowed SGD: the cross-entropy output gradients are written out per
+step and the update is applied as torch.optim.SGD + StepLR would apply it to an nn.Linear trained alone
+with the same seed and batch order, a window of steps at a time (tests/test_joint.py checks weights,
+train loss/top-1, best epoch and lr within float tolerance, across window boundaries).
 
 Each head keeps its own best val epoch (first best on ties).
 """
@@ -19,9 +20,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from pipeline.lazy_sgd import (LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps,
+                               with_ones)
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
-                             as_labels, check_config, infer_num_classes, loss_weights, shuffled_batches)
+                             as_labels, check_config, infer_num_classes, loss_weights)
 
 SHARED = ("epochs", "batch_size", "class_weight")   # what the heads of one joint run must agree on
 
@@ -49,66 +53,25 @@ class JointResult:
         return probe
 
 
-class JointSGD:
-    """torch.optim.SGD (dampening 0, no Nesterov) + StepLR, vectorised over heads with per-head hyper-parameters."""
+class StepLRs:
+    """StepLR.step() for every head: a head's lr (a python float, as StepLR keeps it) times its gamma
+    every step_size epochs."""
 
-    def __init__(self, configs: Sequence[LinearConfig], device: torch.device) -> None:
-        def column(name):
-            return torch.tensor([float(getattr(c, name)) for c in configs], device=device)
-
-        self.lrs = [float(c.lr) for c in configs]          # python floats, as StepLR keeps them
+    def __init__(self, configs: Sequence[LinearConfig]) -> None:
+        self.lrs = [float(c.lr) for c in configs]
         self.step_sizes = [c.step_size for c in configs]
         self.gammas = [float(c.gamma) for c in configs]
-        self.momentum, self.weight_decay = column("momentum"), column("weight_decay")
-        self.device, self.epoch, self.buffers = device, 0, None
-        self.decay = any(c.weight_decay for c in configs)
-        self._neg_lr = -torch.tensor(self.lrs, device=device)
-
-    def step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """buf = (grad + weight_decay * p) + momentum * buf; p -= lr * buf; head dimension first.
-
-        In place, one pass per line (the updates are memory-bound: every head's weights each step);
-        grads are consumed.
-        """
-        if self.buffers is None:
-            self.buffers = [torch.zeros_like(p) for p in params]
-        for p, g, buf in zip(params, grads, self.buffers):
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            if self.decay:
-                g.addcmul_(self.weight_decay.view(shape), p)
-            torch.addcmul(g, buf, self.momentum.view(shape), out=buf)
-            p.addcmul_(self._neg_lr.view(shape), buf)
+        self.epoch = 0
 
     def end_epoch(self) -> None:
-        """StepLR.step(): multiply a head's lr by its gamma every step_size epochs."""
         self.epoch += 1
         self.lrs = [lr * g if self.epoch % s == 0 else lr for lr, s, g in zip(self.lrs, self.step_sizes, self.gammas)]
-        self._neg_lr = -torch.tensor(self.lrs, device=self.device)
 
 
 def head_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, H, C) logits of every head: one GEMM against the (H * C, D) stacked weights."""
     n_heads, num_classes, n_features = weight.shape
     return torch.addmm(bias.reshape(-1), x, weight.view(-1, n_features).T).view(len(x), n_heads, num_classes)
-
-
-def cross_entropy_grad(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head mean cross-entropy of a batch and its gradients, as nn.CrossEntropyLoss(weight) computes them.
-
-    weight (H, C, D), bias (H, C), x (B, D), y (B,) -> (loss (H,), logits (B, H, C), grad_weight, grad_bias)
-    """
-    logits = head_logits(weight, bias, x)                                     # (B, H, C)
-    log_p = torch.log_softmax(logits, dim=2)
-    rows = torch.arange(len(y), device=x.device)
-    w = torch.ones(len(y), device=x.device) if class_weight is None else class_weight[y]   # (B,)
-    scale = w / w.sum()
-    loss = -(log_p[rows, :, y] * scale[:, None]).sum(0)                       # (H,)
-    g = log_p.exp_()
-    g[rows, :, y] -= 1
-    g *= scale[:, None, None]                                                 # d loss / d logits
-    grad_weight = (g.view(len(y), -1).T @ x).view(weight.shape)               # (H, C, D)
-    return loss, logits, grad_weight, g.sum(0)
 
 
 @torch.inference_mode()
@@ -172,21 +135,44 @@ def _epoch_range(epochs: int, n_heads: int, progress: bool):
     return out
 
 
-def _train_epoch(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+def _window(layer: LazyLayer, yw: torch.Tensor, sw: torch.Tensor, share: torch.Tensor, n_heads: int,
+            num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step of the window begun on layer; (summed train loss (H,), correct rows (H,)) from the logits used."""
+    target = (F.one_hot(yw, num_classes) * -sw).repeat(1, n_heads)       # (n, H * C): minus the scaled one-hot
+    for k, (s, e) in enumerate(layer.bounds):
+        p = torch.softmax(layer.z[s:e].view(e - s, n_heads, num_classes), 2).view(e - s, -1)
+        torch.addcmul(target[s:e], p, sw[s:e], out=layer.g[s:e])         # d loss / d logits
+        layer.step(k)
+    logits = layer.z.view(-1, n_heads, num_classes)                        # what each step used
+    top = logits.amax(2, keepdim=True)           # log-sum-exp written out: 4x faster than log_softmax at C = 10
+    lse = (logits - top).exp_().sum(2).log_().add_(top.squeeze(2))
+    nll = lse - logits.gather(2, yw.view(-1, 1, 1).expand(-1, n_heads, 1)).squeeze(2)   # (n, H)
+    return (nll * share[:, None]).sum(0), (logits.argmax(2) == yw[:, None]).float().sum(0)
+
+
+def _train_epoch(layer: LazyLayer, x: torch.Tensor, labels: torch.Tensor, n_heads: int, num_classes: int,
                  batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
-                 sgd: JointSGD) -> tuple[list[float], list[float]]:
-    """One pass over the shared shuffled batches, every head updated in place: per head, train loss and top-1."""
-    total_loss = torch.zeros(len(weight), device=x.device)
-    correct = torch.zeros(len(weight), device=x.device)
-    for idx in shuffled_batches(len(x), batch_size, generator):
-        idx = idx.to(x.device, non_blocking=True)
-        xb, yb = x[idx], labels[idx]
-        loss, logits, gw, gb = cross_entropy_grad(weight, bias, xb, yb, class_weight)
-        sgd.step([weight, bias], [gw, gb])
-        total_loss += loss * len(yb)
-        correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
-    sgd.end_epoch()
-    return (total_loss / len(x)).tolist(), (correct / len(x)).tolist()
+                 gram: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the shared shuffled batches, every head updated (lazy_sgd's windows): per head,
+    the summed train loss (each batch's mean times its size) and the number of correct rows."""
+    total_loss = torch.zeros(n_heads, device=x.device)
+    correct = torch.zeros(n_heads, device=x.device)
+    order, windows = epoch_plan(len(x), batch_size, generator, window_steps(batch_size))
+    order = order.to(x.device, non_blocking=True)
+    order_labels = labels[order]
+    scale, loss_share = batch_scale(order_labels, windows, class_weight)
+    for start, end, bounds in windows:
+        idx, yw = order[start:end], order_labels[start:end]
+        xw = x[idx]
+        with small_ops(x.device):
+            gram_w = window_gram(xw, idx, gram)
+        layer.begin(xw, gram_w, bounds)                                    # GEMMs: torch's threads
+        with small_ops(x.device):
+            loss, right = _window(layer, yw, scale[start:end, None], loss_share[start:end], n_heads, num_classes)
+        total_loss += loss
+        correct += right
+        layer.end()
+    return total_loss, correct
 
 
 class _BestEpochs:
@@ -221,12 +207,13 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False,
-                       init_seed: Optional[int] = None) -> JointResult:
+                       init_seed: Optional[int] = None, init: Optional[torch.Tensor] = None) -> JointResult:
     """Train one linear head per config together; each keeps its best val epoch.
 
     X : (n_samples, n_features); y : (n_samples,); X_val, y_val likewise or None (then the last epoch).
     The configs must agree on epochs, batch_size and class_weight (see shared_key). seed draws the
-    batch order and, unless init_seed is given, the initial weights.
+    batch order and, unless init_seed is given, the initial weights; init ((num_classes, n_features + 1):
+    weight and bias), when given, is every head's start instead.
     """
     t0 = time.perf_counter()
     configs = _check_joint_configs(configs)
@@ -235,18 +222,31 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     first = configs[0]
     cw = loss_weights(labels, num_classes, first.class_weight)
     cw = cw.to(device) if cw is not None else None
-    weight, bias = _initial_heads(len(configs), x.shape[1], num_classes, seed if init_seed is None else init_seed,
-                                  device)
+    if init is not None:
+        weight = init[:, :-1].to(device).expand(len(configs), -1, -1).clone()
+        bias = init[:, -1].to(device).expand(len(configs), -1).clone()
+    else:
+        weight, bias = _initial_heads(len(configs), x.shape[1], num_classes,
+                                      seed if init_seed is None else init_seed, device)
     best = _BestEpochs(weight, bias)
     history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)
     if x_val is not None:
         x_val, labels_val = x_val.to(device), labels_val.to(device)
     generator = torch.Generator().manual_seed(seed)
-    sgd = JointSGD(configs, device)
+    schedule, (n_heads, num_classes, n_features) = StepLRs(configs), weight.shape
+    x = with_ones(x)
+    gram = full_gram(x, first.epochs, first.batch_size)
+    layer = LazyLayer(torch.cat([weight.view(-1, n_features), bias.view(-1, 1)], 1),
+                      [c.momentum for c in configs], [c.weight_decay for c in configs], [num_classes] * n_heads)
     for epoch in _epoch_range(first.epochs, len(configs), progress):
-        lrs = list(sgd.lrs)
-        train_loss, train_acc = _train_epoch(weight, bias, x, labels, first.batch_size, generator, cw, sgd)
+        lrs = list(schedule.lrs)
+        layer.set_lr(lrs, window_steps(first.batch_size))
+        loss, correct = _train_epoch(layer, x, labels, n_heads, num_classes, first.batch_size, generator, cw, gram)
+        schedule.end_epoch()
+        train_loss, train_acc = (loss / len(x)).tolist(), (correct / len(x)).tolist()
+        weight = layer.weight[:, :n_features].reshape(n_heads, num_classes, n_features)
+        bias = layer.weight[:, n_features].reshape(n_heads, num_classes)
         val = None
         if x_val is not None:
             acc, vloss = evaluate_heads(weight, bias, x_val, labels_val, cw)
@@ -258,6 +258,19 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
         return JointResult(list(configs), weight.cpu(), bias.cpu(), results, time.perf_counter() - t0)
     return JointResult(list(configs), best.weight.cpu(), best.bias.cpu(), best.results(history),
                        time.perf_counter() - t0)
+
+
+def fit_linear(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
+               y_val: Optional[torch.Tensor], cfg: LinearConfig, num_classes: int, seed: int,
+               device: torch.device, show_progress: bool = False) -> tuple[dict, FitResult]:
+    """fit_module for a LinearProbe's nn.Linear, as one joint head: (the best epoch's state_dict on the CPU,
+    FitResult). It starts from model's weights (drawn with the probe's seed) and draws the batches from seed."""
+    with torch.no_grad():
+        init = torch.cat([model.weight, model.bias[:, None]], 1).to(device)
+    joint = train_linear_heads(x, y, x_val, y_val, [cfg], num_classes=num_classes, seed=seed, device=device,
+                               progress=show_progress, init=init)
+    model.to(device)
+    return {"weight": joint.weight[0].clone(), "bias": joint.bias[0].clone()}, joint.results[0]
 
 
 def predict_proba_heads(result: JointResult, X: Array) -> np.ndarray:

@@ -210,10 +210,14 @@ class TrainedProbe(Probe):
         x, labels, x_val, labels_val = self._inputs(X, y, X_val, y_val)
         torch.manual_seed(self.seed)   # the initial weights, as the head stage draws them
         self.model = self.build(x.shape[1], self.num_classes)
-        state, self.result = fit_module(self.model, x, labels, x_val, labels_val, self.cfg, self.num_classes,
-                                        self.seed, self.device, self.progress)
+        state, self.result = self.trainer()(self.model, x, labels, x_val, labels_val, self.cfg, self.num_classes,
+                                            self.seed, self.device, self.progress)
         self.model.load_state_dict(state)
         return self
+
+    def trainer(self):
+        """The training loop: fit_module's signature and result."""
+        return fit_module
 
     def predict_proba(self, X) -> np.ndarray:
         x = self._check_fitted(X)
@@ -234,6 +238,12 @@ class LinearProbe(TrainedProbe):
     def build(self, n_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(n_features, num_classes)
 
+    def trainer(self):
+        """joint.py's engine with one head (lazy_sgd's windows): fit_module's result, to float rounding."""
+        from pipeline.joint import fit_linear
+
+        return fit_linear
+
 
 class MLPProbe(TrainedProbe):
     head_type = "mlp"
@@ -241,6 +251,14 @@ class MLPProbe(TrainedProbe):
     def build(self, n_features: int, num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Linear(n_features, self.cfg.hidden), nn.ReLU(), nn.Dropout(self.cfg.dropout),
                              nn.Linear(self.cfg.hidden, num_classes))
+
+    def trainer(self):
+        """Without dropout, the hidden layer trains on lazy_sgd's windows (pipeline/lazy_mlp.py): the same result."""
+        if self.cfg.dropout:
+            return fit_module
+        from pipeline.lazy_mlp import fit_mlp_lazy
+
+        return fit_mlp_lazy
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:

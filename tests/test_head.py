@@ -287,3 +287,27 @@ def test_the_stages_batched_linear_head_trains_the_engines_weights(cfg):
     for mine, theirs in zip(batched.history, engine.history):
         assert mine["lr"] == pytest.approx(theirs["lr"]) and mine["val_acc"] == pytest.approx(theirs["val_acc"])
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+
+
+def test_the_stages_linear_head_across_lazy_windows_trains_the_engines_weights(monkeypatch):
+    """The head stage's trainer with lazy_sgd windows of 3 steps (blobs' 90 rows in batches of 4 are 23 steps,
+    the last of 2 rows: 8 windows, the last of 2 steps) and a per-window Gram: still train_head's weights,
+    best epoch and history."""
+    from pipeline import lazy_sgd
+    from pipeline.head import train_linear_batched
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", 0)
+    cfg = HeadConfig(epochs=4, momentum=0.5, weight_decay=1e-2, step_size=3)
+    x, y = blobs()
+    vx, vy = blobs(seed=1)
+    torch.manual_seed(7)
+    engine = train_head(x, y, vx, vy, 3, cfg, CPU, seed=3, head=torch.nn.Linear(16, 3))
+    batched = train_linear_batched(x, y, vx, vy, 3, cfg, CPU, seed=3, init_seed=7)
+    for name in ("weight", "bias"):
+        assert torch.allclose(batched.state_dict[name], engine.state_dict[name], atol=1e-5), name
+    assert batched.best_epoch == engine.best_epoch
+    for mine, theirs in zip(batched.history, engine.history):
+        assert mine["lr"] == pytest.approx(theirs["lr"]) and mine["val_acc"] == pytest.approx(theirs["val_acc"])
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert mine["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-6)

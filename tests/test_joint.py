@@ -89,3 +89,68 @@ def test_heads_that_cannot_share_batches_are_refused():
     assert shared_key(LinearConfig(lr=1.0)) == shared_key(LinearConfig(lr=2.0))
     with pytest.raises(ProbeError, match="linear.lr = -1"):
         train_linear_heads(X, y, None, None, [LinearConfig(lr=-1)])
+
+
+def history_alone(X, y, cfg: LinearConfig, seed: int, num_classes: int):
+    """The reference loop's final weights and per-epoch train loss / top-1 (from the logits each step used)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(X.shape[1], num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    weight = balanced_weights(torch.as_tensor(y), num_classes) if cfg.class_weight == "balanced" else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    history = []
+    for _ in range(cfg.epochs):
+        order, loss_sum, correct = torch.randperm(len(X), generator=generator), 0.0, 0
+        for s in range(0, len(X), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            opt.zero_grad()
+            logits = head(X[idx])
+            loss = criterion(logits, y[idx])
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        sched.step()
+        history.append((loss_sum / len(X), correct / len(X)))
+    return head.state_dict(), history
+
+
+MIXED = [LinearConfig(epochs=5, batch_size=4, lr=lr, weight_decay=wd, momentum=m, step_size=s, gamma=g)
+         for lr, wd, m, s, g in [(0.05, 0.0, 0.0, 2, 0.5), (0.01, 1e-2, 0.9, 1, 0.7), (0.2, 0.0, 0.5, 3, 0.1),
+                                 (0.02, 1e-3, 0.0, 2, 0.9)]]
+
+
+@pytest.mark.parametrize("window, gram_bytes, class_weight", [(3, 0, "balanced"), (4, 2 ** 30, "none"),
+                                                              (1, 2 ** 30, "balanced"), (64, 0, "none")])
+def test_windows_of_steps_train_the_reference_heads_exactly(monkeypatch, window, gram_bytes, class_weight):
+    """lazy_sgd's windows (3 or 4 steps into a 10-step epoch whose last batch has 2 rows, one step, or the
+    whole epoch), with the Gram gathered from the train set's or per window, give each head the weights,
+    train loss and top-1 of nn.Linear + torch.optim.SGD + StepLR trained alone."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", window)
+    monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", gram_bytes)
+    X, y = toy(n=38, seed=7)
+    grid = [LinearConfig(**{**vars(c), "class_weight": class_weight}) for c in MIXED]
+    joint = train_linear_heads(X, y, None, None, grid, num_classes=3, seed=2)
+    for h, cfg in enumerate(grid):
+        state, history = history_alone(X, y, cfg, seed=2, num_classes=3)
+        torch.testing.assert_close(joint.weight[h], state["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias[h], state["bias"], rtol=1e-4, atol=1e-5)
+        mine = [(e["train_loss"], e["train_acc"]) for e in joint.results[h].history]
+        assert [loss for loss, _ in mine] == pytest.approx([loss for loss, _ in history], rel=1e-4)
+        assert [acc for _, acc in mine] == pytest.approx([acc for _, acc in history], abs=1e-6)
+
+
+def test_sgd_tables_are_powers_of_the_update_matrix():
+    from pipeline.lazy_sgd import sgd_tables
+
+    lr, m, wd = 0.1, 0.9, 0.01
+    A = np.array([[1 - lr * wd, -lr * m], [wd, m]])
+    P, V = sgd_tables([lr], [m], [wd], 5)
+    for n in range(5):
+        np.testing.assert_allclose(P[n, :, 0], np.linalg.matrix_power(A, n).ravel())
+        np.testing.assert_allclose(V[n, :, 0], np.linalg.matrix_power(A, n) @ [-lr, 1.0])

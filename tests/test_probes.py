@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline import PipelineError
 from pipeline.probes import (KNNConfig, LinearConfig, MLPConfig, NCMConfig, ProbeError, balanced_weights,
@@ -232,3 +233,89 @@ def test_every_parameter_has_a_help_text():
     for head_type in CONFIGS:
         for name in make_config(head_type).__dataclass_fields__:
             assert PARAM_HELP.get(name), f"{head_type}.{name} has no help text"
+
+
+def reference_mlp(X, y, Xv, yv, cfg: MLPConfig, seed: int, num_classes: int):
+    """nn.Sequential + torch.optim.SGD + StepLR + CrossEntropyLoss(weight), randperm batches: best state, history."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(0.0),
+                          nn.Linear(cfg.hidden, num_classes))
+    generator = torch.Generator().manual_seed(seed)
+    X, y, Xv, yv = (torch.as_tensor(a) for a in (X, y, Xv, yv))
+    weight = balanced_weights(y, num_classes) if cfg.class_weight == "balanced" else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    best, best_acc, best_epoch, history = None, -1.0, 0, []
+    for _ in range(cfg.epochs):
+        order, loss_sum, correct = torch.randperm(len(X), generator=generator), 0.0, 0
+        for s in range(0, len(X), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            opt.zero_grad()
+            logits = model(X[idx])
+            loss = criterion(logits, y[idx])
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        sched.step()
+        with torch.no_grad():
+            logits = model(Xv)
+        acc = (logits.argmax(1) == yv).float().mean().item()
+        history.append((loss_sum / len(X), correct / len(X), F.cross_entropy(logits, yv, weight=weight).item(), acc))
+        if acc > best_acc:
+            best_acc, best_epoch = acc, len(history)
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best, best_epoch, history
+
+
+@pytest.mark.parametrize("window, momentum, weight_decay, class_weight", [
+    (3, 0.9, 1e-3, "balanced"), (4, 0.0, 0.0, "none"), (64, 0.5, 1e-2, "none"), (1, 0.0, 1e-3, "balanced")])
+def test_mlp_hidden_layer_on_lazy_windows_equals_torch_optim(monkeypatch, window, momentum, weight_decay,
+                                                            class_weight):
+    """An mlp probe (dropout 0) trains its hidden layer on lazy_sgd's windows (here 3 or 4 steps into a
+    10-step epoch whose last batch has 2 rows, one step, or the whole epoch): the weights, best epoch and
+    every history entry of nn.Sequential + torch.optim.SGD + StepLR with the same seed and batch order."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", window)
+    X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=11))        # 38 rows: a last batch of 2
+    Xv, yv = blobs(n_per_class=5, spread=2.0, seed=12)
+    cfg = MLPConfig(epochs=5, batch_size=4, lr=0.05, momentum=momentum, weight_decay=weight_decay, step_size=2,
+                    gamma=0.5, hidden=16, class_weight=class_weight)
+    probe = build_probe("mlp", vars(cfg), seed=4).fit(X, y, Xv, yv)
+    want, epoch, history = reference_mlp(X, y, Xv, yv, cfg, seed=4, num_classes=3)
+    for k, v in probe.model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5)
+    assert probe.result.best_epoch == epoch
+    mine = [(e["train_loss"], e["train_acc"], e["val_loss"], e["val_acc"]) for e in probe.result.history]
+    np.testing.assert_allclose(np.array(mine), np.array(history), rtol=1e-4, atol=1e-6)
+    assert [e["lr"] for e in probe.result.history] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
+
+
+def test_mlp_with_dropout_keeps_the_autograd_loop():
+    from pipeline.lazy_mlp import fit_mlp_lazy
+    from pipeline.probes import fit_module
+
+    assert build_probe("mlp", {"dropout": 0.2}).trainer() is fit_module
+    assert build_probe("mlp").trainer() is fit_mlp_lazy
+
+
+def test_the_linear_probe_trains_on_the_joint_engine_across_windows(monkeypatch):
+    """build_probe('linear').fit (and so the API's LinearHead) runs joint.py's engine with one head; with
+    windows of 3 steps (30 rows in batches of 4: 8 steps, the last of 2 rows; 3 windows) it still
+    trains the reference loop's weights and picks its best epoch."""
+    from pipeline import lazy_sgd
+    from pipeline.joint import fit_linear
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    X, y = blobs(n_per_class=10, spread=2.5, seed=6)
+    Xv, yv = blobs(n_per_class=6, spread=2.5, seed=7)
+    cfg = LinearConfig(epochs=6, batch_size=4, lr=0.01, step_size=2, weight_decay=1e-3, momentum=0.5)
+    probe = build_probe("linear", vars(cfg), seed=3)
+    assert probe.trainer() is fit_linear
+    probe.fit(X, y, Xv, yv)
+    want, acc, epoch = reference_linear_head(X, y, Xv, yv, cfg, seed=3)
+    assert (probe.result.best_epoch, probe.result.best_acc) == (epoch, pytest.approx(acc))
+    for k, v in probe.model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5)

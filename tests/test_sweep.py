@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.probes import build_probe
+from pipeline.probes import build_probe, fit_module
 from pipeline.sweep import JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, run_sweep
 from pipeline.sweep_report import format_leaderboard, format_markdown, write_sweep_reports
 
@@ -65,8 +65,10 @@ def test_sweep_trains_everything_and_linear_heads_jointly(data):
     assert [r.config for r in seen] == [r.config for r in outcome.results]
     linear = [r for r in outcome.results if r.head_type == "linear"]
     assert all(r.joint for r in linear) and not any(r.joint for r in outcome.results if r.head_type != "linear")
-    for r in linear:    # each jointly trained head scores like the same head trained alone
-        alone = build_probe("linear", r.config.param_dict).fit(X, y, Xv, yv)
+    for r in linear:    # each jointly trained head scores like the same head trained alone (autograd loop)
+        alone = build_probe("linear", r.config.param_dict)
+        alone.trainer = lambda: fit_module
+        alone.fit(X, y, Xv, yv)
         assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
     ranked = outcome.ranked()
     assert ranked[0] is outcome.winner
@@ -145,3 +147,19 @@ def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
         np.testing.assert_allclose(r.model.predict_proba(Xv), cold.predict_proba(Xv), atol=1e-2)  # lbfgs tol
         assert r.val_acc == pytest.approx((cold.predict(Xv) == yv).mean())
     assert outcome.ranked()[0].position <= 2 and {r.position for r in outcome.results} == {0, 1, 2}
+
+
+def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
+    """A sweep's mlp configurations (dropout 0: lazy_sgd's windows for the hidden layer) get the val top-1,
+    best epoch and weights of the same mlp trained by fit_module (autograd, the SGD update)."""
+    (X, y), (Xv, yv), _ = data
+    grid = {"mlp": {"hidden": [8, 16], "epochs": [4], "batch_size": [4], "lr": [0.05], "weight_decay": [1e-3]}}
+    outcome = run_sweep(expand_grid(grid), X, y, Xv, yv)
+    assert len(outcome.results) == 2
+    for r in outcome.results:
+        alone = build_probe("mlp", r.config.param_dict)
+        alone.trainer = lambda: fit_module
+        alone.fit(X, y, Xv, yv)
+        assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
+        for k, v in alone.model.state_dict().items():
+            np.testing.assert_allclose(r.model.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,206 @@
+"""Exact SGD + momentum for a layer whose per-step gradient is low rank, applied a window of steps at a time.
+
+A layer ``out = x W^T`` (bias folded in as a constant-1 input column, so one matrix W (R, D') carries
+weight and bias; torch.optim applies weight_decay to the bias too, so folding is exact) gets, at step t,
+the gradient ``g_t = G_t^T X_t``: G_t (B, R) the output gradients, X_t (B, D') the batch. torch.optim.SGD
+(dampening 0, no Nesterov) with per-row lr, momentum m and weight decay wd is a linear recurrence on
+the pair (W, buf):
+
+    buf_t = m buf_{t-1} + g_t + wd W_{t-1};   W_t = W_{t-1} - lr buf_t
+    => s_t = A s_{t-1} + e g_t,  A = [[1 - lr wd, -lr m], [wd, m]],  e = (-lr, 1)   (per row)
+
+so over a window of K steps from (W0, B0), with lr constant inside it (StepLR changes lr only at epoch
+ends, and a window never crosses one), ``W_k = a_k W0 + b_k B0 + sum_{j<=k} c_{k-j} G_j^T X_j``, where
+(a_k, b_k) is the first row of A^k and c_n = (A^n e)_0 (tables built by iterating A forward).
+
+LazyLayer never forms a full-size gradient per step. At the window start it projects W0 and B0 on the
+window's rows (``Z = X_win W0^T``, ``ZB = X_win B0^T``, one GEMM each); each step reads its outputs from
+Z, and adds its rank-B update to the projections of the window's later rows only, through the window's
+Gram matrix X_win X_win^T: ``ZB <- m ZB + Gram[later, step] G + wd Z; Z <- Z - lr ZB``, the same
+recurrence seen through X_win. At the window end W and buf are materialised with one GEMM each. The
+full-size passes over W happen once per window instead of about ten per step; the result equals the
+step-by-step update in real arithmetic (tests/test_joint.py, tests/test_probes.py check float tolerance
+against torch.optim). After a window, Z holds exactly the outputs each step used (a row is not updated
+after its own step), so train loss and accuracy are computed from it once per window.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+WINDOW_STEPS = 64                  # SGD steps per window (measured: docs/heads.md)
+WINDOW_ROWS = 512                  # ... and at most this many rows (large batches: fewer steps per window)
+GRAM_BYTES = 64 * 2 ** 20          # the train set's Gram matrix is computed once when it fits in this
+
+
+@contextlib.contextmanager
+def small_ops(device: torch.device):
+    """One intra-op thread on the CPU for a window's per-step ops (restored after): they are too small
+    to share, and on a busy machine two threads waiting on each other made one head 6x slower (docs/heads.md).
+    The window's GEMMs run outside, with torch's threads."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def window_steps(batch_size: int) -> int:
+    """Steps per window for this batch size: WINDOW_STEPS, fewer when the window would exceed WINDOW_ROWS."""
+    return max(1, min(WINDOW_STEPS, WINDOW_ROWS // max(batch_size, 1)))
+
+
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """(n, D) -> (n, D + 1): the constant-1 column that carries the bias."""
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+
+
+def full_gram(x_aug: torch.Tensor, epochs: int, batch_size: int) -> Optional[torch.Tensor]:
+    """X X^T of the whole train set when it fits in GRAM_BYTES and costs less than a Gram per window; else None."""
+    n = len(x_aug)
+    if n * n * x_aug.element_size() > GRAM_BYTES or epochs * window_steps(batch_size) * batch_size <= n:
+        return None
+    return x_aug @ x_aug.T
+
+
+def window_gram(x_win: torch.Tensor, idx: torch.Tensor, gram: Optional[torch.Tensor]) -> torch.Tensor:
+    """X_win X_win^T: gathered from the full Gram when there is one."""
+    return x_win @ x_win.T if gram is None else gram[idx[:, None], idx]
+
+
+def sgd_tables(lr: Sequence[float], momentum: Sequence[float], weight_decay: Sequence[float],
+               steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P (steps + 1, 4, G), V (steps, 2, G)) in float64 for G parameter groups: P[n] = A^n flattened
+    row-major (a_n, b_n, a'_n, b'_n) and V[n] = A^n e, by iterating A forward (never inverting it)."""
+    lr, m, wd = (np.asarray(v, dtype=np.float64) for v in (lr, momentum, weight_decay))
+    a00, a01, a10, a11 = 1 - lr * wd, -lr * m, wd, m
+    P = np.empty((steps + 1, 4, len(lr)))
+    V = np.empty((steps, 2, len(lr)))
+    P[0] = [np.ones_like(lr), np.zeros_like(lr), np.zeros_like(lr), np.ones_like(lr)]
+    v = np.stack([-lr, np.ones_like(lr)])
+    for n in range(steps):
+        p = P[n]
+        P[n + 1] = [a00 * p[0] + a01 * p[2], a00 * p[1] + a01 * p[3], a10 * p[0] + a11 * p[2], a10 * p[1] + a11 * p[3]]
+        V[n] = v
+        v = np.stack([a00 * v[0] + a01 * v[1], a10 * v[0] + a11 * v[1]])
+    return P, V
+
+
+class _Rows:
+    """Per-row hyper-parameters: python floats when every row agrees (scalar kernels), else (R,) tensors."""
+
+    def __init__(self, values: Sequence[float], groups: torch.Tensor, device: torch.device) -> None:
+        self.uniform = len(set(values)) == 1
+        self.scalar = float(values[0])
+        self.tensor = torch.tensor(values, dtype=torch.float32).repeat_interleave(groups).to(device)
+        self.any = any(v != 0 for v in values)
+
+
+class LazyLayer:
+    """W (R, D') trained by SGD a window at a time; rows come in parameter groups of groups[i] rows
+    (a head's classes, or an MLP's hidden units), each with its own lr, momentum and weight decay."""
+
+    def __init__(self, weight: torch.Tensor, momentum: Sequence[float], weight_decay: Sequence[float],
+                 groups: Sequence[int]) -> None:
+        self.weight, self.device = weight, weight.device
+        self.group = torch.tensor(list(groups), dtype=torch.long)
+        self.momentum, self.decay = list(map(float, momentum)), list(map(float, weight_decay))
+        self.m = _Rows(self.momentum, self.group, self.device)
+        self.wd = _Rows(self.decay, self.group, self.device)
+        self.buf = torch.zeros_like(weight) if self.m.any else None      # momentum 0 everywhere: no buffer
+        self._tables: dict = {}
+
+    def set_lr(self, lrs: Sequence[float], steps: int) -> None:
+        """The groups' lr for the coming epoch (python floats, as StepLR keeps them); windows of <= steps."""
+        self.lr = _Rows(list(map(float, lrs)), self.group, self.device)
+        key = (tuple(map(float, lrs)), steps)
+        if key not in self._tables:
+            tables = sgd_tables(key[0], self.momentum, self.decay, steps)
+            self._tables = {key: tuple(torch.from_numpy(t).float().repeat_interleave(self.group, dim=-1)
+                                       .to(self.device) for t in tables)}   # one lr at a time is enough
+        self.P, self.V = self._tables[key]
+
+    def begin(self, x_win: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+        """Start a window over rows x_win (n, D') whose steps take the row ranges bounds; gram = x_win x_win^T."""
+        self.x, self.gram, self.bounds = x_win, gram, bounds
+        self.after = torch.tensor([len(bounds) - 1 - k for k, (s, e) in enumerate(bounds) for _ in range(e - s)],
+                                  device=self.device)               # each row's number of later steps
+        self.z = x_win @ self.weight.T                                   # (n, R): each row's outputs, kept current
+        self.zb = x_win @ self.buf.T if self.buf is not None else None
+        self.g = torch.empty_like(self.z)                                # each step's output gradients
+
+    def step(self, k: int) -> None:
+        """Apply step k, whose output gradients the caller wrote into self.g[s:e], to the later rows' outputs."""
+        s, e = self.bounds[k]
+        if e == len(self.z):
+            return
+        z, g, gram = self.z[e:], self.g[s:e], self.gram[e:, s:e]
+        if self.zb is None:                       # W <- (1 - lr wd) W - lr g
+            if self.wd.any:
+                z.mul_(1 - self.lr.scalar * self.wd.scalar if self.lr.uniform and self.wd.uniform
+                       else 1 - self.lr.tensor * self.wd.tensor)
+            if self.lr.uniform:
+                z.addmm_(gram, g, alpha=-self.lr.scalar)
+            else:
+                z.addcmul_(gram @ g, self.lr.tensor, value=-1)
+            return
+        zb = self.zb[e:]
+        if self.m.uniform:
+            zb.addmm_(gram, g, beta=self.m.scalar)
+        else:
+            zb.mul_(self.m.tensor).addmm_(gram, g)
+        if self.wd.any:
+            zb.add_(z, alpha=self.wd.scalar) if self.wd.uniform else zb.addcmul_(z, self.wd.tensor)
+        z.add_(zb, alpha=-self.lr.scalar) if self.lr.uniform else z.addcmul_(zb, self.lr.tensor, value=-1)
+
+    def end(self) -> None:
+        """Materialise W and buf after the window's steps: one GEMM each."""
+        n_steps = len(self.bounds)
+        p = self.P[n_steps]                                                # (4, R)
+        coef = self.V.index_select(0, self.after)                          # (n, 2, R)
+        w0, b0 = self.weight, self.buf
+        new_w = p[0, :, None] * w0 if b0 is None else p[0, :, None] * w0 + p[1, :, None] * b0
+        new_w.addmm_((coef[:, 0] * self.g).T, self.x)
+        if b0 is not None:
+            new_b = (p[2, :, None] * w0).add_(p[3, :, None] * b0).addmm_((coef[:, 1] * self.g).T, self.x)
+            self.buf = new_b
+        self.weight = new_w
+        self.x = self.gram = self.z = self.zb = self.g = None
+
+
+def epoch_plan(n: int, batch_size: int, generator: torch.Generator, steps: int):
+    """The epoch's batch order and its windows: (order (n,), [(row start, row end, step bounds within the window)]).
+
+    The permutation is drawn exactly as probes.shuffled_batches draws it, so the batches are the same."""
+    from pipeline.probes import shuffled_batches
+
+    batches = list(shuffled_batches(n, batch_size, generator))
+    order = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.long)
+    windows, start = [], 0
+    for w in range(0, len(batches), steps):
+        sizes = [len(b) for b in batches[w:w + steps]]
+        edges = np.cumsum([0] + sizes).tolist()
+        windows.append((start, start + edges[-1], list(zip(edges[:-1], edges[1:]))))
+        start += edges[-1]
+    return order, windows
+
+
+def batch_scale(order_labels: torch.Tensor, windows,
+                class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's share of its batch's mean loss, w_i / sum of w over the batch (w = 1 without
+    class_weight); that share times the batch's size: the row's weight in the epoch's summed train loss)."""
+    w = (torch.ones(len(order_labels), device=order_labels.device) if class_weight is None
+         else class_weight[order_labels])
+    sizes = [e - s for _, _, bounds in windows for s, e in bounds]
+    batch_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    batch_of_row = batch_of_row.to(w.device)
+    sums = torch.zeros(len(sizes), device=w.device).index_add_(0, batch_of_row, w)
+    scale = w / sums[batch_of_row]
+    return scale, scale * torch.tensor(sizes, dtype=w.dtype, device=w.device)[batch_of_row]
