@@ -29,9 +29,9 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
 
 
-def overrides(tmp_path: Path, root: Path, cache: str, run: str) -> list[str]:
+def overrides(tmp_path: Path, root: Path, cache: str, run: str, extra: tuple[str, ...] = ()) -> list[str]:
     sets = tiny_overrides(tmp_path, root) + [f"extract.cache_dir={tmp_path / cache}", f"run.name={run}",
-                                             "extract.chunk_size=8", "extract.batch_size=4"]
+                                             "extract.chunk_size=8", "extract.batch_size=4", *extra]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -40,19 +40,20 @@ def cache_file(folder: Path) -> Path:
     return path
 
 
-def assert_same_cache(a: Path, b: Path) -> None:
-    """Same key, rows in the same order, features equal within float tolerance.
+def assert_same_cache(a: Path, b: Path, taps: tuple[str, ...] = ("pool",)) -> None:
+    """Same key, rows in the same order, features (of every tap in taps) equal within float tolerance.
 
     Ranks may batch an image with different neighbours than one process does, and oneDNN's
     float32 convolutions then round differently in the last bits (seen: 3e-6 on values ~0.1).
     """
-    ca, cb = fc.read_cache(a), fc.read_cache(b)
-    assert ca.attrs["key"] == cb.attrs["key"]
-    for split in fc.SPLITS:
-        assert ca.splits[split].paths == cb.splits[split].paths
-        assert ca.splits[split].sha256 == cb.splits[split].sha256
-        np.testing.assert_array_equal(ca.splits[split].labels, cb.splits[split].labels)
-        np.testing.assert_allclose(ca.splits[split].features, cb.splits[split].features, rtol=1e-4, atol=1e-5)
+    for tap in taps:
+        ca, cb = fc.read_cache(a, tap=tap), fc.read_cache(b, tap=tap)
+        assert ca.attrs["key"] == cb.attrs["key"]
+        for split in fc.SPLITS:
+            assert ca.splits[split].paths == cb.splits[split].paths
+            assert ca.splits[split].sha256 == cb.splits[split].sha256
+            np.testing.assert_array_equal(ca.splits[split].labels, cb.splits[split].labels)
+            np.testing.assert_allclose(ca.splits[split].features, cb.splits[split].features, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
@@ -88,8 +89,13 @@ def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_pat
     assert_same_cache(cache_file(tmp_path / "cache1"), cache_file(tmp_path / "cache2"))
 
 
+# The killed-rank case also runs a timm model with two taps, so torchrun extraction is covered for timm
+# backbones and tapped caches (the case above covers torchvision's).
+TIMM_TAPS = ("backbone.name=timm/test_resnet", 'backbone.taps=["pool", "stage-2"]')
+
+
 def test_a_killed_rank_loses_only_its_chunk_in_progress(tmp_path, folder):
-    args = overrides(tmp_path, folder, "cache", "dist")
+    args = overrides(tmp_path, folder, "cache", "dist", TIMM_TAPS)
     killed = torchrun(["extract", *args], env={"KILL_RANK": "1", "KILL_AFTER_CHUNKS": "1"})
     assert killed.returncode != 0
     cache_dir = tmp_path / "cache"
@@ -103,8 +109,8 @@ def test_a_killed_rank_loses_only_its_chunk_in_progress(tmp_path, folder):
     entry = read_metrics(tmp_path / "runs" / "dist")["extract"]
     assert entry["rows_resumed"] == 7 * len(saved) and entry["rows_extracted"] == 52 - 7 * len(saved)
     assert "resuming saved work" in entry["miss_reason"]
-    assert run_pipeline.main(["extract", *overrides(tmp_path, folder, "clean", "single")]) == 0
-    assert_same_cache(cache_file(tmp_path / "clean"), cache_file(cache_dir))
+    assert run_pipeline.main(["extract", *overrides(tmp_path, folder, "clean", "single", TIMM_TAPS)]) == 0
+    assert_same_cache(cache_file(tmp_path / "clean"), cache_file(cache_dir), taps=("pool", "stage-2"))
 
 
 def test_ddp_finetune_one_epoch_after_a_head_trained_on_rank_0(tmp_path, folder):
