@@ -36,7 +36,7 @@ from pipeline.probes import CONFIGS, LinearConfig, Probe, build_probe, loss_weig
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
-from pipeline.selection import score_test
+from pipeline.selection import score_test, score_test_probs
 from pipeline.runtime import environment_info
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
@@ -239,7 +239,8 @@ class HeadData:
     val_labels: np.ndarray       # (n_val,)
     val_paths: list[str]
     info: dict                   # for metrics.json: streamed, buffer size
-    test: Optional[object] = None  # the cache's test split (in memory only), scored once for the kept head
+    test: Optional[object] = None  # the cache's test split (in memory), scored once for the kept head
+    test_scores: Optional[dict] = None  # streamed: the kept head's test fields, scored once from the cache
 
 
 def run_head(cfg: Config, device: torch.device) -> dict:
@@ -317,9 +318,21 @@ def _run_streamed(cfg: Config, device: torch.device, inputs: StageFeatures, back
     info = {"streamed": True, "buffer_mib": round((train_batches.nbytes + val_batches.nbytes) / MIB, 1),
             "buffer_rows": train_batches.rows, "chunk_rows": reader.train.chunk_rows,
             "chunk_reads_per_epoch": train_batches.chunk_reads}
-    data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info)
-    return _save_and_report(cfg, device, inputs, backbone, fitted_module(head, result, val_batches, device), data,
-                            train_seconds, t0)
+    fitted = fitted_module(head, result, val_batches, device)
+    data = HeadData(reader.classes, reader.feature_dim, val_batches, reader.val.labels, reader.val.paths, info,
+                    test_scores=streamed_test(head, reader, cfg.head.max_memory_gb, device))
+    return _save_and_report(cfg, device, inputs, backbone, fitted, data, train_seconds, t0)
+
+
+def streamed_test(head: nn.Module, reader: fc.FeatureReader, max_memory_gb: float,
+                  device: torch.device) -> Optional[dict]:
+    """The kept head (its best epoch, already loaded) scored once on the cache's test split, streamed in
+    file order within the val share of head.max_memory_gb; None when the cache has no test rows."""
+    if reader.test is None or not reader.test.n_rows:
+        return None
+    batches = StreamBatches(reader.test, EVAL_BATCH, int(budget_bytes(max_memory_gb) * VAL_SHARE), shuffle=False)
+    logits, targets = predict(head, batches, device)
+    return score_test_probs("head", targets.numpy(), torch.softmax(logits, 1).numpy(), "val (best epoch)")
 
 
 def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
@@ -349,8 +362,12 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, b
         {"head_type": cfg.head.type, "best_epoch": fitted.best_epoch, "val_acc": fitted.best_acc,
          "streamed": data.info["streamed"]}).to_dict()
     chosen_on = "val (best epoch)" if fitted.best_epoch is not None else "nothing (no training choices)"
-    test = (score_test("head", data, fitted.proba, chosen_on) if fitted.proba is not None
-            else {"selected_on": chosen_on, "test_acc": None})
+    if data.test_scores is not None:
+        test = data.test_scores
+    elif fitted.proba is not None:
+        test = score_test("head", data, fitted.proba, chosen_on)
+    else:
+        test = {"selected_on": chosen_on, "test_acc": None}
     with Publication(cfg.run_dir, "head") as pub:
         pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
         entry = _report(cfg, inputs, fitted, data, train_seconds, t0, artifact, pub, test)

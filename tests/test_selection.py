@@ -101,6 +101,24 @@ def test_head_and_logistic_choose_without_test_and_score_it_once_after(with_and_
     assert StageResult.from_dict("head", result.to_dict()).to_dict() == result.to_dict()
 
 
+def test_a_streamed_head_also_scores_test_once_with_the_kept_weights(tiny_cfg, tmp_path):
+    """head.max_memory_gb below the cache's size: the head streams, and its kept epoch is still scored on
+    test, once, streamed in file order, with the same figure the saved weights give on the test rows."""
+    from pipeline import cache as fc
+    from pipeline.head import run_head
+
+    root = make_layout(tmp_path / "with", n_train=6, n_val=3, n_test=3)
+    entry = run_head(tiny_cfg(f"data.root={root}", "head.epochs=3", "head.max_memory_gb=0.000001"), CPU)
+    assert entry["streamed"] is True and entry["n_test"] == 6 and entry["selected_on"] == "val (best epoch)"
+    saved = torch.load(entry["model_file"], weights_only=False)
+    layer = torch.nn.Linear(512, 2)
+    layer.load_state_dict(saved["state_dict"])
+    test = fc.open_cache(saved["cache_file"]).test
+    with torch.no_grad():
+        pred = layer(torch.from_numpy(test.features)).argmax(1).numpy()
+    assert entry["test_acc"] == float(np.mean(pred == test.labels))
+
+
 def test_the_cli_table_leads_with_test_on_a_train_validation_test_folder(params_file, tmp_path, capsys):
     import run_pipeline
     from pipeline.metrics import read_metrics
