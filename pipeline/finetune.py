@@ -226,6 +226,13 @@ def resume_checkpoint(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderDat
             or settings(ckpt.config) != settings(dataclasses.asdict(ft))):
         raise PipelineError(f"'{path}' was saved by a finetune with other data, backbone or finetune settings: "
                             "resume with those, or set finetune.resume=false to start over")
+    split = ckpt.extra.get("data_split")  # absent in files written before splits were recorded
+    if split is not None and split != data_split(job.data):
+        changed = ", ".join(f"data.{k} {split.get(k)!r} -> {v!r}" for k, v in data_split(job.data).items()
+                            if split.get(k) != v)
+        raise PipelineError(f"'{path}' was saved by a finetune with another val/test split ({changed}): its "
+                            "best epoch was chosen on other val images; resume with those data.* settings, or "
+                            "set finetune.resume=false to start over")
     if ckpt.extra["epoch"] >= ft.epochs:
         raise PipelineError(f"'{path}' is already at epoch {ckpt.extra['epoch']} of finetune.epochs="
                             f"{ft.epochs}: raise finetune.epochs to train on from it")

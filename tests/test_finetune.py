@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,30 @@ def test_resuming_from_a_newer_best_so_far_file_fails_before_training(tiny_cfg):
     with pytest.raises(PipelineError, match=r"best-so-far.pt' was written by a newer version .*record version 99"):
         run_finetune(cfg, CPU)
     assert not (cfg.run_dir / "finetune.pt").exists()
+
+
+def test_resuming_after_the_split_settings_changed_fails_naming_them(tiny_cfg):
+    from pipeline import PipelineError
+    from pipeline.backbones import resolve_backbone
+    from pipeline.data import load_image_folder
+    from pipeline.finetune import BEST_SO_FAR_FILE, data_split, resume_checkpoint
+    from pipeline.records import ModelArtifact
+
+    job = FinetuneJob.of(tiny_cfg("finetune.resume=true", "finetune.epochs=2"))
+    spec, data = resolve_backbone(job.backbone, job.seed), load_image_folder(str(job.data.root))
+    job.run_dir.mkdir(parents=True)
+
+    def saved(split: dict) -> None:
+        torch.save(ModelArtifact("finetune", list(data.classes), {"w": torch.zeros(1)}, dataclasses.asdict(job.finetune),
+                                 spec.to_dict(), dataclasses.asdict(job.backbone), job.seed, str(data.root),
+                                 extra={"epoch": 1, "val_acc": 0.5, "optimizer": {}, "scheduler": {},
+                                        "data_split": split}).to_dict(), job.run_dir / BEST_SO_FAR_FILE)
+
+    saved(data_split(job.data))
+    assert resume_checkpoint(job, spec, data).extra["epoch"] == 1  # the same split: it resumes
+    saved({**data_split(job.data), "val_fraction": 0.2})
+    with pytest.raises(PipelineError, match=r"another val/test split \(data.val_fraction 0.2 -> None\)"):
+        resume_checkpoint(job, spec, data)
 
 
 def test_the_new_layers_are_seeded_by_the_build_not_by_the_caller(tiny_cfg):
