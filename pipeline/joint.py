@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import (LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps,
-                               with_ones)
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
 
@@ -157,21 +156,11 @@ def _train_epoch(layer: LazyLayer, x: torch.Tensor, labels: torch.Tensor, n_head
     the summed train loss (each batch's mean times its size) and the number of correct rows."""
     total_loss = torch.zeros(n_heads, device=x.device)
     correct = torch.zeros(n_heads, device=x.device)
-    order, windows = epoch_plan(len(x), batch_size, generator, window_steps(batch_size))
-    order = order.to(x.device, non_blocking=True)
-    order_labels = labels[order]
-    scale, loss_share = batch_scale(order_labels, windows, class_weight)
-    for start, end, bounds in windows:
-        idx, yw = order[start:end], order_labels[start:end]
-        xw = x[idx]
+    for yw, sw, share in epoch_windows(layer, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            gram_w = window_gram(xw, idx, gram)
-        layer.begin(xw, gram_w, bounds)                                    # GEMMs: torch's threads
-        with small_ops(x.device):
-            loss, right = _window(layer, yw, scale[start:end, None], loss_share[start:end], n_heads, num_classes)
+            loss, right = _window(layer, yw, sw, share, n_heads, num_classes)
         total_loss += loss
         correct += right
-        layer.end()
     return total_loss, correct
 
 

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import (LazyLayer, batch_scale, epoch_plan, full_gram, small_ops, window_gram, window_steps,
-                               with_ones)
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig
@@ -66,20 +65,12 @@ def _mlp_epoch(first: LazyLayer, out: _OutputLayer, x: torch.Tensor, labels: tor
     """One shuffled pass: (mean train loss, train top-1), as train_one_epoch reports them."""
     total_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
-    order, windows = epoch_plan(len(x), batch_size, generator, window_steps(batch_size))
-    order = order.to(x.device, non_blocking=True)
-    order_labels = labels[order]
-    scale, loss_share = batch_scale(order_labels, windows, class_weight)
-    for start, end, bounds in windows:
-        idx, yw = order[start:end], order_labels[start:end]
-        xw = x[idx]
-        first.begin(xw, window_gram(xw, idx, gram), bounds)
+    for yw, sw, share in epoch_windows(first, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            logits = _mlp_window(first, out, yw, scale[start:end, None], num_classes)
+            logits = _mlp_window(first, out, yw, sw, num_classes)
         nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
-        total_loss += (nll * loss_share[start:end]).sum()
+        total_loss += (nll * share).sum()
         correct += (logits.argmax(1) == yw).sum()
-        first.end()
     n = max(len(x), 1)
     return total_loss.item() / n, correct.item() / n
 

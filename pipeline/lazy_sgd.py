@@ -204,3 +204,22 @@ def batch_scale(order_labels: torch.Tensor, windows,
     sums = torch.zeros(len(sizes), device=w.device).index_add_(0, batch_of_row, w)
     scale = w / sums[batch_of_row]
     return scale, scale * torch.tensor(sizes, dtype=w.dtype, device=w.device)[batch_of_row]
+
+
+def epoch_windows(layer: "LazyLayer", x: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                  generator: torch.Generator, class_weight: Optional[torch.Tensor], gram: Optional[torch.Tensor]):
+    """One shuffled epoch, window by window: begins each window on layer (its Gram gathered on one thread,
+    the projections with torch's threads), yields (the window's labels (n,), each row's loss scale (n, 1),
+    each row's share of the summed train loss (n,)) for the caller to run the window's steps, then ends it."""
+    order, windows = epoch_plan(len(x), batch_size, generator, window_steps(batch_size))
+    order = order.to(x.device, non_blocking=True)
+    order_labels = labels[order]
+    scale, loss_share = batch_scale(order_labels, windows, class_weight)
+    for start, end, bounds in windows:
+        idx = order[start:end]
+        xw = x[idx]
+        with small_ops(x.device):
+            gram_w = window_gram(xw, idx, gram)
+        layer.begin(xw, gram_w, bounds)
+        yield order_labels[start:end], scale[start:end, None], loss_share[start:end]
+        layer.end()

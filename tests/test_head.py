@@ -274,6 +274,12 @@ def test_probe_heads_need_the_features_in_memory_and_no_view_bank(tiny_cfg):
 def test_the_stages_batched_linear_head_trains_the_engines_weights(cfg):
     """In memory, the stage trains head.type=linear through joint.py's batched engine: same init, batch order,
     updates and best epoch as train_head (nn.Linear + torch.optim.SGD + StepLR), to float rounding."""
+    assert_batched_trains_the_engines_head(cfg)
+
+
+def assert_batched_trains_the_engines_head(cfg: HeadConfig, train_acc: bool = False) -> None:
+    """train_linear_batched and train_head on blobs: the same weights, best epoch and history (lr, val top-1,
+    train loss; train top-1 too when train_acc)."""
     from pipeline.head import train_linear_batched
 
     x, y = blobs()
@@ -287,6 +293,8 @@ def test_the_stages_batched_linear_head_trains_the_engines_weights(cfg):
     for mine, theirs in zip(batched.history, engine.history):
         assert mine["lr"] == pytest.approx(theirs["lr"]) and mine["val_acc"] == pytest.approx(theirs["val_acc"])
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        if train_acc:
+            assert mine["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-6)
 
 
 def test_the_stages_linear_head_across_lazy_windows_trains_the_engines_weights(monkeypatch):
@@ -294,20 +302,8 @@ def test_the_stages_linear_head_across_lazy_windows_trains_the_engines_weights(m
     the last of 2 rows: 8 windows, the last of 2 steps) and a per-window Gram: still train_head's weights,
     best epoch and history."""
     from pipeline import lazy_sgd
-    from pipeline.head import train_linear_batched
 
     monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
     monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", 0)
-    cfg = HeadConfig(epochs=4, momentum=0.5, weight_decay=1e-2, step_size=3)
-    x, y = blobs()
-    vx, vy = blobs(seed=1)
-    torch.manual_seed(7)
-    engine = train_head(x, y, vx, vy, 3, cfg, CPU, seed=3, head=torch.nn.Linear(16, 3))
-    batched = train_linear_batched(x, y, vx, vy, 3, cfg, CPU, seed=3, init_seed=7)
-    for name in ("weight", "bias"):
-        assert torch.allclose(batched.state_dict[name], engine.state_dict[name], atol=1e-5), name
-    assert batched.best_epoch == engine.best_epoch
-    for mine, theirs in zip(batched.history, engine.history):
-        assert mine["lr"] == pytest.approx(theirs["lr"]) and mine["val_acc"] == pytest.approx(theirs["val_acc"])
-        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
-        assert mine["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-6)
+    assert_batched_trains_the_engines_head(HeadConfig(epochs=4, momentum=0.5, weight_decay=1e-2, step_size=3),
+                                           train_acc=True)

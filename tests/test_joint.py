@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from pipeline.joint import predict_proba_heads, shared_key, train_linear_heads
-from pipeline.probes import LinearConfig, ProbeError, balanced_weights
+from pipeline.probes import LinearConfig, ProbeError
+from tests.reference import fit_reference
 
 
 def toy(n=36, n_features=5, num_classes=3, seed=0):
@@ -18,30 +19,9 @@ def toy(n=36, n_features=5, num_classes=3, seed=0):
 
 
 def train_alone(X, y, Xv, yv, cfg: LinearConfig, seed: int, num_classes: int):
-    """One head with plain torch: nn.Linear, torch.optim.SGD + StepLR, CrossEntropyLoss, randperm batches."""
-    torch.manual_seed(seed)
-    head = nn.Linear(X.shape[1], num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    weight = balanced_weights(torch.as_tensor(y), num_classes) if cfg.class_weight == "balanced" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    X, y, Xv, yv = (torch.as_tensor(a) for a in (X, y, Xv, yv))
-    best, best_acc, best_epoch, last_loss = None, -1.0, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(X), generator=generator)
-        for s in range(0, len(X), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            opt.zero_grad()
-            criterion(head(X[idx]), y[idx]).backward()
-            opt.step()
-        sched.step()
-        with torch.no_grad():
-            acc = (head(Xv).argmax(1) == yv).float().mean().item()
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            best = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    return best, best_acc, best_epoch
+    """One head with plain torch (tests/reference.py): the best val epoch's state, top-1 and epoch."""
+    ref = fit_reference(lambda: nn.Linear(X.shape[1], num_classes), X, y, Xv, yv, cfg, seed, num_classes)
+    return ref.best, ref.best_acc, ref.best_epoch
 
 
 GRID = [LinearConfig(epochs=6, batch_size=4, lr=lr, weight_decay=wd, momentum=m, step_size=s, gamma=g)
@@ -93,29 +73,8 @@ def test_heads_that_cannot_share_batches_are_refused():
 
 def history_alone(X, y, cfg: LinearConfig, seed: int, num_classes: int):
     """The reference loop's final weights and per-epoch train loss / top-1 (from the logits each step used)."""
-    torch.manual_seed(seed)
-    head = nn.Linear(X.shape[1], num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    weight = balanced_weights(torch.as_tensor(y), num_classes) if cfg.class_weight == "balanced" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    X, y = torch.as_tensor(X), torch.as_tensor(y)
-    history = []
-    for _ in range(cfg.epochs):
-        order, loss_sum, correct = torch.randperm(len(X), generator=generator), 0.0, 0
-        for s in range(0, len(X), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            opt.zero_grad()
-            logits = head(X[idx])
-            loss = criterion(logits, y[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-        sched.step()
-        history.append((loss_sum / len(X), correct / len(X)))
-    return head.state_dict(), history
+    ref = fit_reference(lambda: nn.Linear(X.shape[1], num_classes), X, y, None, None, cfg, seed, num_classes)
+    return ref.final, ref.history
 
 
 MIXED = [LinearConfig(epochs=5, batch_size=4, lr=lr, weight_decay=wd, momentum=m, step_size=s, gamma=g)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pipeline import PipelineError
 from pipeline.probes import (KNNConfig, LinearConfig, MLPConfig, NCMConfig, ProbeError, balanced_weights,
                              build_probe, load_probe, make_config)
+from tests.reference import fit_reference
 
 
 def blobs(n_per_class=20, num_classes=3, n_features=6, spread=0.3, seed=0):
@@ -236,37 +236,13 @@ def test_every_parameter_has_a_help_text():
 
 
 def reference_mlp(X, y, Xv, yv, cfg: MLPConfig, seed: int, num_classes: int):
-    """nn.Sequential + torch.optim.SGD + StepLR + CrossEntropyLoss(weight), randperm batches: best state, history."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(0.0),
-                          nn.Linear(cfg.hidden, num_classes))
-    generator = torch.Generator().manual_seed(seed)
-    X, y, Xv, yv = (torch.as_tensor(a) for a in (X, y, Xv, yv))
-    weight = balanced_weights(y, num_classes) if cfg.class_weight == "balanced" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    best, best_acc, best_epoch, history = None, -1.0, 0, []
-    for _ in range(cfg.epochs):
-        order, loss_sum, correct = torch.randperm(len(X), generator=generator), 0.0, 0
-        for s in range(0, len(X), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            opt.zero_grad()
-            logits = model(X[idx])
-            loss = criterion(logits, y[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-        sched.step()
-        with torch.no_grad():
-            logits = model(Xv)
-        acc = (logits.argmax(1) == yv).float().mean().item()
-        history.append((loss_sum / len(X), correct / len(X), F.cross_entropy(logits, yv, weight=weight).item(), acc))
-        if acc > best_acc:
-            best_acc, best_epoch = acc, len(history)
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return best, best_epoch, history
+    """nn.Sequential trained by the plain-torch reference (tests/reference.py): best state, best epoch, history."""
+    def build():
+        return nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(0.0),
+                             nn.Linear(cfg.hidden, num_classes))
+
+    ref = fit_reference(build, X, y, Xv, yv, cfg, seed, num_classes)
+    return ref.best, ref.best_epoch, ref.history
 
 
 @pytest.mark.parametrize("window, momentum, weight_decay, class_weight", [
