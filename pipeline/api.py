@@ -237,7 +237,7 @@ def _record(estimator, fs: FeatureSet, result: dict) -> dict:
     kind, params = _head_params(estimator)
     test = {"test_acc": result["test"]["acc"], "test_mean_per_class": result["test"]["mean_per_class"]} \
         if "test" in result else {}
-    features = _Cache(fs.key, fs.backbone, fs.path)
+    features = _Cache(fs.key, fs.backbone, fs.path, fs.backbone.get("tap", "pool"))
     entry = ledger_entry(features, kind, params, result["val"]["acc"], result["val"]["mean_per_class"], test,
                          result["seconds"], fs.run_dir, "api")
     path = ledger_path(fs.output_dir)
@@ -256,6 +256,7 @@ class _Cache:
     key: str
     backbone: dict
     path: Path
+    tap: str = "pool"                   # the cached feature set X holds: the ledger records a tap other than pool
 
 
 # ----------------------------------------------------------------------------- saved models

@@ -269,3 +269,8 @@ def test_api_load_features_with_a_tap(tmp_path, image_root):
     fs = api.load_features(str(image_root), "resnet18", weights="none", image_size=32, cache_dir=o["extract.cache_dir"],
                            output_dir=o["run.output_dir"], run_name="api", device="cpu", tap="stage-2")
     assert fs.train.X.shape[1] == 256 and fs.backbone["tap"] == "stage-2" and fs.backbone["taps"] == ["pool", "stage-2"]
+    from pipeline.ledger import read_ledger
+
+    fitted = api.fit(api.NCMHead(), fs)          # its ledger line says which tap it was trained on
+    [entry] = read_ledger(fitted["ledger"]).entries
+    assert entry.params == {"tap": "stage-2"} and entry.source == "api"
