@@ -32,7 +32,7 @@ from pipeline.distributed import SINGLE, DistContext
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
 from pipeline.records import ModelArtifact, StageResult
-from pipeline.report import SPLIT_KEYS, Predictions, finish_stage
+from pipeline.report import Predictions, data_split, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.selection import score_test_probs, untested
@@ -261,11 +261,6 @@ def _snapshot(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderData, model
         versions=environment_info(device),
         extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                "val_acc": best_acc, "processes": dist.world_size, "data_split": data_split(job.data)}).to_dict()
-
-
-def data_split(data: DataConfig) -> dict:
-    """The data.* keys that decide which images are val (and test): what `report` needs to find them again."""
-    return {k: getattr(data, k) for k in SPLIT_KEYS}
 
 
 def _prepare(job: FinetuneJob, device: torch.device):

@@ -204,7 +204,7 @@ class FittedHead:
     best_acc: float                        # val top-1 of the kept weights
     history: list
     val_probs: np.ndarray                  # (n_val, num_classes), cache order
-    proba: Optional[object] = None         # features (n, feature_dim) -> (n, num_classes); in-memory runs only
+    proba: object                          # features (n, feature_dim) -> (n, num_classes) probabilities
 
 
 def fitted_module(head: nn.Module, result: HeadResult, val_batches: Iterable, device: torch.device) -> FittedHead:
@@ -362,12 +362,7 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, b
         {"head_type": cfg.head.type, "best_epoch": fitted.best_epoch, "val_acc": fitted.best_acc,
          "streamed": data.info["streamed"]}).to_dict()
     chosen_on = "val (best epoch)" if fitted.best_epoch is not None else "nothing (no training choices)"
-    if data.test_scores is not None:
-        test = data.test_scores
-    elif fitted.proba is not None:
-        test = score_test("head", data, fitted.proba, chosen_on)
-    else:
-        test = {"selected_on": chosen_on, "test_acc": None}
+    test = data.test_scores if data.test_scores is not None else score_test("head", data, fitted.proba, chosen_on)
     with Publication(cfg.run_dir, "head") as pub:
         pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
         entry = _report(cfg, inputs, fitted, data, train_seconds, t0, artifact, pub, test)

@@ -46,13 +46,8 @@ def confused_text(pairs: Sequence[dict], top: int = 3) -> str:
 
 
 def test_split(features) -> Optional[Any]:
-    """The cache's optional test split (rows with .features, .labels, .paths), or None."""
-    try:
-        split = getattr(features, "test", None)
-    except (KeyError, AttributeError):
-        split = None
-    if split is None:
-        split = getattr(features, "splits", {}).get("test")
+    """The cache's optional test split (rows with .features, .labels, .paths), or None (none, or no rows)."""
+    split = features.test
     return split if split is not None and len(split.labels) else None
 
 

@@ -44,8 +44,8 @@ def run_leaderboard(cfg: Config, device=None) -> dict:
     key, cache_file = current_cache(cfg)
     print(f"ledger {path}, cache file {cache_file}")
     print(format_best(ledger.entries, key, cfg.leaderboard.top))
-    if not best_heads(ledger.entries, key):
+    best = best_heads(ledger.entries, key, cfg.leaderboard.top)
+    if not best:
         print("train heads with: python run_pipeline.py head | logistic | sweep (same data and backbone), or list "
               "every cache with --all")
-    return {"ledger": str(path), "cache_key": key,
-            "heads": [e.head_type for e in best_heads(ledger.entries, key, cfg.leaderboard.top)]}
+    return {"ledger": str(path), "cache_key": key, "heads": [e.head_type for e in best]}

@@ -76,9 +76,10 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
 def accuracies(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
     """(top-1, mean per-class) accuracy: every figure shows both, so an imbalanced val set cannot hide a
     class the model never gets right. y_true, y_pred: (n_samples,) class indices."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
-    return float(np.mean(y_true == y_pred)), float(np.mean(recalls))
+    from pipeline.analysis import score_labels
+
+    s = score_labels(y_true, y_pred)
+    return s["acc"], s["mean_per_class"]
 
 
 def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Path:

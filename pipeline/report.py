@@ -221,10 +221,15 @@ def val_predictions(run_dir: Path, kind: str, device: torch.device, batch_size: 
     return _predictions_from_images(run_dir, kind, artifact, device, batch_size, num_workers, data)
 
 
+def data_split(data: DataConfig) -> dict:
+    """The data.* keys that decide which images are val (and test): what `report` needs to find them again."""
+    return {k: getattr(data, k) for k in SPLIT_KEYS}
+
+
 def model_data_config(artifact: dict, data: Optional[DataConfig]) -> DataConfig:
     """The data.* that split the model's images: its data root, and the val folder / val_fraction split it
     was trained with (recorded by finetune as data_split; otherwise this run's data.* settings)."""
-    split = artifact.get("data_split") or ({k: getattr(data, k) for k in SPLIT_KEYS} if data else {})
+    split = artifact.get("data_split") or (data_split(data) if data else {})
     return dataclasses.replace(data or DataConfig(), root=str(artifact["data_root"]),
                                **{k: v for k, v in split.items() if k in SPLIT_KEYS})
 
