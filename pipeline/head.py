@@ -30,9 +30,10 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import BackboneConfig, Config, HeadConfig
 from pipeline.engine import TensorBatches, check_finite_loss, evaluate, make_sgd, predict, to_tensors, train_one_epoch
-from pipeline.head_outputs import compact_params, confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
+from pipeline.head_outputs import (compact_params, confused_text, head_values, ledger_entry, record_heads,
+                                   stage_error_analysis, test_split)
 from pipeline.orchestrate import StageFeatures, stage_features
-from pipeline.probes import CONFIGS, LinearConfig, Probe, build_probe, loss_weights, param_names
+from pipeline.probes import CONFIGS, LinearConfig, Probe, build_probe, loss_weights
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
@@ -170,7 +171,7 @@ def train_linear_batched(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
     optimizer objects or full-size weight passes per step (pipeline/lazy_sgd.py's windows; docs/heads.md)."""
     from pipeline.joint import train_linear_heads
 
-    linear = LinearConfig(**{name: getattr(cfg, name) for name in param_names("linear")})
+    linear = LinearConfig(**head_values(cfg, "linear"))
     joint = train_linear_heads(train_x, train_y, val_x, val_y, [linear], num_classes=num_classes, seed=seed,
                                device=device, init_seed=init_seed)
     (result,) = joint.results
@@ -182,7 +183,7 @@ def train_linear_batched(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
 
 def probe_params(cfg: HeadConfig) -> dict:
     """The head.* values a probe of cfg.type takes (pipeline.probe_config's parameters)."""
-    return {name: getattr(cfg, name) for name in param_names(cfg.type)}
+    return head_values(cfg, cfg.type)
 
 
 def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -347,8 +348,7 @@ def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: f
 def head_params(cfg: HeadConfig) -> dict:
     """The head.* values that shape this head type, for the ledger (those that differ from the defaults)."""
     kind = cfg.type if cfg.type in CONFIGS else "linear"
-    params = {name: getattr(cfg, name) for name in param_names(kind)}
-    return compact_params(params, dataclasses.asdict(CONFIGS[kind]()))
+    return compact_params(head_values(cfg, kind), dataclasses.asdict(CONFIGS[kind]()))
 
 
 def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, backbone: BackboneConfig,

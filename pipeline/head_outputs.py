@@ -45,6 +45,13 @@ def confused_text(pairs: Sequence[dict], top: int = 3) -> str:
                                          for p in pairs[:top])
 
 
+def head_values(head, kind: str) -> dict:
+    """The head.* values (a HeadConfig's) of the parameters a probe of type kind takes (probe_config's)."""
+    from pipeline.probe_config import param_names
+
+    return {name: getattr(head, name) for name in param_names(kind)}
+
+
 def test_split(features) -> Optional[Any]:
     """The cache's optional test split (rows with .features, .labels, .paths), or None (none, or no rows)."""
     split = features.test

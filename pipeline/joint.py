@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
 
@@ -230,7 +230,7 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
                       [c.momentum for c in configs], [c.weight_decay for c in configs], [num_classes] * n_heads)
     for epoch in _epoch_range(first.epochs, len(configs), progress):
         lrs = list(schedule.lrs)
-        layer.set_lr(lrs, window_steps(first.batch_size))
+        layer.set_lr(lrs, first.batch_size)
         loss, correct = _train_epoch(layer, x, labels, n_heads, num_classes, first.batch_size, generator, cw, gram)
         schedule.end_epoch()
         train_loss, train_acc = (loss / len(x)).tolist(), (correct / len(x)).tolist()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, with_ones
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig
@@ -116,7 +116,7 @@ def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: 
 
         epochs = tqdm(epochs, desc="MLP", unit="epoch", leave=False)
     for epoch in epochs:
-        first.set_lr([lr], window_steps(cfg.batch_size))
+        first.set_lr([lr], cfg.batch_size)
         out.lr = lr
         loss, acc = _mlp_epoch(first, out, x, y, num_classes, cfg.batch_size, generator, cw, gram)
         entry = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc}

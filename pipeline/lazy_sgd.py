@@ -115,17 +115,18 @@ class LazyLayer:
         self.m = _Rows(self.momentum, self.group, self.device)
         self.wd = _Rows(self.decay, self.group, self.device)
         self.buf = torch.zeros_like(weight) if self.m.any else None      # momentum 0 everywhere: no buffer
-        self._tables: dict = {}
+        self._key: Optional[tuple] = None                               # the (lrs, steps) of P and V
 
-    def set_lr(self, lrs: Sequence[float], steps: int) -> None:
-        """The groups' lr for the coming epoch (python floats, as StepLR keeps them); windows of <= steps."""
+    def set_lr(self, lrs: Sequence[float], batch_size: int) -> None:
+        """The groups' lr for the coming epoch (python floats, as StepLR keeps them); its windows are of
+        self.steps = window_steps(batch_size) steps at most (epoch_windows plans them so)."""
         self.lr = _Rows(list(map(float, lrs)), self.group, self.device)
-        key = (tuple(map(float, lrs)), steps)
-        if key not in self._tables:
-            tables = sgd_tables(key[0], self.momentum, self.decay, steps)
-            self._tables = {key: tuple(torch.from_numpy(t).float().repeat_interleave(self.group, dim=-1)
-                                       .to(self.device) for t in tables)}   # one lr at a time is enough
-        self.P, self.V = self._tables[key]
+        self.steps = window_steps(batch_size)
+        key = (tuple(map(float, lrs)), self.steps)
+        if key != self._key:                                            # StepLR changed lr: new tables
+            self._key = key
+            self.P, self.V = (torch.from_numpy(t).float().repeat_interleave(self.group, dim=-1).to(self.device)
+                              for t in sgd_tables(key[0], self.momentum, self.decay, self.steps))
 
     def begin(self, x_win: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
         """Start a window over rows x_win (n, D') whose steps take the row ranges bounds; gram = x_win x_win^T."""
@@ -211,7 +212,7 @@ def epoch_windows(layer: "LazyLayer", x: torch.Tensor, labels: torch.Tensor, bat
     """One shuffled epoch, window by window: begins each window on layer (its Gram gathered on one thread,
     the projections with torch's threads), yields (the window's labels (n,), each row's loss scale (n, 1),
     each row's share of the summed train loss (n,)) for the caller to run the window's steps, then ends it."""
-    order, windows = epoch_plan(len(x), batch_size, generator, window_steps(batch_size))
+    order, windows = epoch_plan(len(x), batch_size, generator, layer.steps)
     order = order.to(x.device, non_blocking=True)
     order_labels = labels[order]
     scale, loss_share = batch_scale(order_labels, windows, class_weight)

@@ -27,7 +27,8 @@ from pipeline import PipelineError
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cache import CacheError
 from pipeline.config import Config
-from pipeline.head_outputs import compact_params, confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
+from pipeline.head_outputs import (compact_params, confused_text, head_values, ledger_entry, record_heads,
+                                   stage_error_analysis, test_split)
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.probes import CONFIGS
 from pipeline.records import ModelArtifact, StageResult
@@ -36,7 +37,7 @@ from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import float32_nbytes, needs_streaming, stream_message
 from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_TYPES, SweepConfig, SweepOutcome, SweepResult,
-                            allowed_params, expand_grid, full_params)
+                            expand_grid, full_params)
 from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
@@ -46,8 +47,7 @@ MISSING_CLASS_BIAS = -1e4   # a folded logistic winner's logit for a class absen
 
 def sweep_defaults(cfg: Config) -> dict:
     """{head type: values for the parameters a grid entry leaves out}: head.* (logistic: logistic.max_iter)."""
-    out = {t: {p: getattr(cfg.head, p) for p in allowed_params(t) if hasattr(cfg.head, p)}
-           for t in SWEEP_TYPES if t != "logistic"}
+    out = {t: head_values(cfg.head, t) for t in SWEEP_TYPES if t != "logistic"}
     out["logistic"] = {"max_iter": cfg.logistic.max_iter}
     return out
 
