@@ -95,12 +95,10 @@ class StageFeatures:
 
 def from_file(path: str, views_seed: int) -> StageFeatures:
     """features.file: the cache file on its own."""
-    from pipeline.splits import find_leaks, first_warning, format_leaks
+    from pipeline.splits import warn_leaks
 
     features = fc.open_cache(path)
-    leaks = find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in features.manifests.items()})
-    if first_warning(leaks):  # as extract warns in data.root mode: once per run
-        print(f"features.file: {format_leaks(leaks, limit=5)}")
+    warn_leaks(features.manifests, "features.file: ")  # as extract warns in data.root mode: once per run
 
     def views(n_views: int):
         from pipeline.views import read_bank

@@ -33,8 +33,7 @@ from pipeline.distributed import SINGLE, DistContext, unshard
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
-from pipeline.splits import (SplitError, check_split_settings, find_leaks, first_warning, format_leaks,
-                             split_by_content)
+from pipeline.splits import SplitError, check_split_settings, count_leaks, split_by_content, warn_leaks
 
 BAD_FILES = "bad_files.json"
 RACY_SECONDS = 2.0
@@ -237,7 +236,4 @@ def split_scan(scan: ScanResult, val_fraction: Optional[float], test_fraction: f
 def report_leaks(manifests: dict[str, fc.SplitManifest], quiet: bool = False) -> int:
     """Images whose content is in more than one split (from the scan's hashes): a warning naming a few
     of them and the count, printed unless quiet; returns the count."""
-    leaks = find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in manifests.items()})
-    if leaks and not quiet and first_warning(leaks):  # once per run (splits.one_leak_warning_per_run)
-        print("extract: " + format_leaks(leaks, limit=5))
-    return len(leaks)
+    return count_leaks(manifests) if quiet else warn_leaks(manifests, "extract: ")  # warned once per run

@@ -190,6 +190,20 @@ def first_warning(leaks: Sequence[Leak]) -> bool:
     return True
 
 
+def manifest_leaks(manifests: dict) -> list[Leak]:
+    """find_leaks over a cache's manifests (cache.SplitManifest: paths and sha256 per split)."""
+    return find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in manifests.items()})
+
+
 def count_leaks(manifests: dict) -> int:
     """Images whose content is in more than one split of a cache's manifests (cache.SplitManifest)."""
-    return len(find_leaks({s: list(zip(m.paths, m.sha256)) for s, m in manifests.items()}))
+    return len(manifest_leaks(manifests))
+
+
+def warn_leaks(manifests: dict, prefix: str) -> int:
+    """The leaks of a cache's manifests, warned about (prefix, a few paths and the count) once per run
+    (one_leak_warning_per_run; always outside a run); returns their count."""
+    leaks = manifest_leaks(manifests)
+    if first_warning(leaks):
+        print(prefix + format_leaks(leaks, limit=5))
+    return len(leaks)
