@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 import torch
@@ -43,9 +44,9 @@ def main() -> None:
         assert torch.equal(plain(x), taps(x)["pool"])  # also the warm-up: oneDNN picks its kernels
         for _ in range(args.rounds):
             for name, extractor in (("pool only", plain), ("taps", taps)):
-                t0 = _common.time.perf_counter()
+                t0 = time.perf_counter()
                 extractor(x)
-                best[name] = min(best[name], _common.time.perf_counter() - t0)
+                best[name] = min(best[name], time.perf_counter() - t0)
     rows = [(name, f"{args.batch_size / s:.1f}", f"{s / best['pool only']:.3f}") for name, s in best.items()]
     print(f"{args.backbone} at {size} px, taps {list(spec.taps)}; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, batch {args.batch_size}, best of {args.rounds} interleaved rounds; load average "

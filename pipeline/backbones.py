@@ -214,11 +214,17 @@ def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] =
     if cfg.weights == "none":
         print(f"backbone: {cfg.name} with random weights (backbone.weights=none): its features carry no "
               "pretraining")
+    return seeded(seed, lambda: _build_network(cfg, spec))
+
+
+def seeded(seed: Optional[int], build):
+    """build(), its random draws from seed inside torch.random.fork_rng (the global generator left as it
+    was), or from the global generator when seed is None."""
     if seed is None:
-        return _build_network(cfg, spec)
+        return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_network(cfg, spec)
+        return build()
 
 
 def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
@@ -375,8 +381,4 @@ def build_classifier(cfg: BackboneConfig, spec: BackboneSpec, num_classes: int,
     seed: the random initialisation (the new layers, and the body when backbone.weights=none) is drawn
     from it inside torch.random.fork_rng, as in build_network; None draws from the global generator.
     """
-    if seed is None:
-        return replace_classifier(cfg.name, build_network(cfg, spec), num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return replace_classifier(cfg.name, build_network(cfg, spec), num_classes)
+    return seeded(seed, lambda: replace_classifier(cfg.name, build_network(cfg, spec), num_classes))

@@ -89,15 +89,14 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     spec = resolve_backbone(job.backbone, job.seed)
     features = feature_config(spec, settings.dtype, settings.autocast)
     config_key = cache.digest(features)
-    if not has_cache_file(settings, spec, data.root):
+    path = cache.cache_path(settings.cache_dir, spec.name, config_key, data.root)
+    if not path.is_file():
         ensure_weights(job.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(settings.cache_dir, data.root) if settings.verify == "stat" else None
     scan = scan_images(data, index, settings.verify, job.data.num_workers, dist)
     scan = split_scan(scan, job.data.val_fraction, job.data.test_fraction, job.data.split_seed)
     key = cache.cache_key(config_key, cache.manifest_digest(data.classes, scan.manifests))
-    return CachePlan(scan.data, spec, config_key, key,
-                     cache.cache_path(settings.cache_dir, spec.name, config_key, data.root), scan.manifests, scan,
-                     features)
+    return CachePlan(scan.data, spec, config_key, key, path, scan.manifests, scan, features)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -163,7 +162,7 @@ def _cache_attrs(job: ExtractJob, plan: CachePlan, device: torch.device) -> dict
             "classes": list(plan.data.classes), "backbone": plan.spec.to_dict(),
             "backbone_config": job.backbone.recorded(),
             "preprocess": plan.spec.preprocess.to_dict(), "dtype": dtype, "data_root": str(plan.data.root),
-            "versions": feature_config(plan.spec, dtype, job.extract.autocast),
+            "versions": plan.features,
             "environment": environment_info(device), "seed": job.seed, "split": plan.scan.split_rule}
 
 
@@ -284,12 +283,10 @@ def _tidy_after_hit(plan: CachePlan) -> None:
         pass
 
 
-def _explain_miss(settings: ExtractConfig, plan: CachePlan) -> Optional[str]:
+def _explain_miss(cache_dir: str, plan: CachePlan) -> Optional[str]:
     reason = cache.miss_reason(plan.path, plan.key, plan.config_key, plan.manifests, plan.scan.split_rule)
     if reason == "no complete cache file yet":
-        change = cache.explain_new_config(Path(settings.cache_dir),
-                                          feature_config(plan.spec, settings.dtype, settings.autocast),
-                                          str(plan.data.root))
+        change = cache.explain_new_config(Path(cache_dir), plan.features, str(plan.data.root))
         if change:
             reason = change
     if reason is not None and cache.partial_dir(plan.path).is_dir():
@@ -321,7 +318,7 @@ def ensure_cache(job: ExtractJob, device: torch.device, dist: DistContext = SING
         lock = _acquire_lock(plan, job.extract.lock_timeout) if dist.is_main else None
         try:
             # Again: the process we waited for may have built it.
-            reason = dist.on_main(lambda: _explain_miss(job.extract, plan))
+            reason = dist.on_main(lambda: _explain_miss(job.extract.cache_dir, plan))
             stats = build_cache(job, plan, device, reason, dist) if reason is not None else None
         finally:
             if lock is not None:

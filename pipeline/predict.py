@@ -154,7 +154,7 @@ def format_predictions(rows: Sequence[ImagePrediction]) -> str:
     for r in rows:
         true = ((r.true or "-",) if labelled else ())
         if r.ok:
-            table.append((display_path(r.path),) + true + (r.top[0][0], f"{r.top[0][1]:.4f}",
+            table.append((display_path(r.path),) + true + (r.label, f"{r.probability:.4f}",
                                                           ", ".join(f"{c} {p:.3f}" for c, p in r.top)))
         else:
             table.append((display_path(r.path),) + true + ("-", "-", f"ERROR {r.error}"))

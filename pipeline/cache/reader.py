@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from pipeline.cache.h5 import attrs_of, open_h5
-from pipeline.cache.key import (ALL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS,
+from pipeline.cache.key import (OPTIONAL_SPLITS, DEFAULT_SPLIT_RULE, FEATURE_DTYPES, FORMAT_VERSION, H5_ERRORS, SPLITS,
                                 CacheError, SplitManifest, cache_key, damaged, extra_taps, manifest_digest, tap_dataset)
 
 
@@ -74,7 +74,7 @@ def _check_attrs(attrs: dict, path: Path) -> None:
 
 def present_splits(f: h5py.File) -> tuple[str, ...]:
     """train and val (always), then the optional splits the file has (test)."""
-    return SPLITS + tuple(s for s in ALL_SPLITS[len(SPLITS):] if s in f)
+    return SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in f)
 
 
 def _check_taps(f: h5py.File, path: Path, attrs: dict) -> None:
