@@ -22,7 +22,7 @@ from pipeline.records import ModelArtifact, StageResult
 from pipeline.rundir import Publication
 
 REPORT_DIR = "reports"
-THUMBNAIL = 128
+THUMBNAIL = 196       # the prediction grid's tiles (plots.TILE): read at the size they are shown
 SPLIT_KEYS = ("val_dir", "val_fraction", "test_fraction", "split_seed")  # data.* that decide val and test
 READ_BYTES = 64 * 2 ** 20   # cached features read at a time for the reports (the whole cache may not fit)
 
@@ -107,7 +107,7 @@ def _grid(preds: Predictions, n: int, path: Path, title: str) -> Path:
                                 [float(confidence[i]) for i in idx], path,
                                 f"{title}: {wrong} of {len(preds.targets)} val images misclassified, val top-1 "
                                 f"{s['val_acc_top1']:.3f}, mean per-class {s['mean_per_class_acc']:.3f} "
-                                f"(mistakes first, most confident first, in red)")
+                                f"(mistakes first, most confident first, in red)", [preds.paths[i] for i in idx])
 
 
 def write_reports(run_dir: Path, kind: str, preds: Predictions, cfg: ReportConfig, title: str,
