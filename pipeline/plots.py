@@ -133,14 +133,15 @@ def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Pat
     ax_loss, ax_acc = (_axes_at(fig, left, 0.55, 4.05, 2.95) for left in (0.85, 5.8))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", ms=3, label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", ms=3, label="train")
     ax_acc.plot(epochs, [h["val_acc"] for h in history], "o-", ms=3, label="val")
     best = max(history, key=lambda h: h["val_acc"])  # first best, like the stages
     ax_acc.plot([best["epoch"]], [best["val_acc"]], "*", ms=14, color="gold", mec="black",
                 label=f"best val {best['val_acc']:.3f} (epoch {best['epoch']})")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_acc.set(xlabel="epoch", ylabel="accuracy")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_title(name, y=1.0)  # placed, not fitted above the tick labels (there are none on top)
         for epoch, lr in lr_drops(history):
             ax.axvline(epoch - 0.5, color="grey", ls="--", lw=1)
             ax.annotate(f"lr {lr:.0e}", (epoch - 0.5, 1), xycoords=("data", "axes fraction"),
