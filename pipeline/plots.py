@@ -32,7 +32,30 @@ FRAME = 4           # prediction grid: the red frame of a mistake, in pixels
 PNG = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 
 
+# set by command_line_process(): this process is the command line, where nobody reads matplotlib's docstrings
+_PROCESS = {"command_line": False}
+
+
+def command_line_process() -> None:
+    """Say that this process is a command-line run: matplotlib is then imported without the property
+    tables it writes into every artist class's docstrings as it loads (`matplotlib.artist.kwdoc`: 0.1-0.2 s,
+    a third of its import). A notebook or program that imports pipeline keeps matplotlib as it is."""
+    _PROCESS["command_line"] = True
+
+
 def _figure(width: float, height: float, layout: Optional[str] = "constrained"):
+    import sys
+
+    if _PROCESS["command_line"] and "matplotlib.figure" not in sys.modules:
+        import matplotlib.artist
+
+        kwdoc = getattr(matplotlib.artist, "kwdoc", None)
+        matplotlib.artist.kwdoc = lambda artist: ""  # only docstrings use it (help(Line2D.set))
+        try:
+            import matplotlib.figure  # noqa: F401 - the artist classes, defined with short docstrings
+        finally:
+            if kwdoc is not None:
+                matplotlib.artist.kwdoc = kwdoc
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)
@@ -75,6 +98,11 @@ def lr_drops(history: Sequence[dict]) -> list[tuple[int, float]]:
 def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], path: Path,
                           title: str) -> Path:
     """Counts of true (rows) vs predicted (columns) classes on val, with class names."""
+    return _save(confusion_figure(y_true, y_pred, classes, title), path)
+
+
+def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], title: str):
+    """The Figure of plot_confusion_matrix."""
     from matplotlib.ticker import MaxNLocator
 
     from pipeline.class_report import confusion_counts
@@ -105,7 +133,7 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
     ax.set_yticks(range(n), names)
     ax.set(xlabel="Predicted label", ylabel="True label")
     fig.text(0.5, 1 - 0.12 / fig.get_figheight(), heading, ha="center", va="top", fontsize=11)
-    return _save(fig, path)
+    return fig
 
 
 def _axes_at(fig, left: float, bottom: float, width: float, height: float):
@@ -125,6 +153,11 @@ def accuracies(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
 
 def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     """Loss and accuracy per epoch (train and val), StepLR drops as dashed lines, best val epoch starred."""
+    return _save(curves_figure(history, title), path)
+
+
+def curves_figure(history: Sequence[dict], title: str):
+    """The Figure of plot_training_curves."""
     epochs = [h["epoch"] for h in history]
     heading = _wrap(f"{title} (start lr {history[0]['lr']:g}; dashed lines: StepLR drops)", 9.7, 11)
     top = _text_height(heading, 11) + 0.5                       # the title, then the axes titles (12 pt)
@@ -154,7 +187,7 @@ def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Pat
             from matplotlib.ticker import MaxNLocator
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.text(0.5, 1 - 0.1 / fig.get_figheight(), heading, ha="center", va="top", fontsize=11)
-    return _save(fig, path)
+    return fig
 
 
 def plot_cv_scores(cv: Sequence[dict], best_c: float, path: Path, title: str,

@@ -177,3 +177,93 @@ def test_report_redraws_a_finetune_run_on_a_val_fraction_or_val_dir_split(tmp_pa
     assert out["val_acc_top1"] == entry["val_acc"]
     report = json.loads(report_paths(cfg.run_dir, "finetune")["classification_report_json"].read_text())
     assert sum(report[c]["support"] for c in ("ants", "bees")) == len(load_dataset(cfg.data).val) > 0
+
+
+LONG_NAMES = [f"an extraordinarily long class name number {i}" for i in range(12)]
+CLASS_SETS = {"flowers": ["daisy", "dandelion", "roses", "sunflowers", "tulips"], "digits": list("0123456789"),
+              "long names": LONG_NAMES}
+
+
+def drawn(fig):
+    """(renderer, figure box in pixels) of fig drawn by Agg, as savefig draws it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer(), fig.bbox
+
+
+def inside(box, outer, slack=1.0):
+    return (box.x0 >= outer.x0 - slack and box.y0 >= outer.y0 - slack and box.x1 <= outer.x1 + slack
+            and box.y1 <= outer.y1 + slack)
+
+
+@pytest.mark.parametrize("name", CLASS_SETS)
+def test_fixed_margins_keep_the_confusion_matrix_text_inside_and_apart(name):
+    from pipeline.plots import confusion_figure
+
+    classes = CLASS_SETS[name]
+    y = np.arange(60) % len(classes)
+    fig = confusion_figure(y, np.roll(y, 1), classes, "efficientnet_lite0 + linear head on cached pool features: "
+                                                        "confusion matrix on val")
+    renderer, page = drawn(fig)
+    matrix, bar = fig.axes
+    heading = fig.texts[0]
+    assert inside(fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans), page)  # nothing clipped
+    assert heading.get_window_extent(renderer).y0 >= matrix.get_tightbbox(renderer).y1  # title above it all
+    assert matrix.get_tightbbox(renderer).x1 <= bar.get_window_extent(renderer).x0      # colourbar apart
+    assert bar.get_tightbbox(renderer).x1 <= page.x1                                   # its labels inside
+
+
+@pytest.mark.parametrize("lr_drops", [0, 3])
+def test_fixed_margins_keep_the_training_curves_text_inside_and_apart(lr_drops):
+    from pipeline.plots import curves_figure
+
+    history = [{"epoch": e, "lr": 0.1 * 0.1 ** (lr_drops * e // 30), "train_loss": 12.5 / e, "val_loss": 13.0 / e,
+                "train_acc": 0.03 * e, "val_acc": 0.028 * e} for e in range(1, 31)]
+    fig = curves_figure(history, "a rather long model title: " * 4 + "training curves")
+    renderer, page = drawn(fig)
+    loss, acc = fig.axes
+    assert inside(fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans), page)
+    assert loss.get_tightbbox(renderer).x1 <= acc.get_tightbbox(renderer).x0
+    assert fig.texts[0].get_window_extent(renderer).y0 >= max(ax.title.get_window_extent(renderer).y1
+                                                              for ax in (loss, acc))
+
+
+def test_prediction_grid_is_one_picture_with_captions_that_fit_their_tiles(tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    from pipeline import plots
+
+    images = [Image.new("RGB", size, (90, 140, 60)) for size in [(256, 165), (180, 240), (8, 8)] * 3]
+    true, pred = LONG_NAMES[:9], LONG_NAMES[:8] + ["daisy"]
+    path = plots.plot_prediction_grid(images, true, pred, [0.99] * 9, tmp_path / "g.png", "t " * 200,
+                                      [f"class/{'x' * 60}.jpg"] * 9)
+    assert png_size(path)[0] == 6 * plots.CELL[0]                  # 9 images: two rows of 6 tiles
+    with Image.open(path) as img:                                  # a mistake's frame is red, a right one's not
+        red = tuple(int(plots.WRONG[k:k + 2], 16) for k in (1, 3, 5))
+        assert red in {c for _, c in img.getcolors(1 << 20)}
+    font = plots._font(8)
+    assert isinstance(font, ImageFont.FreeTypeFont)                # matplotlib's DejaVu Sans
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(draw.textlength(f"pred {plots._short(n)} (0.99)", font=font) for n in LONG_NAMES)
+    assert widest <= plots.CELL[0] and draw.textlength(plots._short("x" * 60, 32), font=plots._font(7)) <= plots.CELL[0]
+
+
+def test_a_command_line_process_imports_matplotlib_without_docstrings_and_draws_the_same(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from pipeline import plots\n"
+            "if sys.argv[1] == 'cli': plots.command_line_process()\n"
+            "y = np.arange(20) % 4\n"
+            "plots.plot_confusion_matrix(y, np.roll(y, 1), list('abcd'), sys.argv[2], 't')\n"
+            "import matplotlib.artist, matplotlib.lines\n"
+            "print(matplotlib.artist.kwdoc.__name__, 'antialiased' in (matplotlib.lines.Line2D.set.__doc__ or ''))\n")
+    out = {}
+    for mode in ("cli", "library"):
+        done = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / f"{mode}.png")], capture_output=True,
+                              text=True, check=True)
+        out[mode] = done.stdout.split()
+    assert out == {"cli": ["kwdoc", "False"], "library": ["kwdoc", "True"]}  # kwdoc restored after the import
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "library.png").read_bytes()
