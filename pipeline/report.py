@@ -22,7 +22,6 @@ from pipeline.records import ModelArtifact, StageResult
 from pipeline.rundir import Publication
 
 REPORT_DIR = "reports"
-THUMBNAIL = 196       # the prediction grid's tiles (plots.TILE): read at the size they are shown
 SPLIT_KEYS = ("val_dir", "val_fraction", "test_fraction", "split_seed")  # data.* that decide val and test
 READ_BYTES = 64 * 2 ** 20   # cached features read at a time for the reports (the whole cache may not fit)
 
@@ -79,19 +78,37 @@ def _classification_report_text(preds: Predictions, title: str) -> str:
 
 
 def _thumbnail(root: Optional[Path], rel: str):
-    """The image as a thumbnail; a grey tile when it went away since, or when there is no image tree."""
+    """The image as a thumbnail of the grid's tile size; a grey tile when it went away since, or when there
+    is no image tree."""
     from PIL import Image
 
-    if root is not None:
-        from pipeline.data import load_image
+    from pipeline.plots import TILE
 
+    if root is not None:
         try:
-            img = load_image(root / rel)
-            img.thumbnail((THUMBNAIL, THUMBNAIL))
+            img = _jpeg_thumbnail(root / rel, TILE)
+            if img is None:
+                from pipeline.data import load_image
+
+                img = load_image(root / rel)
+            img.thumbnail((TILE, TILE))
             return img
-        except (OSError, ValueError):
+        except (OSError, ValueError, SyntaxError):
             pass
-    return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
+    return Image.new("RGB", (TILE, TILE), (200, 200, 200))
+
+
+def _jpeg_thumbnail(path: Path, size: int):
+    """A JPEG decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that still covers size x size pixels
+    (a 12-megapixel photo: a tenth of a full decode), EXIF orientation applied, as RGB; None for other
+    formats, which data.load_image reads (16-bit and palette images need its conversions)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        if img.format != "JPEG":
+            return None
+        img.draft("RGB", (size, size))
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def _grid(preds: Predictions, n: int, path: Path, title: str) -> Path:

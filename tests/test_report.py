@@ -267,3 +267,18 @@ def test_a_command_line_process_imports_matplotlib_without_docstrings_and_draws_
         out[mode] = done.stdout.split()
     assert out == {"cli": ["kwdoc", "False"], "library": ["kwdoc", "True"]}  # kwdoc restored after the import
     assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "library.png").read_bytes()
+
+
+def test_grid_thumbnails_of_big_jpegs_are_decoded_small_and_upright(tmp_path):
+    from pipeline.plots import TILE
+    from pipeline.report import _thumbnail
+
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # orientation: rotate 90 degrees to show upright
+    Image.new("RGB", (2400, 1200), (200, 30, 30)).save(tmp_path / "big.jpg", exif=exif.tobytes())
+    Image.new("I;16", (300, 150), 65535).save(tmp_path / "deep.png")
+    big, deep = _thumbnail(tmp_path, "big.jpg"), _thumbnail(tmp_path, "deep.png")
+    assert big.mode == "RGB" and big.size == (TILE // 2, TILE)  # upright: portrait, fitted to the tile
+    assert big.getpixel((10, 10))[0] > 150                        # the photo, not the grey placeholder
+    assert deep.mode == "RGB" and deep.getpixel((5, 5)) == (255, 255, 255)  # 16-bit scaled by data.load_image
+    assert _thumbnail(tmp_path, "gone.jpg").getpixel((0, 0)) == (200, 200, 200)
