@@ -103,8 +103,6 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], title: str):
     """The Figure of plot_confusion_matrix."""
-    from matplotlib.ticker import MaxNLocator
-
     from pipeline.class_report import confusion_counts
 
     n = len(classes)
@@ -121,6 +119,8 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[s
                     left + side + right - 0.3, 11)
     top = _text_height(heading, 11) + 0.25
     fig = _figure(left + side + right, bottom + side + top, layout=None)
+    from matplotlib.ticker import MaxNLocator  # after _figure, which imports matplotlib
+
     ax = _axes_at(fig, left, bottom, side, side)
     image = ax.imshow(counts, cmap="Blues", interpolation="nearest", vmin=0, aspect="auto")
     fig.colorbar(image, cax=_axes_at(fig, left + side + 0.2, bottom, 0.2, side),
