@@ -186,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         resolve_run_name(cfg)  # run.name null: the data's own folder (and features.file: the file's data)
         stages = stages or cfg.run.stages
         device, dist = start_processes(cfg, stages, lock)
-        from pipeline.plots import command_line_process
-        command_line_process()  # matplotlib, if a stage draws, loads without docstrings nobody reads here
         run_stages(cfg, device, stages, paths, args.output, dist)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,30 +32,7 @@ FRAME = 4           # prediction grid: the red frame of a mistake, in pixels
 PNG = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 
 
-# set by command_line_process(): this process is the command line, where nobody reads matplotlib's docstrings
-_PROCESS = {"command_line": False}
-
-
-def command_line_process() -> None:
-    """Say that this process is a command-line run: matplotlib is then imported without the property
-    tables it writes into every artist class's docstrings as it loads (`matplotlib.artist.kwdoc`: 0.1-0.2 s,
-    a third of its import). A notebook or program that imports pipeline keeps matplotlib as it is."""
-    _PROCESS["command_line"] = True
-
-
 def _figure(width: float, height: float, layout: Optional[str] = "constrained"):
-    import sys
-
-    if _PROCESS["command_line"] and "matplotlib.figure" not in sys.modules:
-        import matplotlib.artist
-
-        kwdoc = getattr(matplotlib.artist, "kwdoc", None)
-        matplotlib.artist.kwdoc = lambda artist: ""  # only docstrings use it (help(Line2D.set))
-        try:
-            import matplotlib.figure  # noqa: F401 - the artist classes, defined with short docstrings
-        finally:
-            if kwdoc is not None:
-                matplotlib.artist.kwdoc = kwdoc
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)

@@ -250,25 +250,6 @@ def test_prediction_grid_is_one_picture_with_captions_that_fit_their_tiles(tmp_p
     assert widest <= plots.CELL[0] and draw.textlength(plots._short("x" * 60, 32), font=plots._font(7)) <= plots.CELL[0]
 
 
-def test_a_command_line_process_imports_matplotlib_without_docstrings_and_draws_the_same(tmp_path):
-    import subprocess
-    import sys
-
-    code = ("import sys, numpy as np; from pipeline import plots\n"
-            "if sys.argv[1] == 'cli': plots.command_line_process()\n"
-            "y = np.arange(20) % 4\n"
-            "plots.plot_confusion_matrix(y, np.roll(y, 1), list('abcd'), sys.argv[2], 't')\n"
-            "import matplotlib.artist, matplotlib.lines\n"
-            "print(matplotlib.artist.kwdoc.__name__, 'antialiased' in (matplotlib.lines.Line2D.set.__doc__ or ''))\n")
-    out = {}
-    for mode in ("cli", "library"):
-        done = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / f"{mode}.png")], capture_output=True,
-                              text=True, check=True)
-        out[mode] = done.stdout.split()
-    assert out == {"cli": ["kwdoc", "False"], "library": ["kwdoc", "True"]}  # kwdoc restored after the import
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "library.png").read_bytes()
-
-
 def test_grid_thumbnails_of_big_jpegs_are_decoded_small_and_upright(tmp_path):
     from pipeline.plots import TILE
     from pipeline.report import _thumbnail
