@@ -264,19 +264,18 @@ class _Dual:
     def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor) -> None:
         """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients."""
         r = self.rows
+        if self.momentum:                                                    # all n rows: torch's threads
+            cw, cb = self.c[:, :r], self.c[:, r:]
+            new_cw = torch.addcmul(cw * p[0], cb, p[1])
+            cb.mul_(p[3]).addcmul_(cw, p[2])
+            cw.copy_(new_cw)
+            self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
+        elif not bool((p[0] == 1).all()):                                   # weight decay without momentum
+            self.c.mul_(p[0])
+            self.alpha = self.alpha * p[0]
         with small_ops(idx.device):
-            if self.momentum:
-                cw, cb = self.c[:, :r], self.c[:, r:]
-                new_cw = torch.addcmul(cw * p[0], cb, p[1])
-                cb.mul_(p[3]).addcmul_(cw, p[2])
-                cw.copy_(new_cw)
-                self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
-                self.c.index_add_(0, idx, torch.cat([coef[:, 0] * g, coef[:, 1] * g], 1))
-            else:
-                if not bool((p[0] == 1).all()):
-                    self.c.mul_(p[0])
-                    self.alpha = self.alpha * p[0]
-                self.c.index_add_(0, idx, coef[:, 0] * g)
+            update = torch.cat([coef[:, 0] * g, coef[:, 1] * g], 1) if self.momentum else coef[:, 0] * g
+            self.c.index_add_(0, idx, update)
         self._w = None
 
     def weight(self) -> torch.Tensor:
