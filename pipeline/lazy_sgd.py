@@ -152,7 +152,7 @@ class LazyLayer:
         if (n * n * x.element_size() > GRAM_BYTES
                 or not dual_pays(n, n_eval, x.shape[1], len(self._weight), momentum, epochs, gram is not None)):
             return False
-        self.dual = _Dual(x, x @ x.T if gram is None else gram, self._weight, momentum, x_eval)
+        self.dual = _Dual(x, x @ x.T if gram is None else gram, self._weight, momentum, self.wd.any, x_eval)
         return True
 
     def begin(self, x: torch.Tensor, idx: torch.Tensor, gram: Optional[torch.Tensor],
@@ -240,9 +240,9 @@ class _Dual:
     projections are Gram[win] C: 2 n^2 R multiply-adds an epoch (n^2 R without momentum) instead of the
     primal's 4 n D' R (2 n D' R), and val outputs are its cross Gram times C_W."""
 
-    def __init__(self, x: torch.Tensor, gram: torch.Tensor, w0: torch.Tensor, momentum: bool,
+    def __init__(self, x: torch.Tensor, gram: torch.Tensor, w0: torch.Tensor, momentum: bool, decay: bool,
                  x_eval: Optional[torch.Tensor]) -> None:
-        self.x, self.gram, self.w0, self.momentum = x, gram, w0, momentum
+        self.x, self.gram, self.w0, self.momentum, self.decay = x, gram, w0, momentum, decay
         self.rows = len(w0)
         self.xw0 = x @ w0.T                                                  # (n, R)
         self.c = torch.zeros(len(x), self.rows * (2 if momentum else 1), dtype=w0.dtype, device=w0.device)
@@ -270,7 +270,7 @@ class _Dual:
             cb.mul_(p[3]).addcmul_(cw, p[2])
             cw.copy_(new_cw)
             self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
-        elif not bool((p[0] == 1).all()):                                   # weight decay without momentum
+        elif self.decay:                                                     # weight decay without momentum
             self.c.mul_(p[0])
             self.alpha = self.alpha * p[0]
         with small_ops(idx.device):
