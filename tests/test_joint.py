@@ -112,6 +112,23 @@ def test_windows_of_steps_train_the_reference_heads_exactly(monkeypatch, window,
         assert [acc for _, acc in mine] == pytest.approx([acc for _, acc in history], abs=1e-6)
 
 
+@pytest.mark.parametrize("decays", [(0.0, 1e-2), (0.0, 0.0)])
+def test_dual_heads_without_momentum_train_the_reference_heads(monkeypatch, decays):
+    """No head has momentum (the dual layer keeps no buf coefficients), with and without weight decay."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "DUAL", "on")
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    X, y = toy(n=38, seed=8)
+    grid = [LinearConfig(epochs=4, batch_size=4, lr=lr, weight_decay=wd, momentum=0.0, step_size=2, gamma=0.5)
+            for lr, wd in zip((0.05, 0.02), decays)]
+    joint = train_linear_heads(X, y, None, None, grid, num_classes=3, seed=3)
+    for h, cfg in enumerate(grid):
+        state, _ = history_alone(X, y, cfg, seed=3, num_classes=3)
+        torch.testing.assert_close(joint.weight[h], state["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias[h], state["bias"], rtol=1e-4, atol=1e-5)
+
+
 def test_sgd_tables_are_powers_of_the_update_matrix():
     from pipeline.lazy_sgd import sgd_tables
 
