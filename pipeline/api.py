@@ -296,17 +296,14 @@ class Model:
         """Scores on a labelled folder (folder/<class>/*.jpg with the model's classes): {"acc",
         "mean_per_class", "n", "confused_pairs": [(true, predicted, count), ...], "unscored": lines}."""
         from pipeline import PipelineError
-        from pipeline.analysis import confused_pairs, score_labels
+        from pipeline.predict import labelled_scores
 
-        rows = [r for r in self.predict(folder) if r.ok and r.true is not None]
-        if not rows:
+        scores = labelled_scores(self.predict(folder), self.classes)
+        if scores is None:
             raise PipelineError(f"'{folder}' has no readable images in folders named after the model's classes "
                                 f"({', '.join(self.classes)}): expected {folder}/<class>/*.jpg")
-        index = {c: i for i, c in enumerate(self.classes)}
-        y_true, y_pred = [index[r.true] for r in rows], [index[r.label] for r in rows]
-        pairs = confused_pairs(y_true, y_pred, self.classes)
-        return {**score_labels(y_true, y_pred), "confused_pairs": [(p.true, p.predicted, p.count) for p in pairs],
-                "unscored": list(self.notes)}
+        s, pairs = scores
+        return {**s, "confused_pairs": [(p.true, p.predicted, p.count) for p in pairs], "unscored": list(self.notes)}
 
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         """(n_samples, num_classes) probabilities from cached features (head and logistic models)."""

@@ -27,7 +27,7 @@ from pipeline.benchmark_report import (BENCHMARK_MD, markdown_report, markdown_t
                                       plural, write_outputs)
 from pipeline.config import Config, HeadConfig
 from pipeline.fsutil import exit_with_parent
-from pipeline.metrics import update_metrics
+from pipeline.metrics import selected_on, update_metrics
 from pipeline.records import StageResult
 from pipeline.runtime import apply_stage_threads, environment_info, seed_everything
 
@@ -223,21 +223,18 @@ def method_rows(steps: dict[str, dict], head: HeadConfig, finetune_epochs: int,
     results = {m: StageResult.from_dict(m, steps[m], source) for m in ("head", "logistic", "finetune") if m in steps}
     if "head" in results:
         break_even = _break_even(extraction, results["head"], head.epochs)
-        rows.append(_head_row(extraction, results["head"], head, break_even))
+        rows.append(_head_row(extraction, results["head"], head, break_even) | _selection(results["head"]))
     if "logistic" in results:
-        rows.append(_logistic_row(extraction, results["logistic"]))
+        rows.append(_logistic_row(extraction, results["logistic"]) | _selection(results["logistic"]))
     if "finetune" in results:
-        rows.append(_finetune_row(results["finetune"], finetune_epochs))
-    for row, result in zip(rows[1 if extraction else 0:], results.values()):
-        row.update(_selection(result))
+        rows.append(_finetune_row(results["finetune"], finetune_epochs) | _selection(results["finetune"]))
     return rows, break_even
 
 
 def _selection(result: StageResult) -> dict:
     """The row's test figures (scored once, after selection; None without a test split) and what chose the model."""
     return {"test_acc": result.test_acc, "test_mean_per_class": result.test_mean_per_class,
-            "selected_on": result.details.get("selected_on")
-            or ("val (best epoch)" if "best_epoch" in result.details else None)}
+            "selected_on": selected_on(result.details)}
 
 
 MEASURED = ("mean_per_class_acc", "peak_rss_mib", "peak_gpu_mib")  # added to every training step's entry

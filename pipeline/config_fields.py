@@ -37,6 +37,11 @@ TAP_NAMES = ("pool", "concat", "cls", "patch_mean")
 STAGE_TAP = re.compile(r"stage-([1-9][0-9]*)$")
 
 
+def stage_taps(taps: Sequence[str]) -> list[str]:
+    """The stage-N taps among taps, in their order (what concat joins after pool)."""
+    return [t for t in taps if STAGE_TAP.match(t)]
+
+
 def check_tap_names(taps: Sequence[str], key: str = "backbone.taps", error: type = ConfigError) -> None:
     """The names' syntax, before anything is built (the backbone's own names are checked when it is built)."""
     bad = [t for t in taps if not isinstance(t, str) or t not in TAP_NAMES and not STAGE_TAP.match(t)]

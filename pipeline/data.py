@@ -124,7 +124,7 @@ def load_dataset(cfg_data) -> ImageFolderData:
     For stages that read the images themselves (finetune): the files are hashed here; extract uses its
     pre-scan's hashes instead, with the same result for every readable image.
     """
-    from pipeline.splits import check_split_settings, hash_file, split_by_content
+    from pipeline.splits import carve_train, check_split_settings, hash_file
 
     data = load_image_folder(cfg_data.root, cfg_data.val_dir, cfg_data.val_fraction is not None)
     check_split_settings(data.root, cfg_data.val_fraction, cfg_data.test_fraction, data.test is not None)
@@ -134,11 +134,8 @@ def load_dataset(cfg_data) -> ImageFolderData:
         digests = [hash_file(resolve_in_root(data.root, p)) for p in data.train.paths]
     except OSError as e:
         raise PipelineError(f"cannot read image '{e.filename}': {e.strerror}") from None
-    plan = split_by_content(digests, data.train.labels, data.classes, cfg_data.val_fraction, cfg_data.test_fraction,
-                            cfg_data.split_seed)
-    if not plan.indices("val"):
-        raise PipelineError(f"data.val_fraction = {cfg_data.val_fraction:g} left no image of train/ for val: raise "
-                            "data.val_fraction or add images")
+    plan = carve_train(digests, data.train.labels, data.classes, cfg_data.val_fraction, cfg_data.test_fraction,
+                       cfg_data.split_seed)
     part = {s: Split(tuple(data.train.paths[i] for i in plan.indices(s)),
                      tuple(data.train.labels[i] for i in plan.indices(s))) for s in ("train", "val", "test")}
     return dataclasses.replace(data, train=part["train"], val=part["val"],

@@ -27,7 +27,7 @@ from pipeline import PipelineError
 from pipeline.artifacts import MODEL_FILES, load_checkpoint
 from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, classifier_path, resolve_backbone
 from pipeline.config import BackboneConfig, Config, DataConfig, FinetuneConfig
-from pipeline.data import ImageFolderData, ImageListDataset, eval_transform, load_dataset, train_transform
+from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_dataset, train_transform
 from pipeline.distributed import SINGLE, DistContext
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
@@ -93,8 +93,16 @@ def make_loaders(data: ImageFolderData, pre, job: FinetuneJob, device: torch.dev
         return train, val
     generator = torch.Generator().manual_seed(job.seed)
     train = DataLoader(train_set, shuffle=True, generator=generator, **common)
-    val = DataLoader(val_set, shuffle=False, **common)
-    return train, val
+    return train, eval_loader(data.root, data.val, pre, job, device, persistent=True)
+
+
+def eval_loader(root, split: Split, pre, job: FinetuneJob, device: torch.device,
+                persistent: bool = False) -> DataLoader:
+    """split's images in order through the eval transform (val every epoch: persistent workers; test once)."""
+    workers = job.data.num_workers
+    return DataLoader(ImageListDataset(root, split, eval_transform(pre)), batch_size=job.finetune.batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent and workers > 0)
 
 
 def val_slice(n: int, dist: DistContext = SINGLE) -> range:
@@ -348,10 +356,7 @@ def score_finetune_test(done: Finetuned, job: FinetuneJob, device: torch.device)
     test = done.data.test
     if test is None or not len(test):
         return untested(chosen_on)
-    loader = DataLoader(ImageListDataset(done.data.root, test, eval_transform(done.spec.preprocess)),
-                        batch_size=job.finetune.batch_size, shuffle=False, num_workers=job.data.num_workers,
-                        pin_memory=device.type == "cuda")
-    logits, targets = predict(done.model, loader, device)
+    logits, targets = predict(done.model, eval_loader(done.data.root, test, done.spec.preprocess, job, device), device)
     return score_test_probs("finetune", targets.numpy(), torch.softmax(logits, 1).numpy(), chosen_on)
 
 
@@ -361,13 +366,14 @@ def publish_finetune(cfg: Config, done: Finetuned, device: torch.device) -> None
     The reports describe the model being published: the staged file is reloaded (its SHA-256 was checked
     when it was staged) and predicts all of val, and (once) the test split if there is one.
     """
+    job = FinetuneJob.of(cfg)
     with Publication(cfg.run_dir, "finetune") as pub:
         pub.adopt_model(cfg.run_dir / BEST_SO_FAR_FILE, FINETUNE_FILE)
         done.model.load_state_dict(read_finetune_file(pub.staging / FINETUNE_FILE).weights)
-        val_loader = done.val_loader or make_loaders(done.data, done.spec.preprocess, FinetuneJob.of(cfg), device)[1]
+        val_loader = done.val_loader or eval_loader(done.data.root, done.data.val, done.spec.preprocess, job, device)
         logits, targets = predict(done.model, val_loader, device)
         preds = Predictions(torch.softmax(logits, 1).numpy(), targets.numpy(), list(done.data.val.paths),
                             done.data.root, list(done.data.classes))
-        done.entry.update(score_finetune_test(done, FinetuneJob.of(cfg), device))
+        done.entry.update(score_finetune_test(done, job, device))
         done.entry.update(finish_stage(cfg.report, "finetune", preds, done.artifact, pub, history=done.history))
         pub.commit(metrics_entry=done.entry, config=cfg.to_dict(), forget=(BEST_SO_FAR_FILE,))

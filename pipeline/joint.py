@@ -74,15 +74,15 @@ def head_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> to
 
 
 @torch.inference_mode()
-def evaluate_heads(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def evaluate_heads(layer: LazyLayer, x: torch.Tensor, y: torch.Tensor, n_heads: int, num_classes: int,
                    class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(val top-1 (H,), val loss (H,)) of every head, EVAL_BATCH rows at a time."""
-    correct = torch.zeros(len(weight), device=x.device)
-    nll = torch.zeros(len(weight), device=x.device)
+    """(val top-1 (H,), val loss (H,)) of every head of layer on x (with its ones column), EVAL_BATCH rows at a time."""
+    correct = torch.zeros(n_heads, device=x.device)
+    nll = torch.zeros(n_heads, device=x.device)
     total = torch.zeros((), device=x.device)
     for s in range(0, len(x), EVAL_BATCH):
-        xb, yb = x[s:s + EVAL_BATCH], y[s:s + EVAL_BATCH]
-        logits = head_logits(weight, bias, xb)                                # (b, H, C)
+        yb = y[s:s + EVAL_BATCH]
+        logits = layer.eval_outputs(x, s, s + len(yb)).view(len(yb), n_heads, num_classes)
         log_p = torch.log_softmax(logits, dim=2)
         w = torch.ones(len(yb), device=x.device) if class_weight is None else class_weight[yb]
         correct += (logits.argmax(2) == yb[:, None]).float().sum(0)
@@ -165,18 +165,19 @@ def _train_epoch(layer: LazyLayer, x: torch.Tensor, labels: torch.Tensor, n_head
 
 
 class _BestEpochs:
-    """Every head's best val epoch so far (first best on ties), its val top-1 and its weights."""
+    """Every head's best val epoch so far (first best on ties), its val top-1 and its layer coordinates
+    (LazyLayer.coordinates: (H, C, K), materialised once at the end)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        self.weight, self.bias = weight.clone(), bias.clone()
-        self.acc = torch.full((len(weight),), -1.0, device=weight.device)
-        self.epoch = torch.zeros(len(weight), dtype=torch.long, device=weight.device)
+    def __init__(self, coords: torch.Tensor) -> None:
+        self.coords = coords
+        self.acc = torch.full((len(coords),), -1.0, device=coords.device)
+        self.epoch = torch.zeros(len(coords), dtype=torch.long, device=coords.device)
 
-    def update(self, epoch: int, acc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def update(self, epoch: int, acc: torch.Tensor, coords: torch.Tensor) -> None:
         better = acc > self.acc
         self.acc = torch.where(better, acc, self.acc)
         self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
-        self.weight[better], self.bias[better] = weight[better], bias[better]
+        self.coords[better] = coords[better]
 
     def results(self, history: list[list[dict]]) -> list[FitResult]:
         return [FitResult(int(e), float(a), history[h])
@@ -217,35 +218,35 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     else:
         weight, bias = _initial_heads(len(configs), x.shape[1], num_classes,
                                       seed if init_seed is None else init_seed, device)
-    best = _BestEpochs(weight, bias)
     history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)
     if x_val is not None:
-        x_val, labels_val = x_val.to(device), labels_val.to(device)
+        x_val, labels_val = with_ones(x_val.to(device)), labels_val.to(device)
     generator = torch.Generator().manual_seed(seed)
     schedule, (n_heads, num_classes, n_features) = StepLRs(configs), weight.shape
     x = with_ones(x)
     gram = full_gram(x, first.epochs, first.batch_size)
     layer = LazyLayer(torch.cat([weight.view(-1, n_features), bias.view(-1, 1)], 1),
                       [c.momentum for c in configs], [c.weight_decay for c in configs], [num_classes] * n_heads)
+    layer.use_dual(x, gram, first.epochs, x_val)
+    best = _BestEpochs(layer.coordinates().view(n_heads, num_classes, -1))
     for epoch in _epoch_range(first.epochs, len(configs), progress):
         lrs = list(schedule.lrs)
         layer.set_lr(lrs, first.batch_size)
         loss, correct = _train_epoch(layer, x, labels, n_heads, num_classes, first.batch_size, generator, cw, gram)
         schedule.end_epoch()
         train_loss, train_acc = (loss / len(x)).tolist(), (correct / len(x)).tolist()
-        weight = layer.weight[:, :n_features].reshape(n_heads, num_classes, n_features)
-        bias = layer.weight[:, n_features].reshape(n_heads, num_classes)
         val = None
         if x_val is not None:
-            acc, vloss = evaluate_heads(weight, bias, x_val, labels_val, cw)
-            best.update(epoch, acc, weight, bias)
+            acc, vloss = evaluate_heads(layer, x_val, labels_val, n_heads, num_classes, cw)
+            best.update(epoch, acc, layer.coordinates().view(n_heads, num_classes, -1))
             val = (acc.tolist(), vloss.tolist())
         _record_epoch(history, epoch, lrs, train_loss, train_acc, val)
-    if x_val is None:
-        results = [FitResult(first.epochs, None, entries) for entries in history]
-        return JointResult(list(configs), weight.cpu(), bias.cpu(), results, time.perf_counter() - t0)
-    return JointResult(list(configs), best.weight.cpu(), best.bias.cpu(), best.results(history),
+    final = layer.weight if x_val is None else layer.materialise(best.coords.view(n_heads * num_classes, -1))
+    final = final.view(n_heads, num_classes, n_features + 1).cpu()
+    results = ([FitResult(first.epochs, None, entries) for entries in history] if x_val is None
+               else best.results(history))
+    return JointResult(list(configs), final[..., :-1].contiguous(), final[..., -1].contiguous(), results,
                        time.perf_counter() - t0)
 
 

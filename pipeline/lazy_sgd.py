@@ -34,6 +34,7 @@ import torch
 WINDOW_STEPS = 64                  # SGD steps per window (measured: docs/heads.md)
 WINDOW_ROWS = 512                  # ... and at most this many rows (large batches: fewer steps per window)
 GRAM_BYTES = 64 * 2 ** 20          # the train set's Gram matrix is computed once when it fits in this
+DUAL = "auto"                      # dual coordinates: "auto" (when they cost less: dual_pays), "on", "off"
 
 
 @contextlib.contextmanager
@@ -68,6 +69,18 @@ def full_gram(x_aug: torch.Tensor, epochs: int, batch_size: int) -> Optional[tor
     if n * n * x_aug.element_size() > GRAM_BYTES or epochs * window_steps(batch_size) * batch_size <= n:
         return None
     return x_aug @ x_aug.T
+
+
+def dual_pays(n: int, n_eval: int, d: int, rows: int, momentum: bool, epochs: int, have_gram: bool) -> bool:
+    """Whether dual coordinates cost fewer multiply-adds over the run than the primal form, for rows output
+    rows: an epoch is rows (k n^2 + n_eval n) against rows (2 k n d + n_eval d) (k = 2 with momentum, 1
+    without), plus once the Gram matrix (n^2 d unless already computed), the cross Gram (n_eval n d) and
+    the start's projections (rows (n + n_eval) d). DUAL set to "on"/"off" decides instead."""
+    if DUAL != "auto":
+        return DUAL == "on"
+    k = 2 if momentum else 1
+    once = (0 if have_gram else n * n * d) + n_eval * n * d + rows * (n + n_eval) * d
+    return epochs * rows * (k * n * n + n_eval * n) + once < epochs * rows * (2 * k * n * d + n_eval * d)
 
 
 def window_gram(x_win: torch.Tensor, idx: torch.Tensor, gram: Optional[torch.Tensor]) -> torch.Tensor:
@@ -109,7 +122,8 @@ class LazyLayer:
 
     def __init__(self, weight: torch.Tensor, momentum: Sequence[float], weight_decay: Sequence[float],
                  groups: Sequence[int]) -> None:
-        self.weight, self.device = weight, weight.device
+        self._weight, self.device = weight, weight.device
+        self.dual: Optional[_Dual] = None
         self.group = torch.tensor(list(groups), dtype=torch.long)
         self.momentum, self.decay = list(map(float, momentum)), list(map(float, weight_decay))
         self.m = _Rows(self.momentum, self.group, self.device)
@@ -128,13 +142,34 @@ class LazyLayer:
             self.P, self.V = (torch.from_numpy(t).float().repeat_interleave(self.group, dim=-1).to(self.device)
                               for t in sgd_tables(key[0], self.momentum, self.decay, self.steps))
 
-    def begin(self, x_win: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
-        """Start a window over rows x_win (n, D') whose steps take the row ranges bounds; gram = x_win x_win^T."""
-        self.x, self.gram, self.bounds = x_win, gram, bounds
+    def use_dual(self, x: torch.Tensor, gram: Optional[torch.Tensor], epochs: int,
+                 x_eval: Optional[torch.Tensor] = None) -> bool:
+        """Switch to dual coordinates over the train rows x (n, D') when they cost less (dual_pays) and the
+        Gram matrix fits in GRAM_BYTES; gram is x x^T when the caller has it. x_eval (rows scored every
+        epoch, e.g. val) gets its cross Gram. Call it before the first window. Returns whether it is dual."""
+        n, n_eval = len(x), 0 if x_eval is None else len(x_eval)
+        momentum = self.buf is not None
+        if (n * n * x.element_size() > GRAM_BYTES
+                or not dual_pays(n, n_eval, x.shape[1], len(self._weight), momentum, epochs, gram is not None)):
+            return False
+        self.dual = _Dual(x, x @ x.T if gram is None else gram, self._weight, momentum, self.wd.any, x_eval)
+        return True
+
+    def begin(self, x: torch.Tensor, idx: torch.Tensor, gram: Optional[torch.Tensor],
+              bounds: list[tuple[int, int]]) -> None:
+        """Start a window over the train rows x[idx] whose steps take the row ranges bounds (window order);
+        gram is the train set's Gram matrix or None (then the window's is computed)."""
+        self.idx, self.bounds = idx, bounds
         self.after = torch.tensor([len(bounds) - 1 - k for k, (s, e) in enumerate(bounds) for _ in range(e - s)],
                                   device=self.device)               # each row's number of later steps
-        self.z = x_win @ self.weight.T                                   # (n, R): each row's outputs, kept current
-        self.zb = x_win @ self.buf.T if self.buf is not None else None
+        if self.dual is not None:
+            self.gram, self.z, self.zb = self.dual.project(idx)
+        else:
+            self.x = x[idx]
+            with small_ops(x.device):
+                self.gram = window_gram(self.x, idx, gram)
+            self.z = self.x @ self._weight.T                            # (n, R): each row's outputs, kept current
+            self.zb = self.x @ self.buf.T if self.buf is not None else None
         self.g = torch.empty_like(self.z)                                # each step's output gradients
 
     def step(self, k: int) -> None:
@@ -162,18 +197,100 @@ class LazyLayer:
         z.add_(zb, alpha=-self.lr.scalar) if self.lr.uniform else z.addcmul_(zb, self.lr.tensor, value=-1)
 
     def end(self) -> None:
-        """Materialise W and buf after the window's steps: one GEMM each."""
-        n_steps = len(self.bounds)
-        p = self.P[n_steps]                                                # (4, R)
+        """Apply the window's steps to W and buf: one GEMM each (in dual coordinates, to the coefficients)."""
+        p = self.P[len(self.bounds)]                                       # (4, R)
         coef = self.V.index_select(0, self.after)                          # (n, 2, R)
-        w0, b0 = self.weight, self.buf
-        new_w = p[0, :, None] * w0 if b0 is None else p[0, :, None] * w0 + p[1, :, None] * b0
-        new_w.addmm_((coef[:, 0] * self.g).T, self.x)
-        if b0 is not None:
-            new_b = (p[2, :, None] * w0).add_(p[3, :, None] * b0).addmm_((coef[:, 1] * self.g).T, self.x)
-            self.buf = new_b
-        self.weight = new_w
+        if self.dual is not None:
+            self.dual.advance(p, self.idx, coef, self.g)
+        else:
+            w0, b0 = self._weight, self.buf
+            new_w = p[0, :, None] * w0 if b0 is None else p[0, :, None] * w0 + p[1, :, None] * b0
+            new_w.addmm_((coef[:, 0] * self.g).T, self.x)
+            if b0 is not None:
+                new_b = (p[2, :, None] * w0).add_(p[3, :, None] * b0).addmm_((coef[:, 1] * self.g).T, self.x)
+                self.buf = new_b
+            self._weight = new_w
         self.x = self.gram = self.z = self.zb = self.g = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W (R, D'): materialised from the dual coordinates when dual (kept until the next window ends)."""
+        return self._weight if self.dual is None else self.dual.weight()
+
+    def coordinates(self) -> torch.Tensor:
+        """A copy of the rows' current coordinates (R, K): W itself, or (alpha, C_W^T) when dual; a row's
+        coordinates are all materialise needs, so a best epoch can be kept row by row without forming W."""
+        return self._weight.clone() if self.dual is None else self.dual.coordinates()
+
+    def materialise(self, coords: torch.Tensor) -> torch.Tensor:
+        """W (R, D') of coordinates() taken (row by row) at any point of this layer's training."""
+        return coords if self.dual is None else self.dual.materialise(coords)
+
+    def eval_outputs(self, x_eval: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """x_eval[start:end] W^T (end - start, R); x_eval is the one given to use_dual."""
+        if self.dual is None:
+            return x_eval[start:end] @ self._weight.T
+        return self.dual.eval_outputs(start, end)
+
+
+class _Dual:
+    """W and buf in dual coordinates over the train rows X (n, D'): W = alpha W0 + C_W^T X and buf =
+    gamma W0 + C_B^T X, alpha and gamma per row (R,), C = [C_W | C_B] (n, 2R) ([C_W] without momentum).
+    Every gradient is G^T X_win, so a window's update only scales C and adds to its rows, and a window's
+    projections are Gram[win] C: 2 n^2 R multiply-adds an epoch (n^2 R without momentum) instead of the
+    primal's 4 n D' R (2 n D' R), and val outputs are its cross Gram times C_W."""
+
+    def __init__(self, x: torch.Tensor, gram: torch.Tensor, w0: torch.Tensor, momentum: bool, decay: bool,
+                 x_eval: Optional[torch.Tensor]) -> None:
+        self.x, self.gram, self.w0, self.momentum, self.decay = x, gram, w0, momentum, decay
+        self.rows = len(w0)
+        self.xw0 = x @ w0.T                                                  # (n, R)
+        self.c = torch.zeros(len(x), self.rows * (2 if momentum else 1), dtype=w0.dtype, device=w0.device)
+        self.alpha = torch.ones(self.rows, dtype=w0.dtype, device=w0.device)
+        self.gamma = torch.zeros_like(self.alpha)
+        self.k_eval = x_eval @ x.T if x_eval is not None else None            # (n_eval, n)
+        self.ew0 = x_eval @ w0.T if x_eval is not None else None
+        self._w: Optional[torch.Tensor] = None
+
+    def project(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(the window's Gram, its rows' outputs X_win W^T, and X_win buf^T or None)."""
+        k = self.gram.index_select(0, idx)                                   # (m, n)
+        out, base = k @ self.c, self.xw0.index_select(0, idx)
+        with small_ops(idx.device):
+            z = torch.addcmul(out[:, :self.rows], base, self.alpha)
+            zb = torch.addcmul(out[:, self.rows:], base, self.gamma) if self.momentum else None
+            return k.index_select(1, idx), z, zb
+
+    def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor) -> None:
+        """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients."""
+        r = self.rows
+        if self.momentum:                                                    # all n rows: torch's threads
+            cw, cb = self.c[:, :r], self.c[:, r:]
+            new_cw = torch.addcmul(cw * p[0], cb, p[1])
+            cb.mul_(p[3]).addcmul_(cw, p[2])
+            cw.copy_(new_cw)
+            self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
+        elif self.decay:                                                     # weight decay without momentum
+            self.c.mul_(p[0])
+            self.alpha = self.alpha * p[0]
+        with small_ops(idx.device):
+            update = torch.cat([coef[:, 0] * g, coef[:, 1] * g], 1) if self.momentum else coef[:, 0] * g
+            self.c.index_add_(0, idx, update)
+        self._w = None
+
+    def weight(self) -> torch.Tensor:
+        if self._w is None:
+            self._w = torch.addmm(self.alpha[:, None] * self.w0, self.c[:, :self.rows].T, self.x)
+        return self._w
+
+    def coordinates(self) -> torch.Tensor:
+        return torch.cat([self.alpha[:, None], self.c[:, :self.rows].T], 1)
+
+    def materialise(self, coords: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(coords[:, :1] * self.w0, coords[:, 1:], self.x)
+
+    def eval_outputs(self, start: int, end: int) -> torch.Tensor:
+        return torch.addcmul(self.k_eval[start:end] @ self.c[:, :self.rows], self.ew0[start:end], self.alpha)
 
 
 def epoch_plan(n: int, batch_size: int, generator: torch.Generator, steps: int):
@@ -217,10 +334,6 @@ def epoch_windows(layer: "LazyLayer", x: torch.Tensor, labels: torch.Tensor, bat
     order_labels = labels[order]
     scale, loss_share = batch_scale(order_labels, windows, class_weight)
     for start, end, bounds in windows:
-        idx = order[start:end]
-        xw = x[idx]
-        with small_ops(x.device):
-            gram_w = window_gram(xw, idx, gram)
-        layer.begin(xw, gram_w, bounds)
+        layer.begin(x, order[start:end], gram, bounds)
         yield order_labels[start:end], scale[start:end, None], loss_share[start:end]
         layer.end()

@@ -115,10 +115,15 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+def selected_on(entry: dict) -> Optional[str]:
+    """What chose a stage's model, from its metrics entry: its "selected_on", else "val (best epoch)" when
+    it kept a best epoch, else None."""
+    return entry.get("selected_on") or ("val (best epoch)" if "best_epoch" in entry else None)
+
+
 def _chose_on_val(entry: dict) -> bool:
     """Whether a stage's val figure also chose its model (a best epoch or a winner picked on val)."""
-    selected = entry.get("selected_on")
-    return "best_epoch" in entry if selected is None else str(selected).startswith("val")
+    return str(selected_on(entry)).startswith("val")
 
 
 def _details(stage: str, m: dict) -> str:

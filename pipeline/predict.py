@@ -103,10 +103,10 @@ def folder_labels(paths: Sequence[str], found: Sequence[tuple[str, Optional[str]
     return labels, notes
 
 
-def labelled_summary(rows: Sequence[ImagePrediction], classes: Sequence[str], top: int = 5) -> Optional[str]:
-    """Top-1 and mean per-class accuracy side by side, and the most confused pairs, over the readable
-    rows that have a true class; None when there are none."""
-    from pipeline.analysis import confused_pairs, format_confused_pairs, score_labels
+def labelled_scores(rows: Sequence[ImagePrediction], classes: Sequence[str], top: int = 5) -> Optional[tuple]:
+    """(analysis.score_labels' dict, the top most confused pairs) over the readable rows that have a true
+    class; None when there are none."""
+    from pipeline.analysis import confused_pairs, score_labels
 
     scored = [r for r in rows if r.ok and r.true is not None]
     if not scored:
@@ -114,9 +114,20 @@ def labelled_summary(rows: Sequence[ImagePrediction], classes: Sequence[str], to
     index = {c: i for i, c in enumerate(classes)}
     y_true = [index[r.true] for r in scored]
     y_pred = [index[r.label] for r in scored]
-    s = score_labels(y_true, y_pred)
+    return score_labels(y_true, y_pred), confused_pairs(y_true, y_pred, classes, top)
+
+
+def labelled_summary(rows: Sequence[ImagePrediction], classes: Sequence[str], top: int = 5) -> Optional[str]:
+    """Top-1 and mean per-class accuracy side by side, and the most confused pairs (labelled_scores), as
+    predict prints them; None when no row has a true class."""
+    from pipeline.analysis import format_confused_pairs
+
+    scores = labelled_scores(rows, classes, top)
+    if scores is None:
+        return None
+    s, pairs = scores
     return (f"predict: top-1 {s['acc']:.4f}, mean per-class {s['mean_per_class']:.4f} on {s['n']} labelled "
-            f"images\nmost confused pairs:\n{format_confused_pairs(confused_pairs(y_true, y_pred, classes, top))}")
+            f"images\nmost confused pairs:\n{format_confused_pairs(pairs)}")
 
 
 def _keep_errors(batch):

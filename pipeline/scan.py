@@ -33,7 +33,7 @@ from pipeline.distributed import SINGLE, DistContext, unshard
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
-from pipeline.splits import SplitError, check_split_settings, count_leaks, split_by_content, warn_leaks
+from pipeline.splits import carve_train, check_split_settings, count_leaks, warn_leaks
 
 BAD_FILES = "bad_files.json"
 RACY_SECONDS = 2.0
@@ -215,10 +215,7 @@ def split_scan(scan: ScanResult, val_fraction: Optional[float], test_fraction: f
     if val_fraction is None:
         return dataclasses.replace(scan, split_rule={"val": "folder", "val_dir": data.val_dir, "test": test})
     train = scan.manifests["train"]
-    plan = split_by_content(train.sha256, train.labels, data.classes, val_fraction, test_fraction, seed)
-    if not plan.indices("val"):
-        raise SplitError(f"data.val_fraction = {val_fraction:g} left no image of the {len(train)} in train/ for val: "
-                         "raise data.val_fraction or add images")
+    plan = carve_train(train.sha256, train.labels, data.classes, val_fraction, test_fraction, seed)
     for warning in plan.warnings:
         print(f"extract: warning: {warning}")
     manifests = {s: _subset(train, plan.indices(s)) for s in ("train", "val")}

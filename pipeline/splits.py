@@ -131,6 +131,17 @@ def split_by_content(digests: Sequence[str], labels: Sequence[int], classes: Seq
     return SplitPlan(splits, counts, warnings)
 
 
+def carve_train(digests: Sequence[str], labels: Sequence[int], classes: Sequence[str], val_fraction: float,
+                test_fraction: float = 0.0, seed: int = 0) -> SplitPlan:
+    """split_by_content for a dataset's train/ (extract's scan and load_dataset both carve with it),
+    refusing a plan that leaves val empty (SplitError naming the fix)."""
+    plan = split_by_content(digests, labels, classes, val_fraction, test_fraction, seed)
+    if not plan.indices("val"):
+        raise SplitError(f"data.val_fraction = {val_fraction:g} left no image of the {len(digests)} in train/ for "
+                         "val: raise data.val_fraction or add images")
+    return plan
+
+
 @dataclass(frozen=True)
 class Leak:
     digest: str

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config_fields import STAGE_TAP as STAGE
+from pipeline.config_fields import STAGE_TAP as STAGE, stage_taps
 from pipeline.weight_files import BackboneError
 
 POOL = "pool"
@@ -137,7 +137,7 @@ class TappedExtractor(nn.Module):
             raise BackboneError(f"backbone.taps {unknown} not available for {backbone}; its taps: {', '.join(valid)}")
         self.feature_dim = extractor.feature_dim
         self._seen: dict[str, torch.Tensor] = {}
-        wanted = {t: points.stages[-int(STAGE.match(t).group(1))] for t in self.taps if STAGE.match(t)}
+        wanted = {t: points.stages[-int(STAGE.match(t).group(1))] for t in stage_taps(self.taps)}
         self._hooks = [m.register_forward_hook(self._keeper(name)) for name, m in wanted.items()]
         if set(self.taps) & set(TOKEN_TAPS):
             self._hooks.append(points.tokens.register_forward_hook(self._tokens))
@@ -157,7 +157,7 @@ class TappedExtractor(nn.Module):
         out = {POOL: self.extractor(x), **self._seen}
         self._seen.clear()
         if "concat" in self.taps:
-            parts = [POOL] + [t for t in self.taps if STAGE.match(t)]
+            parts = [POOL] + stage_taps(self.taps)
             out["concat"] = torch.cat([out[t].float() for t in parts], dim=1)
         return out[self.select] if self.select else {t: out[t] for t in self.taps}
 

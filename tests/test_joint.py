@@ -29,8 +29,13 @@ GRID = [LinearConfig(epochs=6, batch_size=4, lr=lr, weight_decay=wd, momentum=m,
                                 (0.03, 1e-2, 0.5, 1, 0.9), (0.3, 1e-4, 0.9, 4, 0.1)]]
 
 
-@pytest.mark.parametrize("class_weight", ["none", "balanced"])
-def test_each_joint_head_equals_the_head_trained_alone(class_weight):
+@pytest.mark.parametrize("class_weight, dual", [("none", "off"), ("balanced", "off"), ("balanced", "on")])
+def test_each_joint_head_equals_the_head_trained_alone(monkeypatch, class_weight, dual):
+    """Best val epoch, its weights and lr history of every head, in primal and in dual coordinates (val
+    scored through the cross Gram, best epochs kept as coordinates)."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "DUAL", dual)
     X, y = toy(seed=1)
     Xv, yv = toy(n=20, seed=2)
     grid = [LinearConfig(**{**vars(c), "class_weight": class_weight}) for c in GRID]
@@ -82,16 +87,19 @@ MIXED = [LinearConfig(epochs=5, batch_size=4, lr=lr, weight_decay=wd, momentum=m
                                  (0.02, 1e-3, 0.0, 2, 0.9)]]
 
 
-@pytest.mark.parametrize("window, gram_bytes, class_weight", [(3, 0, "balanced"), (4, 2 ** 30, "none"),
-                                                              (1, 2 ** 30, "balanced"), (64, 0, "none")])
-def test_windows_of_steps_train_the_reference_heads_exactly(monkeypatch, window, gram_bytes, class_weight):
+@pytest.mark.parametrize("window, gram_bytes, class_weight, dual", [
+    (3, 0, "balanced", "off"), (4, 2 ** 30, "none", "off"), (1, 2 ** 30, "balanced", "off"), (64, 0, "none", "off"),
+    (3, 2 ** 30, "balanced", "on"), (64, 2 ** 30, "none", "on")])
+def test_windows_of_steps_train_the_reference_heads_exactly(monkeypatch, window, gram_bytes, class_weight, dual):
     """lazy_sgd's windows (3 or 4 steps into a 10-step epoch whose last batch has 2 rows, one step, or the
-    whole epoch), with the Gram gathered from the train set's or per window, give each head the weights,
-    train loss and top-1 of nn.Linear + torch.optim.SGD + StepLR trained alone."""
+    whole epoch), with the Gram gathered from the train set's or per window, in primal or in dual
+    coordinates, give each head the weights, train loss and top-1 of nn.Linear + torch.optim.SGD + StepLR
+    trained alone."""
     from pipeline import lazy_sgd
 
     monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", window)
     monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", gram_bytes)
+    monkeypatch.setattr(lazy_sgd, "DUAL", dual)
     X, y = toy(n=38, seed=7)
     grid = [LinearConfig(**{**vars(c), "class_weight": class_weight}) for c in MIXED]
     joint = train_linear_heads(X, y, None, None, grid, num_classes=3, seed=2)
@@ -104,6 +112,23 @@ def test_windows_of_steps_train_the_reference_heads_exactly(monkeypatch, window,
         assert [acc for _, acc in mine] == pytest.approx([acc for _, acc in history], abs=1e-6)
 
 
+@pytest.mark.parametrize("decays", [(0.0, 1e-2), (0.0, 0.0)])
+def test_dual_heads_without_momentum_train_the_reference_heads(monkeypatch, decays):
+    """No head has momentum (the dual layer keeps no buf coefficients), with and without weight decay."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "DUAL", "on")
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    X, y = toy(n=38, seed=8)
+    grid = [LinearConfig(epochs=4, batch_size=4, lr=lr, weight_decay=wd, momentum=0.0, step_size=2, gamma=0.5)
+            for lr, wd in zip((0.05, 0.02), decays)]
+    joint = train_linear_heads(X, y, None, None, grid, num_classes=3, seed=3)
+    for h, cfg in enumerate(grid):
+        state, _ = history_alone(X, y, cfg, seed=3, num_classes=3)
+        torch.testing.assert_close(joint.weight[h], state["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias[h], state["bias"], rtol=1e-4, atol=1e-5)
+
+
 def test_sgd_tables_are_powers_of_the_update_matrix():
     from pipeline.lazy_sgd import sgd_tables
 
@@ -113,3 +138,36 @@ def test_sgd_tables_are_powers_of_the_update_matrix():
     for n in range(5):
         np.testing.assert_allclose(P[n, :, 0], np.linalg.matrix_power(A, n).ravel())
         np.testing.assert_allclose(V[n, :, 0], np.linalg.matrix_power(A, n) @ [-lr, 1.0])
+
+
+def test_dual_coordinates_engage_when_they_cost_less_and_fit(monkeypatch):
+    """dual_pays weighs an epoch's multiply-adds (digits-sized: dual; many more rows than features: primal);
+    use_dual refuses a Gram over GRAM_BYTES; a dual layer's coordinates materialise to its weights."""
+    from pipeline import lazy_sgd
+    from pipeline.lazy_sgd import LazyLayer, dual_pays
+
+    assert dual_pays(1347, 450, 1281, 240, True, 25, True) and dual_pays(300, 100, 1281, 120, False, 25, False)
+    assert not dual_pays(1347, 450, 1281, 10, True, 25, False)                # one head: the Grams cost more
+    assert not dual_pays(300, 100, 1281, 5, False, 25, False)
+    assert not dual_pays(20000, 5000, 1281, 240, True, 25, False)
+    assert not dual_pays(3000, 0, 1281, 240, True, 1, False)
+    monkeypatch.setattr(lazy_sgd, "DUAL", "off")
+    assert not dual_pays(300, 100, 1281, 240, True, 25, True)
+    monkeypatch.setattr(lazy_sgd, "DUAL", "on")
+    x = torch.randn(40, 7)
+    layer = LazyLayer(torch.randn(6, 7), [0.9] * 2, [1e-3] * 2, [3, 3])
+    monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", 40 * 40 * 4 - 1)
+    assert not layer.use_dual(x, None, 5) and layer.dual is None
+    monkeypatch.setattr(lazy_sgd, "GRAM_BYTES", 40 * 40 * 4)
+    assert layer.use_dual(x, None, 5, x_eval=x[:9])
+    layer.set_lr([0.1, 0.01], batch_size=4)
+    order, windows = lazy_sgd.epoch_plan(40, 4, torch.Generator().manual_seed(0), layer.steps)
+    for start, end, bounds in windows[:2]:
+        layer.begin(x, order[start:end], None, bounds)
+        layer.g.normal_()
+        for k in range(len(bounds)):
+            layer.step(k)
+        layer.end()
+    coords = layer.coordinates()
+    torch.testing.assert_close(layer.materialise(coords), layer.weight)
+    torch.testing.assert_close(layer.eval_outputs(x[:9], 2, 9), x[2:9] @ layer.weight.T, rtol=1e-5, atol=1e-5)

@@ -6,8 +6,8 @@ import hashlib
 import pytest
 
 from pipeline import PipelineError
-from pipeline.splits import (SplitError, find_leaks, format_leaks, hash_file, resolve_val_dir, split_by_content,
-                             split_score)
+from pipeline.splits import (SplitError, carve_train, find_leaks, format_leaks, hash_file, resolve_val_dir,
+                             split_by_content, split_score)
 
 
 def digest(i) -> str:
@@ -81,6 +81,8 @@ def test_split_errors_and_warnings():
     train_only = next(i for i in range(100) if split_score(digest(i), 0) >= 0.5)
     plan = split_by_content([digest(train_only)], [0], ["a"], 0.5)
     assert plan.warnings == ["class 'a' has no val image (1 train): its val accuracy cannot be measured"]
+    with pytest.raises(SplitError, match=r"data.val_fraction = 0.5 left no image of the 1 in train/ for val: raise"):
+        carve_train([digest(train_only)], [0], ["a"], 0.5)
 
 
 def test_leaks_are_contents_in_more_than_one_split_with_their_paths():
