@@ -64,7 +64,13 @@ def test_sweep_trains_everything_and_linear_heads_jointly(data):
     assert len(outcome.results) == outcome.planned == 10 and not outcome.interrupted
     assert [r.config for r in seen] == [r.config for r in outcome.results]
     linear = [r for r in outcome.results if r.head_type == "linear"]
-    assert all(r.joint for r in linear) and not any(r.joint for r in outcome.results if r.head_type != "linear")
+    # the linear heads train jointly, the two kNN share one search; the lone NCM and MLP and logistic do not
+    assert all(r.joint for r in linear) and {r.head_type for r in outcome.results if r.joint} == {"linear", "knn"}
+    for r in outcome.results:  # each kNN / NCM / MLP of a group scores as its probe alone
+        if r.head_type in ("knn", "ncm", "mlp"):
+            alone = build_probe(r.head_type, r.config.param_dict).fit(X, y, Xv, yv)
+            np.testing.assert_allclose(r.model.predict_proba(Xv), alone.predict_proba(Xv), rtol=1e-5, atol=1e-6)
+            assert r.val_acc == pytest.approx((alone.predict(Xv) == yv).mean())
     for r in linear:    # each jointly trained head scores like the same head trained alone (autograd loop)
         alone = build_probe("linear", r.config.param_dict)
         alone.trainer = lambda: fit_module
