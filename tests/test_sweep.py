@@ -169,3 +169,14 @@ def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
         assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
         for k, v in alone.model.state_dict().items():
             np.testing.assert_allclose(r.model.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
+    """The sweep imports scikit-learn on a background thread while it trains, and only when it will use it."""
+    code = ("import sys, numpy as np; from pipeline.sweep import expand_grid, run_sweep; "
+            "X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3; "
+            "out = run_sweep(expand_grid({grid!r}), X, y, X, y); "
+            "print(len(out.results), 'sklearn' in sys.modules)")
+    for grid, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "3 False"), ({"ncm": {}, "logistic": {"C": [1.0]}}, "2 True")):
+        out = subprocess.run([sys.executable, "-c", code.format(grid=grid)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want and out.stderr == ""
