@@ -7,7 +7,8 @@ a LazyLayer: each step reads its pre-activations from the window's projections a
 update to them; the small second layer (num_classes, hidden + 1) is updated directly every step, in the
 order pipeline.sgd.SGD applies it. The result is fit_module's (the same initial weights, batch order,
 loss, history and first-best val epoch) within float tolerance (tests/test_probes.py checks it against
-torch.optim). Dropout > 0 draws random masks per step and stays on fit_module.
+torch.optim). A lone MLPProbe with dropout > 0 stays on fit_module; train_mlps also trains dropout
+MLPs (on the CPU), each drawing from its own generator the masks fit_module draws from the global one.
 
 train_mlps trains several such MLPs together (the sweep's MLPs that share epochs, batch_size and
 class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
@@ -46,22 +47,36 @@ class _OutputLayer:
         self.weight.add_(grad, alpha=-self.lr)
 
 
+def _dropout_noise(drop: Optional[tuple[float, torch.Generator]], rows: int, hidden: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """nn.Dropout's multiplier for one step on the CPU: bernoulli(1 - p) / (1 - p), drawn from the MLP's own
+    generator as fit_module draws it from the global one (the same shape, in the same order)."""
+    if drop is None:
+        return None
+    p, generator = drop
+    return torch.empty(rows, hidden, device=device).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
 def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], yw: torch.Tensor,
-                sw: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+                sw: torch.Tensor, num_classes: int, drops: list) -> list[torch.Tensor]:
     """Every step of the window begun on first, for each MLP (its hidden units are first's columns
-    cols[i]): per MLP, (n, C) the logits each step used."""
+    cols[i]; drops[i] its (dropout p, generator) or None): per MLP, (n, C) the logits each step used."""
     n, device = len(first.z), first.z.device
     hs = [torch.ones(n, b - a + 1, device=device) for a, b in cols]       # the ReLU outputs and a constant 1
     logits = [torch.empty(n, num_classes, device=device) for _ in cols]
     target = F.one_hot(yw, num_classes) * -sw                            # minus the scaled one-hot
     for k, (s, e) in enumerate(first.bounds):
-        for (a, b), out, h, lg in zip(cols, outs, hs, logits):
+        for (a, b), out, h, lg, drop in zip(cols, outs, hs, logits, drops):
             z = first.z[s:e, a:b]
             torch.clamp(z, min=0, out=h[s:e, :b - a])
+            noise = _dropout_noise(drop, e - s, b - a, device)
+            if noise is not None:
+                h[s:e, :b - a].mul_(noise)
             torch.mm(h[s:e], out.weight.T, out=lg[s:e])
             p = torch.softmax(lg[s:e], 1)
             g2 = torch.addcmul(target[s:e], p, sw[s:e])                 # d loss / d logits
-            torch.mul(g2 @ out.weight[:, :b - a], z > 0, out=first.g[s:e, a:b])  # back through the ReLU
+            gh = g2 @ out.weight[:, :b - a] if noise is None else (g2 @ out.weight[:, :b - a]).mul_(noise)
+            torch.mul(gh, z > 0, out=first.g[s:e, a:b])                  # back through the ReLU
             out.step(g2.T @ h[s:e])
         first.step(k)
     return logits
@@ -69,13 +84,13 @@ def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int
 
 def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], x: torch.Tensor,
                labels: torch.Tensor, num_classes: int, batch_size: int, generator: torch.Generator,
-               class_weight: Optional[torch.Tensor], gram: Optional[torch.Tensor]) -> list[tuple[float, float]]:
+               class_weight: Optional[torch.Tensor], gram: Optional[torch.Tensor], drops: list) -> list[tuple[float, float]]:
     """One shuffled pass: per MLP, (mean train loss, train top-1), as train_one_epoch reports them."""
     total_loss = [torch.zeros((), device=x.device) for _ in cols]
     correct = [torch.zeros((), device=x.device) for _ in cols]
     for yw, sw, share in epoch_windows(first, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            window = _mlp_window(first, outs, cols, yw, sw, num_classes)
+            window = _mlp_window(first, outs, cols, yw, sw, num_classes, drops)
         for i, logits in enumerate(window):
             nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
             total_loss[i] += (nll * share).sum()
@@ -113,25 +128,32 @@ def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
     return first, outs, list(zip([0] + ends[:-1], ends))
 
 
-def _check_shared(cfgs: list["MLPConfig"]) -> "MLPConfig":
-    """The first config, after checking that all have dropout 0 and share epochs, batch_size, class_weight."""
+def _check_shared(cfgs: list["MLPConfig"], device: torch.device) -> "MLPConfig":
+    """The first config, after checking that all share epochs, batch_size and class_weight, and that
+    dropout, if any, is on the CPU (where fit_module's masks are bernoulli draws this loop can repeat)."""
     from pipeline.probes import ProbeError
 
-    if not cfgs or any(c.dropout for c in cfgs) or len({(c.epochs, c.batch_size, c.class_weight) for c in cfgs}) > 1:
-        raise ProbeError("train_mlps: give MLP configs with dropout 0 that share epochs, batch_size and class_weight")
+    if not cfgs or len({(c.epochs, c.batch_size, c.class_weight) for c in cfgs}) > 1:
+        raise ProbeError("train_mlps: give MLP configs that share epochs, batch_size and class_weight")
+    if device.type != "cpu" and any(c.dropout for c in cfgs):
+        raise ProbeError(f"train_mlps: dropout > 0 on {device.type} draws its masks with a fused kernel: train "
+                         "such an MLP alone (probes.fit_module)")
     return cfgs[0]
 
 
 def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
                y_val: Optional[torch.Tensor], cfgs: list["MLPConfig"], num_classes: int, seed: int,
                device: torch.device, show_progress: bool = False) -> list[tuple[dict, "FitResult"]]:
-    """fit_module for each MLPProbe model (dropout 0), all trained together over the same batches: per
+    """fit_module for each MLPProbe model, all trained together over the same batches: per
     model, (its best epoch's state_dict on the CPU, its FitResult). The configs share epochs, batch_size
-    and class_weight; lr, momentum, weight_decay, step_size, gamma and hidden are each model's own."""
+    and class_weight; lr, momentum, weight_decay, step_size, gamma, hidden and dropout (on the CPU: the
+    masks fit_module would draw for it alone) are each model's own."""
     from pipeline.probes import EVAL_BATCH, FitResult, loss_weights
 
-    shared = _check_shared(cfgs)
+    shared = _check_shared(cfgs, torch.device(device))
     generator = torch.Generator().manual_seed(seed)
+    # fit_module seeds the global generator with seed, and only dropout draws from it: each MLP its own copy
+    drops = [(c.dropout, torch.Generator().manual_seed(seed)) if c.dropout else None for c in cfgs]
     models = [m.to(device) for m in models]             # on the device, as fit_module leaves it (predict_proba)
     x, y = with_ones(x.to(device)), y.to(device)
     x_val = x_val.to(device) if x_val is not None else None
@@ -149,7 +171,7 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
         first.set_lr(lrs, shared.batch_size)
         for out, lr in zip(outs, lrs):
             out.lr = lr
-        train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram)
+        train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
         for i, ((a, b), out, cfg, result) in enumerate(zip(cols, outs, cfgs, results)):
             entry = {"epoch": epoch, "lr": lrs[i], "train_loss": train[i][0], "train_acc": train[i][1]}
             if x_val is not None:

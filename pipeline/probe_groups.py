@@ -5,9 +5,11 @@
   predictions are the ones its KNNProbe gives alone (tests/test_probes.py checks it).
 - NCM: the class means and the val rows' distances to them are computed once; each temperature is a
   softmax of those distances.
-- MLP (dropout 0): the MLPs that share epochs, batch_size and class_weight train together, their hidden
-  units the row groups of one lazy_sgd LazyLayer (pipeline/lazy_mlp.py); each equals the same MLP
-  trained alone with the same seed and batch order, within float tolerance, and keeps its own best epoch.
+- MLP: the MLPs that share epochs, batch_size and class_weight train together, their hidden units the
+  row groups of one lazy_sgd LazyLayer (pipeline/lazy_mlp.py); each equals the same MLP trained alone
+  with the same seed and batch order, within float tolerance (with dropout: the same masks, drawn from
+  its own generator), and keeps its own best epoch. On CUDA an MLP with dropout trains alone: there
+  fit_module's fused dropout kernel draws masks this loop cannot repeat.
 
 Every function returns, per configuration in the given order, (fitted probe, val probabilities (n_val, C)).
 """
@@ -25,10 +27,12 @@ from pipeline.probes import (FitResult, KNNConfig, KNNProbe, MLPConfig, MLPProbe
 MLP_SHARED = ("epochs", "batch_size", "class_weight")   # what the MLPs of one joint run must agree on
 
 
-def mlp_group_key(cfg: MLPConfig) -> Optional[tuple]:
-    """MLP configs with equal keys train in one joint run; None: this one trains alone (dropout > 0 draws
-    random masks per step and trains on probes.fit_module)."""
-    return None if cfg.dropout else tuple(getattr(cfg, name) for name in MLP_SHARED)
+def mlp_group_key(cfg: MLPConfig, device: Union[str, torch.device] = "cpu") -> Optional[tuple]:
+    """MLP configs with equal keys train in one joint run; None: this one trains alone (dropout > 0 off
+    the CPU: probes.fit_module)."""
+    if cfg.dropout and torch.device(device).type != "cpu":
+        return None
+    return tuple(getattr(cfg, name) for name in MLP_SHARED)
 
 
 def _accuracy(proba: np.ndarray, labels: torch.Tensor) -> float:
@@ -78,8 +82,9 @@ def fit_mlp_group(configs: Sequence[MLPConfig], x: torch.Tensor, labels: torch.T
     """MLPs of one mlp_group_key trained jointly; each starts from the weights its probe draws alone."""
     from pipeline.lazy_mlp import train_mlps
 
-    if len({mlp_group_key(c) for c in configs}) != 1 or mlp_group_key(configs[0]) is None:
-        raise ProbeError(f"jointly trained MLPs must have dropout 0 and share {', '.join(MLP_SHARED)}")
+    keys = {mlp_group_key(c, device) for c in configs}
+    if len(keys) != 1 or None in keys:
+        raise ProbeError(f"jointly trained MLPs must share {', '.join(MLP_SHARED)} (and, off the CPU, have dropout 0)")
     probes = [MLPProbe(c, num_classes=num_classes, seed=seed, device=device) for c in configs]
     for probe in probes:
         xs, ys, xv, yv = probe._inputs(x, labels, x_val, labels_val)

@@ -6,7 +6,7 @@
     print(format_leaderboard(outcome))      # from pipeline.sweep_report, with the files it writes
 
 All linear configurations that share epochs, batch_size and class_weight are trained in ONE batched
-run (pipeline/joint.py); so are the MLPs (dropout 0) that share them, and the kNN (NCM) configurations
+run (pipeline/joint.py); so are the MLPs that share them, and the kNN (NCM) configurations
 share one similarity search (one set of class means): pipeline/probe_groups.py. Best epochs, C and the winner are chosen on val; test, when given, is
 scored once, after selection, for the chosen models only: the winner and the best of each head type.
 scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used.
@@ -241,25 +241,26 @@ class LogisticModel:
 GROUP_FITS = {"mlp": fit_mlp_group, "knn": fit_knn_group, "ncm": fit_ncm_group}
 
 
-def _group_key(c: SweepConfig, defaults: Optional[dict]) -> tuple:
+def _group_key(c: SweepConfig, defaults: Optional[dict], device: Union[str, torch.device] = "cpu") -> tuple:
     """Configs with equal keys form one work unit; a key ending in a config trains it alone."""
     if c.head_type == "linear":
         return "linear", shared_key(make_config("linear", full_params(c, defaults)))
     if c.head_type == "logistic":
         return "logistic", check_logistic(full_params(c, defaults))["max_iter"]
     if c.head_type == "mlp":
-        key = mlp_group_key(make_config("mlp", full_params(c, defaults)))
+        key = mlp_group_key(make_config("mlp", full_params(c, defaults)), device)
         return ("mlp", key) if key is not None else ("alone", c)
     return (c.head_type,)                     # every kNN config shares one search, every NCM one set of means
 
 
-def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None) -> list[list[SweepConfig]]:
+def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None,
+           device: Union[str, torch.device] = "cpu") -> list[list[SweepConfig]]:
     """Work units: the joint groups of linear configs (first), then the other groups (MLPs that train
-    together, all kNN, all NCM, an MLP with dropout alone) in grid order, and one unit per max_iter of
+    together, all kNN, all NCM, an MLP with dropout on CUDA alone) in grid order, and one unit per max_iter of
     the logistic configs (last: scikit-learn is imported only if there are any)."""
     units: dict[tuple, list[SweepConfig]] = {}
     for c in configs:
-        units.setdefault(_group_key(c, defaults), []).append(c)
+        units.setdefault(_group_key(c, defaults, device), []).append(c)
     rank = {"linear": 0, "logistic": 2}
     return [u for _, u in sorted(units.items(), key=lambda kv: rank.get(kv[0][0], 1))]   # stable: grid order
 
@@ -289,7 +290,7 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     x_test = as_features(X_test, "X_test") if has_test else None
     labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
     num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
-    units = _order(configs, defaults)
+    units = _order(configs, defaults, device)
     if any(c.head_type == "logistic" for c in configs):
         prefetch_imports(LOGISTIC_MODULES)      # the logistic units run last
     outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
@@ -348,7 +349,7 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
         return
     cfgs = [make_config(head_type, full_params(c, defaults)) for c in unit]
-    if head_type in GROUP_FITS and (head_type != "mlp" or mlp_group_key(cfgs[0]) is not None):
+    if head_type in GROUP_FITS and (head_type != "mlp" or mlp_group_key(cfgs[0], device) is not None):
         fitted = GROUP_FITS[head_type](cfgs, x, labels, x_val, labels_val, num_classes, seed, device)
         scores = [score_proba(yv, proba) for _, proba in fitted]
         share = (time.perf_counter() - t0) / len(unit)

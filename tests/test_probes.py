@@ -360,11 +360,38 @@ def test_mlps_trained_together_equal_each_mlp_trained_alone(monkeypatch):
         np.testing.assert_allclose(proba, alone.predict_proba(Xv), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("configs", [[MLPConfig(dropout=0.2)], [MLPConfig(epochs=2), MLPConfig(epochs=3)]])
-def test_only_mlps_without_dropout_that_share_the_batches_train_together(configs):
+def test_mlps_with_dropout_trained_together_draw_the_masks_each_draws_alone():
+    """Each MLP of a joint run draws its dropout masks from its own generator, seeded as fit_module seeds
+    the global one: with dropout 0.3, 0.5 and 0, each ends where fit_module (autograd, torch.optim) ends alone."""
+    from pipeline.probe_groups import fit_mlp_group
+    from pipeline.probes import fit_module
+
+    X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=13))        # 38 rows: a last batch of 2
+    Xv, yv = blobs(n_per_class=5, spread=2.0, seed=14)
+    shared = {"epochs": 4, "batch_size": 4, "lr": 0.05, "step_size": 2}
+    configs = [MLPConfig(hidden=16, dropout=0.3, **shared), MLPConfig(hidden=8, dropout=0.5, momentum=0.5, **shared),
+               MLPConfig(hidden=12, **shared)]
+    fitted = fit_mlp_group(configs, *(torch.as_tensor(a) for a in (X, y, Xv, yv)), num_classes=3, seed=5)
+    for cfg, (probe, proba) in zip(configs, fitted):
+        alone = build_probe("mlp", vars(cfg), seed=5)
+        alone.trainer = lambda: fit_module
+        alone.fit(X, y, Xv, yv)
+        for k, v in probe.model.state_dict().items():
+            torch.testing.assert_close(v, alone.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+        assert probe.result.best_epoch == alone.result.best_epoch
+        mine = [[e["train_loss"], e["train_acc"], e["val_loss"]] for e in probe.result.history]
+        np.testing.assert_allclose(mine, [[e["train_loss"], e["train_acc"], e["val_loss"]]
+                                          for e in alone.result.history], rtol=1e-4, atol=1e-6)
+    no_dropout = build_probe("mlp", {**vars(configs[0]), "dropout": 0.0}, seed=5).fit(X, y, Xv, yv)
+    assert (no_dropout.model[0].weight - fitted[0][0].model[0].weight).abs().max() > 1e-3   # the masks mattered
+
+
+def test_only_mlps_that_share_the_batches_train_together():
     from pipeline.probe_groups import fit_mlp_group, mlp_group_key
 
-    assert mlp_group_key(MLPConfig(dropout=0.2)) is None
+    assert mlp_group_key(MLPConfig(dropout=0.2)) == mlp_group_key(MLPConfig())         # the CPU repeats the masks
+    assert mlp_group_key(MLPConfig(dropout=0.2), "cuda") is None                        # a fused kernel: alone
     X, y = blobs(n_per_class=4)
-    with pytest.raises(ProbeError, match="dropout 0 and share epochs, batch_size, class_weight"):
-        fit_mlp_group(configs, torch.as_tensor(X), torch.as_tensor(y), torch.as_tensor(X), torch.as_tensor(y), 3)
+    with pytest.raises(ProbeError, match="must share epochs, batch_size, class_weight"):
+        fit_mlp_group([MLPConfig(epochs=2), MLPConfig(epochs=3)], torch.as_tensor(X), torch.as_tensor(y),
+                      torch.as_tensor(X), torch.as_tensor(y), 3)

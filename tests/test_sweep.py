@@ -180,3 +180,15 @@ def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
     for grid, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "3 False"), ({"ncm": {}, "logistic": {"C": [1.0]}}, "2 True")):
         out = subprocess.run([sys.executable, "-c", code.format(grid=grid)], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want and out.stderr == ""
+
+
+def test_mlps_with_and_without_dropout_train_as_one_group(data):
+    (X, y), (Xv, yv), _ = data
+    grid = {"mlp": {"hidden": [4, 8], "dropout": [0.0, 0.3], "epochs": 3, "batch_size": 8, "lr": 0.05}}
+    outcome = run_sweep(expand_grid(grid), X, y, Xv, yv, seed=2)
+    assert len(outcome.results) == 4 and all(r.joint for r in outcome.results)
+    assert len({r.seconds for r in outcome.results}) == 1                    # an even share of one run
+    for r in outcome.results:
+        alone = build_probe("mlp", r.config.param_dict, seed=2).fit(X, y, Xv, yv)
+        assert r.best_epoch == alone.result.best_epoch
+        np.testing.assert_allclose(r.model.predict_proba(Xv), alone.predict_proba(Xv), rtol=1e-4, atol=1e-5)
