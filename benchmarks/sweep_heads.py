@@ -16,7 +16,8 @@ API's LinearHead calls: the same engine), through its engine loop (pipeline.head
 views, classifier) and through the reference loop (pipeline.probes.fit_module: nn.Linear, autograd,
 torch.optim's SGD update), 24 linear heads trained jointly (6 lr x 4 weight_decay), and the sweep
 below (pipeline.sweep), printing each wall time and its ratio to BOTH the head stage's linear head
-and the reference's, then the sweep's seconds by head type.
+and the reference's, then the sweep's seconds by head type (a jointly trained group's seconds are
+shared out evenly among its configurations: the linear heads, the MLPs, the kNN and the NCM configs).
 Imports and the cache read are not timed. With --out it also writes sweep.json/md/png there.
 The load average is printed at the start and the end.
 """

@@ -7,7 +7,14 @@ a LazyLayer: each step reads its pre-activations from the window's projections a
 update to them; the small second layer (num_classes, hidden + 1) is updated directly every step, in the
 order pipeline.sgd.SGD applies it. The result is fit_module's (the same initial weights, batch order,
 loss, history and first-best val epoch) within float tolerance (tests/test_probes.py checks it against
-torch.optim). Dropout > 0 draws random masks per step and stays on fit_module.
+torch.optim). A lone MLPProbe with dropout > 0 stays on fit_module; train_mlps also trains dropout
+MLPs (on the CPU), each drawing from its own generator the masks fit_module draws from the global one.
+
+train_mlps trains several such MLPs together (the sweep's MLPs that share epochs, batch_size and
+class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
+group its own lr, momentum and weight decay), so a window's batch gather, Gram, projections and
+materialisation serve them all; each keeps its own output layer, StepLR, history and best epoch, and
+ends with what it would reach trained alone with the same seed and batch order.
 """
 from __future__ import annotations
 
@@ -40,95 +47,150 @@ class _OutputLayer:
         self.weight.add_(grad, alpha=-self.lr)
 
 
-def _mlp_window(first: LazyLayer, out: _OutputLayer, yw: torch.Tensor, sw: torch.Tensor,
-                num_classes: int) -> torch.Tensor:
-    """Every step of the window begun on first: (n, C) the logits each step used."""
-    n, hidden = first.z.shape
-    h = torch.ones(n, hidden + 1, device=first.z.device)                 # the ReLU outputs and a constant 1
-    logits = torch.empty(n, num_classes, device=first.z.device)
+def _dropout_noise(drop: Optional[tuple[float, torch.Generator]], rows: int, hidden: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """nn.Dropout's multiplier for one step on the CPU: bernoulli(1 - p) / (1 - p), drawn from the MLP's own
+    generator as fit_module draws it from the global one (the same shape, in the same order)."""
+    if drop is None:
+        return None
+    p, generator = drop
+    return torch.empty(rows, hidden, device=device).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
+def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], yw: torch.Tensor,
+                sw: torch.Tensor, num_classes: int, drops: list) -> list[torch.Tensor]:
+    """Every step of the window begun on first, for each MLP (its hidden units are first's columns
+    cols[i]; drops[i] its (dropout p, generator) or None): per MLP, (n, C) the logits each step used."""
+    n, device = len(first.z), first.z.device
+    hs = [torch.ones(n, b - a + 1, device=device) for a, b in cols]       # the ReLU outputs and a constant 1
+    logits = [torch.empty(n, num_classes, device=device) for _ in cols]
     target = F.one_hot(yw, num_classes) * -sw                            # minus the scaled one-hot
     for k, (s, e) in enumerate(first.bounds):
-        z = first.z[s:e]
-        torch.clamp(z, min=0, out=h[s:e, :hidden])
-        torch.mm(h[s:e], out.weight.T, out=logits[s:e])
-        p = torch.softmax(logits[s:e], 1)
-        g2 = torch.addcmul(target[s:e], p, sw[s:e])                     # d loss / d logits
-        torch.mul(g2 @ out.weight[:, :hidden], z > 0, out=first.g[s:e])  # back through the ReLU, before the update
-        out.step(g2.T @ h[s:e])
+        for (a, b), out, h, lg, drop in zip(cols, outs, hs, logits, drops):
+            z = first.z[s:e, a:b]
+            torch.clamp(z, min=0, out=h[s:e, :b - a])
+            noise = _dropout_noise(drop, e - s, b - a, device)
+            if noise is not None:
+                h[s:e, :b - a].mul_(noise)
+            torch.mm(h[s:e], out.weight.T, out=lg[s:e])
+            p = torch.softmax(lg[s:e], 1)
+            g2 = torch.addcmul(target[s:e], p, sw[s:e])                 # d loss / d logits
+            gh = g2 @ out.weight[:, :b - a] if noise is None else (g2 @ out.weight[:, :b - a]).mul_(noise)
+            torch.mul(gh, z > 0, out=first.g[s:e, a:b])                  # back through the ReLU
+            out.step(g2.T @ h[s:e])
         first.step(k)
     return logits
 
 
-def _mlp_epoch(first: LazyLayer, out: _OutputLayer, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
-               gram: Optional[torch.Tensor]) -> tuple[float, float]:
-    """One shuffled pass: (mean train loss, train top-1), as train_one_epoch reports them."""
-    total_loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
+def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], x: torch.Tensor,
+               labels: torch.Tensor, num_classes: int, batch_size: int, generator: torch.Generator,
+               class_weight: Optional[torch.Tensor], gram: Optional[torch.Tensor], drops: list) -> list[tuple[float, float]]:
+    """One shuffled pass: per MLP, (mean train loss, train top-1), as train_one_epoch reports them."""
+    total_loss = [torch.zeros((), device=x.device) for _ in cols]
+    correct = [torch.zeros((), device=x.device) for _ in cols]
     for yw, sw, share in epoch_windows(first, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            logits = _mlp_window(first, out, yw, sw, num_classes)
-        nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
-        total_loss += (nll * share).sum()
-        correct += (logits.argmax(1) == yw).sum()
+            window = _mlp_window(first, outs, cols, yw, sw, num_classes, drops)
+        for i, logits in enumerate(window):
+            nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
+            total_loss[i] += (nll * share).sum()
+            correct[i] += (logits.argmax(1) == yw).sum()
     n = max(len(x), 1)
-    return total_loss.item() / n, correct.item() / n
+    return [(loss.item() / n, right.item() / n) for loss, right in zip(total_loss, correct)]
 
 
-def _state(first: LazyLayer, out: _OutputLayer) -> dict:
-    """The nn.Sequential state dict (on the CPU) of the current weights."""
-    w1, w2 = first.weight.cpu(), out.weight.detach().cpu()
+def _state(w1: torch.Tensor, out: _OutputLayer) -> dict:
+    """The nn.Sequential state dict (on the CPU) of one MLP's current weights (w1: its rows of the first layer)."""
+    w1, w2 = w1.cpu(), out.weight.detach().cpu()
     return {"0.weight": w1[:, :-1].clone(), "0.bias": w1[:, -1].clone(),
             "3.weight": w2[:, :-1].clone(), "3.bias": w2[:, -1].clone()}
 
 
 @torch.inference_mode()
-def _val_logits(first: LazyLayer, out: _OutputLayer, x_val: torch.Tensor, eval_batch: int) -> torch.Tensor:
+def _val_logits(w1: torch.Tensor, out: _OutputLayer, x_val: torch.Tensor, eval_batch: int) -> torch.Tensor:
     """(n_val, C) logits on the CPU, eval_batch rows at a time."""
-    w1, w2 = first.weight, out.weight
+    w2 = out.weight
     parts = [torch.addmm(w2[:, -1], torch.relu(torch.addmm(w1[:, -1], xb, w1[:, :-1].T)), w2[:, :-1].T).cpu()
              for xb in x_val.split(eval_batch)]
     return torch.cat(parts)
+
+
+def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
+            device: torch.device) -> tuple[LazyLayer, list[_OutputLayer], list[tuple[int, int]]]:
+    """(the MLPs' first layers as one LazyLayer, their output layers, each one's columns of the LazyLayer)."""
+    with torch.no_grad():
+        w1 = torch.cat([torch.cat([m[0].weight, m[0].bias[:, None]], 1) for m in models]).to(device)
+        first = LazyLayer(w1, [c.momentum for c in cfgs], [c.weight_decay for c in cfgs],
+                          [m[0].out_features for m in models])
+        outs = [_OutputLayer(torch.cat([m[3].weight, m[3].bias[:, None]], 1).to(device), c.momentum, c.weight_decay)
+                for m, c in zip(models, cfgs)]
+    ends = torch.tensor([m[0].out_features for m in models]).cumsum(0).tolist()
+    return first, outs, list(zip([0] + ends[:-1], ends))
+
+
+def _check_shared(cfgs: list["MLPConfig"], device: torch.device) -> "MLPConfig":
+    """The first config, after checking that all share epochs, batch_size and class_weight, and that
+    dropout, if any, is on the CPU (where fit_module's masks are bernoulli draws this loop can repeat)."""
+    from pipeline.probes import ProbeError
+
+    if not cfgs or len({(c.epochs, c.batch_size, c.class_weight) for c in cfgs}) > 1:
+        raise ProbeError("train_mlps: give MLP configs that share epochs, batch_size and class_weight")
+    if device.type != "cpu" and any(c.dropout for c in cfgs):
+        raise ProbeError(f"train_mlps: dropout > 0 on {device.type} draws its masks with a fused kernel: train "
+                         "such an MLP alone (probes.fit_module)")
+    return cfgs[0]
+
+
+def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
+               y_val: Optional[torch.Tensor], cfgs: list["MLPConfig"], num_classes: int, seed: int,
+               device: torch.device, show_progress: bool = False) -> list[tuple[dict, "FitResult"]]:
+    """fit_module for each MLPProbe model, all trained together over the same batches: per
+    model, (its best epoch's state_dict on the CPU, its FitResult). The configs share epochs, batch_size
+    and class_weight; lr, momentum, weight_decay, step_size, gamma, hidden and dropout (on the CPU: the
+    masks fit_module would draw for it alone) are each model's own."""
+    from pipeline.probes import EVAL_BATCH, FitResult, loss_weights
+
+    shared = _check_shared(cfgs, torch.device(device))
+    generator = torch.Generator().manual_seed(seed)
+    # fit_module seeds the global generator with seed, and only dropout draws from it: each MLP its own copy
+    drops = [(c.dropout, torch.Generator().manual_seed(seed)) if c.dropout else None for c in cfgs]
+    models = [m.to(device) for m in models]             # on the device, as fit_module leaves it (predict_proba)
+    x, y = with_ones(x.to(device)), y.to(device)
+    x_val = x_val.to(device) if x_val is not None else None
+    weight = loss_weights(y.cpu(), num_classes, shared.class_weight)
+    cw = weight.to(device) if weight is not None else None
+    first, outs, cols = _layers(models, cfgs, device)
+    gram, lrs = full_gram(x, shared.epochs, shared.batch_size), [float(c.lr) for c in cfgs]
+    results, best = [FitResult(0, None) for _ in cfgs], [None] * len(cfgs)
+    epochs = range(1, shared.epochs + 1)
+    if show_progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="MLP" if len(cfgs) == 1 else f"{len(cfgs)} MLPs", unit="epoch", leave=False)
+    for epoch in epochs:
+        first.set_lr(lrs, shared.batch_size)
+        for out, lr in zip(outs, lrs):
+            out.lr = lr
+        train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
+        for i, ((a, b), out, cfg, result) in enumerate(zip(cols, outs, cfgs, results)):
+            entry = {"epoch": epoch, "lr": lrs[i], "train_loss": train[i][0], "train_acc": train[i][1]}
+            if x_val is not None:
+                logits = _val_logits(first.weight[a:b], out, x_val, EVAL_BATCH)
+                entry["val_loss"] = F.cross_entropy(logits, y_val, weight=weight).item()
+                entry["val_acc"] = (logits.argmax(1) == y_val).float().mean().item()
+                if result.best_acc is None or entry["val_acc"] > result.best_acc:
+                    result.best_acc, result.best_epoch = entry["val_acc"], epoch
+                    best[i] = _state(first.weight[a:b], out)
+            result.history.append(entry)
+        lrs = [lr * c.gamma if epoch % c.step_size == 0 else lr for lr, c in zip(lrs, cfgs)]   # StepLR.step()
+    for i, (a, b) in enumerate(cols):
+        if best[i] is None:
+            results[i].best_epoch, best[i] = shared.epochs, _state(first.weight[a:b], outs[i])
+    return list(zip(best, results))
 
 
 def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
                  y_val: Optional[torch.Tensor], cfg: "MLPConfig", num_classes: int, seed: int, device: torch.device,
                  show_progress: bool = False) -> tuple[dict, "FitResult"]:
     """fit_module for an MLPProbe's model with dropout 0: (the best epoch's state_dict on the CPU, FitResult)."""
-    from pipeline.probes import EVAL_BATCH, FitResult, loss_weights
-
-    generator = torch.Generator().manual_seed(seed)
-    lin1, lin2 = model.to(device)[0], model[3]          # on the device, as fit_module leaves it (predict_proba)
-    x, y = with_ones(x.to(device)), y.to(device)
-    x_val = x_val.to(device) if x_val is not None else None
-    weight = loss_weights(y.cpu(), num_classes, cfg.class_weight)
-    cw = weight.to(device) if weight is not None else None
-    with torch.no_grad():
-        first = LazyLayer(torch.cat([lin1.weight, lin1.bias[:, None]], 1).to(device), [cfg.momentum],
-                          [cfg.weight_decay], [lin1.out_features])
-        out = _OutputLayer(torch.cat([lin2.weight, lin2.bias[:, None]], 1).to(device), cfg.momentum,
-                           cfg.weight_decay)
-    gram, lr = full_gram(x, cfg.epochs, cfg.batch_size), float(cfg.lr)
-    result, best_state = FitResult(0, None), None
-    epochs = range(1, cfg.epochs + 1)
-    if show_progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, desc="MLP", unit="epoch", leave=False)
-    for epoch in epochs:
-        first.set_lr([lr], cfg.batch_size)
-        out.lr = lr
-        loss, acc = _mlp_epoch(first, out, x, y, num_classes, cfg.batch_size, generator, cw, gram)
-        entry = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc}
-        lr = lr * cfg.gamma if epoch % cfg.step_size == 0 else lr             # StepLR.step()
-        if x_val is not None:
-            logits = _val_logits(first, out, x_val, EVAL_BATCH)
-            entry["val_loss"] = F.cross_entropy(logits, y_val, weight=weight).item()
-            entry["val_acc"] = (logits.argmax(1) == y_val).float().mean().item()
-            if result.best_acc is None or entry["val_acc"] > result.best_acc:
-                result.best_acc, result.best_epoch = entry["val_acc"], epoch
-                best_state = _state(first, out)
-        result.history.append(entry)
-    if best_state is None:
-        result.best_epoch, best_state = cfg.epochs, _state(first, out)
-    return best_state, result
+    return train_mlps([model], x, y, x_val, y_val, [cfg], num_classes, seed, device, show_progress)[0]

@@ -266,6 +266,18 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
+@torch.inference_mode()
+def knn_proba(sims: torch.Tensor, neighbour_labels: torch.Tensor, temperature: float,
+              num_classes: int) -> np.ndarray:
+    """(n, num_classes) vote shares of the neighbours (sims, their labels: (n, k), most similar first),
+    each vote weighted by exp(sim / temperature)."""
+    # exp((sim - max) / T): the same weights after normalising, without overflow at small T
+    weights = torch.exp((sims - sims[:, :1]) / temperature)
+    votes = torch.zeros(len(sims), num_classes, device=sims.device)
+    votes.scatter_add_(1, neighbour_labels, weights)
+    return (votes / votes.sum(1, keepdim=True)).cpu().numpy()
+
+
 class KNNProbe(Probe):
     """Weighted k-NN: the k most cosine-similar train rows vote with weight exp(sim / temperature)."""
 
@@ -282,19 +294,24 @@ class KNNProbe(Probe):
 
     def predict_proba(self, X) -> np.ndarray:
         x = self._check_fitted(X)
-        k = min(self.cfg.k, len(self.bank))
+        sims, idx = self.neighbours(x, self.cfg.k)
+        return knn_proba(sims, self.labels[idx], self.cfg.temperature, self.num_classes)
+
+    def neighbours(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities (n, k'), train row indices (n, k')) of every row's k' = min(k, n_train) most
+        cosine-similar train rows, most similar first; KNN_SIM_BYTES of similarities at a time."""
+        k = min(k, len(self.bank))
         rows = max(1, KNN_SIM_BYTES // (4 * len(self.bank)))
-        out = []
+        sims, idx = [], []
         with torch.inference_mode():
             for s in range(0, len(x), rows):
                 q = l2_normalise(x[s:s + rows].to(self.device))              # (rows, n_features)
-                sims, idx = (q @ self.bank.T).topk(k, dim=1)                 # (rows, k)
-                # exp((sim - max) / T): the same weights after normalising, without overflow at small T
-                weights = torch.exp((sims - sims[:, :1]) / self.cfg.temperature)
-                votes = torch.zeros(len(q), self.num_classes, device=self.device)
-                votes.scatter_add_(1, self.labels[idx], weights)
-                out.append((votes / votes.sum(1, keepdim=True)).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+                top = (q @ self.bank.T).topk(k, dim=1)                       # (rows, k)
+                sims.append(top.values)
+                idx.append(top.indices)
+        if not sims:
+            return torch.zeros(0, k, device=self.device), torch.zeros(0, k, dtype=torch.long, device=self.device)
+        return torch.cat(sims), torch.cat(idx)
 
     def _tensors(self) -> dict:
         return {"bank": self.bank.cpu(), "labels": self.labels.cpu()}
@@ -321,15 +338,21 @@ class NCMProbe(Probe):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        x = self._check_fitted(X)
+        return self.proba_from(self.distances(self._check_fitted(X)))
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, num_classes) squared distances of the centred, L2-normalised rows to the class means."""
         out = []
         for s in range(0, len(x), EVAL_BATCH):
             z = l2_normalise(x[s:s + EVAL_BATCH] - self.mean)                              # (rows, n_features)
-            d2 = ((z * z).sum(1, keepdim=True) - 2 * z @ self.centroids.T
-                  + (self.centroids * self.centroids).sum(1)).clamp(min=0)                  # (rows, num_classes)
-            logits = (-d2 / (2 * self.cfg.temperature)).masked_fill(~self.present, float("-inf"))
-            out.append(torch.softmax(logits, 1))
-        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+            out.append(((z * z).sum(1, keepdim=True) - 2 * z @ self.centroids.T
+                        + (self.centroids * self.centroids).sum(1)).clamp(min=0))           # (rows, num_classes)
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes)
+
+    def proba_from(self, d2: torch.Tensor) -> np.ndarray:
+        """Class probabilities softmax(-d2 / (2 temperature)) of distances d2 (n, num_classes)."""
+        logits = (-d2 / (2 * self.cfg.temperature)).masked_fill(~self.present, float("-inf"))
+        return torch.softmax(logits, 1).numpy()
 
     def _tensors(self) -> dict:
         return {"mean": self.mean, "centroids": self.centroids, "present": self.present}

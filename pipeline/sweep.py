@@ -6,14 +6,17 @@
     print(format_leaderboard(outcome))      # from pipeline.sweep_report, with the files it writes
 
 All linear configurations that share epochs, batch_size and class_weight are trained in ONE batched
-run (pipeline/joint.py). Best epochs, C and the winner are chosen on val; test, when given, is
+run (pipeline/joint.py); so are the MLPs that share them, and the kNN (NCM) configurations
+share one similarity search (one set of class means): pipeline/probe_groups.py. Best epochs, C and the winner are chosen on val; test, when given, is
 scored once, after selection, for the chosen models only: the winner and the best of each head type.
 scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used.
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -23,6 +26,7 @@ import torch
 
 from pipeline.analysis import score_proba
 from pipeline.joint import shared_key, train_linear_heads
+from pipeline.probe_groups import fit_knn_group, fit_mlp_group, fit_ncm_group, mlp_group_key
 from pipeline.probes import (CONSTRAINTS, HEAD_TYPES, Array, ProbeError, as_features, as_labels, build_probe,
                              infer_num_classes, make_config, param_names)
 
@@ -40,7 +44,27 @@ NO_TEST_NOTE = ("no test split: the val figures were also used for selection (be
                 "so they are optimistic")
 TEST_NOTE = ("selected on val only; test was scored once, after selection, for the winner and the best of "
              "each head type")
-JOINT_NOTE = "* trained jointly with the other linear heads of its group: seconds is its share of one batched run"
+JOINT_NOTE = ("* trained jointly with the other heads of its group (linear heads or MLPs in one batched run, kNN or "
+              "NCM on one shared similarity search): seconds is its share of that run")
+
+
+LOGISTIC_MODULES = ("sklearn.linear_model", "sklearn.pipeline", "sklearn.preprocessing", "threadpoolctl")
+
+
+def prefetch_imports(modules: Sequence[str]) -> threading.Thread:
+    """Import modules on a background thread while the sweep trains (scikit-learn takes seconds to import;
+    the training's GEMMs release the GIL, so on a spare core the import is hidden). Where the module is
+    used, its plain `import` waits for this one to finish, or raises the import's error itself."""
+    def work() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:   # reported by the import where the module is used
+                return
+
+    thread = threading.Thread(target=work, name="prefetch-imports")   # not a daemon: never cut mid-import
+    thread.start()
+    return thread
 
 
 class SweepError(ProbeError):
@@ -214,18 +238,31 @@ class LogisticModel:
         return proba
 
 
-def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None) -> list[list[SweepConfig]]:
-    """Work units: one per joint group of linear configs (first), one per other config, and one per
-    max_iter of the logistic configs (last: scikit-learn is imported only if there are any)."""
-    groups: dict[tuple, list[SweepConfig]] = {}
-    paths: dict[int, list[SweepConfig]] = {}
+GROUP_FITS = {"mlp": fit_mlp_group, "knn": fit_knn_group, "ncm": fit_ncm_group}
+
+
+def _group_key(c: SweepConfig, defaults: Optional[dict], device: Union[str, torch.device] = "cpu") -> tuple:
+    """Configs with equal keys form one work unit; a key ending in a config trains it alone."""
+    if c.head_type == "linear":
+        return "linear", shared_key(make_config("linear", full_params(c, defaults)))
+    if c.head_type == "logistic":
+        return "logistic", check_logistic(full_params(c, defaults))["max_iter"]
+    if c.head_type == "mlp":
+        key = mlp_group_key(make_config("mlp", full_params(c, defaults)), device)
+        return ("mlp", key) if key is not None else ("alone", c)
+    return (c.head_type,)                     # every kNN config shares one search, every NCM one set of means
+
+
+def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None,
+           device: Union[str, torch.device] = "cpu") -> list[list[SweepConfig]]:
+    """Work units: the joint groups of linear configs (first), then the other groups (MLPs that train
+    together, all kNN, all NCM, an MLP with dropout on CUDA alone) in grid order, and one unit per max_iter of
+    the logistic configs (last: scikit-learn is imported only if there are any)."""
+    units: dict[tuple, list[SweepConfig]] = {}
     for c in configs:
-        if c.head_type == "linear":
-            groups.setdefault(shared_key(make_config("linear", full_params(c, defaults))), []).append(c)
-        elif c.head_type == "logistic":
-            paths.setdefault(check_logistic(full_params(c, defaults))["max_iter"], []).append(c)
-    return (list(groups.values()) + [[c] for c in configs if c.head_type not in ("linear", "logistic")]
-            + list(paths.values()))
+        units.setdefault(_group_key(c, defaults, device), []).append(c)
+    rank = {"linear": 0, "logistic": 2}
+    return [u for _, u in sorted(units.items(), key=lambda kv: rank.get(kv[0][0], 1))]   # stable: grid order
 
 
 def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, y_val: Array,
@@ -253,7 +290,9 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     x_test = as_features(X_test, "X_test") if has_test else None
     labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
     num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
-    units = _order(configs, defaults)
+    units = _order(configs, defaults, device)
+    if any(c.head_type == "logistic" for c in configs):
+        prefetch_imports(LOGISTIC_MODULES)      # the logistic units run last
     outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
     bar = None
     if progress:
@@ -308,6 +347,15 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
             model = LogisticModel(fitted, num_classes)
             s = score_proba(yv, model.predict_proba(x_val))
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
+        return
+    cfgs = [make_config(head_type, full_params(c, defaults)) for c in unit]
+    if head_type in GROUP_FITS and (head_type != "mlp" or mlp_group_key(cfgs[0], device) is not None):
+        fitted = GROUP_FITS[head_type](cfgs, x, labels, x_val, labels_val, num_classes, seed, device)
+        scores = [score_proba(yv, proba) for _, proba in fitted]
+        share = (time.perf_counter() - t0) / len(unit)
+        for c, (model, _), s in zip(unit, fitted, scores):
+            best_epoch = model.result.best_epoch if head_type == "mlp" else None
+            yield SweepResult(c, s["acc"], s["mean_per_class"], share, len(unit) > 1, best_epoch, model=model)
         return
     c = unit[0]
     model = build_probe(head_type, full_params(c, defaults), num_classes=num_classes, seed=seed, device=device)

@@ -295,3 +295,103 @@ def test_the_linear_probe_trains_on_the_joint_engine_across_windows(monkeypatch)
     assert (probe.result.best_epoch, probe.result.best_acc) == (epoch, pytest.approx(acc))
     for k, v in probe.model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- probes fitted together (sweeps)
+@pytest.mark.parametrize("sim_bytes", [None, 4 * 40 * 3])        # one block, or three val rows per block
+def test_a_knn_group_gives_every_config_the_probabilities_of_its_probe_alone(monkeypatch, sim_bytes):
+    """One top-k_max search serves every (k, temperature): each config's probabilities are its own probe's."""
+    from pipeline.probe_groups import fit_knn_group
+
+    if sim_bytes:
+        monkeypatch.setattr("pipeline.probes.KNN_SIM_BYTES", sim_bytes)
+    rng = np.random.default_rng(3)
+    train, val = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(13, 8)).astype(np.float32)
+    labels, yv = rng.integers(0, 4, 40), rng.integers(0, 4, 13)
+    configs = [KNNConfig(k=k, temperature=t) for k in (1, 5, 7, 100) for t in (0.03, 0.5)]
+    fitted = fit_knn_group(configs, torch.as_tensor(train), torch.as_tensor(labels), torch.as_tensor(val),
+                           torch.as_tensor(yv), num_classes=4)
+    assert [p.cfg for p, _ in fitted] == configs
+    for cfg, (probe, proba) in zip(configs, fitted):
+        alone = build_probe("knn", vars(cfg), num_classes=4).fit(train, labels, val, yv)
+        np.testing.assert_allclose(proba, alone.predict_proba(val), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(proba.argmax(1), alone.predict(val))
+        np.testing.assert_allclose(probe.predict_proba(val), proba, rtol=1e-6, atol=1e-7)   # the saved model
+        assert probe.result.best_acc == pytest.approx(alone.result.best_acc)
+
+
+def test_an_ncm_group_gives_every_temperature_the_probabilities_of_its_probe_alone():
+    from pipeline.probe_groups import fit_ncm_group
+
+    X, y = blobs(n_per_class=8, num_classes=4, spread=2.0, seed=8)
+    Xv, yv = blobs(n_per_class=5, num_classes=4, spread=2.0, seed=9)
+    configs = [NCMConfig(temperature=t) for t in (0.03, 0.07, 1.0)]
+    fitted = fit_ncm_group(configs, torch.as_tensor(X), torch.as_tensor(y), torch.as_tensor(Xv), torch.as_tensor(yv),
+                           num_classes=4)
+    for cfg, (probe, proba) in zip(configs, fitted):
+        alone = build_probe("ncm", vars(cfg)).fit(X, y, Xv, yv)
+        np.testing.assert_allclose(proba, alone.predict_proba(Xv), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(probe.predict_proba(Xv), proba, rtol=1e-6, atol=1e-7)
+        assert probe.cfg == cfg and probe.result.best_acc == pytest.approx(alone.result.best_acc)
+
+
+def test_mlps_trained_together_equal_each_mlp_trained_alone(monkeypatch):
+    """Two MLPs with their own hidden width, lr, momentum, weight decay and StepLR, trained as one
+    LazyLayer over windows of 3 steps, end with the weights, history and best epoch of each alone."""
+    from pipeline import lazy_sgd
+    from pipeline.probe_groups import fit_mlp_group
+
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=11))        # 38 rows: a last batch of 2
+    Xv, yv = blobs(n_per_class=5, spread=2.0, seed=12)
+    shared = {"epochs": 5, "batch_size": 4, "class_weight": "balanced"}
+    configs = [MLPConfig(hidden=16, lr=0.05, momentum=0.9, weight_decay=1e-3, step_size=2, gamma=0.5, **shared),
+               MLPConfig(hidden=8, lr=0.2, momentum=0.0, weight_decay=0.0, step_size=3, gamma=0.1, **shared)]
+    fitted = fit_mlp_group(configs, *(torch.as_tensor(a) for a in (X, y, Xv, yv)), num_classes=3, seed=4)
+    for cfg, (probe, proba) in zip(configs, fitted):
+        alone = build_probe("mlp", vars(cfg), seed=4).fit(X, y, Xv, yv)
+        for k, v in probe.model.state_dict().items():
+            torch.testing.assert_close(v, alone.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+        assert probe.result.best_epoch == alone.result.best_epoch
+        keys = ("lr", "train_loss", "train_acc", "val_loss", "val_acc")
+        mine = [[e[k] for k in keys] for e in probe.result.history]
+        np.testing.assert_allclose(np.array(mine), [[e[k] for k in keys] for e in alone.result.history],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(proba, alone.predict_proba(Xv), rtol=1e-4, atol=1e-5)
+
+
+def test_mlps_with_dropout_trained_together_draw_the_masks_each_draws_alone():
+    """Each MLP of a joint run draws its dropout masks from its own generator, seeded as fit_module seeds
+    the global one: with dropout 0.3, 0.5 and 0, each ends where fit_module (autograd, torch.optim) ends alone."""
+    from pipeline.probe_groups import fit_mlp_group
+    from pipeline.probes import fit_module
+
+    X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=13))        # 38 rows: a last batch of 2
+    Xv, yv = blobs(n_per_class=5, spread=2.0, seed=14)
+    shared = {"epochs": 4, "batch_size": 4, "lr": 0.05, "step_size": 2}
+    configs = [MLPConfig(hidden=16, dropout=0.3, **shared), MLPConfig(hidden=8, dropout=0.5, momentum=0.5, **shared),
+               MLPConfig(hidden=12, **shared)]
+    fitted = fit_mlp_group(configs, *(torch.as_tensor(a) for a in (X, y, Xv, yv)), num_classes=3, seed=5)
+    for cfg, (probe, proba) in zip(configs, fitted):
+        alone = build_probe("mlp", vars(cfg), seed=5)
+        alone.trainer = lambda: fit_module
+        alone.fit(X, y, Xv, yv)
+        for k, v in probe.model.state_dict().items():
+            torch.testing.assert_close(v, alone.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+        assert probe.result.best_epoch == alone.result.best_epoch
+        mine = [[e["train_loss"], e["train_acc"], e["val_loss"]] for e in probe.result.history]
+        np.testing.assert_allclose(mine, [[e["train_loss"], e["train_acc"], e["val_loss"]]
+                                          for e in alone.result.history], rtol=1e-4, atol=1e-6)
+    no_dropout = build_probe("mlp", {**vars(configs[0]), "dropout": 0.0}, seed=5).fit(X, y, Xv, yv)
+    assert (no_dropout.model[0].weight - fitted[0][0].model[0].weight).abs().max() > 1e-3   # the masks mattered
+
+
+def test_only_mlps_that_share_the_batches_train_together():
+    from pipeline.probe_groups import fit_mlp_group, mlp_group_key
+
+    assert mlp_group_key(MLPConfig(dropout=0.2)) == mlp_group_key(MLPConfig())         # the CPU repeats the masks
+    assert mlp_group_key(MLPConfig(dropout=0.2), "cuda") is None                        # a fused kernel: alone
+    X, y = blobs(n_per_class=4)
+    with pytest.raises(ProbeError, match="must share epochs, batch_size, class_weight"):
+        fit_mlp_group([MLPConfig(epochs=2), MLPConfig(epochs=3)], torch.as_tensor(X), torch.as_tensor(y),
+                      torch.as_tensor(X), torch.as_tensor(y), 3)

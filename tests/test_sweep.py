@@ -64,7 +64,13 @@ def test_sweep_trains_everything_and_linear_heads_jointly(data):
     assert len(outcome.results) == outcome.planned == 10 and not outcome.interrupted
     assert [r.config for r in seen] == [r.config for r in outcome.results]
     linear = [r for r in outcome.results if r.head_type == "linear"]
-    assert all(r.joint for r in linear) and not any(r.joint for r in outcome.results if r.head_type != "linear")
+    # the linear heads train jointly, the two kNN share one search; the lone NCM and MLP and logistic do not
+    assert all(r.joint for r in linear) and {r.head_type for r in outcome.results if r.joint} == {"linear", "knn"}
+    for r in outcome.results:  # each kNN / NCM / MLP of a group scores as its probe alone
+        if r.head_type in ("knn", "ncm", "mlp"):
+            alone = build_probe(r.head_type, r.config.param_dict).fit(X, y, Xv, yv)
+            np.testing.assert_allclose(r.model.predict_proba(Xv), alone.predict_proba(Xv), rtol=1e-5, atol=1e-6)
+            assert r.val_acc == pytest.approx((alone.predict(Xv) == yv).mean())
     for r in linear:    # each jointly trained head scores like the same head trained alone (autograd loop)
         alone = build_probe("linear", r.config.param_dict)
         alone.trainer = lambda: fit_module
@@ -163,3 +169,26 @@ def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
         assert r.val_acc == pytest.approx(alone.result.best_acc) and r.best_epoch == alone.result.best_epoch
         for k, v in alone.model.state_dict().items():
             np.testing.assert_allclose(r.model.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
+    """The sweep imports scikit-learn on a background thread while it trains, and only when it will use it."""
+    code = ("import sys, numpy as np; from pipeline.sweep import expand_grid, run_sweep; "
+            "X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3; "
+            "out = run_sweep(expand_grid({grid!r}), X, y, X, y); "
+            "print(len(out.results), 'sklearn' in sys.modules)")
+    for grid, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "3 False"), ({"ncm": {}, "logistic": {"C": [1.0]}}, "2 True")):
+        out = subprocess.run([sys.executable, "-c", code.format(grid=grid)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want and out.stderr == ""
+
+
+def test_mlps_with_and_without_dropout_train_as_one_group(data):
+    (X, y), (Xv, yv), _ = data
+    grid = {"mlp": {"hidden": [4, 8], "dropout": [0.0, 0.3], "epochs": 3, "batch_size": 8, "lr": 0.05}}
+    outcome = run_sweep(expand_grid(grid), X, y, Xv, yv, seed=2)
+    assert len(outcome.results) == 4 and all(r.joint for r in outcome.results)
+    assert len({r.seconds for r in outcome.results}) == 1                    # an even share of one run
+    for r in outcome.results:
+        alone = build_probe("mlp", r.config.param_dict, seed=2).fit(X, y, Xv, yv)
+        assert r.best_epoch == alone.result.best_epoch
+        np.testing.assert_allclose(r.model.predict_proba(Xv), alone.predict_proba(Xv), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,100 @@
+"""Probes of one head type fitted together, sharing the work their configurations have in common (the sweep).
+
+- kNN: the val-train similarities and the k_max nearest train rows are computed once for every
+  (k, temperature) of the group; each configuration's votes come from the first k of them, so its
+  predictions are the ones its KNNProbe gives alone (tests/test_probes.py checks it).
+- NCM: the class means and the val rows' distances to them are computed once; each temperature is a
+  softmax of those distances.
+- MLP: the MLPs that share epochs, batch_size and class_weight train together, their hidden units the
+  row groups of one lazy_sgd LazyLayer (pipeline/lazy_mlp.py); each equals the same MLP trained alone
+  with the same seed and batch order, within float tolerance (with dropout: the same masks, drawn from
+  its own generator), and keeps its own best epoch. On CUDA an MLP with dropout trains alone: there
+  fit_module's fused dropout kernel draws masks this loop cannot repeat.
+
+Every function returns, per configuration in the given order, (fitted probe, val probabilities (n_val, C)).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from pipeline.probes import (FitResult, KNNConfig, KNNProbe, MLPConfig, MLPProbe, NCMConfig, NCMProbe,
+                             ProbeError, knn_proba)
+
+MLP_SHARED = ("epochs", "batch_size", "class_weight")   # what the MLPs of one joint run must agree on
+
+
+def mlp_group_key(cfg: MLPConfig, device: Union[str, torch.device] = "cpu") -> Optional[tuple]:
+    """MLP configs with equal keys train in one joint run; None: this one trains alone (dropout > 0 off
+    the CPU: probes.fit_module)."""
+    if cfg.dropout and torch.device(device).type != "cpu":
+        return None
+    return tuple(getattr(cfg, name) for name in MLP_SHARED)
+
+
+def _accuracy(proba: np.ndarray, labels: torch.Tensor) -> float:
+    return float((proba.argmax(1) == labels.numpy()).mean())
+
+
+def fit_knn_group(configs: Sequence[KNNConfig], x: torch.Tensor, labels: torch.Tensor, x_val: torch.Tensor,
+                  labels_val: torch.Tensor, num_classes: int, seed: int = 0,
+                  device: Union[str, torch.device] = "cpu") -> list[tuple[KNNProbe, np.ndarray]]:
+    """Every kNN config on one bank and one top-k_max search of the val rows."""
+    probes = [KNNProbe(c, num_classes=num_classes, seed=seed, device=device) for c in configs]
+    first = probes[0]
+    x, labels, x_val, labels_val = first._inputs(x, labels, x_val, labels_val)
+    first.bank, first.labels = torch.nn.functional.normalize(x, dim=1).to(first.device), labels.to(first.device)
+    sims, idx = first.neighbours(x_val, max(c.k for c in configs))
+    neighbour_labels = first.labels[idx]                                     # (n_val, k_max)
+    out = []
+    for probe in probes:
+        probe.num_classes, probe.n_features, probe.bank, probe.labels = (first.num_classes, first.n_features,
+                                                                         first.bank, first.labels)
+        k = min(probe.cfg.k, len(first.bank))
+        proba = knn_proba(sims[:, :k], neighbour_labels[:, :k], probe.cfg.temperature, first.num_classes)
+        probe.result = FitResult(0, _accuracy(proba, labels_val))
+        out.append((probe, proba))
+    return out
+
+
+def fit_ncm_group(configs: Sequence[NCMConfig], x: torch.Tensor, labels: torch.Tensor, x_val: torch.Tensor,
+                  labels_val: torch.Tensor, num_classes: int, seed: int = 0,
+                  device: Union[str, torch.device] = "cpu") -> list[tuple[NCMProbe, np.ndarray]]:
+    """Every NCM config (temperature) on one set of class means and one distance computation."""
+    first = NCMProbe(configs[0], num_classes=num_classes, seed=seed, device=device).fit(x, labels)
+    d2 = first.distances(first._check_fitted(x_val))
+    out = []
+    for cfg in configs:
+        probe = copy.copy(first)
+        probe.cfg = cfg
+        proba = probe.proba_from(d2)
+        probe.result = FitResult(0, _accuracy(proba, labels_val))
+        out.append((probe, proba))
+    return out
+
+
+def fit_mlp_group(configs: Sequence[MLPConfig], x: torch.Tensor, labels: torch.Tensor, x_val: torch.Tensor,
+                  labels_val: torch.Tensor, num_classes: int, seed: int = 0,
+                  device: Union[str, torch.device] = "cpu") -> list[tuple[MLPProbe, np.ndarray]]:
+    """MLPs of one mlp_group_key trained jointly; each starts from the weights its probe draws alone."""
+    from pipeline.lazy_mlp import train_mlps
+
+    keys = {mlp_group_key(c, device) for c in configs}
+    if len(keys) != 1 or None in keys:
+        raise ProbeError(f"jointly trained MLPs must share {', '.join(MLP_SHARED)} (and, off the CPU, have dropout 0)")
+    probes = [MLPProbe(c, num_classes=num_classes, seed=seed, device=device) for c in configs]
+    for probe in probes:
+        xs, ys, xv, yv = probe._inputs(x, labels, x_val, labels_val)
+        torch.manual_seed(seed)        # the initial weights, as TrainedProbe.fit draws them alone
+        probe.model = probe.build(xs.shape[1], probe.num_classes)
+    fitted = train_mlps([p.model for p in probes], xs, ys, xv, yv, list(configs), probes[0].num_classes, seed,
+                        probes[0].device)
+    out = []
+    for probe, (state, result) in zip(probes, fitted):
+        probe.model.load_state_dict(state)
+        probe.result = result
+        out.append((probe, probe.predict_proba(xv) if xv is not None else None))
+    return out
