@@ -99,20 +99,34 @@ def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int,
     return [(loss.item() / n, right.item() / n) for loss, right in zip(total_loss, correct)]
 
 
-def _state(w1: torch.Tensor, out: _OutputLayer) -> dict:
-    """The nn.Sequential state dict (on the CPU) of one MLP's current weights (w1: its rows of the first layer)."""
-    w1, w2 = w1.cpu(), out.weight.detach().cpu()
+def _state(w1: torch.Tensor, w2: torch.Tensor) -> dict:
+    """The nn.Sequential state dict (on the CPU) of one MLP's weights (w1: its rows of the first layer)."""
+    w1, w2 = w1.cpu(), w2.detach().cpu()
     return {"0.weight": w1[:, :-1].clone(), "0.bias": w1[:, -1].clone(),
             "3.weight": w2[:, :-1].clone(), "3.bias": w2[:, -1].clone()}
 
 
 @torch.inference_mode()
-def _val_logits(w1: torch.Tensor, out: _OutputLayer, x_val: torch.Tensor, eval_batch: int) -> torch.Tensor:
-    """(n_val, C) logits on the CPU, eval_batch rows at a time."""
-    w2 = out.weight
-    parts = [torch.addmm(w2[:, -1], torch.relu(torch.addmm(w1[:, -1], xb, w1[:, :-1].T)), w2[:, :-1].T).cpu()
-             for xb in x_val.split(eval_batch)]
-    return torch.cat(parts)
+def _val_hidden(first: LazyLayer, x_val: torch.Tensor, eval_batch: int) -> torch.Tensor:
+    """(n_val, hidden of every MLP) the first layer's outputs on x_val (with its ones column), eval_batch rows at a time."""
+    return torch.cat([first.eval_outputs(x_val, s, min(s + eval_batch, len(x_val)))
+                      for s in range(0, len(x_val), eval_batch)])
+
+
+class _Best:
+    """Every MLP's best val epoch so far: the first layer's coordinates (LazyLayer.coordinates, all rows,
+    an MLP's rows replaced when it improves; materialised once at the end) and each output layer."""
+
+    def __init__(self, first: LazyLayer, outs: list[_OutputLayer]) -> None:
+        self.coords, self.out = first.coordinates(), [o.weight.clone() for o in outs]
+
+    def keep(self, i: int, rows: tuple[int, int], coords: torch.Tensor, out: _OutputLayer) -> None:
+        self.coords[rows[0]:rows[1]] = coords[rows[0]:rows[1]]
+        self.out[i] = out.weight.clone()
+
+    def states(self, first: LazyLayer, cols: list[tuple[int, int]]) -> list[dict]:
+        w1 = first.materialise(self.coords)
+        return [_state(w1[a:b], w2) for (a, b), w2 in zip(cols, self.out)]
 
 
 def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
@@ -156,12 +170,14 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     drops = [(c.dropout, torch.Generator().manual_seed(seed)) if c.dropout else None for c in cfgs]
     models = [m.to(device) for m in models]             # on the device, as fit_module leaves it (predict_proba)
     x, y = with_ones(x.to(device)), y.to(device)
-    x_val = x_val.to(device) if x_val is not None else None
+    x_val = with_ones(x_val.to(device)) if x_val is not None else None
+    y_val = y_val.to(device) if y_val is not None else None
     weight = loss_weights(y.cpu(), num_classes, shared.class_weight)
     cw = weight.to(device) if weight is not None else None
     first, outs, cols = _layers(models, cfgs, device)
     gram, lrs = full_gram(x, shared.epochs, shared.batch_size), [float(c.lr) for c in cfgs]
-    results, best = [FitResult(0, None) for _ in cfgs], [None] * len(cfgs)
+    first.use_dual(x, gram, shared.epochs, x_val)
+    results, best = [FitResult(0, None) for _ in cfgs], _Best(first, outs)
     epochs = range(1, shared.epochs + 1)
     if show_progress:
         from tqdm import tqdm
@@ -172,21 +188,24 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
         for out, lr in zip(outs, lrs):
             out.lr = lr
         train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
-        for i, ((a, b), out, cfg, result) in enumerate(zip(cols, outs, cfgs, results)):
+        hidden, coords = _val_hidden(first, x_val, EVAL_BATCH) if x_val is not None else None, None
+        for i, ((a, b), out, result) in enumerate(zip(cols, outs, results)):
             entry = {"epoch": epoch, "lr": lrs[i], "train_loss": train[i][0], "train_acc": train[i][1]}
-            if x_val is not None:
-                logits = _val_logits(first.weight[a:b], out, x_val, EVAL_BATCH)
-                entry["val_loss"] = F.cross_entropy(logits, y_val, weight=weight).item()
+            if hidden is not None:
+                logits = torch.addmm(out.weight[:, -1], torch.relu(hidden[:, a:b]), out.weight[:, :-1].T)
+                entry["val_loss"] = F.cross_entropy(logits, y_val, weight=cw).item()
                 entry["val_acc"] = (logits.argmax(1) == y_val).float().mean().item()
                 if result.best_acc is None or entry["val_acc"] > result.best_acc:
                     result.best_acc, result.best_epoch = entry["val_acc"], epoch
-                    best[i] = _state(first.weight[a:b], out)
+                    coords = first.coordinates() if coords is None else coords
+                    best.keep(i, (a, b), coords, out)
             result.history.append(entry)
         lrs = [lr * c.gamma if epoch % c.step_size == 0 else lr for lr, c in zip(lrs, cfgs)]   # StepLR.step()
-    for i, (a, b) in enumerate(cols):
-        if best[i] is None:
-            results[i].best_epoch, best[i] = shared.epochs, _state(first.weight[a:b], outs[i])
-    return list(zip(best, results))
+    if x_val is None:                                   # no val: every MLP keeps its last epoch
+        best = _Best(first, outs)
+        for result in results:
+            result.best_epoch = shared.epochs
+    return list(zip(best.states(first, cols), results))
 
 
 def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],

@@ -335,13 +335,16 @@ def test_an_ncm_group_gives_every_temperature_the_probabilities_of_its_probe_alo
         assert probe.cfg == cfg and probe.result.best_acc == pytest.approx(alone.result.best_acc)
 
 
-def test_mlps_trained_together_equal_each_mlp_trained_alone(monkeypatch):
+@pytest.mark.parametrize("dual", ["off", "on"])
+def test_mlps_trained_together_equal_each_mlp_trained_alone(monkeypatch, dual):
     """Two MLPs with their own hidden width, lr, momentum, weight decay and StepLR, trained as one
-    LazyLayer over windows of 3 steps, end with the weights, history and best epoch of each alone."""
+    LazyLayer over windows of 3 steps (in primal or dual coordinates: val through the cross Gram, best
+    epochs kept as coordinates), end with the weights, history and best epoch of each alone."""
     from pipeline import lazy_sgd
     from pipeline.probe_groups import fit_mlp_group
 
     monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 3)
+    monkeypatch.setattr(lazy_sgd, "DUAL", dual)
     X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=11))        # 38 rows: a last batch of 2
     Xv, yv = blobs(n_per_class=5, spread=2.0, seed=12)
     shared = {"epochs": 5, "batch_size": 4, "class_weight": "balanced"}
