@@ -44,7 +44,7 @@ print(json.dumps(results))
 """
 
 
-def loaded_by(probes: list[tuple[list[str], tuple[str, ...]]], preload: tuple[str, ...] = ()) -> list[tuple]:
+def loaded_by_each(probes: list[tuple[list[str], tuple[str, ...]]], preload: tuple[str, ...] = ()) -> list[tuple]:
     """Run run_pipeline.main(argv) for each (argv, heavy) in a child of one fresh interpreter that
     imported only run_pipeline and `preload`; [(exit code, modules of heavy it holds afterwards)]."""
     script = PROBE.format(root=str(ROOT), probes=probes, preload=preload)
@@ -53,8 +53,13 @@ def loaded_by(probes: list[tuple[list[str], tuple[str, ...]]], preload: tuple[st
     return [(r["code"], set(r["loaded"])) for r in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
+def loaded_by(argv: list[str], heavy: tuple[str, ...] = HEAVY) -> tuple[int, set[str]]:
+    """run_pipeline.main(argv) in a fresh interpreter; (exit code, heavy modules it imported)."""
+    return loaded_by_each([(argv, heavy)])[0]
+
+
 def test_help_and_config_errors_answer_before_torch_is_imported(params_file):
-    helped, bad_value, bad_stage = loaded_by([
+    helped, bad_value, bad_stage = loaded_by_each([
         (["--help"], HEAVY),
         (["head", "--params", str(params_file), "--set", "head.lr=-1"], HEAVY),
         (["nosuchstage", "--params", str(params_file)], HEAVY)])
@@ -81,7 +86,7 @@ def test_each_stage_imports_only_what_it_uses(params_file, tiny_cfg, tmp_path):
     params = ["--params", str(params_file)]
     base = params + ["--set", f"features.file={cache_file}"]
     lite_sets = [a for s in lite + ["report.enabled=true"] for a in ("--set", s)]
-    head, logistic, reported, warm, torchvision_only = loaded_by([
+    head, logistic, reported, warm, torchvision_only = loaded_by_each([
         (["head"] + base, HEAVY),
         (["logistic"] + base, HEAVY),
         (["head"] + base + ["--set", "report.enabled=true"], HEAVY),
