@@ -1,7 +1,7 @@
 """Run pipeline code in a child process: to kill it (-9, Ctrl-C) or to keep a failure out of the test process.
 
-Children come from a forkserver that imported torch once, so each starts in ~50 ms instead of
-seconds, and none inherits the test process's threads.
+Children come from a forkserver that imported torch (and matplotlib) once, so each starts in ~50 ms
+instead of seconds, and none inherits the test process's threads.
 """
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# The reports' libraries too (matplotlib, the report modules): the run-folder tests draw them in every
+# child they kill, and importing matplotlib costs ~1 s per child on a busy machine.
 PRELOAD = ["torch", "torchvision", "h5py", "PIL.Image", "pipeline.extract", "pipeline.head", "pipeline.logistic",
-           "pipeline.finetune", "pipeline.rundir", "run_pipeline"]
+           "pipeline.finetune", "pipeline.rundir", "run_pipeline", "matplotlib.figure", "matplotlib.ticker",
+           "matplotlib.backends.backend_agg", "matplotlib.patches", "pipeline.plots", "pipeline.report",
+           "pipeline.class_report", "pipeline.sweep_stage", "pipeline.sweep_report"]
 
 
 def context() -> mp.context.BaseContext:

@@ -15,6 +15,22 @@ def spec_of(name, weights="none", image_size=None):
     return cfg, resolve_backbone(cfg, seed=0)
 
 
+@pytest.fixture(scope="module")
+def networks():
+    """name -> its torchvision network, random weights drawn after torch.manual_seed(0), in eval mode;
+    built once per name (VGG11 takes seconds) for the tests that only read it."""
+    built = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in built:
+            cfg, spec = spec_of(name)
+            torch.manual_seed(0)
+            built[name] = build_network(cfg, spec).eval()
+        return built[name]
+
+    return get
+
+
 def test_preprocessing_comes_from_the_weights():
     assert spec_of("resnet18", "DEFAULT")[1].preprocess.crop_size == 224
     inception = spec_of("inception_v3", "DEFAULT")[1].preprocess
@@ -92,10 +108,9 @@ def test_pickled_object_is_refused(tmp_path):
                                              ("alexnet", 4096, "classifier.6"),
                                              ("squeezenet1_1", 512, "classifier.1"),
                                              ("mobilenet_v3_small", 1024, "classifier.3")])
-def test_features_are_the_classifier_input(name, dim, path):
+def test_features_are_the_classifier_input(networks, name, dim, path):
     cfg, spec = spec_of(name, image_size=64)
-    torch.manual_seed(0)
-    net = build_network(cfg, spec)
+    net = networks(name)
     assert classifier_path(name, net) == path
     torch.manual_seed(0)
     extractor = build_feature_extractor(cfg, spec)
@@ -156,12 +171,11 @@ def test_a_replaced_hub_weights_file_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name, size, dim", [("vgg11", 32, 512 * 7 * 7), ("alexnet", 64, 256 * 6 * 6)])
-def test_conv_cut_is_exactly_the_dense_classifier_input(name, size, dim):
+def test_conv_cut_is_exactly_the_dense_classifier_input(networks, name, size, dim):
     cfg = BackboneConfig(name=name, weights="none", image_size=size, cut="conv")
     spec = resolve_backbone(cfg, seed=0)
     assert spec.cut == "conv" and spec.to_dict()["cut"] == "conv"
-    torch.manual_seed(0)
-    net = build_network(cfg, spec).eval()
+    net = networks(name)  # the same seed-0 network: a torchvision model's build ignores the cut and the size
     torch.manual_seed(0)
     extractor = build_feature_extractor(cfg, spec)
     assert extractor.feature_dim == dim

@@ -1,4 +1,4 @@
-"""torchrun on CPU (gloo, 2 processes): sharded extraction, its resume, and DDP finetuning."""
+"""torchrun on CPU (gloo, 2 processes): sharded extraction, its resume, and DDP finetuning (three launches)."""
 from __future__ import annotations
 
 import os
@@ -61,7 +61,9 @@ def folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "imgs", n_train=20, n_val=6)  # 52 images
 
 
-def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_path, folder):
+def test_torchrun_extraction_equals_single_process_stays_incremental_and_finetunes_with_ddp(tmp_path, folder):
+    """Sharded extraction, then (one more launch) its incremental re-run with a head trained on rank 0 and
+    one epoch of DDP finetuning from it: each torchrun launch costs a few seconds of start-up alone."""
     single = overrides(tmp_path, folder, "cache1", "single")
     assert run_pipeline.main(["extract", *single]) == 0
     args = overrides(tmp_path, folder, "cache2", "dist")
@@ -81,12 +83,33 @@ def test_torchrun_extraction_equals_single_process_and_stays_incremental(tmp_pat
     for cls in ("ants", "bees"):
         for i in (20, 21):
             (tmp_path / "more" / "train" / cls / f"img_{i:03d}.png").rename(folder / "train" / cls / f"img_{i:03d}.png")
-    done = torchrun(["extract", *args])
+    done = torchrun(["extract", "head", "finetune", *args, "--set", "finetune.init_head=cached"])
     assert done.returncode == 0, done.stderr[-3000:]
-    entry = read_metrics(tmp_path / "runs" / "dist")["extract"]
+    run_dir = tmp_path / "runs" / "dist"
+    metrics = read_metrics(run_dir)
+    entry = metrics["extract"]
     assert entry["rows_extracted"] == 4 and entry["rows_reused"] == 52 and entry["rows_per_process"] == [2, 2]
     assert run_pipeline.main(["extract", *single]) == 0
     assert_same_cache(cache_file(tmp_path / "cache1"), cache_file(tmp_path / "cache2"))
+    assert_ddp_finetune(done.stdout, run_dir, metrics, folder)
+
+
+def assert_ddp_finetune(stdout: str, run_dir: Path, metrics: dict, folder: Path) -> None:
+    """A head trained on rank 0 alone, then one epoch of DDP finetuning from it, scored on all of val."""
+    assert stdout.count("head: best val_acc") == 1  # rank 0 alone trained the head
+    assert stdout.count("finetune: best val_acc") == 1
+    assert "DDP, 4 images per process per step" in stdout and "classifier from head.pt" in stdout
+    entry = metrics["finetune"]
+    assert entry["processes"] == 2 and entry["epochs"] == 1 and metrics["extract"]["processes"] == 2
+
+    # The val accuracy the ranks computed together is the saved model's on all of val, in one process.
+    predictor = load_predictor(run_dir, "finetune", torch.device("cpu"))
+    data = load_image_folder(str(folder))
+    images = ImageListDataset(data.root, data.val, eval_transform(predictor.preprocess))
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    acc = float((predictor.probs_from_images(x).argmax(1) == np.asarray(data.val.labels)).mean())
+    assert acc == pytest.approx(entry["val_acc"], abs=1e-4)
+    assert (run_dir / "SHA256SUMS").read_text().count("finetune.pt") == 1
 
 
 # The killed-rank case also runs a timm model with two taps, so torchrun extraction is covered for timm
@@ -111,28 +134,6 @@ def test_a_killed_rank_loses_only_its_chunk_in_progress(tmp_path, folder):
     assert "resuming saved work" in entry["miss_reason"]
     assert run_pipeline.main(["extract", *overrides(tmp_path, folder, "clean", "single", TIMM_TAPS)]) == 0
     assert_same_cache(cache_file(tmp_path / "clean"), cache_file(cache_dir), taps=("pool", "stage-2"))
-
-
-def test_ddp_finetune_one_epoch_after_a_head_trained_on_rank_0(tmp_path, folder):
-    args = overrides(tmp_path, folder, "cache", "ddp") + ["--set", "finetune.init_head=cached"]
-    done = torchrun(["extract", "head", "finetune", *args])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("head: best val_acc") == 1  # rank 0 alone trained the head
-    assert done.stdout.count("finetune: best val_acc") == 1
-    assert "DDP, 4 images per process per step" in done.stdout and "classifier from head.pt" in done.stdout
-    run_dir = tmp_path / "runs" / "ddp"
-    metrics = read_metrics(run_dir)
-    entry = metrics["finetune"]
-    assert entry["processes"] == 2 and entry["epochs"] == 1 and metrics["extract"]["processes"] == 2
-
-    # The val accuracy the ranks computed together is the saved model's on all of val, in one process.
-    predictor = load_predictor(run_dir, "finetune", torch.device("cpu"))
-    data = load_image_folder(str(folder))
-    images = ImageListDataset(data.root, data.val, eval_transform(predictor.preprocess))
-    x = torch.stack([images[i][0] for i in range(len(images))])
-    acc = float((predictor.probs_from_images(x).argmax(1) == np.asarray(data.val.labels)).mean())
-    assert acc == pytest.approx(entry["val_acc"], abs=1e-4)
-    assert (run_dir / "SHA256SUMS").read_text().count("finetune.pt") == 1
 
 
 def test_single_process_helpers_are_identities(monkeypatch):

@@ -15,7 +15,10 @@ from tests.conftest import make_image_folder, tiny_overrides
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("name, image_size", [("resnet18", 32), ("vgg11", 32), ("inception_v3", None)])
+# One model per classifier shape: fc (resnet18), a dense classifier whose last Linear is replaced
+# (alexnet: VGG11's shape, with 61M parameters to its 133M; VGG11's own dense layers are trained in
+# tests/test_head.py), and inception_v3's auxiliary head.
+@pytest.mark.parametrize("name, image_size", [("resnet18", 32), ("alexnet", 64), ("inception_v3", None)])
 def test_finetune_trains_and_checkpoints(tmp_path, name, image_size):
     root = make_image_folder(tmp_path / "imgs", n_train=2, n_val=1, size=24)
     cfg = load_config(None, tiny_overrides(tmp_path, root) + [

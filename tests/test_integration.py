@@ -106,7 +106,10 @@ def test_streamed_heads_match_the_in_memory_path_on_real_features(digits_args, c
 
     c = streamed["logistic"]["C"]
     # Solved tightly: near-separable (400 rows, 1280 dims), lbfgs's default tol stops 2 images short at C=1.
-    ovr = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=c, tol=1e-8, max_iter=10000)))
+    # Newton-CG reaches the same (unique, L2-regularised) optimum closer than lbfgs at tol=1e-8, and in
+    # a tenth of its time (2.5 s vs 19 s here: same val score, |coef| sums 269.8144 vs 269.8116).
+    ovr = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=c, solver="newton-cg", tol=1e-8,
+                                                                                 max_iter=1000)))
     exact = ovr.fit(cache.train.features, cache.train.labels).score(cache.val.features, cache.val.labels)
     print(f"logistic: exact one-vs-rest LogisticRegression at C={c:g}: {exact:.4f}")
     assert streamed["logistic"]["val_acc"] >= memory["logistic"]["val_acc"] - 0.01
