@@ -13,10 +13,8 @@ scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -46,25 +44,6 @@ TEST_NOTE = ("selected on val only; test was scored once, after selection, for t
              "each head type")
 JOINT_NOTE = ("* trained jointly with the other heads of its group (linear heads or MLPs in one batched run, kNN or "
               "NCM on one shared similarity search): seconds is its share of that run")
-
-
-LOGISTIC_MODULES = ("sklearn.linear_model", "sklearn.pipeline", "sklearn.preprocessing", "threadpoolctl")
-
-
-def prefetch_imports(modules: Sequence[str]) -> threading.Thread:
-    """Import modules on a background thread while the sweep trains (scikit-learn takes seconds to import;
-    the training's GEMMs release the GIL, so on a spare core the import is hidden). Where the module is
-    used, its plain `import` waits for this one to finish, or raises the import's error itself."""
-    def work() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:   # reported by the import where the module is used
-                return
-
-    thread = threading.Thread(target=work, name="prefetch-imports")   # not a daemon: never cut mid-import
-    thread.start()
-    return thread
 
 
 class SweepError(ProbeError):
@@ -291,8 +270,6 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
     num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
     units = _order(configs, defaults, device)
-    if any(c.head_type == "logistic" for c in configs):
-        prefetch_imports(LOGISTIC_MODULES)      # the logistic units run last
     outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
     bar = None
     if progress:

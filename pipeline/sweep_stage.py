@@ -37,12 +37,11 @@ from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import float32_nbytes, needs_streaming, stream_message
 from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_TYPES, SweepConfig, SweepOutcome, SweepResult,
-                            expand_grid, full_params, prefetch_imports)
+                            expand_grid, full_params)
 from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
 HEAD_FILE = MODEL_FILES["head"]
-PLOT_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches")
 MISSING_CLASS_BIAS = -1e4   # a folded logistic winner's logit for a class absent from train: never chosen
 
 
@@ -97,7 +96,6 @@ def run_sweep(cfg: Config, device: torch.device) -> dict:
                                            "a sweep keeps the features in memory: raise head.max_memory_gb, or "
                                            "train one linear head with the head stage (streamed)"))
     defaults = sweep_defaults(cfg)
-    prefetch_imports(PLOT_MODULES)  # sweep.png is drawn after the training: matplotlib imports meanwhile
     outcome, features = _sweep_taps(cfg, device, inputs, configs, defaults)
     if not outcome.results:
         raise KeyboardInterrupt("sweep: interrupted before any configuration finished; nothing was written")

@@ -172,7 +172,7 @@ def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
 
 
 def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
-    """The sweep imports scikit-learn on a background thread while it trains, and only when it will use it."""
+    """The sweep imports scikit-learn only when it will use it."""
     code = ("import sys, numpy as np; from pipeline.sweep import expand_grid, run_sweep; "
             "X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3; "
             "out = run_sweep(expand_grid({grid!r}), X, y, X, y); "
