@@ -160,7 +160,7 @@ def main() -> None:
                      f"{tutorial['seconds'] / views['seconds']:.1f}"))
     print()
     print(table(rows, ("method", "wall s", "best val acc", "speed-up vs tutorial")))
-    print(f"\nextraction: {extract_entry['images']} images at {extract_entry['images_per_second']} img/s; "
+    print(f"\nextraction: {extract_entry['images']} images at {extract_entry['images_per_second']:.1f} img/s; "
           f"warm runs: cache hit, 0 backbone forward passes; load average {warm['load'][0]:.1f} -> "
           f"{warm['load'][1]:.1f} over them")
     if args.output:
