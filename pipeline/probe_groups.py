@@ -35,8 +35,10 @@ def mlp_group_key(cfg: MLPConfig, device: Union[str, torch.device] = "cpu") -> O
     return tuple(getattr(cfg, name) for name in MLP_SHARED)
 
 
-def _accuracy(proba: np.ndarray, labels: torch.Tensor) -> float:
-    return float((proba.argmax(1) == labels.numpy()).mean())
+def _scored(probe, proba: np.ndarray, labels_val: torch.Tensor) -> tuple:
+    """(probe, its val probabilities), the probe's result their val top-1 (no training: epoch 0)."""
+    probe.result = FitResult(0, float((proba.argmax(1) == labels_val.numpy()).mean()))
+    return probe, proba
 
 
 def fit_knn_group(configs: Sequence[KNNConfig], x: torch.Tensor, labels: torch.Tensor, x_val: torch.Tensor,
@@ -54,9 +56,8 @@ def fit_knn_group(configs: Sequence[KNNConfig], x: torch.Tensor, labels: torch.T
         probe.num_classes, probe.n_features, probe.bank, probe.labels = (first.num_classes, first.n_features,
                                                                          first.bank, first.labels)
         k = min(probe.cfg.k, len(first.bank))
-        proba = knn_proba(sims[:, :k], neighbour_labels[:, :k], probe.cfg.temperature, first.num_classes)
-        probe.result = FitResult(0, _accuracy(proba, labels_val))
-        out.append((probe, proba))
+        out.append(_scored(probe, knn_proba(sims[:, :k], neighbour_labels[:, :k], probe.cfg.temperature,
+                                            first.num_classes), labels_val))
     return out
 
 
@@ -70,9 +71,7 @@ def fit_ncm_group(configs: Sequence[NCMConfig], x: torch.Tensor, labels: torch.T
     for cfg in configs:
         probe = copy.copy(first)
         probe.cfg = cfg
-        proba = probe.proba_from(d2)
-        probe.result = FitResult(0, _accuracy(proba, labels_val))
-        out.append((probe, proba))
+        out.append(_scored(probe, probe.proba_from(d2), labels_val))
     return out
 
 
