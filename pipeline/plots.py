@@ -5,7 +5,7 @@ through pyplot's global state: nothing opens a window, nothing needs a display, 
 module selects no backend.
 
 The confusion matrix and the training curves place their axes at fixed positions (`_axes_at`) with
-margins worked out from their text (`_text_width`, `_text_height`): matplotlib's constrained layout
+margins worked out from their text (`text_width`, `_text_height`): matplotlib's constrained layout
 measures every artist several times, 0.35-0.45 s of a warm head run's 3-4 s. The prediction grid
 is drawn by Pillow alone: one image of the tiles with its captions written on it, where an axes and
 text artists per tile cost 0.3-0.5 s.
@@ -53,7 +53,7 @@ def _wrap(text: str, width_inches: float, fontsize: float = 10) -> str:
     return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
-def _text_width(text: str, fontsize: float = 10) -> float:
+def text_width(text: str, fontsize: float = 10) -> float:
     """Inches the longest line of text takes at most (EM per character)."""
     return max(len(line) for line in text.split("\n")) * EM * fontsize / 72
 
@@ -87,10 +87,10 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[s
     names = [_short(c) for c in classes]
     rotate = 45 if max(len(c) for c in classes) > 3 else 0
     side = min(max(3.0, 0.5 * n), 20)                           # the matrix, inches
-    label = max(_text_width(name) for name in names) + 0.1      # a tick label and its tick
+    label = max(text_width(name) for name in names) + 0.1      # a tick label and its tick
     below = 0.71 * (label + 0.17) if rotate else 0.3            # x tick labels, rotated: their bounding box
     left, bottom = 0.45 + label, 0.45 + below                   # then the axis label (0.2) and air
-    right = 0.55 + _text_width(str(counts.max())) + 0.1         # colourbar gap and bar, its labels, air
+    right = 0.55 + text_width(str(counts.max())) + 0.1         # colourbar gap and bar, its labels, air
     top1, per_class = accuracies(y_true, y_pred)
     heading = _wrap(f"{title}\nval top-1 {top1:.3f}, mean per-class {per_class:.3f} ({len(y_true)} images)",
                     left + side + right - 0.3, 11)

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.plots import PNG, text_width
 from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
                             SweepOutcome)
 
@@ -101,8 +102,8 @@ def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dic
 
 
 # Fixed margins (inches) instead of tight_layout's extra draw: the label column is sized from its longest
-# label (DejaVu Sans at 8 pt: at most about 0.066 in a character), the legend's column from its longest entry.
-INCHES_PER_CHAR, BARS_INCHES, TITLE_INCHES, AXIS_INCHES = 0.066, 5.0, 0.45, 0.6
+# label at 8 pt (plots.text_width), the legend's column from its longest entry.
+BARS_INCHES, TITLE_INCHES, AXIS_INCHES = 5.0, 0.45, 0.6
 TEST_LABEL = "test top-1 (chosen models)"
 TYPE_COLOURS = {"linear": "#1f77b4", "mlp": "#9467bd", "knn": "#2ca02c", "ncm": "#ff7f0e", "logistic": "#d62728"}
 
@@ -120,8 +121,8 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     ranked = [r for r in everything if id(r) in keep]
     labels = [f"#{i} {r.head_type} {r.config.label()}" for i, r in enumerate(everything, 1) if id(r) in keep]
     tested = [(y, r.test_acc) for y, r in zip(np.arange(len(ranked))[::-1], ranked) if r.test_acc is not None]
-    label_w = 0.2 + INCHES_PER_CHAR * max(len(t) for t in labels)
-    legend_w = 0.6 + INCHES_PER_CHAR * (len(TEST_LABEL) if tested else max(len(t) for t in SWEEP_TYPES))
+    label_w = 0.2 + max(text_width(t, 8) for t in labels)
+    legend_w = 0.6 + text_width(TEST_LABEL if tested else max(SWEEP_TYPES, key=len), 8)
     width, height = label_w + BARS_INCHES + legend_w, 1.2 + 0.28 * len(ranked)
     fig = Figure(figsize=(width, height))   # no pyplot: no global figure state, no GUI backend
     FigureCanvasAgg(fig)
@@ -151,6 +152,6 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, format="png", pil_kwargs={"compress_level": 1})  # zlib 1: a fifth of level 6's time
+    fig.savefig(tmp, dpi=110, format="png", pil_kwargs=PNG)
     os.replace(tmp, path)
     return path
