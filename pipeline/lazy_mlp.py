@@ -75,7 +75,9 @@ def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int
             torch.mm(h[s:e], out.weight.T, out=lg[s:e])
             p = torch.softmax(lg[s:e], 1)
             g2 = torch.addcmul(target[s:e], p, sw[s:e])                 # d loss / d logits
-            gh = g2 @ out.weight[:, :b - a] if noise is None else (g2 @ out.weight[:, :b - a]).mul_(noise)
+            gh = g2 @ out.weight[:, :b - a]
+            if noise is not None:
+                gh.mul_(noise)
             torch.mul(gh, z > 0, out=first.g[s:e, a:b])                  # back through the ReLU
             out.step(g2.T @ h[s:e])
         first.step(k)
@@ -143,12 +145,14 @@ def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
 
 
 def _check_shared(cfgs: list["MLPConfig"], device: torch.device) -> "MLPConfig":
-    """The first config, after checking that all share epochs, batch_size and class_weight, and that
-    dropout, if any, is on the CPU (where fit_module's masks are bernoulli draws this loop can repeat)."""
+    """The first config, after checking that all share epochs, batch_size and class_weight (joint.SHARED), and
+    that dropout, if any, is on the CPU (where fit_module's masks are bernoulli draws this loop can repeat)."""
+    from pipeline.joint import SHARED, shared_key
     from pipeline.probes import ProbeError
 
-    if not cfgs or len({(c.epochs, c.batch_size, c.class_weight) for c in cfgs}) > 1:
-        raise ProbeError("train_mlps: give MLP configs that share epochs, batch_size and class_weight")
+    if not cfgs or len({shared_key(c) for c in cfgs}) > 1:
+        raise ProbeError(f"jointly trained MLPs must share {', '.join(SHARED)} (group them with "
+                         "probe_groups.mlp_group_key)")
     if device.type != "cpu" and any(c.dropout for c in cfgs):
         raise ProbeError(f"train_mlps: dropout > 0 on {device.type} draws its masks with a fused kernel: train "
                          "such an MLP alone (probes.fit_module)")
@@ -169,11 +173,11 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     # fit_module seeds the global generator with seed, and only dropout draws from it: each MLP its own copy
     drops = [(c.dropout, torch.Generator().manual_seed(seed)) if c.dropout else None for c in cfgs]
     models = [m.to(device) for m in models]             # on the device, as fit_module leaves it (predict_proba)
+    weight = loss_weights(y.cpu(), num_classes, shared.class_weight)
+    cw = weight.to(device) if weight is not None else None
     x, y = with_ones(x.to(device)), y.to(device)
     x_val = with_ones(x_val.to(device)) if x_val is not None else None
     y_val = y_val.to(device) if y_val is not None else None
-    weight = loss_weights(y.cpu(), num_classes, shared.class_weight)
-    cw = weight.to(device) if weight is not None else None
     first, outs, cols = _layers(models, cfgs, device)
     gram, lrs = full_gram(x, shared.epochs, shared.batch_size), [float(c.lr) for c in cfgs]
     first.use_dual(x, gram, shared.epochs, x_val)
@@ -188,7 +192,8 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
         for out, lr in zip(outs, lrs):
             out.lr = lr
         train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
-        hidden, coords = _val_hidden(first, x_val, EVAL_BATCH) if x_val is not None else None, None
+        hidden = _val_hidden(first, x_val, EVAL_BATCH) if x_val is not None else None
+        coords = None                                   # the first layer's coordinates, taken once an epoch
         for i, ((a, b), out, result) in enumerate(zip(cols, outs, results)):
             entry = {"epoch": epoch, "lr": lrs[i], "train_loss": train[i][0], "train_acc": train[i][1]}
             if hidden is not None:

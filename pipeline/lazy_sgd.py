@@ -63,10 +63,15 @@ def with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
 
 
+def gram_fits(n: int, x: torch.Tensor) -> bool:
+    """Whether the Gram matrix of n rows of x's dtype fits in GRAM_BYTES."""
+    return n * n * x.element_size() <= GRAM_BYTES
+
+
 def full_gram(x_aug: torch.Tensor, epochs: int, batch_size: int) -> Optional[torch.Tensor]:
     """X X^T of the whole train set when it fits in GRAM_BYTES and costs less than a Gram per window; else None."""
     n = len(x_aug)
-    if n * n * x_aug.element_size() > GRAM_BYTES or epochs * window_steps(batch_size) * batch_size <= n:
+    if not gram_fits(n, x_aug) or epochs * window_steps(batch_size) * batch_size <= n:
         return None
     return x_aug @ x_aug.T
 
@@ -149,7 +154,7 @@ class LazyLayer:
         epoch, e.g. val) gets its cross Gram. Call it before the first window. Returns whether it is dual."""
         n, n_eval = len(x), 0 if x_eval is None else len(x_eval)
         momentum = self.buf is not None
-        if (n * n * x.element_size() > GRAM_BYTES
+        if (not gram_fits(n, x)
                 or not dual_pays(n, n_eval, x.shape[1], len(self._weight), momentum, epochs, gram is not None)):
             return False
         self.dual = _Dual(x, x @ x.T if gram is None else gram, self._weight, momentum, self.wd.any, x_eval)

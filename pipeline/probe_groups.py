@@ -21,23 +21,21 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pipeline.probes import (FitResult, KNNConfig, KNNProbe, MLPConfig, MLPProbe, NCMConfig, NCMProbe,
-                             ProbeError, knn_proba)
-
-MLP_SHARED = ("epochs", "batch_size", "class_weight")   # what the MLPs of one joint run must agree on
-
+from pipeline.probes import FitResult, KNNConfig, KNNProbe, MLPConfig, MLPProbe, NCMConfig, NCMProbe, knn_proba
 
 def mlp_group_key(cfg: MLPConfig, device: Union[str, torch.device] = "cpu") -> Optional[tuple]:
     """MLP configs with equal keys train in one joint run; None: this one trains alone (dropout > 0 off
     the CPU: probes.fit_module)."""
     if cfg.dropout and torch.device(device).type != "cpu":
         return None
-    return tuple(getattr(cfg, name) for name in MLP_SHARED)
+    from pipeline.joint import shared_key   # the MLPs of one joint run share the batches and loss, as linear heads
+
+    return shared_key(cfg)
 
 
 def _scored(probe, proba: np.ndarray, labels_val: torch.Tensor) -> tuple:
     """(probe, its val probabilities), the probe's result their val top-1 (no training: epoch 0)."""
-    probe.result = FitResult(0, float((proba.argmax(1) == labels_val.numpy()).mean()))
+    probe.result = FitResult(0, float((proba.argmax(1) == np.asarray(labels_val)).mean()))
     return probe, proba
 
 
@@ -45,18 +43,15 @@ def fit_knn_group(configs: Sequence[KNNConfig], x: torch.Tensor, labels: torch.T
                   labels_val: torch.Tensor, num_classes: int, seed: int = 0,
                   device: Union[str, torch.device] = "cpu") -> list[tuple[KNNProbe, np.ndarray]]:
     """Every kNN config on one bank and one top-k_max search of the val rows."""
-    probes = [KNNProbe(c, num_classes=num_classes, seed=seed, device=device) for c in configs]
-    first = probes[0]
-    x, labels, x_val, labels_val = first._inputs(x, labels, x_val, labels_val)
-    first.bank, first.labels = torch.nn.functional.normalize(x, dim=1).to(first.device), labels.to(first.device)
-    sims, idx = first.neighbours(x_val, max(c.k for c in configs))
+    first = KNNProbe(configs[0], num_classes=num_classes, seed=seed, device=device).fit(x, labels)
+    sims, idx = first.neighbours(first._check_fitted(x_val), max(c.k for c in configs))
     neighbour_labels = first.labels[idx]                                     # (n_val, k_max)
     out = []
-    for probe in probes:
-        probe.num_classes, probe.n_features, probe.bank, probe.labels = (first.num_classes, first.n_features,
-                                                                         first.bank, first.labels)
-        k = min(probe.cfg.k, len(first.bank))
-        out.append(_scored(probe, knn_proba(sims[:, :k], neighbour_labels[:, :k], probe.cfg.temperature,
+    for cfg in configs:
+        probe = copy.copy(first)
+        probe.cfg = cfg
+        k = min(cfg.k, len(first.bank))
+        out.append(_scored(probe, knn_proba(sims[:, :k], neighbour_labels[:, :k], cfg.temperature,
                                             first.num_classes), labels_val))
     return out
 
@@ -81,9 +76,6 @@ def fit_mlp_group(configs: Sequence[MLPConfig], x: torch.Tensor, labels: torch.T
     """MLPs of one mlp_group_key trained jointly; each starts from the weights its probe draws alone."""
     from pipeline.lazy_mlp import train_mlps
 
-    keys = {mlp_group_key(c, device) for c in configs}
-    if len(keys) != 1 or None in keys:
-        raise ProbeError(f"jointly trained MLPs must share {', '.join(MLP_SHARED)} (and, off the CPU, have dropout 0)")
     probes = [MLPProbe(c, num_classes=num_classes, seed=seed, device=device) for c in configs]
     for probe in probes:
         xs, ys, xv, yv = probe._inputs(x, labels, x_val, labels_val)

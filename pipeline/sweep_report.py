@@ -120,7 +120,8 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     keep = {id(r) for r in everything[:top]} | {id(r) for r in outcome.chosen()}
     ranked = [r for r in everything if id(r) in keep]
     labels = [f"#{i} {r.head_type} {r.config.label()}" for i, r in enumerate(everything, 1) if id(r) in keep]
-    tested = [(y, r.test_acc) for y, r in zip(np.arange(len(ranked))[::-1], ranked) if r.test_acc is not None]
+    ys = np.arange(len(ranked))[::-1]
+    tested = [(y, r.test_acc) for y, r in zip(ys, ranked) if r.test_acc is not None]
     label_w = 0.2 + max(text_width(t, 8) for t in labels)
     legend_w = 0.6 + text_width(TEST_LABEL if tested else max(SWEEP_TYPES, key=len), 8)
     width, height = label_w + BARS_INCHES + legend_w, 1.2 + 0.28 * len(ranked)
@@ -129,7 +130,6 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     fig.subplots_adjust(left=label_w / width, right=1 - legend_w / width, top=1 - TITLE_INCHES / height,
                         bottom=AXIS_INCHES / height)
     ax = fig.subplots()
-    ys = np.arange(len(ranked))[::-1]
     accs = [r.val_acc for r in ranked]
     ax.barh(ys, accs, color=[TYPE_COLOURS[r.head_type] for r in ranked],
             edgecolor=["black" if i == 0 else "none" for i in range(len(ranked))], linewidth=1.5)

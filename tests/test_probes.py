@@ -112,27 +112,12 @@ def test_mlp_learns_xor_that_a_linear_probe_cannot():
 
 
 def reference_linear_head(X, y, Xv, yv, cfg: LinearConfig, seed: int):
-    """The head stage's loop written out with plain torch: seed, nn.Linear, randperm batches, SGD, StepLR."""
-    torch.manual_seed(seed)
-    head = nn.Linear(X.shape[1], int(y.max()) + 1)
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    X, y, Xv, yv = (torch.as_tensor(a) for a in (X, y, Xv, yv))
-    best, best_acc, best_epoch = None, -1.0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(X), generator=generator)
-        for s in range(0, len(X), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            opt.zero_grad()
-            nn.functional.cross_entropy(head(X[idx]), y[idx]).backward()
-            opt.step()
-        sched.step()
-        with torch.no_grad():
-            acc = (head(Xv).argmax(1) == yv).float().mean().item()
-        if acc > best_acc:
-            best_acc, best_epoch, best = acc, epoch, {k: v.clone() for k, v in head.state_dict().items()}
-    return best, best_acc, best_epoch
+    """The head stage's loop written out with plain torch (tests/reference.py): its best epoch's state, top-1, epoch."""
+    from tests.reference import fit_reference
+
+    num_classes = int(y.max()) + 1
+    ref = fit_reference(lambda: nn.Linear(X.shape[1], num_classes), X, y, Xv, yv, cfg, seed, num_classes)
+    return ref.best, ref.best_acc, ref.best_epoch
 
 
 def test_linear_probe_is_the_head_stage_loop():
