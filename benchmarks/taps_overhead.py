@@ -11,6 +11,7 @@ the backbone's crop size: decoding and resizing are left out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of one batch per extractor (default: 6)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = load_config(None, [f"backbone.name={args.backbone}", f"backbone.taps={['pool', *args.taps]}".replace("'", '"')])
+    cfg = load_config(None, [f"backbone.name={args.backbone}", f"backbone.taps={json.dumps(['pool', *args.taps])}"])
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     size = spec.preprocess.crop_size
     plain = build_feature_extractor(cfg.backbone, spec, seed=0).to(memory_format=torch.channels_last)

@@ -84,11 +84,11 @@ def make_loaders(data: ImageFolderData, pre, job: FinetuneJob, device: torch.dev
     common = {"batch_size": ft.batch_size, "num_workers": workers, "pin_memory": pin,
               "persistent_workers": workers > 0}
     train_set = ImageListDataset(data.root, data.train, train_tf)
-    val_set = ImageListDataset(data.root, data.val, eval_transform(pre))
     if dist.is_distributed:
         sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                      seed=job.seed)
         train = DataLoader(train_set, sampler=sampler, **common)
+        val_set = ImageListDataset(data.root, data.val, eval_transform(pre))
         val = DataLoader(Subset(val_set, val_slice(len(val_set), dist)), shuffle=False, **common)
         return train, val
     generator = torch.Generator().manual_seed(job.seed)

@@ -215,13 +215,12 @@ def plot_prediction_grid(images: Sequence, true: Sequence[str], predicted: Seque
 
     n = len(images)
     cols = min(n, 4 if n <= 8 else 6 if n <= 24 else 8)
-    rows = int(np.ceil(n / cols))
     width = CELL[0] * cols
     caption, small, big = (_font(pt) for pt in (8, 7, 10))
     heading = _wrap(title, width / DPI - 0.2, 10).split("\n")
     top = len(heading) * _line(10) + 14                       # pixels above the first row
     wrong = [t != p for t, p in zip(true, predicted)]
-    canvas, boxes = _mosaic(images, wrong, cols, top, rows)
+    canvas, boxes = _mosaic(images, wrong, cols, top)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     for k, line in enumerate(heading):
@@ -261,12 +260,13 @@ def _centred(draw, x: float, y: float, text: str, font, fill) -> None:
     draw.text((round(x - draw.textlength(text, font=font) / 2), round(y)), text, fill=fill, font=font)
 
 
-def _mosaic(images: Sequence, wrong: Sequence[bool], cols: int, top: int, rows: int):
+def _mosaic(images: Sequence, wrong: Sequence[bool], cols: int, top: int):
     """(canvas, boxes): a white (height, width, 3) uint8 image with each PIL image scaled to fit a TILE
     box in its CELL (tiny ones by nearest neighbour), framed in red when wrong; boxes: (x, y, w, h) of
     each image in pixels from the top left."""
     from PIL import Image
 
+    rows = -(-len(images) // cols)
     canvas = np.full((top + CELL[1] * rows, CELL[0] * cols, 3), 255, dtype=np.uint8)
     red = np.array([int(WRONG[k:k + 2], 16) for k in (1, 3, 5)], dtype=np.uint8)
     boxes = []

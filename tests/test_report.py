@@ -243,6 +243,9 @@ def test_prediction_grid_is_one_picture_with_captions_that_fit_their_tiles(tmp_p
     with Image.open(path) as img:                                  # a mistake's frame is red, a right one's not
         red = tuple(int(plots.WRONG[k:k + 2], 16) for k in (1, 3, 5))
         assert red in {c for _, c in img.getcolors(1 << 20)}
+    canvas, boxes = plots._mosaic(images, [t != p for t, p in zip(true, pred)], 6, 0)
+    edge = [tuple(canvas[y - 2, x + 2]) for x, y, _, _ in boxes]
+    assert edge[8] == red and all(e == (255, 255, 255) for e in edge[:8])
     font = plots._font(8)
     assert isinstance(font, ImageFont.FreeTypeFont)                # matplotlib's DejaVu Sans
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -252,7 +255,7 @@ def test_prediction_grid_is_one_picture_with_captions_that_fit_their_tiles(tmp_p
 
 def test_grid_thumbnails_of_big_jpegs_are_decoded_small_and_upright(tmp_path):
     from pipeline.plots import TILE
-    from pipeline.report import _thumbnail
+    from pipeline.report import _jpeg_thumbnail, _thumbnail
 
     exif = Image.Exif()
     exif[0x0112] = 6                                     # orientation: rotate 90 degrees to show upright
@@ -260,6 +263,7 @@ def test_grid_thumbnails_of_big_jpegs_are_decoded_small_and_upright(tmp_path):
     Image.new("I;16", (300, 150), 65535).save(tmp_path / "deep.png")
     big, deep = _thumbnail(tmp_path, "big.jpg"), _thumbnail(tmp_path, "deep.png")
     assert big.mode == "RGB" and big.size == (TILE // 2, TILE)  # upright: portrait, fitted to the tile
+    assert _jpeg_thumbnail(tmp_path / "big.jpg", TILE).size == (300, 600)    # decoded at a quarter, upright
     assert big.getpixel((10, 10))[0] > 150                        # the photo, not the grey placeholder
     assert deep.mode == "RGB" and deep.getpixel((5, 5)) == (255, 255, 255)  # 16-bit scaled by data.load_image
     assert _thumbnail(tmp_path, "gone.jpg").getpixel((0, 0)) == (200, 200, 200)
