@@ -31,20 +31,24 @@ if TYPE_CHECKING:
 
 
 class _OutputLayer:
-    """The second layer W2 (C, hidden + 1) and its momentum buffer: pipeline.sgd.SGD's update, in place."""
+    """The second layer W2 (C, hidden + 1), updated in place each step by pipeline.sgd's SGD (torch.optim's
+    update) and StepLR."""
 
-    def __init__(self, weight: torch.Tensor, momentum: float, weight_decay: float) -> None:
-        self.weight, self.momentum, self.weight_decay = weight, momentum, weight_decay
-        self.buf = torch.zeros_like(weight) if momentum else None
-        self.lr = 0.0
+    def __init__(self, weight: torch.Tensor, lr: float, momentum: float, weight_decay: float, step_size: int,
+                 gamma: float) -> None:
+        from pipeline.sgd import SGD, StepLR
+
+        self.weight = weight
+        self.opt = SGD([weight], lr, momentum, weight_decay)
+        self.schedule = StepLR(self.opt, step_size, gamma)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
 
     def step(self, grad: torch.Tensor) -> None:
-        if self.weight_decay:
-            grad.add_(self.weight, alpha=self.weight_decay)
-        if self.buf is not None:
-            torch.add(grad, self.buf, alpha=self.momentum, out=self.buf)     # buf = momentum * buf + grad
-            grad = self.buf
-        self.weight.add_(grad, alpha=-self.lr)
+        self.weight.grad = grad
+        self.opt.step()
 
 
 def _dropout_noise(drop: Optional[tuple[float, torch.Generator]], rows: int, hidden: int,
@@ -138,8 +142,8 @@ def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
         w1 = torch.cat([torch.cat([m[0].weight, m[0].bias[:, None]], 1) for m in models]).to(device)
         first = LazyLayer(w1, [c.momentum for c in cfgs], [c.weight_decay for c in cfgs],
                           [m[0].out_features for m in models])
-        outs = [_OutputLayer(torch.cat([m[3].weight, m[3].bias[:, None]], 1).to(device), c.momentum, c.weight_decay)
-                for m, c in zip(models, cfgs)]
+        outs = [_OutputLayer(torch.cat([m[3].weight, m[3].bias[:, None]], 1).to(device), float(c.lr), c.momentum,
+                             c.weight_decay, c.step_size, c.gamma) for m, c in zip(models, cfgs)]
     ends = torch.tensor([m[0].out_features for m in models]).cumsum(0).tolist()
     return first, outs, list(zip([0] + ends[:-1], ends))
 
@@ -179,7 +183,7 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     x_val = with_ones(x_val.to(device)) if x_val is not None else None
     y_val = y_val.to(device) if y_val is not None else None
     first, outs, cols = _layers(models, cfgs, device)
-    gram, lrs = full_gram(x, shared.epochs, shared.batch_size), [float(c.lr) for c in cfgs]
+    gram = full_gram(x, shared.epochs, shared.batch_size)
     first.use_dual(x, gram, shared.epochs, x_val)
     results, best = [FitResult(0, None) for _ in cfgs], _Best(first, outs)
     epochs = range(1, shared.epochs + 1)
@@ -188,9 +192,8 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
 
         epochs = tqdm(epochs, desc="MLP" if len(cfgs) == 1 else f"{len(cfgs)} MLPs", unit="epoch", leave=False)
     for epoch in epochs:
+        lrs = [out.lr for out in outs]                 # both layers of an MLP follow its StepLR
         first.set_lr(lrs, shared.batch_size)
-        for out, lr in zip(outs, lrs):
-            out.lr = lr
         train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
         hidden = _val_hidden(first, x_val, EVAL_BATCH) if x_val is not None else None
         coords = None                                   # the first layer's coordinates, taken once an epoch
@@ -205,7 +208,8 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
                     coords = first.coordinates() if coords is None else coords
                     best.keep(i, (a, b), coords, out)
             result.history.append(entry)
-        lrs = [lr * c.gamma if epoch % c.step_size == 0 else lr for lr, c in zip(lrs, cfgs)]   # StepLR.step()
+        for out in outs:
+            out.schedule.step()
     if x_val is None:                                   # no val: every MLP keeps its last epoch
         best = _Best(first, outs)
         for result in results:
