@@ -325,18 +325,15 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
             s = score_proba(yv, model.predict_proba(x_val))
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
         return
-    cfgs = [make_config(head_type, full_params(c, defaults)) for c in unit]
-    if head_type in GROUP_FITS and (head_type != "mlp" or mlp_group_key(cfgs[0], device) is not None):
+    if len(unit) > 1:                   # a group (_order): its configs share their common work
+        cfgs = [make_config(head_type, full_params(c, defaults)) for c in unit]
         fitted = GROUP_FITS[head_type](cfgs, x, labels, x_val, labels_val, num_classes, seed, device)
-        scores = [score_proba(yv, proba) for _, proba in fitted]
-        share = (time.perf_counter() - t0) / len(unit)
-        for c, (model, _), s in zip(unit, fitted, scores):
-            best_epoch = model.result.best_epoch if head_type == "mlp" else None
-            yield SweepResult(c, s["acc"], s["mean_per_class"], share, len(unit) > 1, best_epoch, model=model)
-        return
-    c = unit[0]
-    model = build_probe(head_type, full_params(c, defaults), num_classes=num_classes, seed=seed, device=device)
-    model.fit(x, labels, x_val, labels_val)
-    best_epoch = model.result.best_epoch if head_type == "mlp" else None
-    s = score_proba(yv, model.predict_proba(x_val))
-    yield SweepResult(c, s["acc"], s["mean_per_class"], time.perf_counter() - t0, False, best_epoch, model=model)
+    else:
+        model = build_probe(head_type, full_params(unit[0], defaults), num_classes=num_classes, seed=seed,
+                            device=device).fit(x, labels, x_val, labels_val)
+        fitted = [(model, model.predict_proba(x_val))]
+    share = (time.perf_counter() - t0) / len(unit)
+    for c, (model, proba) in zip(unit, fitted):
+        s = score_proba(yv, proba)
+        best_epoch = model.result.best_epoch if head_type == "mlp" else None
+        yield SweepResult(c, s["acc"], s["mean_per_class"], share, len(unit) > 1, best_epoch, model=model)
