@@ -94,6 +94,11 @@ class FeatureSet:
     output_dir: Optional[Path] = None   # run.output_dir, whose ledger.jsonl `fit` appends to (None: no ledger)
 
     @property
+    def tap(self) -> str:
+        """The feature set X holds (backbone.taps' name; the ledger records a tap other than pool)."""
+        return self.backbone.get("tap", "pool")
+
+    @property
     def feature_dim(self) -> int:
         return int(self.train.X.shape[1])
 
@@ -208,6 +213,7 @@ def fit(estimator, fs: FeatureSet, ledger: bool = True) -> dict:
 def _head_params(estimator) -> tuple[str, dict]:
     """(head type, the parameters that differ from its defaults) of a fitted estimator, for the ledger."""
     from pipeline.estimators import ProbeClassifier
+    from pipeline.head_outputs import compact_params
 
     params = estimator.get_params(deep=False)
     try:
@@ -215,48 +221,25 @@ def _head_params(estimator) -> tuple[str, dict]:
     except TypeError:                   # an estimator with required arguments (a Pipeline): keep them all
         defaults = {}
     kind = estimator.head_type if isinstance(estimator, ProbeClassifier) else type(estimator).__name__
-    shown = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in params.items()
-             if k not in ("verbose", "device") and (k not in defaults or _differs(defaults[k], v))}
-    return kind, shown
-
-
-def _differs(default: Any, value: Any) -> bool:
-    try:
-        return bool(default != value)
-    except (TypeError, ValueError):     # arrays and other values without one truth value
-        return True
+    differ = compact_params({k: v for k, v in params.items() if k not in ("verbose", "device")}, defaults)
+    return kind, {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in differ.items()}
 
 
 def _record(estimator, fs: FeatureSet, result: dict) -> dict:
     """Append the fitted head to fs.output_dir's ledger when fs came from a cache; {"ledger": path or None}."""
     if not fs.key or fs.output_dir is None:
         return {"ledger": None}
-    from pipeline.head_outputs import ledger_entry, ledger_path
-    from pipeline.ledger import append_entries
+    from pipeline.head_outputs import append_heads, ledger_entry, ledger_path
 
     kind, params = _head_params(estimator)
     test = {"test_acc": result["test"]["acc"], "test_mean_per_class": result["test"]["mean_per_class"]} \
         if "test" in result else {}
-    features = _Cache(fs.key, fs.backbone, fs.path, fs.backbone.get("tap", "pool"))
-    entry = ledger_entry(features, kind, params, result["val"]["acc"], result["val"]["mean_per_class"], test,
+    entry = ledger_entry(fs, kind, params, result["val"]["acc"], result["val"]["mean_per_class"], test,
                          result["seconds"], fs.run_dir, "api")
-    path = ledger_path(fs.output_dir)
-    try:
-        append_entries(path, [entry])
-    except OSError as e:
-        return {"ledger": None, "ledger_error": f"cannot append to '{path}': {e.strerror} (the estimator is fitted; "
-                                                "the leaderboard will not list it)"}
-    return {"ledger": str(path)}
-
-
-@dataclass(frozen=True)
-class _Cache:
-    """What head_outputs.ledger_entry reads of a cache."""
-
-    key: str
-    backbone: dict
-    path: Path
-    tap: str = "pool"                   # the cached feature set X holds: the ledger records a tap other than pool
+    problem = append_heads(fs.output_dir, [entry])
+    if problem:
+        return {"ledger": None, "ledger_error": problem}
+    return {"ledger": str(ledger_path(fs.output_dir))}
 
 
 # ----------------------------------------------------------------------------- saved models

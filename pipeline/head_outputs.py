@@ -73,16 +73,31 @@ def ledger_entry(features, head_type: str, params: dict, val_acc: Optional[float
                        str(run_dir), source, cache_file=str(features.path))
 
 
-def record_heads(output_dir: str | Path, entries: Sequence[LedgerEntry]) -> None:
-    """Append to the ledger; a ledger that cannot be written is one line on stderr (the model is saved)."""
+def append_heads(output_dir: str | Path, entries: Sequence[LedgerEntry]) -> Optional[str]:
+    """Append to the ledger: None, or the one line that says why it could not be written (the model is saved)."""
     path = ledger_path(output_dir)
     try:
         append_entries(path, list(entries))
     except OSError as e:
-        print(f"ledger: cannot append to '{path}': {e.strerror} (the trained model is saved; the leaderboard "
-              "will not list it)", file=sys.stderr)
+        return (f"cannot append to '{path}': {e.strerror} (the trained model is saved; the leaderboard will not "
+                "list it)")
+    return None
+
+
+def record_heads(output_dir: str | Path, entries: Sequence[LedgerEntry]) -> None:
+    """append_heads; a ledger that cannot be written is one line on stderr."""
+    problem = append_heads(output_dir, entries)
+    if problem:
+        print(f"ledger: {problem}", file=sys.stderr)
+
+
+def _differs(default: Any, value: Any) -> bool:
+    try:
+        return bool(default != value)
+    except (TypeError, ValueError):     # arrays and other values without one truth value
+        return True
 
 
 def compact_params(params: dict, defaults: dict, keep: Sequence[str] = ()) -> dict:
     """The parameters that differ from defaults (and those in keep): what tells two heads apart."""
-    return {k: v for k, v in params.items() if k in keep or defaults.get(k, object()) != v}
+    return {k: v for k, v in params.items() if k in keep or k not in defaults or _differs(defaults[k], v)}
