@@ -31,6 +31,7 @@ from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transfo
 from pipeline.distributed import SINGLE, DistContext
 from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
+from pipeline.metrics import BEST_EPOCH
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, data_split, finish_stage
 from pipeline.rundir import Publication
@@ -352,7 +353,7 @@ def _entry(job: FinetuneJob, data: ImageFolderData, best_acc: float, best_epoch:
 def score_finetune_test(done: Finetuned, job: FinetuneJob, device: torch.device) -> dict:
     """The kept epoch (done.model, already reloaded from the published file) scored once on the test images;
     the best epoch was chosen on val alone. Without a test split: selected_on and test_acc None."""
-    chosen_on = "val (best epoch)"
+    chosen_on = BEST_EPOCH
     test = done.data.test
     if test is None or not len(test):
         return untested(chosen_on)

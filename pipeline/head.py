@@ -32,6 +32,7 @@ from pipeline.config import BackboneConfig, Config, HeadConfig
 from pipeline.engine import TensorBatches, check_finite_loss, evaluate, make_sgd, predict, to_tensors, train_one_epoch
 from pipeline.head_outputs import (compact_params, confused_text, head_values, ledger_entry, record_heads,
                                    stage_error_analysis, test_split)
+from pipeline.metrics import BEST_EPOCH
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.probes import CONFIGS, LinearConfig, Probe, build_probe, loss_weights
 from pipeline.records import ModelArtifact, StageResult
@@ -333,7 +334,7 @@ def streamed_test(head: nn.Module, reader: fc.FeatureReader, max_memory_gb: floa
         return None
     batches = StreamBatches(reader.test, EVAL_BATCH, int(budget_bytes(max_memory_gb) * VAL_SHARE), shuffle=False)
     logits, targets = predict(head, batches, device)
-    return score_test_probs("head", targets.numpy(), torch.softmax(logits, 1).numpy(), "val (best epoch)")
+    return score_test_probs("head", targets.numpy(), torch.softmax(logits, 1).numpy(), BEST_EPOCH)
 
 
 def streamed_batches(reader: fc.FeatureReader, batch_size: int, max_memory_gb: float,
@@ -361,7 +362,7 @@ def _save_and_report(cfg: Config, device: torch.device, inputs: StageFeatures, b
         str(inputs.features.path), fitted.history, environment_info(device),
         {"head_type": cfg.head.type, "best_epoch": fitted.best_epoch, "val_acc": fitted.best_acc,
          "streamed": data.info["streamed"]}).to_dict()
-    chosen_on = "val (best epoch)" if fitted.best_epoch is not None else "nothing (no training choices)"
+    chosen_on = BEST_EPOCH if fitted.best_epoch is not None else "nothing (no training choices)"
     test = data.test_scores if data.test_scores is not None else score_test("head", data, fitted.proba, chosen_on)
     with Publication(cfg.run_dir, "head") as pub:
         pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))

@@ -9,9 +9,11 @@ from typing import Any, Optional
 import numpy as np
 
 METRICS_FILE = "metrics.json"
-# The one wording of every table (results, leaderboard, benchmark table and chart) for what its figures are.
+# The one wording of the leaderboard, the benchmark table and its chart for what their figures are (the
+# results table names its test columns instead: _selection_note).
 HEADLINE = "test is the headline figure: each model was scored once on test, after it was chosen on val"
 NO_TEST = "no test split was scored"
+BEST_EPOCH = "val (best epoch)"    # selected_on of a model whose best epoch was chosen on val
 
 
 def also_selected(figures: str = "these val figures were") -> str:
@@ -118,7 +120,7 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
 def selected_on(entry: dict) -> Optional[str]:
     """What chose a stage's model, from its metrics entry: its "selected_on", else "val (best epoch)" when
     it kept a best epoch, else None."""
-    return entry.get("selected_on") or ("val (best epoch)" if "best_epoch" in entry else None)
+    return entry.get("selected_on") or (BEST_EPOCH if "best_epoch" in entry else None)
 
 
 def _chose_on_val(entry: dict) -> bool:
