@@ -23,12 +23,13 @@ STAGE_HELP = {
     "head": "train a head (head.type: linear, mlp, knn, ncm, or VGG/AlexNet's own dense layers) from the cache",
     "logistic": "scikit-learn logistic regression (C by cross-validation) from the cache; write reports",
     "finetune": "train the whole network on the images (skips the cache); write reports",
-    "sweep": "train every head of sweep.grid from one read of the cache; leaderboard, sweep.json/md/png; "
-             "the winner becomes head.pt",
+    "sweep": "train every head of sweep.grid from one read of the cache; leaderboard, sweep.json/md (and "
+             "sweep.png with report.enabled); the winner becomes head.pt",
     "leaderboard": "the best heads trained on the current cache, from run.output_dir/ledger.jsonl (--all: "
                    "every cache)",
     "benchmark": "extract + head + logistic vs finetune on the same data and seed: benchmark.md/.json/.png",
-    "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models",
+    "report": "redraw confusion matrices, per-class reports, curves and prediction grids from saved models, "
+              "and sweep.png from sweep.json",
     "predict": "predict PATH [PATH ...]: classify image files or folders with a saved model (predict.model); "
                "a labelled folder (<class>/*.jpg) also gets top-1, mean per-class and the most confused pairs",
     "caches": "list the feature cache files in extract.cache_dir: data root, backbone, images, size, date (on its own)",

@@ -6,6 +6,7 @@ files later from the saved artifacts (head.pt, logistic.joblib, finetune.pt) wit
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -298,6 +299,28 @@ def run_report(cfg: Config, device: torch.device) -> dict:
             out[kind] = {**summarise(preds), "reports": [str(pub.final_path(p)) for p in files]}
             print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
                   f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
+        _redraw_sweep_chart(cfg.run_dir, pub)
         write_json(pub.staging / REPORT_DIR / "summary.json", out)
         pub.commit()
     return out
+
+
+def _redraw_sweep_chart(run_dir: Path, pub: Publication) -> None:
+    """Stage sweep.png again from the run folder's sweep.json, when there is one (the last sweep's record);
+    a sweep.json this version cannot read is named and left alone, the other reports still published."""
+    from pipeline.sweep import SWEEP_JSON, SWEEP_PNG
+
+    path = run_dir / SWEEP_JSON
+    if not path.is_file():
+        return
+    from pipeline.sweep_report import outcome_from_summary, plot_sweep
+
+    try:
+        outcome = outcome_from_summary(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"report: {path} cannot be read ({type(e).__name__}: {e}); {SWEEP_PNG} is not redrawn (run sweep "
+              "again to rewrite both)")
+        return
+    if outcome.results:
+        plot_sweep(outcome, pub.staging / SWEEP_PNG)
+        print(f"report: sweep: {len(outcome.results)} configurations drawn in {run_dir / SWEEP_PNG}")

@@ -3,9 +3,10 @@
     outcome = run_sweep(configs, X, y, X_val, y_val, X_test, y_test)
     print(format_leaderboard(outcome))
     write_sweep_reports(outcome, "runs/sweep", grid)
+    plot_sweep(outcome_from_summary(json.loads(Path("runs/sweep/sweep.json").read_text())), "sweep.png")
 
 Every file is written whole or not at all (a temporary file, then os.replace). matplotlib is imported
-only by plot_sweep.
+only by plot_sweep. sweep.json holds everything plot_sweep draws, so `report` redraws sweep.png from it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.plots import PNG, text_width
 from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
-                            SweepOutcome)
+                            SweepConfig, SweepOutcome, SweepResult)
 
 
 def _f(v: Optional[float]) -> str:
@@ -88,6 +89,17 @@ def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
             "planned": outcome.planned, "finished": len(outcome.results), "seconds": round(outcome.seconds, 3),
             "selection": "val", "notes": notes(outcome), "winner": w.to_dict() if w else None,
             "results": [dict(rank=i, **r.to_dict()) for i, r in enumerate(outcome.ranked(), 1)]}
+
+
+def outcome_from_summary(summary: dict) -> SweepOutcome:
+    """The SweepOutcome that sweep.json describes (results in their ranking order, without models): what
+    plot_sweep and the leaderboards need. KeyError / TypeError / ValueError when a field is missing or malformed."""
+    results = [SweepResult(SweepConfig(r["head_type"], tuple(r["params"].items())), float(r["val_acc"]),
+                           float(r["val_mean_per_class"]), float(r["seconds"]), bool(r.get("joint")),
+                           r.get("best_epoch"), r.get("test_acc"), r.get("test_mean_per_class"), position=i)
+               for i, r in enumerate(summary["results"])]
+    return SweepOutcome(results, bool(summary["has_test"]), bool(summary["interrupted"]), float(summary["seconds"]),
+                        int(summary["planned"]))
 
 
 def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dict] = None,

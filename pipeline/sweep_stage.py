@@ -10,7 +10,8 @@ the cache, when there is one, is scored once for the chosen models and is then t
 
 One unit is published in the run folder (pipeline/rundir.py): the winner as head.pt (an nn.Linear
 for linear and logistic winners, a probe's state for mlp / knn / ncm), its metrics entry (under
-`head`, source "sweep"), reports, head_val_predictions.csv, and sweep.json / sweep.md / sweep.png;
+`head`, source "sweep"), reports, head_val_predictions.csv, and sweep.json / sweep.md / sweep.png
+(sweep.png, like the reports, only with report.enabled; `report` draws it later from sweep.json);
 then every finished configuration is appended to the ledger. Ctrl-C keeps what finished: those
 configurations are published and recorded, and the stage says how many of the grid finished.
 """
@@ -36,7 +37,8 @@ from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import float32_nbytes, needs_streaming, stream_message
-from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_TYPES, SweepConfig, SweepOutcome, SweepResult,
+from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_PNG, SWEEP_TYPES, SweepConfig, SweepOutcome,
+                            SweepResult,
                             expand_grid, full_params)
 from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
@@ -178,7 +180,9 @@ def _publish(cfg: Config, device: torch.device, inputs: StageFeatures, features,
     preds = Predictions(probs, features.val.labels, features.val.paths, inputs.images, list(features.classes))
     with Publication(cfg.run_dir, "head") as pub:
         pub.save_model(HEAD_FILE, lambda tmp: torch.save(artifact, tmp))
-        files = write_sweep_reports(outcome, pub.staging, cfg.sweep.grid)
+        files = write_sweep_reports(outcome, pub.staging, cfg.sweep.grid, plot=cfg.report.enabled)
+        if not cfg.report.enabled and (cfg.run_dir / SWEEP_PNG).exists():
+            pub.remove.append(SWEEP_PNG)      # an earlier sweep's chart; `report` draws this one's
         entry = StageResult("head", winner.val_acc, time.perf_counter() - t0, str(cfg.run_dir / HEAD_FILE), history,
                             _details(cfg, outcome, winner, defaults, [pub.final_path(p) for p in files])).to_dict()
         entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=history))

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.probes import build_probe, fit_module
 from pipeline.sweep import JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, run_sweep
-from pipeline.sweep_report import format_leaderboard, format_markdown, write_sweep_reports
+from pipeline.sweep_report import format_leaderboard, format_markdown, notes, outcome_from_summary, write_sweep_reports
 
 ISSUE_GRID = {"linear": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0, 1e-4, 1e-3]}, "knn": {"k": [5, 10, 20, 50]},
               "ncm": {}, "logistic": {"C": [0.01, 0.1, 1, 10]}, "mlp": {"hidden": [512], "lr": [1e-3]}}
@@ -131,6 +131,11 @@ def test_reports_are_written_whole(data, tmp_path):
     assert md == format_markdown(outcome) and "| rank | head | params |" in md and TEST_NOTE in md
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 5000
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
+    again = outcome_from_summary(summary)                         # what `report` redraws sweep.png from
+    assert [(r.head_type, r.config.label(), r.val_acc, r.test_acc) for r in again.ranked()] == \
+        [(r.head_type, r.config.label(), r.val_acc, r.test_acc) for r in outcome.ranked()]
+    assert [r.config for r in again.chosen()] == [r.config for r in outcome.chosen()]
+    assert notes(again) == notes(outcome) and again.has_test and again.planned == outcome.planned
 
 
 def test_the_cores_import_no_sklearn_matplotlib_or_torchvision():

@@ -51,7 +51,8 @@ def test_sweep_publishes_the_winner_as_the_head_and_reports_it(tmp_path, image_r
     assert summary["grid"] == GRID and summary["has_test"] is False
     assert "sweep winner:" in out and "also used for selection" in out and "rank" in out
     assert f"sweep winner of 8 configurations: {summary['winner']['head_type']} (" in out[out.index("\nresults ("):]
-    assert (run_dir / "sweep.md").read_text().startswith("# Sweep") and (run_dir / "sweep.png").stat().st_size > 1000
+    assert (run_dir / "sweep.md").read_text().startswith("# Sweep")
+    assert not (run_dir / "sweep.png").exists()                   # report.enabled=false: `report` draws it
     winner = summary["winner"]
     entry = read_metrics(run_dir)["head"]
     assert entry["source"] == "sweep" and entry["head_type"] == winner["head_type"]
@@ -67,7 +68,30 @@ def test_sweep_publishes_the_winner_as_the_head_and_reports_it(tmp_path, image_r
     assert len(ledger) == 8 and {e.source for e in ledger} == {"sweep"}
     assert {e.head_type for e in ledger} == set(GRID) and ledger[0].val_acc == winner["val_acc"]
     assert run_pipeline.main(sets(overrides) + ["report"]) == 0   # the report stage redraws the winner
-    assert "report: head: val top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "report: head: val top-1" in out and f"report: sweep: 8 configurations drawn in {run_dir / 'sweep.png'}" in out
+    assert (run_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(tmp_path, image_root, capsys):
+    overrides = tiny_overrides(tmp_path, image_root)
+    grid = {"knn": {"k": [3, 5]}, "ncm": {}}
+    assert run_pipeline.main(sets(overrides, grid_set(grid), "report.enabled=true") + ["sweep"]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    assert (run_dir / "sweep.png").stat().st_size > 1000 and (run_dir / "reports").is_dir()
+    # a later sweep without reports takes the earlier sweep's chart away with the rest of its set
+    assert run_pipeline.main(sets(overrides, grid_set({"ncm": {"temperature": [0.05, 0.1]}})) + ["sweep"]) == 0
+    assert not (run_dir / "sweep.png").exists()
+    assert str(run_dir / "sweep.png") not in read_metrics(run_dir)["head"]["sweep"]["files"]
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides) + ["report"]) == 0
+    assert "report: sweep: 2 configurations drawn" in capsys.readouterr().out
+    drawn = (run_dir / "sweep.png").read_bytes()
+    (run_dir / "sweep.json").write_text('{"results": [')              # damaged: named, the rest still redrawn
+    assert run_pipeline.main(sets(overrides) + ["report"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {run_dir / 'sweep.json'} cannot be read (JSONDecodeError" in out and "run sweep again" in out
+    assert "report: head: val top-1" in out and (run_dir / "sweep.png").read_bytes() == drawn
 
 
 def test_a_bad_grid_names_the_parameter_before_any_extraction(tmp_path, image_root, capsys):
@@ -176,7 +200,7 @@ def sweep_state(run_dir: Path, grid: dict) -> str:
         return "old"
     summary = json.loads((run_dir / "sweep.json").read_text())
     assert artifact["sweep_winner"]["head_type"] == summary["winner"]["head_type"] == metrics["head"]["head_type"]
-    assert config["sweep"]["grid"] == summary["grid"] == grid and (run_dir / "sweep.png").is_file()
+    assert config["sweep"]["grid"] == summary["grid"] == grid and not (run_dir / "sweep.png").exists()  # reports off
     return "new"
 
 
