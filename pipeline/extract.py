@@ -76,10 +76,16 @@ class BuildStats:
     rows_per_process: list[int] = field(default_factory=list)  # images each rank put through the backbone
 
 
+def cache_file_of(settings: ExtractConfig, spec: BackboneSpec, data_root) -> tuple[dict, str, Path]:
+    """(feature configuration, its key, the cache file) of spec's features of the data at data_root."""
+    features = feature_config(spec, settings.dtype, settings.autocast)
+    config_key = cache.digest(features)
+    return features, config_key, cache.cache_path(settings.cache_dir, spec.name, config_key, data_root)
+
+
 def has_cache_file(settings: ExtractConfig, spec: BackboneSpec, data_root: str) -> bool:
     """Whether a cache file for these features of data_root exists (then extraction may need no weights)."""
-    config_key = cache.digest(feature_config(spec, settings.dtype, settings.autocast))
-    return cache.cache_path(settings.cache_dir, spec.name, config_key, resolve_data_root(str(data_root))).is_file()
+    return cache_file_of(settings, spec, resolve_data_root(str(data_root)))[2].is_file()
 
 
 def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
@@ -87,9 +93,7 @@ def plan_cache(job: ExtractJob, dist: DistContext = SINGLE) -> CachePlan:
     settings = job.extract
     data = load_image_folder(job.data.root, job.data.val_dir, split_train=job.data.val_fraction is not None)
     spec = resolve_backbone(job.backbone, job.seed)
-    features = feature_config(spec, settings.dtype, settings.autocast)
-    config_key = cache.digest(features)
-    path = cache.cache_path(settings.cache_dir, spec.name, config_key, data.root)
+    features, config_key, path = cache_file_of(settings, spec, data.root)
     if not path.is_file():
         ensure_weights(job.backbone)  # missing weights fail now, not after the pre-scan
     index = scan_index_path(settings.cache_dir, data.root) if settings.verify == "stat" else None

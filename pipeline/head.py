@@ -170,11 +170,11 @@ def train_linear_batched(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
     initialisation (init_seed), batch order (seed), loss and SGD + StepLR updates, written out by hand, so
     the weights agree with train_head's to float rounding (tests/test_head.py), without autograd,
     optimizer objects or full-size weight passes per step (pipeline/lazy_sgd.py's windows; docs/heads.md)."""
-    from pipeline.joint import train_linear_heads
+    from pipeline.joint import initial_weights, train_linear_heads
 
     linear = LinearConfig(**head_values(cfg, "linear"))
     joint = train_linear_heads(train_x, train_y, val_x, val_y, [linear], num_classes=num_classes, seed=seed,
-                               device=device, init_seed=init_seed)
+                               device=device, init=initial_weights(train_x.shape[1], num_classes, init_seed))
     (result,) = joint.results
     for entry in result.history:
         check_finite_loss("head", entry["train_loss"], entry["epoch"], "head.lr")

@@ -114,14 +114,11 @@ def _joint_inputs(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Ar
     return x, labels, x_val, labels_val, num_classes or infer_num_classes(labels, labels_val)
 
 
-def _initial_heads(n_heads: int, n_features: int, num_classes: int, seed: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (H, C, D), bias (H, C)): every head starts as an nn.Linear drawn alone with this seed."""
+def initial_weights(n_features: int, num_classes: int, seed: int) -> torch.Tensor:
+    """(num_classes, n_features + 1): weight and bias of an nn.Linear drawn with this seed (torch.manual_seed)."""
     torch.manual_seed(seed)
     init = nn.Linear(n_features, num_classes)
-    weight = init.weight.detach().to(device).expand(n_heads, -1, -1).clone()
-    bias = init.bias.detach().to(device).expand(n_heads, -1).clone()
-    return weight, bias
+    return torch.cat([init.weight, init.bias[:, None]], 1).detach()
 
 
 def _epoch_range(epochs: int, n_heads: int, progress: bool):
@@ -197,13 +194,13 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False,
-                       init_seed: Optional[int] = None, init: Optional[torch.Tensor] = None) -> JointResult:
+                       init: Optional[torch.Tensor] = None) -> JointResult:
     """Train one linear head per config together; each keeps its best val epoch.
 
     X : (n_samples, n_features); y : (n_samples,); X_val, y_val likewise or None (then the last epoch).
     The configs must agree on epochs, batch_size and class_weight (see shared_key). seed draws the
-    batch order and, unless init_seed is given, the initial weights; init ((num_classes, n_features + 1):
-    weight and bias), when given, is every head's start instead.
+    batch order; every head starts from init ((num_classes, n_features + 1): weight and bias), by
+    default initial_weights(n_features, num_classes, seed).
     """
     t0 = time.perf_counter()
     configs = _check_joint_configs(configs)
@@ -212,12 +209,9 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     first = configs[0]
     cw = loss_weights(labels, num_classes, first.class_weight)
     cw = cw.to(device) if cw is not None else None
-    if init is not None:
-        weight = init[:, :-1].to(device).expand(len(configs), -1, -1).clone()
-        bias = init[:, -1].to(device).expand(len(configs), -1).clone()
-    else:
-        weight, bias = _initial_heads(len(configs), x.shape[1], num_classes,
-                                      seed if init_seed is None else init_seed, device)
+    init = initial_weights(x.shape[1], num_classes, seed) if init is None else init
+    weight = init[:, :-1].to(device).expand(len(configs), -1, -1).clone()
+    bias = init[:, -1].to(device).expand(len(configs), -1).clone()
     history: list[list[dict]] = [[] for _ in configs]
     x, labels = x.to(device), labels.to(device)
     if x_val is not None:

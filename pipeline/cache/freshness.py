@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.cache.key import ALL_SPLITS, DEFAULT_SPLIT_RULE, FORMAT_VERSION, CacheError, SplitManifest
-from pipeline.cache.reader import read_attrs, verify_cache
+from pipeline.cache.reader import read_attrs, same_data_caches, verify_cache
 
 
 def _row_changes(old: dict[str, SplitManifest], new: dict[str, SplitManifest]) -> list[str]:
@@ -85,10 +85,7 @@ def _describe_config_change(old: dict, new: dict) -> str:
 def explain_new_config(cache_dir: Path, feature_config: dict, data_root: str) -> Optional[str]:
     """Why no cache exists for feature_config, from the newest cache of the same data with another config."""
     newest, newest_mtime = None, -1.0
-    for path in Path(cache_dir).glob("*.h5"):
-        attrs = read_attrs(path)
-        if attrs is None or attrs.get("data_root") != data_root or not isinstance(attrs.get("versions"), dict):
-            continue
+    for path, attrs in same_data_caches(cache_dir, data_root):
         mtime = path.stat().st_mtime
         if mtime > newest_mtime:
             newest, newest_mtime = attrs, mtime

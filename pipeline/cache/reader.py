@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import h5py
 import numpy as np
@@ -174,6 +174,15 @@ def read_attrs(path: str | Path) -> Optional[dict]:
     except H5_ERRORS:
         return None
     return attrs if attrs.get("complete") else None
+
+
+def same_data_caches(cache_dir: str | Path, data_root: str) -> Iterator[tuple[Path, dict]]:
+    """(path, attributes) of every complete cache in cache_dir of the data at data_root, in name order:
+    the files another feature configuration of the same images may explain a miss by or lend rows to."""
+    for path in sorted(Path(cache_dir).glob("*.h5")):
+        attrs = read_attrs(path)
+        if attrs is not None and attrs.get("data_root") == data_root and isinstance(attrs.get("versions"), dict):
+            yield path, attrs
 
 
 def read_manifest(path: str | Path) -> dict[str, SplitManifest]:

@@ -18,7 +18,7 @@ from pipeline.cache.h5 import attrs_of, open_h5
 from pipeline.cache.key import (ALL_SPLITS, FORMAT_VERSION, H5_ERRORS, ROW_CHUNK, CacheError, SplitManifest,
                                 cache_key, damaged, digest, extra_taps, legacy_cache_path, manifest_digest,
                                 tap_dataset, write_error)
-from pipeline.cache.reader import present_splits, read_attrs, verify_cache
+from pipeline.cache.reader import present_splits, same_data_caches, verify_cache
 from pipeline.fsutil import atomic_write_bytes, fsync_dir, publish, remove_stale_temps, temp_path
 
 ASSEMBLE_ROWS = 4096      # rows copied per step when assembling a complete file
@@ -67,10 +67,9 @@ def rows_of_more_taps(path: Path, config: dict, data_root: str) -> tuple[dict[st
     """sha256 -> row of an intact cache next to path, of the same data and feature configuration but more
     taps (backbone.taps narrowed: its rows are copied, no forward pass); ({}, None) when there is none."""
     mine = config.get("taps", ["pool"])
-    for other in sorted(Path(path).parent.glob("*.h5")):
-        attrs = read_attrs(other)
-        versions = (attrs or {}).get("versions")
-        if other == path or not isinstance(versions, dict) or attrs.get("data_root") != data_root:
+    for other, attrs in same_data_caches(Path(path).parent, data_root):
+        versions = attrs["versions"]
+        if other == path:
             continue
         theirs = versions.get("taps", ["pool"])
         same = {k: v for k, v in versions.items() if k != "taps"} == {k: v for k, v in config.items() if k != "taps"}
