@@ -79,6 +79,9 @@ def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(
     assert run_pipeline.main(sets(overrides, grid_set(grid), "report.enabled=true") + ["sweep"]) == 0
     run_dir = tmp_path / "runs" / "t"
     assert (run_dir / "sweep.png").stat().st_size > 1000 and (run_dir / "reports").is_dir()
+    drawn_by_sweep = (run_dir / "sweep.png").read_bytes()
+    assert run_pipeline.main(sets(overrides) + ["report"]) == 0
+    assert (run_dir / "sweep.png").read_bytes() == drawn_by_sweep     # sweep.json holds all the chart shows
     # a later sweep without reports takes the earlier sweep's chart away with the rest of its set
     assert run_pipeline.main(sets(overrides, grid_set({"ncm": {"temperature": [0.05, 0.1]}})) + ["sweep"]) == 0
     assert not (run_dir / "sweep.png").exists()
