@@ -253,8 +253,9 @@ class MLPProbe(TrainedProbe):
                              nn.Linear(self.cfg.hidden, num_classes))
 
     def trainer(self):
-        """Without dropout, the hidden layer trains on lazy_sgd's windows (pipeline/lazy_mlp.py): the same result."""
-        if self.cfg.dropout:
+        """The hidden layer trains on lazy_sgd's windows (pipeline/lazy_mlp.py): fit_module's result, dropout
+        masks included on the CPU; dropout elsewhere keeps fit_module (a fused kernel draws the masks there)."""
+        if self.cfg.dropout and self.device.type != "cpu":
             return fit_module
         from pipeline.lazy_mlp import fit_mlp_lazy
 

@@ -254,12 +254,28 @@ def test_mlp_hidden_layer_on_lazy_windows_equals_torch_optim(monkeypatch, window
     assert [e["lr"] for e in probe.result.history] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
 
 
-def test_mlp_with_dropout_keeps_the_autograd_loop():
+def test_a_dropout_mlp_trains_on_the_lazy_engine_on_the_cpu_with_fit_modules_masks():
+    """Alone, an MLP with dropout draws on the CPU the masks fit_module draws (its own generator, seeded as
+    fit_module seeds the global one) and ends where autograd + torch.optim end; off the CPU, where a fused
+    kernel draws the masks, it keeps fit_module."""
     from pipeline.lazy_mlp import fit_mlp_lazy
     from pipeline.probes import fit_module
 
-    assert build_probe("mlp", {"dropout": 0.2}).trainer() is fit_module
-    assert build_probe("mlp").trainer() is fit_mlp_lazy
+    assert build_probe("mlp", {"dropout": 0.2}).trainer() is fit_mlp_lazy is build_probe("mlp").trainer()
+    assert build_probe("mlp", {"dropout": 0.2}, device="cuda").trainer() is fit_module
+    assert build_probe("mlp", device="cuda").trainer() is fit_mlp_lazy
+    X, y = (a[:38] for a in blobs(n_per_class=13, spread=2.0, seed=15))        # 38 rows: a last batch of 2
+    Xv, yv = blobs(n_per_class=5, spread=2.0, seed=16)
+    params = {"hidden": 16, "dropout": 0.4, "epochs": 4, "batch_size": 4, "lr": 0.05, "step_size": 2}
+    lazy = build_probe("mlp", params, seed=6).fit(X, y, Xv, yv)
+    alone = build_probe("mlp", params, seed=6)
+    alone.trainer = lambda: fit_module
+    alone.fit(X, y, Xv, yv)
+    for k, v in lazy.model.state_dict().items():
+        torch.testing.assert_close(v, alone.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+    assert lazy.result.best_epoch == alone.result.best_epoch
+    no_dropout = build_probe("mlp", {**params, "dropout": 0.0}, seed=6).fit(X, y, Xv, yv)
+    assert (no_dropout.model[0].weight - lazy.model[0].weight).abs().max() > 1e-3         # the masks mattered
 
 
 def test_the_linear_probe_trains_on_the_joint_engine_across_windows(monkeypatch):
