@@ -14,7 +14,11 @@ train_mlps trains several such MLPs together (the sweep's MLPs that share epochs
 class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
 group its own lr, momentum and weight decay), so a window's batch gather, Gram, projections and
 materialisation serve them all; each keeps its own output layer, StepLR, history and best epoch, and
-ends with what it would reach trained alone with the same seed and batch order.
+ends with what it would reach trained alone with the same seed and batch order (bitwise, on the digits
+features). A step's small ops are few: its buffers and their views are made once per run, and the
+softmax, its gradient and the ReLU's backward are one op for all the MLPs; the products and the output
+layer's update stay each MLP's own, as one block-diagonal output layer for all would change their
+rounding (docs/heads.md).
 """
 from __future__ import annotations
 
@@ -129,16 +133,18 @@ def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], steps: _Steps, x: tor
                batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
                gram: Optional[torch.Tensor], drops: list) -> list[tuple[float, float]]:
     """One shuffled pass: per MLP, (mean train loss, train top-1), as train_one_epoch reports them."""
-    m, c = steps.shape
-    total_loss, correct = torch.zeros(m, device=x.device), torch.zeros(m, device=x.device)
+    total_loss = [torch.zeros((), device=x.device) for _ in outs]
+    correct = [torch.zeros((), device=x.device) for _ in outs]
     for yw, sw, share in epoch_windows(first, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            logits = _mlp_window(first, outs, steps, yw, sw, drops).view(len(yw), m, c)
-        nll = torch.logsumexp(logits, 2) - logits.gather(2, yw[:, None, None].expand(-1, m, 1)).squeeze(2)
-        total_loss += (nll * share[:, None]).sum(0)
-        correct += (logits.argmax(2) == yw[:, None]).sum(0)
+            window = _mlp_window(first, outs, steps, yw, sw, drops)
+        for i, logits in enumerate(window.split(steps.shape[1], 1)):
+            logits = logits.contiguous()           # reduced as the MLP alone reduces its own
+            nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
+            total_loss[i] += (nll * share).sum()
+            correct[i] += (logits.argmax(1) == yw).sum()
     n = max(len(x), 1)
-    return [(loss / n, right / n) for loss, right in zip(total_loss.tolist(), correct.tolist())]
+    return [(loss.item() / n, right.item() / n) for loss, right in zip(total_loss, correct)]
 
 
 def _state(w1: torch.Tensor, w2: torch.Tensor) -> dict:
