@@ -14,7 +14,11 @@ train_mlps trains several such MLPs together (the sweep's MLPs that share epochs
 class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
 group its own lr, momentum and weight decay), so a window's batch gather, Gram, projections and
 materialisation serve them all; each keeps its own output layer, StepLR, history and best epoch, and
-ends with what it would reach trained alone with the same seed and batch order.
+ends with what it would reach trained alone with the same seed and batch order (bitwise, on the digits
+features). A step's small ops are few: its buffers and their views are made once per run, and the
+softmax, its gradient and the ReLU's backward are one op for all the MLPs; the products and the output
+layer's update stay each MLP's own, as one block-diagonal output layer for all would change their
+rounding (docs/heads.md).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig
@@ -32,13 +36,14 @@ if TYPE_CHECKING:
 
 class _OutputLayer:
     """The second layer W2 (C, hidden + 1), updated in place each step by pipeline.sgd's SGD (torch.optim's
-    update) and StepLR."""
+    update) and StepLR; views of it made once (in-place updates keep them current)."""
 
     def __init__(self, weight: torch.Tensor, lr: float, momentum: float, weight_decay: float, step_size: int,
                  gamma: float) -> None:
         from pipeline.sgd import SGD, StepLR
 
-        self.weight = weight
+        self.weight, self.wt, self.w_hidden = weight, weight.T, weight[:, :-1]
+        self.grad = torch.empty_like(weight)
         self.opt = SGD([weight], lr, momentum, weight_decay)
         self.schedule = StepLR(self.opt, step_size, gamma)
 
@@ -51,6 +56,34 @@ class _OutputLayer:
         self.opt.step()
 
 
+class _Steps:
+    """Buffers for a window's per-step tensors, kept for the run, and the views of each step's rows (s, e),
+    made once: per MLP its ReLU outputs and a constant 1 (rows, hidden + 1; contiguous, as the product
+    that reads them is bitwise the lone MLP's only then), and every MLP's logits and their gradients side
+    by side (rows, M C)."""
+
+    def __init__(self, rows: int, cols: list[tuple[int, int]], num_classes: int, device: torch.device) -> None:
+        m = len(cols)
+        self.shape, self.cols = (m, num_classes), cols
+        self.h = [torch.ones(rows, b - a + 1, device=device) for a, b in cols]
+        self.logits = torch.empty(rows, m * num_classes, device=device)
+        self.g2 = torch.empty_like(self.logits)
+        self._views: dict[tuple[int, int], tuple] = {}
+
+    def views(self, s: int, e: int) -> tuple:
+        """(the logits of rows s:e (rows, M, C), their gradients (rows, M, C), per MLP (its ReLU outputs, them
+        and the 1, its logits, their gradients, transposed))."""
+        v = self._views.get((s, e))
+        if v is None:
+            lg, g2, c = self.logits[s:e], self.g2[s:e], self.shape[1]
+            mlps = []
+            for i, h in enumerate(self.h):
+                hi, g2i = h[s:e], g2[:, i * c:(i + 1) * c]
+                mlps.append((hi[:, :-1], hi, lg[:, i * c:(i + 1) * c], g2i, g2i.T))
+            v = self._views[s, e] = (lg.view(e - s, *self.shape), g2.view(e - s, *self.shape), mlps)
+        return v
+
+
 def _dropout_noise(drop: Optional[tuple[float, torch.Generator]], rows: int, hidden: int,
                    device: torch.device) -> Optional[torch.Tensor]:
     """nn.Dropout's multiplier for one step on the CPU: bernoulli(1 - p) / (1 - p), drawn from the MLP's own
@@ -61,43 +94,52 @@ def _dropout_noise(drop: Optional[tuple[float, torch.Generator]], rows: int, hid
     return torch.empty(rows, hidden, device=device).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
-def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], yw: torch.Tensor,
-                sw: torch.Tensor, num_classes: int, drops: list) -> list[torch.Tensor]:
+_relu_backward = torch.ops.aten.threshold_backward.grad_input     # grad where input > 0, else 0: one op
+
+
+def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], steps: _Steps, yw: torch.Tensor, sw: torch.Tensor,
+                drops: list) -> torch.Tensor:
     """Every step of the window begun on first, for each MLP (its hidden units are first's columns
-    cols[i]; drops[i] its (dropout p, generator) or None): per MLP, (n, C) the logits each step used."""
+    steps.cols[i]; drops[i] its (dropout p, generator) or None): (n, M C) the logits each step used. The
+    softmax, its gradient and the ReLU's backward are one op for all MLPs; products and updates are each
+    MLP's own, as it runs alone (bitwise)."""
     n, device = len(first.z), first.z.device
-    hs = [torch.ones(n, b - a + 1, device=device) for a, b in cols]       # the ReLU outputs and a constant 1
-    logits = [torch.empty(n, num_classes, device=device) for _ in cols]
-    target = F.one_hot(yw, num_classes) * -sw                            # minus the scaled one-hot
-    for k, (s, e) in enumerate(first.bounds):
-        for (a, b), out, h, lg, drop in zip(cols, outs, hs, logits, drops):
-            z = first.z[s:e, a:b]
-            torch.clamp(z, min=0, out=h[s:e, :b - a])
-            noise = _dropout_noise(drop, e - s, b - a, device)
-            if noise is not None:
-                h[s:e, :b - a].mul_(noise)
-            torch.mm(h[s:e], out.weight.T, out=lg[s:e])
-            p = torch.softmax(lg[s:e], 1)
-            g2 = torch.addcmul(target[s:e], p, sw[s:e])                 # d loss / d logits
-            gh = g2 @ out.weight[:, :b - a]
-            if noise is not None:
-                gh.mul_(noise)
-            torch.mul(gh, z > 0, out=first.g[s:e, a:b])                  # back through the ReLU
-            out.step(g2.T @ h[s:e])
+    sizes = [e - s for s, e in first.bounds]
+    target = (F.one_hot(yw, steps.shape[1]) * -sw)[:, None].split(sizes)   # minus the scaled one-hot (rows, 1, C)
+    scale = sw[:, :, None].split(sizes)
+    zs, gs = ([t[:, a:b].split(sizes) for a, b in steps.cols] for t in (first.z, first.g))   # [MLP][step]
+    for k, (z, g, t, sc, (s, e)) in enumerate(zip(first.z.split(sizes), first.g.split(sizes), target, scale,
+                                                  first.bounds)):
+        lg3, g3, mlps = steps.views(s, e)
+        noise = []
+        for (hidden, h, lg, _, _), out, zi, drop in zip(mlps, outs, zs, drops):
+            torch.clamp(zi[k], min=0, out=hidden)
+            noise.append(_dropout_noise(drop, e - s, hidden.shape[1], device))
+            if noise[-1] is not None:
+                hidden.mul_(noise[-1])
+            torch.mm(h, out.wt, out=lg)
+        torch.addcmul(t, torch.softmax(lg3, 2), sc, out=g3)                   # d loss / d logits
+        for (_, h, _, g2, g2t), out, gi, mult in zip(mlps, outs, gs, noise):
+            torch.mm(g2, out.w_hidden, out=gi[k])
+            if mult is not None:
+                gi[k].mul_(mult)
+            out.step(torch.mm(g2t, h, out=out.grad))
+        _relu_backward(g, z, 0, grad_input=g)                                # back through the ReLU
         first.step(k)
-    return logits
+    return steps.logits[:n]
 
 
-def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], cols: list[tuple[int, int]], x: torch.Tensor,
-               labels: torch.Tensor, num_classes: int, batch_size: int, generator: torch.Generator,
-               class_weight: Optional[torch.Tensor], gram: Optional[torch.Tensor], drops: list) -> list[tuple[float, float]]:
+def _mlp_epoch(first: LazyLayer, outs: list[_OutputLayer], steps: _Steps, x: torch.Tensor, labels: torch.Tensor,
+               batch_size: int, generator: torch.Generator, class_weight: Optional[torch.Tensor],
+               gram: Optional[torch.Tensor], drops: list) -> list[tuple[float, float]]:
     """One shuffled pass: per MLP, (mean train loss, train top-1), as train_one_epoch reports them."""
-    total_loss = [torch.zeros((), device=x.device) for _ in cols]
-    correct = [torch.zeros((), device=x.device) for _ in cols]
+    total_loss = [torch.zeros((), device=x.device) for _ in outs]
+    correct = [torch.zeros((), device=x.device) for _ in outs]
     for yw, sw, share in epoch_windows(first, x, labels, batch_size, generator, class_weight, gram):
         with small_ops(x.device):
-            window = _mlp_window(first, outs, cols, yw, sw, num_classes, drops)
-        for i, logits in enumerate(window):
+            window = _mlp_window(first, outs, steps, yw, sw, drops)
+        for i, logits in enumerate(window.split(steps.shape[1], 1)):
+            logits = logits.contiguous()           # reduced as the MLP alone reduces its own
             nll = torch.logsumexp(logits, 1) - logits.gather(1, yw[:, None]).squeeze(1)
             total_loss[i] += (nll * share).sum()
             correct[i] += (logits.argmax(1) == yw).sum()
@@ -183,6 +225,7 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     x_val = with_ones(x_val.to(device)) if x_val is not None else None
     y_val = y_val.to(device) if y_val is not None else None
     first, outs, cols = _layers(models, cfgs, device)
+    steps = _Steps(window_steps(shared.batch_size) * shared.batch_size, cols, num_classes, device)
     gram = full_gram(x, shared.epochs, shared.batch_size)
     first.use_dual(x, gram, shared.epochs, x_val)
     results, best = [FitResult(0, None) for _ in cfgs], _Best(first, outs)
@@ -194,7 +237,7 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     for epoch in epochs:
         lrs = [out.lr for out in outs]                 # both layers of an MLP follow its StepLR
         first.set_lr(lrs, shared.batch_size)
-        train = _mlp_epoch(first, outs, cols, x, y, num_classes, shared.batch_size, generator, cw, gram, drops)
+        train = _mlp_epoch(first, outs, steps, x, y, shared.batch_size, generator, cw, gram, drops)
         hidden = _val_hidden(first, x_val, EVAL_BATCH) if x_val is not None else None
         coords = None                                   # the first layer's coordinates, taken once an epoch
         for i, ((a, b), out, result) in enumerate(zip(cols, outs, results)):
