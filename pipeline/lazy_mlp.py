@@ -7,8 +7,9 @@ a LazyLayer: each step reads its pre-activations from the window's projections a
 update to them; the small second layer (num_classes, hidden + 1) is updated directly every step, in the
 order pipeline.sgd.SGD applies it. The result is fit_module's (the same initial weights, batch order,
 loss, history and first-best val epoch) within float tolerance (tests/test_probes.py checks it against
-torch.optim). A lone MLPProbe with dropout > 0 stays on fit_module; train_mlps also trains dropout
-MLPs (on the CPU), each drawing from its own generator the masks fit_module draws from the global one.
+torch.optim). Dropout > 0 is trained here on the CPU, alone or in a group: each MLP draws from its own
+generator the masks fit_module draws from the global one; off the CPU (a fused kernel's masks) an MLP
+with dropout stays on fit_module.
 
 train_mlps trains several such MLPs together (the sweep's MLPs that share epochs, batch_size and
 class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
@@ -263,5 +264,6 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
 def fit_mlp_lazy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
                  y_val: Optional[torch.Tensor], cfg: "MLPConfig", num_classes: int, seed: int, device: torch.device,
                  show_progress: bool = False) -> tuple[dict, "FitResult"]:
-    """fit_module for an MLPProbe's model with dropout 0: (the best epoch's state_dict on the CPU, FitResult)."""
+    """fit_module for an MLPProbe's model (dropout 0, or any on the CPU): (the best epoch's state_dict on the
+    CPU, FitResult)."""
     return train_mlps([model], x, y, x_val, y_val, [cfg], num_classes, seed, device, show_progress)[0]
