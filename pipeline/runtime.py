@@ -46,19 +46,25 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+LIGHT_HEADS = ("linear", "knn", "ncm")   # head types whose work is small per operator: one thread
+
+
 def stage_threads(stage: str, head_type: str, requested: int) -> int:
     """torch intra-op threads for a stage: run.num_threads when set, else what the stage's work can use.
 
     A linear head (and the logistic stage, whose solver uses its own BLAS threads) runs thousands of tiny
     operators; extra intra-op threads only add synchronisation, which on a machine other jobs are using
     costs far more than it saves (25 epochs of a batch-4 head on 1,200 rows: 10 to 15 s with 2 threads,
-    0.6 s with 1, load average 7 on 2 cores). Convolutions (extract, finetune, predict, report on images)
-    and the big dense layers of head.type=classifier use every core the process is allowed.
+    0.6 s with 1, load average 7 on 2 cores). Convolutions (extract, finetune, predict, report on images),
+    the big dense layers of head.type=classifier, and the window GEMMs of an mlp head and of a sweep's
+    joint groups use every core the process is allowed: their per-step ops run on one thread anyway
+    (lazy_sgd.small_ops). The 72-configuration digits sweep took 7.6-7.8 s on 2 threads against
+    8.9-9.3 s on 1, and beside two busy neighbours 11.7-13.8 s against 13.8-15.1 s (docs/heads.md).
     """
     if requested:
         return requested
-    if stage in ("logistic", "sweep", "leaderboard") or (stage == "head" and head_type != "classifier"):
-        return 1  # the sweep's and the probes' steps are as small as a linear head's
+    if stage in ("logistic", "leaderboard") or (stage == "head" and head_type in LIGHT_HEADS):
+        return 1
     return available_cores()
 
 

@@ -16,6 +16,8 @@ def test_threads_are_sized_to_the_stage():
     assert cores == len(os.sched_getaffinity(0))
     assert stage_threads("head", "linear", 0) == 1 and stage_threads("logistic", "linear", 0) == 1
     assert stage_threads("head", "classifier", 0) == cores  # VGG's dense layers are big matmuls
+    assert stage_threads("head", "knn", 0) == stage_threads("head", "ncm", 0) == stage_threads("leaderboard", "linear", 0) == 1
+    assert stage_threads("head", "mlp", 0) == stage_threads("sweep", "linear", 0) == cores   # big window GEMMs
     for stage in ("extract", "finetune", "benchmark", "report", "predict"):
         assert stage_threads(stage, "linear", 0) == cores
     assert stage_threads("head", "linear", 3) == 3 and stage_threads("extract", "linear", 5) == 5  # run.num_threads
