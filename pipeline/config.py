@@ -47,7 +47,7 @@ class RunConfig:
     stages: list[str] = _c(list(TRAIN_STAGES), "stages run when none are named on the command line",
                            item_choices=RUN_STAGES)
     num_threads: int = _c(0, "torch intra-op threads (at most 1024); 0 sizes them to the stage: 1 for a linear, "
-                          "knn or ncm head and logistic, every core the process may use (its affinity) otherwise "
+                          "knn or ncm head, logistic and leaderboard, every core the process may use (its affinity) otherwise "
                           "(sweep, an mlp head, extraction, ...)", ge=0, le=1024)
     trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
                                "(--trust); joblib/pickle files can run code when loaded")

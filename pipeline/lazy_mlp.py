@@ -15,11 +15,11 @@ train_mlps trains several such MLPs together (the sweep's MLPs that share epochs
 class_weight, pipeline/probe_groups.py): their first layers are the row groups of ONE LazyLayer (each
 group its own lr, momentum and weight decay), so a window's batch gather, Gram, projections and
 materialisation serve them all; each keeps its own output layer, StepLR, history and best epoch, and
-ends with what it would reach trained alone with the same seed and batch order (bitwise, on the digits
-features). A step's small ops are few: its buffers and their views are made once per run, and the
-softmax, its gradient and the ReLU's backward are one op for all the MLPs; the products and the output
-layer's update stay each MLP's own, as one block-diagonal output layer for all would change their
-rounding (docs/heads.md).
+ends with what it would reach trained alone with the same seed and batch order, to float rounding
+(bitwise when the group's MLPs share lr and momentum, as on the digits check). A step's small ops are
+few: its buffers and their views are made once per run, and the softmax, its gradient and the ReLU's
+backward are one op for all the MLPs; the products and the output layer's update stay each MLP's own,
+as one block-diagonal output layer for all would change their rounding (docs/heads.md).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _mlp_window(first: LazyLayer, outs: list[_OutputLayer], steps: _Steps, yw: t
     """Every step of the window begun on first, for each MLP (its hidden units are first's columns
     steps.cols[i]; drops[i] its (dropout p, generator) or None): (n, M C) the logits each step used. The
     softmax, its gradient and the ReLU's backward are one op for all MLPs; products and updates are each
-    MLP's own, as it runs alone (bitwise)."""
+    MLP's own, as when it runs alone."""
     n, device = len(first.z), first.z.device
     sizes = [e - s for s, e in first.bounds]
     target = (F.one_hot(yw, steps.shape[1]) * -sw)[:, None].split(sizes)   # minus the scaled one-hot (rows, 1, C)
@@ -226,7 +226,7 @@ def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_
     x_val = with_ones(x_val.to(device)) if x_val is not None else None
     y_val = y_val.to(device) if y_val is not None else None
     first, outs, cols = _layers(models, cfgs, device)
-    steps = _Steps(window_steps(shared.batch_size) * shared.batch_size, cols, num_classes, device)
+    steps = _Steps(min(window_steps(shared.batch_size) * shared.batch_size, len(x)), cols, num_classes, device)
     gram = full_gram(x, shared.epochs, shared.batch_size)
     first.use_dual(x, gram, shared.epochs, x_val)
     results, best = [FitResult(0, None) for _ in cfgs], _Best(first, outs)

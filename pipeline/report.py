@@ -1,7 +1,8 @@
 """Stage `report`: confusion matrix, per-class report, training curves and a prediction grid per model.
 
 The training stages call `finish_stage` with their val predictions; `run_report` rebuilds the same
-files later from the saved artifacts (head.pt, logistic.joblib, finetune.pt) without retraining.
+files later from the saved artifacts (head.pt, logistic.joblib, finetune.pt) without retraining, and a
+sweep's sweep.png from its sweep.json while the head is that sweep's winner.
 """
 from __future__ import annotations
 
@@ -269,7 +270,7 @@ def _predictions_from_images(run_dir: Path, kind: str, artifact: dict, device: t
 
 def run_report(cfg: Config, device: torch.device) -> dict:
     """Regenerate the reports of every model saved in the run folder (with features.file: the cached ones,
-    from that file alone)."""
+    from that file alone), and sweep.png when the head is a sweep's winner."""
     from pipeline.predictor import load_artifact, model_path
 
     kinds = [k for k in MODEL_FILES if model_path(cfg.run_dir, k).is_file()]
@@ -299,28 +300,32 @@ def run_report(cfg: Config, device: torch.device) -> dict:
             out[kind] = {**summarise(preds), "reports": [str(pub.final_path(p)) for p in files]}
             print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
                   f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
-        _redraw_sweep_chart(cfg.run_dir, pub)
+        _redraw_sweep_chart(cfg.run_dir, pub, metrics)
         write_json(pub.staging / REPORT_DIR / "summary.json", out)
         pub.commit()
     return out
 
 
-def _redraw_sweep_chart(run_dir: Path, pub: Publication) -> None:
-    """Stage sweep.png again from the run folder's sweep.json, when there is one (the last sweep's record);
+def _redraw_sweep_chart(run_dir: Path, pub: Publication, metrics: dict) -> None:
+    """Stage sweep.png again from the run folder's sweep.json while the run's head is that sweep's winner;
     a sweep.json this version cannot read is named and left alone, the other reports still published."""
     from pipeline.sweep import SWEEP_JSON, SWEEP_PNG
 
     path = run_dir / SWEEP_JSON
     if not path.is_file():
         return
+    if (metrics.get("head") or {}).get("source") != "sweep":
+        print(f"report: {path} is an earlier sweep's (head.pt was trained since): {SWEEP_PNG} is not redrawn")
+        return
     from pipeline.sweep_report import outcome_from_summary, plot_sweep
 
     try:
         outcome = outcome_from_summary(json.loads(path.read_text(encoding="utf-8")))
+        if outcome.results:
+            plot_sweep(outcome, pub.staging / SWEEP_PNG)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        (pub.staging / SWEEP_PNG).unlink(missing_ok=True)
         print(f"report: {path} cannot be read ({type(e).__name__}: {e}); {SWEEP_PNG} is not redrawn (run sweep "
               "again to rewrite both)")
         return
-    if outcome.results:
-        plot_sweep(outcome, pub.staging / SWEEP_PNG)
-        print(f"report: sweep: {len(outcome.results)} configurations drawn in {run_dir / SWEEP_PNG}")
+    print(f"report: sweep: {len(outcome.results)} configurations drawn in {run_dir / SWEEP_PNG}")

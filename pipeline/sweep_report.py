@@ -94,10 +94,18 @@ def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
 def outcome_from_summary(summary: dict) -> SweepOutcome:
     """The SweepOutcome that sweep.json describes (results in their ranking order, without models): what
     plot_sweep and the leaderboards need. KeyError / TypeError / ValueError when a field is missing or malformed."""
-    results = [SweepResult(SweepConfig(r["head_type"], tuple(r["params"].items())), float(r["val_acc"]),
+    def number(v: Optional[float]) -> Optional[float]:
+        return None if v is None else float(v)
+
+    def result(i: int, r: dict) -> SweepResult:
+        if r["head_type"] not in SWEEP_TYPES:
+            raise ValueError(f"result {i + 1} has head type {r['head_type']!r} (known: {', '.join(SWEEP_TYPES)})")
+        return SweepResult(SweepConfig(r["head_type"], tuple(r["params"].items())), float(r["val_acc"]),
                            float(r["val_mean_per_class"]), float(r["seconds"]), bool(r.get("joint")),
-                           r.get("best_epoch"), r.get("test_acc"), r.get("test_mean_per_class"), position=i)
-               for i, r in enumerate(summary["results"])]
+                           r.get("best_epoch"), number(r.get("test_acc")), number(r.get("test_mean_per_class")),
+                           position=i)
+
+    results = [result(i, r) for i, r in enumerate(summary["results"])]
     return SweepOutcome(results, bool(summary["has_test"]), bool(summary["interrupted"]), float(summary["seconds"]),
                         int(summary["planned"]))
 

@@ -95,6 +95,17 @@ def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(
     out = capsys.readouterr().out
     assert f"report: {run_dir / 'sweep.json'} cannot be read (JSONDecodeError" in out and "run sweep again" in out
     assert "report: head: val top-1" in out and (run_dir / "sweep.png").read_bytes() == drawn
+    summary = {"has_test": False, "interrupted": False, "seconds": 1.0, "planned": 1,
+               "results": [{"head_type": "svm", "params": {}, "val_acc": 0.5, "val_mean_per_class": 0.5, "seconds": 1}]}
+    (run_dir / "sweep.json").write_text(json.dumps(summary))          # parses, but not a sweep this version made
+    assert run_pipeline.main(sets(overrides) + ["report"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot be read (ValueError: result 1 has head type 'svm'" in out and "report: head: val top-1" in out
+    assert (run_dir / "sweep.png").read_bytes() == drawn
+    assert run_pipeline.main(sets(overrides) + ["head"]) == 0         # a plain head replaces the sweep's winner
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides) + ["report"]) == 0
+    assert "is an earlier sweep's (head.pt was trained since): sweep.png is not redrawn" in capsys.readouterr().out
 
 
 def test_a_bad_grid_names_the_parameter_before_any_extraction(tmp_path, image_root, capsys):
