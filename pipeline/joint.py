@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
 
@@ -117,8 +117,7 @@ def _joint_inputs(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Ar
 def initial_weights(n_features: int, num_classes: int, seed: int) -> torch.Tensor:
     """(num_classes, n_features + 1): weight and bias of an nn.Linear drawn with this seed (torch.manual_seed)."""
     torch.manual_seed(seed)
-    init = nn.Linear(n_features, num_classes)
-    return torch.cat([init.weight, init.bias[:, None]], 1).detach()
+    return packed(nn.Linear(n_features, num_classes))
 
 
 def _epoch_range(epochs: int, n_heads: int, progress: bool):
@@ -250,7 +249,7 @@ def fit_linear(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, x_val: Option
     """fit_module for a LinearProbe's nn.Linear, as one joint head: (the best epoch's state_dict on the CPU,
     FitResult). It starts from model's weights (drawn with the probe's seed) and draws the batches from seed."""
     with torch.no_grad():
-        init = torch.cat([model.weight, model.bias[:, None]], 1).to(device)
+        init = packed(model).to(device)
     joint = train_linear_heads(x, y, x_val, y_val, [cfg], num_classes=num_classes, seed=seed, device=device,
                                progress=show_progress, init=init)
     model.to(device)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, small_ops, window_steps, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, window_steps, with_ones
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig
@@ -182,10 +182,10 @@ def _layers(models: list[nn.Sequential], cfgs: list["MLPConfig"],
             device: torch.device) -> tuple[LazyLayer, list[_OutputLayer], list[tuple[int, int]]]:
     """(the MLPs' first layers as one LazyLayer, their output layers, each one's columns of the LazyLayer)."""
     with torch.no_grad():
-        w1 = torch.cat([torch.cat([m[0].weight, m[0].bias[:, None]], 1) for m in models]).to(device)
+        w1 = torch.cat([packed(m[0]) for m in models]).to(device)
         first = LazyLayer(w1, [c.momentum for c in cfgs], [c.weight_decay for c in cfgs],
                           [m[0].out_features for m in models])
-        outs = [_OutputLayer(torch.cat([m[3].weight, m[3].bias[:, None]], 1).to(device), float(c.lr), c.momentum,
+        outs = [_OutputLayer(packed(m[3]).to(device), float(c.lr), c.momentum,
                              c.weight_decay, c.step_size, c.gamma) for m, c in zip(models, cfgs)]
     ends = torch.tensor([m[0].out_features for m in models]).cumsum(0).tolist()
     return first, outs, list(zip([0] + ends[:-1], ends))

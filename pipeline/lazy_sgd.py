@@ -63,6 +63,11 @@ def with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
 
 
+def packed(linear: torch.nn.Linear) -> torch.Tensor:
+    """(out_features, in_features + 1): the layer's weight with its bias as the last column (with_ones' layout)."""
+    return torch.cat([linear.weight, linear.bias[:, None]], 1).detach()
+
+
 def gram_fits(n: int, x: torch.Tensor) -> bool:
     """Whether the Gram matrix of n rows of x's dtype fits in GRAM_BYTES."""
     return n * n * x.element_size() <= GRAM_BYTES

@@ -38,8 +38,7 @@ from pipeline.rundir import Publication
 from pipeline.runtime import environment_info
 from pipeline.stream import float32_nbytes, needs_streaming, stream_message
 from pipeline.sweep import (LOGISTIC_DEFAULTS, SWEEP_JSON, SWEEP_PNG, SWEEP_TYPES, SweepConfig, SweepOutcome,
-                            SweepResult,
-                            expand_grid, full_params)
+                            SweepResult, expand_grid, full_params)
 from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
