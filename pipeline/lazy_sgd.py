@@ -119,37 +119,42 @@ def sgd_tables(lr: Sequence[float], momentum: Sequence[float], weight_decay: Seq
 class _Rows:
     """Per-row hyper-parameters: python floats when every row agrees (scalar kernels), else (R,) tensors."""
 
-    def __init__(self, values: Sequence[float], groups: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, values: Sequence[float], row_group: torch.Tensor, device: torch.device) -> None:
         self.uniform = len(set(values)) == 1
         self.scalar = float(values[0])
-        self.tensor = torch.tensor(values, dtype=torch.float32).repeat_interleave(groups).to(device)
+        self.tensor = torch.tensor(values, dtype=torch.float32)[row_group].to(device)
         self.any = any(v != 0 for v in values)
 
 
 class LazyLayer:
-    """W (R, D') trained by SGD a window at a time; rows come in parameter groups of groups[i] rows
-    (a head's classes, or an MLP's hidden units), each with its own lr, momentum and weight decay."""
+    """W (R, D') trained by SGD a window at a time; rows come in parameter groups (an MLP's hidden units,
+    a head's classes), each with its own lr, momentum and weight decay: groups[i] rows each, one group after
+    another, or with interleave (equal groups) taking turns, row r in group r % len(groups)."""
 
     def __init__(self, weight: torch.Tensor, momentum: Sequence[float], weight_decay: Sequence[float],
-                 groups: Sequence[int]) -> None:
+                 groups: Sequence[int], interleave: bool = False) -> None:
         self._weight, self.device = weight, weight.device
         self.dual: Optional[_Dual] = None
-        self.group = torch.tensor(list(groups), dtype=torch.long)
+        counts, index = list(groups), torch.arange(len(groups))
+        if interleave and len(set(counts)) > 1:
+            raise ValueError(f"interleaved row groups must be equal, got {counts}")
+        self.row_group = (index.repeat(counts[0]) if interleave
+                          else index.repeat_interleave(torch.tensor(counts, dtype=torch.long)))
         self.momentum, self.decay = list(map(float, momentum)), list(map(float, weight_decay))
-        self.m = _Rows(self.momentum, self.group, self.device)
-        self.wd = _Rows(self.decay, self.group, self.device)
+        self.m = _Rows(self.momentum, self.row_group, self.device)
+        self.wd = _Rows(self.decay, self.row_group, self.device)
         self.buf = torch.zeros_like(weight) if self.m.any else None      # momentum 0 everywhere: no buffer
         self._key: Optional[tuple] = None                               # the (lrs, steps) of P and V
 
     def set_lr(self, lrs: Sequence[float], batch_size: int) -> None:
         """The groups' lr for the coming epoch (python floats, as StepLR keeps them); its windows are of
         self.steps = window_steps(batch_size) steps at most (epoch_windows plans them so)."""
-        self.lr = _Rows(list(map(float, lrs)), self.group, self.device)
+        self.lr = _Rows(list(map(float, lrs)), self.row_group, self.device)
         self.steps = window_steps(batch_size)
         key = (tuple(map(float, lrs)), self.steps)
         if key != self._key:                                            # StepLR changed lr: new tables
             self._key = key
-            self.P, self.V = (torch.from_numpy(t).float().repeat_interleave(self.group, dim=-1).to(self.device)
+            self.P, self.V = (torch.from_numpy(t).float()[..., self.row_group].to(self.device)
                               for t in sgd_tables(key[0], self.momentum, self.decay, self.steps))
 
     def use_dual(self, x: torch.Tensor, gram: Optional[torch.Tensor], epochs: int,

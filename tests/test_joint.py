@@ -171,3 +171,19 @@ def test_dual_coordinates_engage_when_they_cost_less_and_fit(monkeypatch):
     coords = layer.coordinates()
     torch.testing.assert_close(layer.materialise(coords), layer.weight)
     torch.testing.assert_close(layer.eval_outputs(x[:9], 2, 9), x[2:9] @ layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_row_groups_take_turns():
+    """The joint layer is class-major: row r of an interleaved layer is in group r % 2 here (its momentum,
+    weight decay, lr and SGD tables); unequal groups cannot take turns."""
+    from pipeline.lazy_sgd import LazyLayer
+
+    layer = LazyLayer(torch.zeros(6, 3), [0.9, 0.0], [1e-3, 0.0], [3, 3], interleave=True)
+    layer.set_lr([0.1, 0.2], batch_size=4)
+    assert layer.lr.tensor.tolist() == pytest.approx([0.1, 0.2] * 3)
+    assert layer.m.tensor.tolist() == pytest.approx([0.9, 0.0] * 3)
+    assert layer.P[1][1].tolist() == pytest.approx([-0.09, 0.0] * 3)          # A's -lr m, row by row
+    one_after_another = LazyLayer(torch.zeros(6, 3), [0.9, 0.0], [0.0, 0.0], [3, 3])
+    assert one_after_another.m.tensor.tolist() == pytest.approx([0.9] * 3 + [0.0] * 3)
+    with pytest.raises(ValueError, match="must be equal"):
+        LazyLayer(torch.zeros(5, 3), [0.9, 0.0], [0.0, 0.0], [3, 2], interleave=True)
