@@ -261,6 +261,7 @@ class _Dual:
         self.rows = len(w0)
         self.xw0 = x @ w0.T                                                  # (n, R)
         self.c = torch.zeros(len(x), self.rows * (2 if momentum else 1), dtype=w0.dtype, device=w0.device)
+        self.spare = torch.empty_like(self.c) if momentum else None          # advance writes the next C into it
         self.alpha = torch.ones(self.rows, dtype=w0.dtype, device=w0.device)
         self.gamma = torch.zeros_like(self.alpha)
         self.k_eval = x_eval @ x.T if x_eval is not None else None            # (n_eval, n)
@@ -279,11 +280,10 @@ class _Dual:
     def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor) -> None:
         """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients."""
         r = self.rows
-        if self.momentum:                                                    # all n rows: torch's threads
-            cw, cb = self.c[:, :r], self.c[:, r:]
-            new_cw = torch.addcmul(cw * p[0], cb, p[1])
-            cb.mul_(p[3]).addcmul_(cw, p[2])
-            cw.copy_(new_cw)
+        if self.momentum:                        # all n rows, torch's threads, two passes into the spare buffer
+            c, new = self.c.view(-1, 2, r), self.spare.view(-1, 2, r)        # [C_W | C_B] as (n, 2, R)
+            torch.mul(c[:, :1], p[0::2], out=new).addcmul_(c[:, 1:], p[1::2])   # (C_W a + C_B b, C_W a' + C_B b')
+            self.c, self.spare = self.spare, self.c
             self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
         elif self.decay:                                                     # weight decay without momentum
             self.c.mul_(p[0])
