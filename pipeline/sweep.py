@@ -9,7 +9,8 @@ All linear configurations that share epochs, batch_size and class_weight are tra
 run (pipeline/joint.py); so are the MLPs that share them, and the kNN (NCM) configurations
 share one similarity search (one set of class means): pipeline/probe_groups.py. Best epochs, C and the winner are chosen on val; test, when given, is
 scored once, after selection, for the chosen models only: the winner and the best of each head type.
-scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used.
+scikit-learn (logistic) and matplotlib (sweep.png) are imported only when used; the logistic configs
+are usually fitted in a child process that overlaps scikit-learn's import with the rest (pipeline/logistic_worker.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pipeline import logistic_worker
 from pipeline.analysis import score_proba
 from pipeline.joint import shared_key, train_linear_heads
 from pipeline.probe_groups import fit_knn_group, fit_mlp_group, fit_ncm_group, mlp_group_key
@@ -176,45 +178,60 @@ class SweepOutcome:
         return list(best.values())
 
 
-def _fit_logistic_path(unit: list[SweepConfig], x: np.ndarray, y: np.ndarray, seed: int, defaults: Optional[dict]):
-    """Yield (config, fitted pipeline, seconds) for the logistic configs of one max_iter, C ascending.
-
-    One StandardScaler for all; each C starts from the previous C's solution (warm_start): the
-    problem is convex, so the solution is the same, reached in fewer iterations. Each fit runs on one
-    BLAS thread, as the logistic stage's: BLAS threads spin while they wait, which on a busy machine
-    made the logistic stage's search 38 times slower (pipeline/logistic.py).
-    """
-    import copy
-
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    t0 = time.perf_counter()
-    scaler = StandardScaler().fit(x)
-    xs = scaler.transform(x)
-    share = (time.perf_counter() - t0) / len(unit)
-    params = {c: check_logistic(full_params(c, defaults)) for c in unit}
-    clf = LogisticRegression(max_iter=int(params[unit[0]]["max_iter"]), warm_start=True, random_state=seed)
-    for c in sorted(unit, key=lambda c: params[c]["C"]):
-        t1 = time.perf_counter()
-        with threadpool_limits(1):
-            clf.set_params(C=float(params[c]["C"])).fit(xs, y)
-        model = Pipeline([("scale", scaler), ("clf", copy.deepcopy(clf))])
-        yield c, model, time.perf_counter() - t1 + share
+def _logistic_params(unit: list[SweepConfig], defaults: Optional[dict]) -> list[dict]:
+    return [check_logistic(full_params(c, defaults)) for c in unit]
 
 
 class LogisticModel:
-    """A fitted sklearn pipeline whose predict_proba has one column per class index, present in train or not."""
+    """A fitted sklearn pipeline whose predict_proba has one column per class index, present in train or not.
 
-    def __init__(self, model, num_classes: int) -> None:
-        self.model, self.num_classes = model, num_classes
+    From the sweep's child process (pipeline/logistic_worker.py) it holds the pickled pipeline, its
+    probabilities on the arrays the child scored (val, test) and its fold; the pipeline is unpickled,
+    and scikit-learn imported, only when asked for (.model, or predict_proba on other rows)."""
+
+    def __init__(self, model, num_classes: int, blob: Optional[bytes] = None, known: Sequence = (),
+                 folded: Optional[tuple] = None) -> None:
+        self._model, self.num_classes, self._blob = model, num_classes, blob
+        self._known, self._folded = list(known), folded           # [(rows, their probabilities)], (weight, bias)
+
+    @property
+    def model(self):
+        if self._model is None:
+            import pickle
+
+            self._model = pickle.loads(self._blob)
+        return self._model
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (num_classes, n_features), bias): one linear layer with the same probabilities."""
+        if self._folded is None:
+            from pipeline.logistic_worker import fold
+
+            self._folded = fold(self.model, self.num_classes)
+        return self._folded
 
     def predict_proba(self, X) -> np.ndarray:
-        proba = np.zeros((len(X), self.num_classes), dtype=np.float32)
-        proba[:, self.model.classes_] = self.model.predict_proba(np.asarray(X))
-        return proba
+        X = np.asarray(X)
+        for rows, proba in self._known:
+            if rows.shape == X.shape and np.array_equal(rows, X):
+                return proba.copy()
+        from pipeline.logistic_worker import class_proba
+
+        return class_proba(self.model, X, self.num_classes)
+
+
+def _logistic_fits(unit, k, ahead, x, labels, num_classes, seed, defaults, evals):
+    """(config, LogisticModel, seconds) for logistic unit k, C ascending: from the child when it ran, else here."""
+    fits = ahead.collect(k) if ahead is not None else None
+    if fits is not None:
+        for fit in fits:
+            known = [(rows, proba) for rows, proba in zip(evals, fit["proba"])]
+            yield unit[fit["index"]], LogisticModel(None, num_classes, fit["blob"], known, fit["fold"]), fit["seconds"]
+        return
+    from pipeline.logistic_worker import fit_path
+
+    for i, model, seconds in fit_path(_logistic_params(unit, defaults), x.numpy(), labels.numpy(), seed):
+        yield unit[i], LogisticModel(model, num_classes), seconds
 
 
 GROUP_FITS = {"mlp": fit_mlp_group, "knn": fit_knn_group, "ncm": fit_ncm_group}
@@ -244,6 +261,31 @@ def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None,
     return [u for _, u in sorted(units.items(), key=lambda kv: rank.get(kv[0][0], 1))]   # stable: grid order
 
 
+def _start_logistic(units, defaults, x, labels, evals, seed, num_classes):
+    """(the logistic units, the child process fitting them or None): scikit-learn's import overlaps the rest."""
+    logistic = [u for u in units if u[0].head_type == "logistic"]
+    if not logistic_worker.wanted(len(units), len(logistic)):
+        return logistic, None
+    return logistic, logistic_worker.Ahead([_logistic_params(u, defaults) for u in logistic], x.numpy(),
+                                           labels.numpy(), evals, seed, num_classes)
+
+
+def _inputs(X: Array, y: Array, X_val: Array, y_val: Array, X_test: Optional[Array], y_test: Optional[Array],
+            num_classes: Optional[int]) -> tuple:
+    """(x, labels, x_val, labels_val, x_test or None, labels_test or None, num_classes), checked."""
+    x = as_features(X)
+    labels = as_labels(y, len(x))
+    x_val = as_features(X_val, "X_val")
+    labels_val = as_labels(y_val, len(x_val), "y_val")
+    if len(x_val) == 0:
+        raise SweepError("a sweep needs val rows: they choose the best epochs, C and the winner")
+    has_test = X_test is not None and len(X_test) > 0
+    x_test = as_features(X_test, "X_test") if has_test else None
+    labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
+    return x, labels, x_val, labels_val, x_test, labels_test, num_classes or infer_num_classes(labels, labels_val,
+                                                                                             labels_test)
+
+
 def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, y_val: Array,
               X_test: Optional[Array] = None, y_test: Optional[Array] = None, num_classes: Optional[int] = None,
               seed: int = 0, device: Union[str, torch.device] = "cpu",
@@ -259,17 +301,12 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     finished, with interrupted=True.
     """
     t0 = time.perf_counter()
-    x = as_features(X)
-    labels = as_labels(y, len(x))
-    x_val = as_features(X_val, "X_val")
-    labels_val = as_labels(y_val, len(x_val), "y_val")
-    if len(x_val) == 0:
-        raise SweepError("a sweep needs val rows: they choose the best epochs, C and the winner")
-    has_test = X_test is not None and len(X_test) > 0
-    x_test = as_features(X_test, "X_test") if has_test else None
-    labels_test = as_labels(y_test, len(x_test), "y_test") if has_test else None
-    num_classes = num_classes or infer_num_classes(labels, labels_val, labels_test)
+    x, labels, x_val, labels_val, x_test, labels_test, num_classes = _inputs(X, y, X_val, y_val, X_test, y_test,
+                                                                             num_classes)
+    has_test = x_test is not None
     units = _order(configs, defaults, device)
+    evals = [x_val.numpy()] + ([x_test.numpy()] if has_test else [])
+    logistic, ahead = _start_logistic(units, defaults, x, labels, evals, seed, num_classes)
     outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
     bar = None
     if progress:
@@ -289,13 +326,17 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
 
     try:
         for unit in units:
-            for result in _run_unit(unit, x, labels, x_val, labels_val, num_classes, seed, device, defaults):
+            fits = (_logistic_fits(unit, logistic.index(unit), ahead, x, labels, num_classes, seed, defaults, evals)
+                    if unit in logistic else None)
+            for result in _run_unit(unit, x, labels, x_val, labels_val, num_classes, seed, device, defaults, fits):
                 finish(result)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
         if bar is not None:
             bar.close()
+        if ahead is not None:
+            ahead.close()
     if has_test:
         for r in outcome.chosen():
             scores = score_proba(labels_test.numpy(), r.model.predict_proba(x_test))
@@ -304,8 +345,9 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     return outcome
 
 
-def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes, seed, device, defaults=None):
-    """Yield the SweepResult of every configuration of one work unit."""
+def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes, seed, device, defaults=None,
+              logistic_fits=None):
+    """Yield the SweepResult of every configuration of one work unit (a logistic unit's from logistic_fits)."""
     yv = labels_val.numpy()
     head_type = unit[0].head_type
     t0 = time.perf_counter()
@@ -320,8 +362,7 @@ def _run_unit(unit: list[SweepConfig], x, labels, x_val, labels_val, num_classes
             yield SweepResult(c, s["acc"], s["mean_per_class"], share, True, probe.result.best_epoch, model=probe)
         return
     if head_type == "logistic":
-        for c, fitted, seconds in _fit_logistic_path(unit, x.numpy(), labels.numpy(), seed, defaults):
-            model = LogisticModel(fitted, num_classes)
+        for c, model, seconds in logistic_fits:
             s = score_proba(yv, model.predict_proba(x_val))
             yield SweepResult(c, s["acc"], s["mean_per_class"], seconds, False, None, model=model)
         return

@@ -30,6 +30,7 @@ from pipeline.cache import CacheError
 from pipeline.config import Config
 from pipeline.head_outputs import (compact_params, confused_text, head_values, ledger_entry, record_heads,
                                    stage_error_analysis, test_split)
+from pipeline.logistic_worker import fold
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.probes import CONFIGS
 from pipeline.records import ModelArtifact, StageResult
@@ -43,7 +44,6 @@ from pipeline.sweep import run_sweep as sweep_heads
 from pipeline.sweep_report import format_leaderboard, write_sweep_reports
 
 HEAD_FILE = MODEL_FILES["head"]
-MISSING_CLASS_BIAS = -1e4   # a folded logistic winner's logit for a class absent from train: never chosen
 
 
 def sweep_defaults(cfg: Config) -> dict:
@@ -61,20 +61,10 @@ def ledger_params(result: SweepResult, defaults: dict) -> dict:
 
 
 def fold_logistic(model, num_classes: int) -> dict:
-    """StandardScaler + LogisticRegression as one nn.Linear state dict with the same probabilities.
-
-    softmax(coef @ ((x - mean) / scale) + intercept) = softmax(W x + b) with W = coef / scale and
-    b = intercept - W @ mean; a binary model's one row of coef is the logit of classes_[1] against 0.
-    """
-    scaler, clf = model.named_steps["scale"], model.named_steps["clf"]
-    coef, intercept = np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64)
-    if coef.shape[0] == 1 and len(clf.classes_) == 2:
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    w = coef / scaler.scale_                                     # (n_present, n_features)
-    weight = np.zeros((num_classes, coef.shape[1]))
-    bias = np.full(num_classes, MISSING_CLASS_BIAS)
-    weight[clf.classes_], bias[clf.classes_] = w, intercept - w @ scaler.mean_
-    return {"weight": torch.from_numpy(weight.astype(np.float32)), "bias": torch.from_numpy(bias.astype(np.float32))}
+    """StandardScaler + LogisticRegression as one nn.Linear state dict with the same probabilities
+    (pipeline.logistic_worker.fold)."""
+    weight, bias = fold(model, num_classes)
+    return {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
 
 
 def winner_weights(winner: SweepResult, num_classes: int) -> tuple[str, dict]:
@@ -82,7 +72,8 @@ def winner_weights(winner: SweepResult, num_classes: int) -> tuple[str, dict]:
     if winner.head_type == "linear":
         return "linear", {k: v.detach().cpu().clone() for k, v in winner.model.model.state_dict().items()}
     if winner.head_type == "logistic":
-        return "logistic", fold_logistic(winner.model.model, num_classes)
+        weight, bias = winner.model.folded()                 # the child's fold when it fitted the C path
+        return "logistic", {"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())}
     return winner.head_type, winner.model.state()
 
 

@@ -177,13 +177,18 @@ def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
 
 
 def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
-    """The sweep imports scikit-learn only when it will use it."""
-    code = ("import sys, numpy as np; from pipeline.sweep import expand_grid, run_sweep; "
+    """The sweep imports scikit-learn only when it will use it, and not at all when its child process
+    fits the logistic configs (pipeline/logistic_worker.py)."""
+    code = ("import sys, numpy as np; from pipeline import logistic_worker; logistic_worker.WORKER = {mode!r}; "
+            "from pipeline.sweep import expand_grid, run_sweep; "
             "X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3; "
             "out = run_sweep(expand_grid({grid!r}), X, y, X, y); "
             "print(len(out.results), 'sklearn' in sys.modules)")
-    for grid, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "3 False"), ({"ncm": {}, "logistic": {"C": [1.0]}}, "2 True")):
-        out = subprocess.run([sys.executable, "-c", code.format(grid=grid)], capture_output=True, text=True, check=True)
+    with_logistic = {"ncm": {}, "logistic": {"C": [1.0]}}
+    for grid, mode, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "auto", "3 False"), (with_logistic, "off", "2 True"),
+                             (with_logistic, "on", "2 False")):
+        out = subprocess.run([sys.executable, "-c", code.format(grid=grid, mode=mode)], capture_output=True, text=True,
+                             check=True)
         assert out.stdout.strip() == want and out.stderr == ""
 
 
@@ -197,3 +202,65 @@ def test_mlps_with_and_without_dropout_train_as_one_group(data):
         alone = build_probe("mlp", r.config.param_dict, seed=2).fit(X, y, Xv, yv)
         assert r.best_epoch == alone.result.best_epoch
         np.testing.assert_allclose(r.model.predict_proba(Xv), alone.predict_proba(Xv), rtol=1e-4, atol=1e-5)
+
+
+def test_the_logistic_child_process_gives_the_results_fitted_here(data, monkeypatch):
+    """pipeline/logistic_worker.py: the C path fitted in a child process scores val and test, folds and
+    predicts exactly as when fitted in this process; its pipeline is unpickled only when asked for."""
+    from pipeline import logistic_worker
+
+    (X, y), (Xv, yv), (Xt, yt) = data
+    grid = {"logistic": {"C": [0.1, 1.0]}, "ncm": {}}
+    outcomes = {}
+    for mode in ("off", "on"):
+        monkeypatch.setattr(logistic_worker, "WORKER", mode)
+        outcomes[mode] = run_sweep(expand_grid(grid), X, y, Xv, yv, Xt, yt)
+    here, child = ({r.config: r for r in outcomes[m].results if r.head_type == "logistic"} for m in ("off", "on"))
+    assert len(here) == len(child) == 2
+    for config, r in child.items():
+        assert r.model._model is None                                       # not unpickled for val and test
+        assert (r.val_acc, r.val_mean_per_class, r.test_acc) == (here[config].val_acc, here[config].val_mean_per_class,
+                                                                   here[config].test_acc)
+        for a, b in zip(r.model.folded(), here[config].model.folded()):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(r.model.predict_proba(Xv), here[config].model.predict_proba(Xv))
+        assert r.model._model is None
+        np.testing.assert_array_equal(r.model.predict_proba(X[:5] + 1), here[config].model.predict_proba(X[:5] + 1))
+        assert r.model.model.named_steps["clf"].C == config.param_dict["C"]
+
+
+def test_a_failed_or_interrupted_logistic_child_leaves_nothing_behind(data, monkeypatch, tmp_path, capsys):
+    """A child that cannot run: the configs are fitted here, with the same results and nothing printed.
+    Ctrl-C before the logistic unit: the child is stopped and its payload file removed."""
+    import tempfile
+
+    import pipeline.sweep as sw
+    from pipeline import logistic_worker
+
+    (X, y), (Xv, yv), _ = data
+    grid = {"logistic": {"C": [0.1, 1.0]}, "ncm": {}}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(logistic_worker, "WORKER", "off")
+    want = [(r.config, r.val_acc) for r in run_sweep(expand_grid(grid), X, y, Xv, yv).results]
+    monkeypatch.setattr(logistic_worker, "WORKER", "on")
+    monkeypatch.setattr(sys, "executable", "/bin/false")                   # the child exits at once, status 1
+    assert [(r.config, r.val_acc) for r in run_sweep(expand_grid(grid), X, y, Xv, yv).results] == want
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(logistic_worker, "WORKER", "on")
+    started, start = [], logistic_worker.Ahead.__init__
+
+    def record(self, *args):
+        start(self, *args)
+        started.append(self)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(logistic_worker.Ahead, "__init__", record)
+    monkeypatch.setattr(sw, "_run_unit", interrupted)
+    outcome = run_sweep(expand_grid(grid), X, y, Xv, yv)
+    assert outcome.interrupted and not outcome.results and len(started) == 1
+    assert started[0].proc.poll() is not None and not list(tmp_path.iterdir())
+    assert capsys.readouterr().err == ""
