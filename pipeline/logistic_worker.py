@@ -26,6 +26,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 WORKER = "auto"            # "auto": a child process when the sweep has other work and 2+ CPUs; "on", "off"
+WORKER_BYTES = 2 ** 28     # "auto" leaves train features over this size (256 MiB) here: the child would copy them
 MISSING_CLASS_BIAS = -1e4  # a folded model's logit for a class absent from train: never chosen
 
 
@@ -93,13 +94,14 @@ def _work(payload: dict) -> list[list[dict]]:
     return out
 
 
-def wanted(n_units: int, n_logistic_units: int) -> bool:
+def wanted(n_units: int, n_logistic_units: int, nbytes: int) -> bool:
     """Whether to fit in a child: WORKER "on"/"off", or ("auto") when scikit-learn is not imported here
-    yet, the sweep has other work to overlap and this process may use 2+ CPUs."""
+    yet, the sweep has other work to overlap, this process may use 2+ CPUs and the train features (nbytes)
+    are at most WORKER_BYTES."""
     if WORKER != "auto" or n_logistic_units == 0:
         return WORKER == "on" and n_logistic_units > 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return "sklearn" not in sys.modules and n_units > n_logistic_units and cpus >= 2
+    return "sklearn" not in sys.modules and n_units > n_logistic_units and cpus >= 2 and nbytes <= WORKER_BYTES
 
 
 class Ahead:
@@ -108,16 +110,21 @@ class Ahead:
     def __init__(self, units: list[list[dict]], x: np.ndarray, y: np.ndarray, evals: list[np.ndarray],
                  seed: int, num_classes: int) -> None:
         self.results: Optional[list] = None
+        self.proc: Optional[subprocess.Popen] = None
         fd, name = tempfile.mkstemp(prefix="sweep-logistic-", suffix=".pkl")
-        self.payload = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump({"units": units, "x": x, "y": y, "eval": evals, "seed": seed, "num_classes": num_classes},
-                        f, protocol=pickle.HIGHEST_PROTOCOL)
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.logistic_worker", str(self.payload)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env)
+        self.payload = Path(name)                                  # the child removes it once read
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump({"units": units, "x": x, "y": y, "eval": evals, "seed": seed,
+                             "num_classes": num_classes}, f, protocol=pickle.HIGHEST_PROTOCOL)
+            root = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.logistic_worker", str(self.payload)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env={**os.environ, "PYTHONPATH": path})
+        except (OSError, pickle.PicklingError):                    # no child (a full disk, no interpreter): fit here
+            self.close()
+            self.results = []
 
     def collect(self, k: int) -> Optional[list[dict]]:
         """Logistic unit k's fits (C ascending), waiting for the child; None if it failed (then fit here)."""
@@ -135,13 +142,14 @@ class Ahead:
 
     def close(self) -> None:
         """Stop the child if it still runs (Ctrl-C, an error) and remove the payload."""
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.communicate()
         self.payload.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as f:
         job = pickle.load(f)
+    os.unlink(sys.argv[1])
     sys.stdout.buffer.write(pickle.dumps(_work(job), protocol=pickle.HIGHEST_PROTOCOL))

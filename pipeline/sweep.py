@@ -264,7 +264,7 @@ def _order(configs: Sequence[SweepConfig], defaults: Optional[dict] = None,
 def _start_logistic(units, defaults, x, labels, evals, seed, num_classes):
     """(the logistic units, the child process fitting them or None): scikit-learn's import overlaps the rest."""
     logistic = [u for u in units if u[0].head_type == "logistic"]
-    if not logistic_worker.wanted(len(units), len(logistic)):
+    if not logistic_worker.wanted(len(units), len(logistic), x.numel() * x.element_size()):
         return logistic, None
     return logistic, logistic_worker.Ahead([_logistic_params(u, defaults) for u in logistic], x.numpy(),
                                            labels.numpy(), evals, seed, num_classes)

@@ -243,8 +243,10 @@ def test_a_failed_or_interrupted_logistic_child_leaves_nothing_behind(data, monk
     monkeypatch.setattr(logistic_worker, "WORKER", "off")
     want = [(r.config, r.val_acc) for r in run_sweep(expand_grid(grid), X, y, Xv, yv).results]
     monkeypatch.setattr(logistic_worker, "WORKER", "on")
-    monkeypatch.setattr(sys, "executable", "/bin/false")                   # the child exits at once, status 1
-    assert [(r.config, r.val_acc) for r in run_sweep(expand_grid(grid), X, y, Xv, yv).results] == want
+    for python in ("/bin/false", str(tmp_path / "no-python")):            # exits at once, status 1; cannot start
+        monkeypatch.setattr(sys, "executable", python)
+        assert [(r.config, r.val_acc) for r in run_sweep(expand_grid(grid), X, y, Xv, yv).results] == want
+        assert not list(tmp_path.iterdir())
     monkeypatch.undo()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(logistic_worker, "WORKER", "on")
