@@ -225,8 +225,8 @@ def _logistic_fits(unit, k, ahead, x, labels, num_classes, seed, defaults, evals
     fits = ahead.collect(k) if ahead is not None else None
     if fits is not None:
         for fit in fits:
-            known = [(rows, proba) for rows, proba in zip(evals, fit["proba"])]
-            yield unit[fit["index"]], LogisticModel(None, num_classes, fit["blob"], known, fit["fold"]), fit["seconds"]
+            model = LogisticModel(None, num_classes, fit["blob"], list(zip(evals, fit["proba"])), fit["fold"])
+            yield unit[fit["index"]], model, fit["seconds"]
         return
     from pipeline.logistic_worker import fit_path
 

@@ -60,11 +60,16 @@ def ledger_params(result: SweepResult, defaults: dict) -> dict:
     return compact_params(params, own, keep=("C",))
 
 
+def _linear_state(folded: tuple[np.ndarray, np.ndarray]) -> dict:
+    """(weight, bias) arrays as an nn.Linear state dict (copies: the arrays stay the model's)."""
+    weight, bias = folded
+    return {"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())}
+
+
 def fold_logistic(model, num_classes: int) -> dict:
     """StandardScaler + LogisticRegression as one nn.Linear state dict with the same probabilities
     (pipeline.logistic_worker.fold)."""
-    weight, bias = fold(model, num_classes)
-    return {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
+    return _linear_state(fold(model, num_classes))
 
 
 def winner_weights(winner: SweepResult, num_classes: int) -> tuple[str, dict]:
@@ -72,8 +77,7 @@ def winner_weights(winner: SweepResult, num_classes: int) -> tuple[str, dict]:
     if winner.head_type == "linear":
         return "linear", {k: v.detach().cpu().clone() for k, v in winner.model.model.state_dict().items()}
     if winner.head_type == "logistic":
-        weight, bias = winner.model.folded()                 # the child's fold when it fitted the C path
-        return "logistic", {"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())}
+        return "logistic", _linear_state(winner.model.folded())    # the child's fold when it fitted the C path
     return winner.head_type, winner.model.state()
 
 
