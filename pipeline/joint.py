@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, no_subnormals, packed, small_ops, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
 
@@ -152,7 +152,9 @@ def _window(layer: LazyLayer, yw: torch.Tensor, sw: torch.Tensor, share: torch.T
         layer.step(k)
     logits = layer.z.view(-1, num_classes, n_heads)                        # what each step used
     top, pred = logits.max(1, keepdim=True)      # the first max, as argmax; argmax(1) is 16x slower on this layout
-    lse = (logits - top).exp_().sum(1).log_().add_(top.squeeze(1))           # log-sum-exp written out
+    # log-sum-exp written out; exp below -87 (a result under float32's smallest normal) takes torch's scalar
+    # path, 200x slower, and such terms are under 1e-37 of the top one's 1: clamped, the sum is the same
+    lse = (logits - top).clamp_(min=-87.0).exp_().sum(1).log_().add_(top.squeeze(1))
     nll = lse - logits.gather(1, yw.view(-1, 1, 1).expand(-1, 1, n_heads)).squeeze(1)   # (n, H)
     return (nll * share[:, None]).sum(0), (pred.squeeze(1) == yw[:, None]).float().sum(0)
 
@@ -202,6 +204,7 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
         entries.append(entry)
 
 
+@no_subnormals
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False,

@@ -187,3 +187,28 @@ def test_interleaved_row_groups_take_turns():
     assert one_after_another.m.tensor.tolist() == pytest.approx([0.9] * 3 + [0.0] * 3)
     with pytest.raises(ValueError, match="must be equal"):
         LazyLayer(torch.zeros(5, 3), [0.9, 0.0], [0.0, 0.0], [3, 2], interleave=True)
+
+
+def test_training_flushes_subnormals_and_restores_the_thread_after():
+    """A confident head's softmax underflows into subnormal floats, which cost a microcode assist per op on x86
+    (docs/heads.md): the lazy trainers run with them flushed to zero and leave the thread's setting as they found it."""
+    from pipeline import lazy_mlp, lazy_sgd
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    flushed = lambda: torch.tensor([1e-40]).item() == 0.0        # noqa: E731
+    seen = []
+    with lazy_sgd.flushed_subnormals():
+        seen.append(flushed())
+    assert seen == [True] and not flushed()
+    X, y = toy(n=24, seed=1)
+    train_linear_heads(X * 50, y, None, None, [LinearConfig(epochs=2, batch_size=4, lr=0.3)], num_classes=3)
+    assert not flushed()
+    assert lazy_mlp.train_mlps.__wrapped__ and train_linear_heads.__wrapped__
+    torch.set_flush_denormal(True)
+    try:
+        with lazy_sgd.flushed_subnormals():
+            pass
+        assert flushed()                                         # on before: still on after
+    finally:
+        torch.set_flush_denormal(False)
