@@ -39,7 +39,7 @@ from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.selection import score_test, score_test_probs
-from pipeline.runtime import environment_info
+from pipeline.runtime import environment_info, no_subnormals
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
 
@@ -141,6 +141,7 @@ def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cf
     return best
 
 
+@no_subnormals
 def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                num_classes: int, cfg: HeadConfig, device: torch.device, seed: int,
                head: Optional[nn.Module] = None, train_views: Optional[torch.Tensor] = None) -> HeadResult:

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, no_subnormals, packed, small_ops, with_ones
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
+from pipeline.runtime import no_subnormals
 
 SHARED = ("epochs", "batch_size", "class_weight")   # what the heads of one joint run must agree on
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.lazy_sgd import (LazyLayer, epoch_windows, full_gram, no_subnormals, packed, small_ops, window_steps,
-                               with_ones)
+from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, window_steps, with_ones
+from pipeline.runtime import no_subnormals
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig

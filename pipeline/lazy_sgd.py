@@ -26,7 +26,6 @@ after its own step), so train loss and accuracy are computed from it once per wi
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -52,31 +51,6 @@ def small_ops(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def flushed_subnormals():
-    """Subnormal floats (below 1.2e-38) read and written as zero on this thread while inside (torch's
-    set_flush_denormal; restored after, left alone if already on). A confident head's softmax underflows
-    into them, and C_B decays by m^64 a window; on x86 each op on them takes a microcode assist: 24 joint
-    heads on the digits features took 9.3 s instead of 0.87 (docs/heads.md). Every write into the layer's
-    coefficients runs on this thread (small_ops), so none of them hold a subnormal for torch's other threads."""
-    if torch.tensor([1e-40]).item() == 0.0 or not torch.set_flush_denormal(True):   # already on, or unsupported
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def no_subnormals(fn):
-    """fn run inside flushed_subnormals()."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with flushed_subnormals():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def window_steps(batch_size: int) -> int:
@@ -306,7 +280,7 @@ class _Dual:
     def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor) -> None:
         """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients."""
         r = self.rows
-        with small_ops(idx.device):              # this thread: see flushed_subnormals
+        with small_ops(idx.device):              # this thread: see runtime.flushed_subnormals
             if self.momentum:                    # all n rows, two passes into the spare buffer
                 c, new = self.c.view(-1, 2, r), self.spare.view(-1, 2, r)    # [C_W | C_B] as (n, 2, R)
                 torch.mul(c[:, :1], p[0::2], out=new).addcmul_(c[:, 1:], p[1::2])   # (C_W a + C_B b, C_W a' + C_B b')

@@ -189,25 +189,28 @@ def test_interleaved_row_groups_take_turns():
         LazyLayer(torch.zeros(5, 3), [0.9, 0.0], [0.0, 0.0], [3, 2], interleave=True)
 
 
-def test_training_flushes_subnormals_and_restores_the_thread_after():
+def test_training_flushes_subnormals_and_restores_the_thread_after(monkeypatch):
     """A confident head's softmax underflows into subnormal floats, which cost a microcode assist per op on x86
-    (docs/heads.md): the lazy trainers run with them flushed to zero and leave the thread's setting as they found it."""
-    from pipeline import lazy_mlp, lazy_sgd
+    (docs/heads.md): the trainers run with them flushed to zero and leave the thread's setting as they found it."""
+    from pipeline import head, joint, lazy_mlp, probes, runtime
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
     flushed = lambda: torch.tensor([1e-40]).item() == 0.0        # noqa: E731
     seen = []
-    with lazy_sgd.flushed_subnormals():
+    with runtime.flushed_subnormals():
         seen.append(flushed())
     assert seen == [True] and not flushed()
+    epoch = joint._train_epoch
+    monkeypatch.setattr(joint, "_train_epoch", lambda *a: (seen.append(flushed()), epoch(*a))[1])
     X, y = toy(n=24, seed=1)
     train_linear_heads(X * 50, y, None, None, [LinearConfig(epochs=2, batch_size=4, lr=0.3)], num_classes=3)
-    assert not flushed()
-    assert lazy_mlp.train_mlps.__wrapped__ and train_linear_heads.__wrapped__
+    assert seen == [True, True, True] and not flushed()         # on in both epochs, off again after
+    for trainer in (train_linear_heads, lazy_mlp.train_mlps, head.train_head, probes.fit_module):
+        assert trainer.__wrapped__                               # each trainer runs inside it
     torch.set_flush_denormal(True)
     try:
-        with lazy_sgd.flushed_subnormals():
+        with runtime.flushed_subnormals():
             pass
         assert flushed()                                         # on before: still on after
     finally:
