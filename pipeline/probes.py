@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Configs and input checks live in probe_config; re-exported so `from pipeline.probes import X` keeps working.
 from pipeline.runtime import no_subnormals
 from pipeline.sgd import SGD, StepLR
+# Configs and input checks live in probe_config; re-exported so `from pipeline.probes import X` keeps working.
 from pipeline.probe_config import (CLASS_WEIGHTS, CONFIGS, CONSTRAINTS, HEAD_TYPES, PARAM_HELP,  # noqa: F401
                                    Array, KNNConfig, LinearConfig, MLPConfig, NCMConfig, ProbeError,
                                    as_features, as_labels, balanced_weights, check_config, check_head_type,
