@@ -39,7 +39,7 @@ from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
 from pipeline.rundir import Publication
 from pipeline.selection import score_test, score_test_probs
-from pipeline.runtime import environment_info, no_subnormals
+from pipeline.runtime import environment_info, flushed_subnormals
 from pipeline.stream import (MIB, TRAIN_SHARE, VAL_SHARE, StreamBatches, budget_bytes, check_views_budget,
                              float32_nbytes, needs_streaming, size_text, stream_message)
 
@@ -112,6 +112,7 @@ class ViewBatches:
         yield from TensorBatches(x, self.y, self.batch_size, shuffle=True, generator=self.generator)
 
 
+@flushed_subnormals()
 def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cfg: HeadConfig,
              device: torch.device, seed: int, class_weight: Optional[torch.Tensor] = None) -> HeadResult:
     """SGD + StepLR over train_batches for cfg.epochs; evaluate on val_batches after every epoch.
@@ -141,7 +142,6 @@ def fit_head(head: nn.Module, train_batches: Iterable, val_batches: Iterable, cf
     return best
 
 
-@no_subnormals
 def train_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                num_classes: int, cfg: HeadConfig, device: torch.device, seed: int,
                head: Optional[nn.Module] = None, train_views: Optional[torch.Tensor] = None) -> HeadResult:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, with_ones
 from pipeline.probes import (EVAL_BATCH, Array, FitResult, LinearConfig, LinearProbe, ProbeError, as_features,
                              as_labels, check_config, infer_num_classes, loss_weights)
-from pipeline.runtime import no_subnormals
+from pipeline.runtime import flushed_subnormals
 
 SHARED = ("epochs", "batch_size", "class_weight")   # what the heads of one joint run must agree on
 
@@ -205,7 +205,7 @@ def _record_epoch(history: list[list[dict]], epoch: int, lrs: list[float], train
         entries.append(entry)
 
 
-@no_subnormals
+@flushed_subnormals()
 def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Optional[Array],
                        configs: Sequence[LinearConfig], num_classes: Optional[int] = None, seed: int = 0,
                        device: Union[str, torch.device] = "cpu", progress: bool = False,

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.lazy_sgd import LazyLayer, epoch_windows, full_gram, packed, small_ops, window_steps, with_ones
-from pipeline.runtime import no_subnormals
+from pipeline.runtime import flushed_subnormals
 
 if TYPE_CHECKING:
     from pipeline.probes import FitResult, MLPConfig
@@ -207,7 +207,7 @@ def _check_shared(cfgs: list["MLPConfig"], device: torch.device) -> "MLPConfig":
     return cfgs[0]
 
 
-@no_subnormals
+@flushed_subnormals()
 def train_mlps(models: list[nn.Sequential], x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
                y_val: Optional[torch.Tensor], cfgs: list["MLPConfig"], num_classes: int, seed: int,
                device: torch.device, show_progress: bool = False) -> list[tuple[dict, "FitResult"]]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.runtime import no_subnormals
+from pipeline.runtime import flushed_subnormals
 from pipeline.sgd import SGD, StepLR
 # Configs and input checks live in probe_config; re-exported so `from pipeline.probes import X` keeps working.
 from pipeline.probe_config import (CLASS_WEIGHTS, CONFIGS, CONSTRAINTS, HEAD_TYPES, PARAM_HELP,  # noqa: F401
@@ -84,7 +84,7 @@ def logits_of(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
-@no_subnormals
+@flushed_subnormals()
 def fit_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: Optional[torch.Tensor],
                y_val: Optional[torch.Tensor], cfg: LinearConfig, num_classes: int, seed: int,
                device: torch.device, show_progress: bool = False) -> tuple[dict, FitResult]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import random
@@ -77,6 +76,11 @@ def apply_stage_threads(stage: str, head_type: str, requested: int) -> int:
     return n
 
 
+def subnormals_flushed() -> bool:
+    """Whether this thread flushes subnormal floats now (a float64 1e-40 becomes float32 zero)."""
+    return torch.tensor([1e-40]).item() == 0.0
+
+
 @contextlib.contextmanager
 def flushed_subnormals():
     """Subnormal floats (below 1.2e-38) read and written as zero on this thread while inside (torch's
@@ -84,23 +88,15 @@ def flushed_subnormals():
     into them (and lazy_sgd's momentum coefficients decay by m^64 a window); on x86 each op on them takes a
     microcode assist: on the digits features 24 joint heads took 9.3 s instead of 0.87, and one head at lr
     0.3 on the engine loop 1.85 s instead of 1.05 (docs/heads.md). Only this thread: torch's other
-    threads keep their setting, so lazy_sgd makes every write into its coefficients here (small_ops)."""
-    if torch.tensor([1e-40]).item() == 0.0 or not torch.set_flush_denormal(True):   # already on, or unsupported
+    threads keep their setting, so lazy_sgd makes every write into its coefficients here (small_ops).
+    Also a decorator (`@flushed_subnormals()`), as every contextlib.contextmanager is."""
+    if subnormals_flushed() or not torch.set_flush_denormal(True):   # already on, or unsupported
         yield
         return
     try:
         yield
     finally:
         torch.set_flush_denormal(False)
-
-
-def no_subnormals(fn):
-    """fn run inside flushed_subnormals()."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with flushed_subnormals():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def seed_everything(seed: int) -> None:

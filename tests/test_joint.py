@@ -196,7 +196,7 @@ def test_training_flushes_subnormals_and_restores_the_thread_after(monkeypatch):
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
-    flushed = lambda: torch.tensor([1e-40]).item() == 0.0        # noqa: E731
+    flushed = runtime.subnormals_flushed
     seen = []
     with runtime.flushed_subnormals():
         seen.append(flushed())
@@ -206,7 +206,7 @@ def test_training_flushes_subnormals_and_restores_the_thread_after(monkeypatch):
     X, y = toy(n=24, seed=1)
     train_linear_heads(X * 50, y, None, None, [LinearConfig(epochs=2, batch_size=4, lr=0.3)], num_classes=3)
     assert seen == [True, True, True] and not flushed()         # on in both epochs, off again after
-    for trainer in (train_linear_heads, lazy_mlp.train_mlps, head.train_head, probes.fit_module):
+    for trainer in (train_linear_heads, lazy_mlp.train_mlps, head.fit_head, probes.fit_module):
         assert trainer.__wrapped__                               # each trainer runs inside it
     torch.set_flush_denormal(True)
     try:
