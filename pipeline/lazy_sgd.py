@@ -116,6 +116,16 @@ def sgd_tables(lr: Sequence[float], momentum: Sequence[float], weight_decay: Seq
     return P, V
 
 
+def shear_table(P: np.ndarray) -> Optional[np.ndarray]:
+    """(steps + 1, 2, G) in float64: (d_n, l_n) = (b'_n - a'_n b_n / a_n, a'_n / a_n) for sgd_tables' P, so
+    that A^n applies in place as W <- a W + b B, then B <- d B + l W (the new W); None unless every a_n is
+    at least 1/2 (no division by a small a_n; weight decay with momentum can make A^n oscillate)."""
+    a, b, a2, b2 = P[:, 0], P[:, 1], P[:, 2], P[:, 3]
+    if not (a >= 0.5).all():
+        return None
+    return np.stack([b2 - a2 * b / a, a2 / a], 1)
+
+
 class _Rows:
     """Per-row hyper-parameters: python floats when every row agrees (scalar kernels), else (R,) tensors."""
 
@@ -154,8 +164,10 @@ class LazyLayer:
         key = (tuple(map(float, lrs)), self.steps)
         if key != self._key:                                            # StepLR changed lr: new tables
             self._key = key
-            self.P, self.V = (torch.from_numpy(t).float()[..., self.row_group].to(self.device)
-                              for t in sgd_tables(key[0], self.momentum, self.decay, self.steps))
+            P, V = sgd_tables(key[0], self.momentum, self.decay, self.steps)
+            S = shear_table(P) if self.buf is not None else None               # the dual advance's in-place form
+            self.P, self.V, self.S = (None if t is None else torch.from_numpy(t).float()[..., self.row_group]
+                                      .to(self.device) for t in (P, V, S))
 
     def use_dual(self, x: torch.Tensor, gram: Optional[torch.Tensor], epochs: int,
                  x_eval: Optional[torch.Tensor] = None) -> bool:
@@ -216,7 +228,7 @@ class LazyLayer:
         p = self.P[len(self.bounds)]                                       # (4, R)
         coef = self.V.index_select(0, self.after)                          # (n, 2, R)
         if self.dual is not None:
-            self.dual.advance(p, self.idx, coef, self.g)
+            self.dual.advance(p, self.idx, coef, self.g, None if self.S is None else self.S[len(self.bounds)])
         else:
             w0, b0 = self._weight, self.buf
             new_w = p[0, :, None] * w0 if b0 is None else p[0, :, None] * w0 + p[1, :, None] * b0
@@ -253,7 +265,8 @@ class _Dual:
     gamma W0 + C_B^T X, alpha and gamma per row (R,), C = [C_W | C_B] (n, 2R) ([C_W] without momentum).
     Every gradient is G^T X_win, so a window's update only scales C and adds to its rows, and a window's
     projections are Gram[win] C: 2 n^2 R multiply-adds an epoch (n^2 R without momentum) instead of the
-    primal's 4 n D' R (2 n D' R), and val outputs are its cross Gram times C_W."""
+    primal's 4 n D' R (2 n D' R), and val outputs are its cross Gram times C_W. The scaling (A^K) is applied
+    to C in place when shear_table allows it, else through a spare buffer."""
 
     def __init__(self, x: torch.Tensor, gram: torch.Tensor, w0: torch.Tensor, momentum: bool, decay: bool,
                  x_eval: Optional[torch.Tensor]) -> None:
@@ -261,7 +274,7 @@ class _Dual:
         self.rows = len(w0)
         self.xw0 = x @ w0.T                                                  # (n, R)
         self.c = torch.zeros(len(x), self.rows * (2 if momentum else 1), dtype=w0.dtype, device=w0.device)
-        self.spare = torch.empty_like(self.c) if momentum else None          # advance writes the next C into it
+        self.spare: Optional[torch.Tensor] = None                            # advance's buffer when it cannot shear
         self.alpha = torch.ones(self.rows, dtype=w0.dtype, device=w0.device)
         self.gamma = torch.zeros_like(self.alpha)
         self.k_eval = x_eval @ x.T if x_eval is not None else None            # (n_eval, n)
@@ -277,14 +290,23 @@ class _Dual:
             zb = torch.addcmul(out[:, self.rows:], base, self.gamma) if self.momentum else None
             return k.index_select(1, idx), z, zb
 
-    def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor) -> None:
-        """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients."""
+    def advance(self, p: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, g: torch.Tensor,
+                shear: Optional[torch.Tensor] = None) -> None:
+        """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients;
+        shear (2, R) is shear_table's (d, l) for K, or None."""
         r = self.rows
         with small_ops(idx.device):              # this thread: see runtime.flushed_subnormals
-            if self.momentum:                    # all n rows, two passes into the spare buffer
+            if self.momentum and shear is not None:   # in place: C_W <- a C_W + b C_B, then C_B <- d C_B + l C_W
+                c_w, c_b = self.c[:, :r], self.c[:, r:]
+                c_w.mul_(p[0]).addcmul_(c_b, p[1])
+                c_b.mul_(shear[0]).addcmul_(c_w, shear[1])
+            elif self.momentum:                  # two passes over all n rows into the spare buffer
+                if self.spare is None:
+                    self.spare = torch.empty_like(self.c)
                 c, new = self.c.view(-1, 2, r), self.spare.view(-1, 2, r)    # [C_W | C_B] as (n, 2, R)
                 torch.mul(c[:, :1], p[0::2], out=new).addcmul_(c[:, 1:], p[1::2])   # (C_W a + C_B b, C_W a' + C_B b')
                 self.c, self.spare = self.spare, self.c
+            if self.momentum:
                 self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
             elif self.decay:                                                 # weight decay without momentum
                 self.c.mul_(p[0])

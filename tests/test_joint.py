@@ -140,6 +140,40 @@ def test_sgd_tables_are_powers_of_the_update_matrix():
         np.testing.assert_allclose(V[n, :, 0], np.linalg.matrix_power(A, n) @ [-lr, 1.0])
 
 
+def test_shear_table_applies_the_powers_in_place_and_refuses_small_a():
+    """W <- a W + b B, then B <- d B + l W (the new W) is A^n (W, B); a decay that makes A^n oscillate
+    (a_n under 1/2) gets no table, so the dual advance keeps its two-buffer form."""
+    from pipeline.lazy_sgd import sgd_tables, shear_table
+
+    P, _ = sgd_tables([0.1, 0.01], [0.9, 0.5], [0.01, 0.0], 6)
+    S = shear_table(P)
+    w, b = np.random.default_rng(0).normal(size=(2, 2))
+    for n in range(7):
+        a, b_, a2, b2 = P[n]
+        new_w = a * w + b_ * b
+        np.testing.assert_allclose(S[n, 0] * b + S[n, 1] * new_w, a2 * w + b2 * b, rtol=1e-12)
+    assert shear_table(sgd_tables([0.5], [0.9], [0.5], 8)[0]) is None
+
+
+def test_dual_heads_whose_decay_oscillates_train_the_reference_heads(monkeypatch):
+    """Strong weight decay with momentum (no shear table for that lr; StepLR then brings one) beside a
+    mild head: the dual advance's two forms, one after the other, still give torch.optim's weights."""
+    from pipeline import lazy_sgd
+
+    monkeypatch.setattr(lazy_sgd, "DUAL", "on")
+    monkeypatch.setattr(lazy_sgd, "WINDOW_STEPS", 4)
+    X, y = toy(n=38, seed=9)
+    grid = [LinearConfig(epochs=4, batch_size=4, lr=lr, weight_decay=wd, momentum=0.9, step_size=2, gamma=0.1)
+            for lr, wd in ((0.3, 0.5), (0.01, 1e-3))]
+    assert lazy_sgd.shear_table(lazy_sgd.sgd_tables([0.3, 0.01], [0.9] * 2, [0.5, 1e-3], 4)[0]) is None
+    assert lazy_sgd.shear_table(lazy_sgd.sgd_tables([0.03, 0.001], [0.9] * 2, [0.5, 1e-3], 4)[0]) is not None
+    joint = train_linear_heads(X, y, None, None, grid, num_classes=3, seed=4)
+    for h, cfg in enumerate(grid):
+        state, _ = history_alone(X, y, cfg, seed=4, num_classes=3)
+        torch.testing.assert_close(joint.weight[h], state["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias[h], state["bias"], rtol=1e-4, atol=1e-5)
+
+
 def test_dual_coordinates_engage_when_they_cost_less_and_fit(monkeypatch):
     """dual_pays weighs an epoch's multiply-adds (digits-sized: dual; many more rows than features: primal);
     use_dual refuses a Gram over GRAM_BYTES; a dual layer's coordinates materialise to its weights."""
