@@ -379,7 +379,7 @@ def _report(cfg: Config, inputs: StageFeatures, fitted: FittedHead, data: HeadDa
             t0: float, artifact: dict, pub: Publication, test: dict) -> dict:
     """Print the result, stage the reports and val predictions; the metrics entry (full precision)."""
     path = cfg.run_dir / HEAD_FILE
-    seconds = time.perf_counter() - t0
+    seconds = inputs.elapsed(t0)
     trained = {"best_epoch": fitted.best_epoch, "epochs": cfg.head.epochs} if fitted.best_epoch is not None else {}
     entry = StageResult("head", fitted.best_acc, seconds, str(path), fitted.history,
                         {"train_seconds": train_seconds, **trained, "head_type": cfg.head.type,

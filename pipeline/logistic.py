@@ -321,7 +321,7 @@ def _report(cfg: Config, inputs: StageFeatures, fit: LogisticFit, t0: float, val
             pub: Publication) -> dict:
     """Print the result, stage the reports; the metrics entry (full precision)."""
     path = cfg.run_dir / LOGISTIC_FILE
-    entry = StageResult("logistic", val_acc, time.perf_counter() - t0, str(path),
+    entry = StageResult("logistic", val_acc, inputs.elapsed(t0), str(path),
                         details={"fit_seconds": fit.fit_seconds, "C": fit.best_c,
                                  "cv_accuracy": fit.cv_accuracy, "cv": fit.cv, **fit.info, **fit.test}).to_dict()
     preds = Predictions(fit.val_probs, fit.val_labels, fit.val_paths, inputs.images, list(fit.classes))

@@ -11,6 +11,7 @@ The stages (head, logistic) take a StageFeatures and never run the backbone them
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ class StageFeatures:
     discard: Optional[Callable[[], bool]] = field(default=None, repr=False)
     rebuild: Optional[Callable[[], fc.FeatureSet]] = field(default=None, repr=False)
     views: Optional[Callable[[int], Optional[object]]] = field(default=None, repr=False)
+    extract_seconds: float = 0.0            # extraction run for this stage (the extract entry's): not its time
+
+    def elapsed(self, t0: float) -> float:
+        """The stage's seconds since t0, less the extraction it ran first (which the extract entry records)."""
+        return time.perf_counter() - t0 - self.extract_seconds
 
     @property
     def test(self) -> Optional[fc.CachedSplit]:
@@ -124,6 +130,7 @@ def from_images(cfg: Config, device) -> StageFeatures:
         state["plan"], again = ensure_cache(job, device)
         if not again["cache_hit"]:
             update_metrics(cfg.run_dir, "extract", again)
+            inputs.extract_seconds += again["seconds"]
         return fc.open_cache(state["plan"].path, state["plan"].key)
 
     def views(n_views: int):
@@ -138,7 +145,8 @@ def from_images(cfg: Config, device) -> StageFeatures:
     inputs = StageFeatures(features, plan.data.root, cfg.run.seed, cfg.backbone.recorded(),
                            str(plan.data.root), entry,
                            discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
-                           rebuild=rebuild, views=views)
+                           rebuild=rebuild, views=views,
+                           extract_seconds=0.0 if entry["cache_hit"] else entry["seconds"])
     return inputs
 
 

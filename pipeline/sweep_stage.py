@@ -177,7 +177,7 @@ def _publish(cfg: Config, device: torch.device, inputs: StageFeatures, features,
         files = write_sweep_reports(outcome, pub.staging, cfg.sweep.grid, plot=cfg.report.enabled)
         if not cfg.report.enabled and (cfg.run_dir / SWEEP_PNG).exists():
             pub.remove.append(SWEEP_PNG)      # an earlier sweep's chart; `report` draws this one's
-        entry = StageResult("head", winner.val_acc, time.perf_counter() - t0, str(cfg.run_dir / HEAD_FILE), history,
+        entry = StageResult("head", winner.val_acc, inputs.elapsed(t0), str(cfg.run_dir / HEAD_FILE), history,
                             _details(cfg, outcome, winner, defaults, [pub.final_path(p) for p in files])).to_dict()
         entry.update(finish_stage(cfg.report, "head", preds, artifact, pub, history=history))
         entry.update(stage_error_analysis(pub, "head", preds))

@@ -114,3 +114,35 @@ def test_a_sweep_runs_from_the_cache_file_with_the_images_deleted(tiny_cfg, imag
     assert saved["cache_key"] == fc.open_cache(cache_file).key
     assert (alone.run_dir / "sweep.json").is_file()
     assert "extract" not in json.loads((alone.run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["head", "logistic", "sweep"])
+def test_a_stage_that_extracts_first_does_not_count_the_extraction_as_its_own(tiny_cfg, monkeypatch, stage):
+    """The extract entry has the extraction's seconds; the stage's entry (and the ledger's) only its own."""
+    import time
+
+    from pipeline import extract
+    from pipeline.head import run_head
+    from pipeline.head_outputs import ledger_path
+    from pipeline.ledger import read_ledger
+    from pipeline.logistic import run_logistic
+    from pipeline.sweep_stage import run_sweep
+
+    real_clock, real_ensure, skew = time.perf_counter, extract.ensure_cache, [0.0]
+
+    def slow_ensure(*args, **kwargs):                 # as if the extraction had taken 1000 s longer
+        plan, entry = real_ensure(*args, **kwargs)
+        skew[0] += 1000.0
+        return plan, {**entry, "seconds": entry["seconds"] + 1000.0}
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skew[0])
+    monkeypatch.setattr(extract, "ensure_cache", slow_ensure)
+    run = {"head": run_head, "logistic": run_logistic, "sweep": run_sweep}[stage]
+    cfg = tiny_cfg('sweep.grid={"linear": {"lr": [0.01]}, "ncm": {}}')
+    entry = run(cfg, CPU)
+    metrics = json.loads((cfg.run_dir / "metrics.json").read_text())
+    assert metrics["extract"]["seconds"] > 1000 and not metrics["extract"]["cache_hit"]
+    assert 0 <= entry["seconds"] < 1000
+    assert 0 <= metrics["head" if stage == "sweep" else stage]["seconds"] < 1000
+    ledger = read_ledger(ledger_path(cfg.run.output_dir)).entries
+    assert ledger and all(0 <= e.seconds < 1000 for e in ledger)
