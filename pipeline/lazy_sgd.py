@@ -294,19 +294,9 @@ class _Dual:
                 shear: Optional[torch.Tensor] = None) -> None:
         """(W, buf) <- A^K (W, buf) + the window's rank-m updates, A^K = p (4, R), through the coefficients;
         shear (2, R) is shear_table's (d, l) for K, or None."""
-        r = self.rows
         with small_ops(idx.device):              # this thread: see runtime.flushed_subnormals
-            if self.momentum and shear is not None:   # in place: C_W <- a C_W + b C_B, then C_B <- d C_B + l C_W
-                c_w, c_b = self.c[:, :r], self.c[:, r:]
-                c_w.mul_(p[0]).addcmul_(c_b, p[1])
-                c_b.mul_(shear[0]).addcmul_(c_w, shear[1])
-            elif self.momentum:                  # two passes over all n rows into the spare buffer
-                if self.spare is None:
-                    self.spare = torch.empty_like(self.c)
-                c, new = self.c.view(-1, 2, r), self.spare.view(-1, 2, r)    # [C_W | C_B] as (n, 2, R)
-                torch.mul(c[:, :1], p[0::2], out=new).addcmul_(c[:, 1:], p[1::2])   # (C_W a + C_B b, C_W a' + C_B b')
-                self.c, self.spare = self.spare, self.c
             if self.momentum:
+                self._scale(p, shear)
                 self.alpha, self.gamma = p[0] * self.alpha + p[1] * self.gamma, p[2] * self.alpha + p[3] * self.gamma
             elif self.decay:                                                 # weight decay without momentum
                 self.c.mul_(p[0])
@@ -314,6 +304,20 @@ class _Dual:
             update = (coef * g[:, None]).view(len(g), -1) if self.momentum else coef[:, 0] * g   # [C_W | C_B] rows
             self.c.index_add_(0, idx, update)
         self._w = None
+
+    def _scale(self, p: torch.Tensor, shear: Optional[torch.Tensor]) -> None:
+        """[C_W | C_B] <- A^K per row: in place with shear, else in two passes into the spare buffer."""
+        r = self.rows
+        if shear is not None:                    # C_W <- a C_W + b C_B, then C_B <- d C_B + l C_W (the new C_W)
+            c_w, c_b = self.c[:, :r], self.c[:, r:]
+            c_w.mul_(p[0]).addcmul_(c_b, p[1])
+            c_b.mul_(shear[0]).addcmul_(c_w, shear[1])
+            return
+        if self.spare is None:
+            self.spare = torch.empty_like(self.c)
+        c, new = self.c.view(-1, 2, r), self.spare.view(-1, 2, r)            # [C_W | C_B] as (n, 2, R)
+        torch.mul(c[:, :1], p[0::2], out=new).addcmul_(c[:, 1:], p[1::2])   # (C_W a + C_B b, C_W a' + C_B b')
+        self.c, self.spare = self.spare, self.c
 
     def weight(self) -> torch.Tensor:
         if self._w is None:
