@@ -346,13 +346,14 @@ def ensure_cache(job: ExtractJob, device: torch.device, dist: DistContext = SING
 
 def extract_stage(job: ExtractJob, device: torch.device, dist: DistContext = SINGLE) -> dict:
     """The extract stage's core: the cache, then the view bank; rank 0 writes the metrics entry."""
-    from pipeline.views import ensure_views  # views build on this module
+    from pipeline.views import ensure_views, views_entry  # views build on this module
 
     plan, entry = ensure_cache(job, device, dist)
     if job.extract.train_views:
         def build_views() -> dict:  # rank 0 only: the bank is a few passes over the train images
+            t0 = time.perf_counter()
             bank = ensure_views(job, plan, int(cache.read_attrs(plan.path)["feature_dim"]), device)
-            return {"train_views": job.extract.train_views, "views_file": bank.path, "views_built": bank.built}
+            return views_entry(job, bank, time.perf_counter() - t0)
         entry.update(dist.on_main(build_views))
     if dist.is_main:
         update_metrics(job.run_dir, "extract", entry)

@@ -283,13 +283,13 @@ def _run_in_memory(cfg: Config, device: torch.device, inputs: StageFeatures, bac
     val_x, val_y = to_tensors(features.val)
     num_classes = len(features.classes)
     val_batches = TensorBatches(val_x, val_y, EVAL_BATCH, shuffle=False)
+    bank = None if cfg.head.type in PROBE_TYPES else inputs.views(cfg.extract.train_views)  # built if missing
     t1 = time.perf_counter()
     if cfg.head.type in PROBE_TYPES:
         fitted = fitted_probe(train_probe(train_x, train_y, val_x, val_y, num_classes, cfg.head, device,
                                           cfg.run.seed), val_x)
     else:
         head = _build(cfg, inputs, backbone, features.feature_dim, num_classes)
-        bank = inputs.views(cfg.extract.train_views)
         views = torch.from_numpy(bank.views.astype(np.float32, copy=False)) if bank else None
         if cfg.head.type == "linear" and views is None:
             result = train_linear_batched(train_x, train_y, val_x, val_y, num_classes, cfg.head, device,

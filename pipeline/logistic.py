@@ -27,6 +27,7 @@ from pipeline import cache as fc
 from pipeline.artifacts import MODEL_FILES
 from pipeline.config import Config, LogisticConfig
 from pipeline.head_outputs import confused_text, ledger_entry, record_heads, stage_error_analysis, test_split
+from pipeline.logistic_worker import class_proba
 from pipeline.orchestrate import StageFeatures, stage_features
 from pipeline.records import ModelArtifact, StageResult
 from pipeline.report import Predictions, finish_stage
@@ -241,13 +242,6 @@ class LogisticFit:
     test: dict = field(default_factory=dict)   # test top-1 / mean per-class, scored once (in memory only)
 
 
-def _full_probs(model: Pipeline, x: np.ndarray, num_classes: int) -> np.ndarray:
-    probs = model.predict_proba(x)
-    full = np.zeros((len(probs), num_classes))
-    full[:, model.classes_] = probs
-    return full
-
-
 def _fit_in_memory(lcfg: LogisticConfig, seed: int, inputs: StageFeatures) -> LogisticFit:
     features = inputs.load()
     x_train = features.train.features.astype(np.float32)
@@ -256,10 +250,10 @@ def _fit_in_memory(lcfg: LogisticConfig, seed: int, inputs: StageFeatures) -> Lo
     search = fit_logistic(x_train, features.train.labels, lcfg, seed, features.classes)
     fit_seconds = time.perf_counter() - t1
     n = len(features.classes)
-    probs = _full_probs(search.best_estimator_, x_val, n)
+    probs = class_proba(search.best_estimator_, x_val, n, np.float64)
     cv = cv_summary(search)
     test = score_test("logistic", SimpleNamespace(test=test_split(features)),
-                      lambda x: _full_probs(search.best_estimator_, x, n), f"train ({cv['selection']})")
+                      lambda x: class_proba(search.best_estimator_, x, n, np.float64), f"train ({cv['selection']})")
     return LogisticFit(search.best_estimator_, float(search.best_params_["clf__C"]), cv,
                        float(search.best_score_), probs, features.val.labels, features.val.paths, features.classes,
                        features.feature_dim, fit_seconds, {"estimator": "LogisticRegression", "streamed": False}, test)

@@ -74,9 +74,9 @@ def fold(model, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
-def class_proba(model, X: np.ndarray, num_classes: int) -> np.ndarray:
-    """(n, num_classes) float32 probabilities: one column per class index, present in train or not."""
-    proba = np.zeros((len(X), num_classes), dtype=np.float32)
+def class_proba(model, X: np.ndarray, num_classes: int, dtype=np.float32) -> np.ndarray:
+    """(n, num_classes) probabilities (float32 by default): one column per class index, present in train or not."""
+    proba = np.zeros((len(X), num_classes), dtype=dtype)
     proba[:, model.classes_] = model.predict_proba(np.asarray(X))
     return proba
 

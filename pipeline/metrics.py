@@ -133,7 +133,9 @@ def _details(stage: str, m: dict) -> str:
         leaks = m.get("leaked_images")
         return (f"{m.get('images')} images, cache {'hit' if m.get('cache_hit') else 'miss'}"
                 + (f", {m['images_per_second']:.1f} img/s" if m.get("images_per_second") else "")
-                + (f", {leaks} image(s) in more than one split" if leaks else ""))
+                + (f", {leaks} image(s) in more than one split" if leaks else "")
+                + (f", {m.get('train_views')} views per train image built in {m['views_seconds']:.1f} s"
+                   if m.get("views_built") and m.get("views_seconds") is not None else ""))
     trained = ", ".join(f"{k}={_fmt(m[k])}" for k in ("best_epoch", "C", "epochs") if k in m)
     if m.get("source") == "sweep":  # head.pt is the sweep's winner, not a head trained with head.*
         sweep = m.get("sweep") or {}

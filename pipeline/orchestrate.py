@@ -118,7 +118,7 @@ def from_images(cfg: Config, device) -> StageFeatures:
     """data.root: scan the images, extract first when the cache is missing or stale."""
     from pipeline.extract import ExtractJob, discard_if_damaged, ensure_cache
     from pipeline.metrics import update_metrics
-    from pipeline.views import ensure_views
+    from pipeline.views import ensure_views, views_entry
 
     job = ExtractJob.of(cfg)
     plan, entry = ensure_cache(job, device)
@@ -134,7 +134,16 @@ def from_images(cfg: Config, device) -> StageFeatures:
         return fc.open_cache(state["plan"].path, state["plan"].key)
 
     def views(n_views: int):
-        return ensure_views(job, state["plan"], inputs.features.feature_dim, device) if n_views else None
+        """The view bank; one built now is the extract entry's (views_seconds), not the stage's time."""
+        if not n_views:
+            return None
+        t0 = time.perf_counter()
+        bank = ensure_views(job, state["plan"], inputs.features.feature_dim, device)
+        if bank.built:
+            seconds = time.perf_counter() - t0
+            inputs.extract_seconds += seconds
+            update_metrics(cfg.run_dir, "extract", {**(inputs.extract_entry or {}), **views_entry(job, bank, seconds)})
+        return bank
 
     try:
         features = fc.open_cache(plan.path, plan.key)

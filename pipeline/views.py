@@ -142,6 +142,12 @@ def ensure_views(job: ExtractJob, plan: CachePlan, feature_dim: int, device: tor
     return ViewBank(views, str(path), built=True)
 
 
+def views_entry(job: ExtractJob, bank: ViewBank, seconds: float) -> dict:
+    """The extract entry's view-bank fields: views, file, whether built now, and the seconds it took."""
+    return {"train_views": job.extract.train_views, "views_file": bank.path, "views_built": bank.built,
+            "views_seconds": seconds}
+
+
 def read_bank(features: cache.FeatureSet, n_views: int, views_seed: int) -> ViewBank | None:
     """The view bank beside a cache used on its own (features.file); building one needs the images."""
     if n_views == 0:

@@ -146,3 +146,33 @@ def test_a_stage_that_extracts_first_does_not_count_the_extraction_as_its_own(ti
     assert 0 <= metrics["head" if stage == "sweep" else stage]["seconds"] < 1000
     ledger = read_ledger(ledger_path(cfg.run.output_dir)).entries
     assert ledger and all(0 <= e.seconds < 1000 for e in ledger)
+
+
+def test_a_view_bank_built_for_the_head_is_the_extract_entrys_time(tiny_cfg, monkeypatch):
+    """head with extract.train_views and no bank yet: the bank's build is in the extract entry (views_seconds)."""
+    import time
+
+    from pipeline import views
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+    from pipeline.metrics import format_results
+
+    run_extract(tiny_cfg(), CPU)                        # the cache, but no bank
+    real_clock, real_extract, skew = time.perf_counter, views.extract_views, [0.0]
+
+    def slow_views(*args, **kwargs):                   # as if the bank had taken 1000 s longer
+        out = real_extract(*args, **kwargs)
+        skew[0] += 1000.0
+        return out
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skew[0])
+    monkeypatch.setattr(views, "extract_views", slow_views)
+    cfg = tiny_cfg("extract.train_views=2", "head.epochs=2")
+    entry = run_head(cfg, CPU)
+    extract_entry = json.loads((cfg.run_dir / "metrics.json").read_text())["extract"]
+    assert 0 <= entry["seconds"] < 1000
+    assert extract_entry["views_built"] and extract_entry["views_seconds"] > 1000
+    assert extract_entry["train_views"] == 2 and extract_entry["cache_hit"]
+    assert "2 views per train image built in" in format_results({"extract": extract_entry})
+    again = run_extract(cfg, CPU)                       # the extract stage itself: a bank hit, its seconds
+    assert not again["views_built"] and 0 <= again["views_seconds"] < 1000
