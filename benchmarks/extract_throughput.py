@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repo on sys.path)
 import torch
 
-from _common import REPO, peak_rss_mb, table
+from _common import REPO, table
 from pipeline.backbones import build_feature_extractor, resolve_backbone
 from pipeline.config import load_config
 from pipeline.data import ImageListDataset, eval_transform, load_image_folder

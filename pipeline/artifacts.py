@@ -35,7 +35,7 @@ def read_sums(sums: Path) -> dict[str, str]:
     """
     if not sums.is_file():
         return {}
-    fix = (f"restore it from a backup, or move it away and train the models again (or load them with "
+    fix = ("restore it from a backup, or move it away and train the models again (or load them with "
            "--trust if you know where they came from)")
     try:
         text = sums.read_text(encoding="utf-8")

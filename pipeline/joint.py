@@ -232,7 +232,7 @@ def train_linear_heads(X: Array, y: Array, X_val: Optional[Array], y_val: Option
     if x_val is not None:
         x_val, labels_val = with_ones(x_val.to(device)), labels_val.to(device)
     generator = torch.Generator().manual_seed(seed)
-    schedule, (n_heads, num_classes, n_features) = StepLRs(configs), weight.shape
+    schedule, (n_heads, num_classes) = StepLRs(configs), weight.shape[:2]
     x = with_ones(x)
     gram = full_gram(x, first.epochs, first.batch_size)
     layer = LazyLayer(_by_class(torch.cat([weight, bias[..., None]], 2)), [c.momentum for c in configs],

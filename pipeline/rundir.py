@@ -296,9 +296,6 @@ class Publication:
         config: the config the results came from (config.json); forget: file names whose SHA256SUMS
         records go (files the new set removes).
         """
-        from pipeline.artifacts import SUMS_FILE, read_sums, sums_text
-        from pipeline.metrics import METRICS_FILE, read_metrics
-
         with _locked(self.run_dir, PUBLISH_LOCK):
             recover(self.run_dir)
             try:

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.probes import balanced_weights
+from pipeline.probes import LinearConfig, MLPConfig, balanced_weights
 
 
 @dataclass
@@ -61,3 +62,29 @@ def fit_reference(build: Callable[[], nn.Module], X, y, Xv, yv, cfg, seed: int, 
         out.history.append(entry)
     out.final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return out
+
+
+def blobs(n_per_class=20, num_classes=3, n_features=6, spread=0.3, seed=0):
+    """Well separated Gaussian blobs: X (n, n_features) float32, y (n,)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (num_classes, n_features))
+    y = np.repeat(np.arange(num_classes), n_per_class)
+    X = centres[y] + rng.normal(0, spread, (len(y), n_features))
+    return X.astype(np.float32), y
+
+
+def reference_linear_head(X, y, Xv, yv, cfg: LinearConfig, seed: int):
+    """The head stage's loop written out with plain torch (tests/reference.py): its best epoch's state, top-1, epoch."""
+    num_classes = int(y.max()) + 1
+    ref = fit_reference(lambda: nn.Linear(X.shape[1], num_classes), X, y, Xv, yv, cfg, seed, num_classes)
+    return ref.best, ref.best_acc, ref.best_epoch
+
+
+def reference_mlp(X, y, Xv, yv, cfg: MLPConfig, seed: int, num_classes: int):
+    """nn.Sequential trained by the plain-torch reference (tests/reference.py): best state, best epoch, history."""
+    def build():
+        return nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(0.0),
+                             nn.Linear(cfg.hidden, num_classes))
+
+    ref = fit_reference(build, X, y, Xv, yv, cfg, seed, num_classes)
+    return ref.best, ref.best_epoch, ref.history

@@ -4,7 +4,6 @@ finds it discards the file and rebuilds it."""
 import shutil
 
 import numpy as np
-import pytest
 
 from pipeline import cache as fc
 from pipeline import scan_index

@@ -2,7 +2,6 @@ import os
 
 import pytest
 
-from pipeline import cache as fc
 from pipeline import scan as sc
 from pipeline import scan_index
 from pipeline.data import discover_image_folder
