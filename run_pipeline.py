@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.runname import resolve_run_name
         resolve_run_name(cfg)  # run.name null: the data's own folder (and features.file: the file's data)
         stages = stages or cfg.run.stages
+        if cfg.run.reuse_memory:
+            from pipeline.malloc import reuse_freed_memory
+            reuse_freed_memory()  # before torch allocates: large tensors reuse freed memory (pipeline/malloc.py)
         device, dist = start_processes(cfg, stages, lock)
         run_stages(cfg, device, stages, paths, args.output, dist)
     except PipelineError as e:

@@ -161,6 +161,9 @@ def load_features(source: str | Path, backbone: str = "efficientnet_lite0", *, w
         if from_file:
             inputs = orchestrate.stage_features(cfg, None)
         else:
+            if cfg.run.reuse_memory:  # as the CLI does: the backbone's large tensors reuse freed memory
+                from pipeline.malloc import reuse_freed_memory
+                reuse_freed_memory()
             with run_lock(cfg.run_dir):  # as the CLI's extract: one process at a time in a run folder
                 check_same_data(cfg.run_dir, cfg.data.root)
                 inputs = orchestrate.stage_features(cfg, resolve_device(cfg.run.device))
