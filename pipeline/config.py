@@ -52,7 +52,7 @@ class RunConfig:
     trust_artifacts: bool = _c(False, "load model files whose SHA-256 is not recorded in the run folder "
                                "(--trust); joblib/pickle files can run code when loaded")
     reuse_memory: bool = _c(True, "keep freed memory for reuse (glibc malloc: no fresh mmap per large tensor, "
-                            "no trimming; 3x faster CPU extraction here, a higher resident peak); false leaves "
+                            "no trimming; CPU extraction 1.8x faster here, a higher resident peak); false leaves "
                             "malloc as it is (pipeline/malloc.py)")
     dist_timeout_min: float = _c(60.0, "under torchrun: minutes a rank waits for rank 0's own work (scan, cache "
                                  "assembly, stages only rank 0 runs) before giving up", gt=0, le=10080)

@@ -17,7 +17,6 @@ when load_features extracts; other C libraries and platforms are left as they ar
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import sys
 
@@ -34,7 +33,7 @@ def reuse_freed_memory() -> bool:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")                 # glibc's soname on Linux
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
