@@ -351,9 +351,8 @@ def extract_stage(job: ExtractJob, device: torch.device, dist: DistContext = SIN
     plan, entry = ensure_cache(job, device, dist)
     if job.extract.train_views:
         def build_views() -> dict:  # rank 0 only: the bank is a few passes over the train images
-            t0 = time.perf_counter()
             bank = ensure_views(job, plan, int(cache.read_attrs(plan.path)["feature_dim"]), device)
-            return views_entry(job, bank, time.perf_counter() - t0)
+            return views_entry(job, bank)
         entry.update(dist.on_main(build_views))
     if dist.is_main:
         update_metrics(job.run_dir, "extract", entry)

@@ -21,15 +21,11 @@ import platform
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc's mallopt parameters (malloc.h)
-_applied = False
 
 
 def reuse_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory for reuse (see the module docstring); True when it is set
-    now or was already. Does nothing (False) on other platforms or C libraries."""
-    global _applied
-    if _applied:
-        return True
+    """Set glibc's malloc to keep freed memory for reuse (see the module docstring; setting it again changes
+    nothing); True when set. Does nothing (False) on other platforms or C libraries."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -38,5 +34,4 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    return _applied
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))

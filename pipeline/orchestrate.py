@@ -137,12 +137,10 @@ def from_images(cfg: Config, device) -> StageFeatures:
         """The view bank; one built now is the extract entry's (views_seconds), not the stage's time."""
         if not n_views:
             return None
-        t0 = time.perf_counter()
         bank = ensure_views(job, state["plan"], inputs.features.feature_dim, device)
         if bank.built:
-            seconds = time.perf_counter() - t0
-            inputs.extract_seconds += seconds
-            update_metrics(cfg.run_dir, "extract", {**(inputs.extract_entry or {}), **views_entry(job, bank, seconds)})
+            inputs.extract_seconds += bank.seconds
+            update_metrics(cfg.run_dir, "extract", {**inputs.extract_entry, **views_entry(job, bank)})
         return bank
 
     try:

@@ -11,6 +11,7 @@ clean cache's key, K, the seed and the augmentation; val is never augmented.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -60,6 +61,7 @@ class ViewBank:
     views: np.ndarray   # (n_views, n_train, feature_dim)
     path: str
     built: bool
+    seconds: float = 0.0   # what building it took (0 when read from disk)
 
 
 def views_key(plan: CachePlan, n_views: int, views_seed: int) -> str:
@@ -135,17 +137,18 @@ def ensure_views(job: ExtractJob, plan: CachePlan, feature_dim: int, device: tor
         print(f"views: bank hit {path} ({k} views x {views.shape[1]} train images)")
         return ViewBank(views, str(path), built=False)
     print(f"views: extracting {k} augmented views of {len(plan.data.train)} train images")
+    t0 = time.perf_counter()
     views = extract_views(job, plan, device)
     write_views(path, views, {"views_key": key, "cache_key": plan.key, "n_views": k,
                               "views_seed": views_seed, "augmentation": AUGMENTATION,
                                  "seeds": "sha256(views_seed:k:image_sha256)[:16] per view"})
-    return ViewBank(views, str(path), built=True)
+    return ViewBank(views, str(path), built=True, seconds=time.perf_counter() - t0)
 
 
-def views_entry(job: ExtractJob, bank: ViewBank, seconds: float) -> dict:
-    """The extract entry's view-bank fields: views, file, whether built now, and the seconds it took."""
+def views_entry(job: ExtractJob, bank: ViewBank) -> dict:
+    """The extract entry's view-bank fields: views, file, whether built now, and the seconds that took."""
     return {"train_views": job.extract.train_views, "views_file": bank.path, "views_built": bank.built,
-            "views_seconds": seconds}
+            "views_seconds": bank.seconds}
 
 
 def read_bank(features: cache.FeatureSet, n_views: int, views_seed: int) -> ViewBank | None:
