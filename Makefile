@@ -19,8 +19,13 @@ run: $(VENV)/.installed
 	$(PY) run_pipeline.py $(DEMO_OVERRIDES)
 	@echo "finetuning, left out above: $(PY) run_pipeline.py finetune --set finetune.epochs=1 --set finetune.init_head=cached (one epoch from the head; params.json: 25 epochs)"
 
+# One pytest worker per core, at most 4 (pytest-xdist), each test file on one worker in its order:
+# the suite is mostly single-threaded start-ups and small tensors, so on 2 cores it takes 0.6x the time
+# of one worker (docs/benchmarks.md). `$(PY) -m pytest -q` still runs it in one process.
+TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_WORKERS)
 
 clean-cache:
 	rm -f cache/*.h5

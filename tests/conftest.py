@@ -7,6 +7,11 @@ import subprocess
 from types import SimpleNamespace
 from pathlib import Path
 
+# `make test` runs one pytest worker per core (pytest-xdist), so torch's OpenMP threads of one worker
+# should sleep, not spin, while another worker has the core (as the CLI sets it: run_pipeline.main).
+# Read when torch loads OpenMP: set before any test module imports torch. A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from PIL import Image
