@@ -138,6 +138,7 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
 
     dist = dist or SINGLE
     t0 = time.perf_counter()
+    before = metrics_before(cfg) if dist.is_main else {}
     with one_leak_warning_per_run():  # images in two splits: warned by the first stage that sees the cache
         for stage in stages:
             seed_everything(cfg.run.seed)
@@ -149,17 +150,31 @@ def run_stages(cfg, device, stages: list[str], paths: list[str], output: str | N
                 _run_stage(stage, cfg, device, paths, output)
             dist.barrier()
     if dist.is_main:
-        print_results(cfg, stages, time.perf_counter() - t0)
+        print_results(cfg, stages, time.perf_counter() - t0, before)
 
 
-def print_results(cfg, stages: list[str], seconds: float) -> None:
-    """The results table of metrics.json, after any training stage."""
+def metrics_before(cfg) -> dict:
+    """The run folder's metrics.json as the run starts ({} when none, or damaged: the stage that writes it says so)."""
+    from pipeline import PipelineError
+    from pipeline.metrics import read_metrics
+
+    try:
+        return read_metrics(cfg.run_dir)
+    except PipelineError:
+        return {}
+
+
+def print_results(cfg, stages: list[str], seconds: float, before: dict | None = None) -> None:
+    """The results table of metrics.json, after any training stage; an entry this run left as it was
+    (before: metrics.json as the run started) is marked as an earlier run's."""
     from pipeline.config import DATA_STAGES
     from pipeline.metrics import format_results, read_metrics
 
     if any(s in DATA_STAGES for s in stages):
+        metrics = read_metrics(cfg.run_dir)
+        earlier = [s for s, m in metrics.items() if (before or {}).get(s) == m]
         print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {seconds:.1f} s):")
-        print(format_results(read_metrics(cfg.run_dir)))
+        print(format_results(metrics, earlier))
 
 
 def main(argv: list[str] | None = None) -> int:

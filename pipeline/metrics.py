@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -156,15 +156,17 @@ def _selection_note(metrics: dict, tested: bool) -> str:
     return also_selected(f"val_acc of {', '.join(chose)} was")
 
 
-def format_results(metrics: dict) -> str:
-    """A plain-text table of the stages in metrics.json; test figures lead when any stage has them."""
+def format_results(metrics: dict, earlier: Sequence[str] = ()) -> str:
+    """A plain-text table of the stages in metrics.json; test figures lead when any stage has them. Stages
+    in earlier (entries the run that prints the table did not change) say so in their details."""
     metrics = {s: m for s, m in metrics.items() if isinstance(m, dict)}
     tested = any(m.get("test_acc") is not None for s, m in metrics.items() if s != "extract")
     head = ("stage",) + (("test_acc", "test_per_class") if tested else ()) + ("val_acc", "seconds", "details")
     rows = [head]
     for stage, m in metrics.items():
         test = (_fmt(m.get("test_acc"), ".4f"), _fmt(m.get("test_mean_per_class"), ".4f")) if tested else ()
-        rows.append((stage, *test, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), _details(stage, m)))
+        details = _details(stage, m) + (" (from an earlier run)" if stage in earlier else "")
+        rows.append((stage, *test, _fmt(m.get("val_acc"), ".4f"), _fmt(m.get("seconds"), ".1f"), details))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

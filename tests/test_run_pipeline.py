@@ -37,6 +37,18 @@ def test_second_run_reports_cache_hit(params_file, capsys):
     assert "cache hit" in capsys.readouterr().out
 
 
+def test_results_table_marks_the_entries_this_run_left_as_they_were(params_file, capsys):
+    def rows() -> dict:
+        table = capsys.readouterr().out.split("\nresults (")[1].splitlines()[3:]
+        return {line.split()[0]: line for line in table if not line.startswith("note:")}
+
+    run_pipeline.main(["--params", str(params_file), "extract", "head", "--set", "head.epochs=1"])
+    assert not [line for line in rows().values() if "from an earlier run" in line]
+    run_pipeline.main(["--params", str(params_file), "head", "--set", "head.epochs=2"])  # warm: no extraction
+    table = rows()
+    assert table["extract"].endswith("(from an earlier run)") and "earlier" not in table["head"]
+
+
 def test_errors_are_one_line_without_traceback(params_file, capsys):
     assert run_pipeline.main(["--params", str(params_file), "--set", "head.lr=-1"]) == 2
     assert run_pipeline.main(["--params", str(params_file), "train"]) == 2
