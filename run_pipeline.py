@@ -164,7 +164,7 @@ def metrics_before(cfg) -> dict:
         return {}
 
 
-def print_results(cfg, stages: list[str], seconds: float, before: dict | None = None) -> None:
+def print_results(cfg, stages: list[str], seconds: float, before: dict) -> None:
     """The results table of metrics.json, after any training stage; an entry this run left as it was
     (before: metrics.json as the run started) is marked as an earlier run's."""
     from pipeline.config import DATA_STAGES
@@ -172,7 +172,7 @@ def print_results(cfg, stages: list[str], seconds: float, before: dict | None = 
 
     if any(s in DATA_STAGES for s in stages):
         metrics = read_metrics(cfg.run_dir)
-        earlier = [s for s, m in metrics.items() if (before or {}).get(s) == m]
+        earlier = [s for s, m in metrics.items() if before.get(s) == m]
         print(f"\nresults ({cfg.run_dir / 'metrics.json'}, {seconds:.1f} s):")
         print(format_results(metrics, earlier))
 
