@@ -176,3 +176,39 @@ def test_a_view_bank_built_for_the_head_is_the_extract_entrys_time(tiny_cfg, mon
     assert "2 views per train image built in" in format_results({"extract": extract_entry})
     again = run_extract(cfg, CPU)                       # the extract stage itself: a bank hit, its seconds
     assert not again["views_built"] and 0 <= again["views_seconds"] < 1000
+
+
+def test_a_cache_damaged_between_its_check_and_its_open_is_extracted_again_and_counted(tiny_cfg, monkeypatch,
+                                                                                     capsys):
+    """ensure_cache finds the cache fresh, then the file is damaged before the stage opens it: the stage
+    extracts again; the extract entry (and a view bank built after it) is the new extraction's, and the
+    stage's own seconds leave both extractions out."""
+    import time
+
+    from pipeline import extract
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    run_extract(tiny_cfg(), CPU)
+    real_clock, real_ensure, skew, calls = time.perf_counter, extract.ensure_cache, [0.0], []
+
+    def ensure_then_damage(*args, **kwargs):
+        plan, entry = real_ensure(*args, **kwargs)
+        calls.append(entry["cache_hit"])
+        if len(calls) == 1:
+            plan.path.write_bytes(b"not an HDF5 file")      # replaced after the check, before the open
+        else:
+            skew[0] += 1000.0                              # as if the extraction again had taken 1000 s longer
+            entry = {**entry, "seconds": entry["seconds"] + 1000.0}
+        return plan, entry
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skew[0])
+    monkeypatch.setattr(extract, "ensure_cache", ensure_then_damage)
+    cfg = tiny_cfg("extract.train_views=2", "head.epochs=2")
+    entry = run_head(cfg, CPU)
+    assert calls == [True, False]
+    assert "extracting again" in capsys.readouterr().out
+    extract_entry = json.loads((cfg.run_dir / "metrics.json").read_text())["extract"]
+    assert not extract_entry["cache_hit"] and extract_entry["seconds"] > 1000     # the extraction again
+    assert extract_entry["views_built"] and extract_entry["train_views"] == 2
+    assert 0 <= entry["seconds"] < 1000
