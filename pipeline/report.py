@@ -300,23 +300,26 @@ def run_report(cfg: Config, device: torch.device) -> dict:
             out[kind] = {**summarise(preds), "reports": [str(pub.final_path(p)) for p in files]}
             print(f"report: {kind}: val top-1 {out[kind]['val_acc_top1']:.4f}, mean per-class "
                   f"{out[kind]['mean_per_class_acc']:.4f}; {len(files)} files in {cfg.run_dir / REPORT_DIR}")
-        _redraw_sweep_chart(cfg.run_dir, pub, metrics)
+        chart = _redraw_sweep_chart(cfg.run_dir, pub, metrics)
+        if chart is not None:            # head.sweep.files lists what the sweep wrote; this, what report redrew
+            out["sweep"] = {"reports": [str(chart)]}
         write_json(pub.staging / REPORT_DIR / "summary.json", out)
         pub.commit()
     return out
 
 
-def _redraw_sweep_chart(run_dir: Path, pub: Publication, metrics: dict) -> None:
-    """Stage sweep.png again from the run folder's sweep.json while the run's head is that sweep's winner;
-    a sweep.json this version cannot read is named and left alone, the other reports still published."""
+def _redraw_sweep_chart(run_dir: Path, pub: Publication, metrics: dict) -> Optional[Path]:
+    """Stage sweep.png again from the run folder's sweep.json while the run's head is that sweep's winner
+    (returns where it is published, or None); a sweep.json this version cannot read is named and left
+    alone, the other reports still published."""
     from pipeline.sweep import SWEEP_JSON, SWEEP_PNG
 
     path = run_dir / SWEEP_JSON
     if not path.is_file():
-        return
+        return None
     if (metrics.get("head") or {}).get("source") != "sweep":
         print(f"report: {path} is an earlier sweep's (head.pt was trained since): {SWEEP_PNG} is not redrawn")
-        return
+        return None
     from pipeline.sweep_report import outcome_from_summary, plot_sweep
 
     try:
@@ -327,5 +330,8 @@ def _redraw_sweep_chart(run_dir: Path, pub: Publication, metrics: dict) -> None:
         (pub.staging / SWEEP_PNG).unlink(missing_ok=True)
         print(f"report: {path} cannot be read ({type(e).__name__}: {e}); {SWEEP_PNG} is not redrawn (run sweep "
               "again to rewrite both)")
-        return
+        return None
+    if not outcome.results:
+        return None
     print(f"report: sweep: {len(outcome.results)} configurations drawn in {run_dir / SWEEP_PNG}")
+    return run_dir / SWEEP_PNG

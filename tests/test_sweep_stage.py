@@ -90,6 +90,8 @@ def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(
     assert run_pipeline.main(sets(overrides) + ["report"]) == 0
     assert "report: sweep: 2 configurations drawn" in capsys.readouterr().out
     drawn = (run_dir / "sweep.png").read_bytes()
+    # head.sweep.files stays what the sweep wrote; the report's summary lists the chart it drew
+    assert json.loads((run_dir / "reports" / "summary.json").read_text())["sweep"] == {"reports": [str(run_dir / "sweep.png")]}
     (run_dir / "sweep.json").write_text('{"results": [')              # damaged: named, the rest still redrawn
     assert run_pipeline.main(sets(overrides) + ["report"]) == 0
     out = capsys.readouterr().out
@@ -106,6 +108,7 @@ def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(
     capsys.readouterr()
     assert run_pipeline.main(sets(overrides) + ["report"]) == 0
     assert "is an earlier sweep's (head.pt was trained since): sweep.png is not redrawn" in capsys.readouterr().out
+    assert "sweep" not in json.loads((run_dir / "reports" / "summary.json").read_text())
 
 
 def test_a_bad_grid_names_the_parameter_before_any_extraction(tmp_path, image_root, capsys):
