@@ -138,13 +138,6 @@ def test_reports_are_written_whole(data, tmp_path):
     assert notes(again) == notes(outcome) and again.has_test and again.planned == outcome.planned
 
 
-def test_the_cores_import_no_sklearn_matplotlib_or_torchvision():
-    code = ("import sys; import pipeline.probes, pipeline.joint, pipeline.sweep, pipeline.sweep_report, pipeline.analysis; "
-            "print(sorted(m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]" and out.stderr == ""
-
-
 def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -176,20 +169,53 @@ def test_the_sweeps_mlps_on_lazy_windows_score_like_the_autograd_loop(data):
             np.testing.assert_allclose(r.model.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs():
-    """The sweep imports scikit-learn only when it will use it, and not at all when its child process
-    fits the logistic configs (pipeline/logistic_worker.py)."""
-    code = ("import sys, numpy as np; from pipeline import logistic_worker; logistic_worker.WORKER = {mode!r}; "
-            "from pipeline.sweep import expand_grid, run_sweep; "
-            "X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3; "
-            "out = run_sweep(expand_grid({grid!r}), X, y, X, y); "
-            "print(len(out.results), 'sklearn' in sys.modules)")
-    with_logistic = {"ncm": {}, "logistic": {"C": [1.0]}}
-    for grid, mode, want in (({"knn": {"k": [1, 3]}, "ncm": {}}, "auto", "3 False"), (with_logistic, "off", "2 True"),
-                             (with_logistic, "on", "2 False")):
-        out = subprocess.run([sys.executable, "-c", code.format(grid=grid, mode=mode)], capture_output=True, text=True,
-                             check=True)
-        assert out.stdout.strip() == want and out.stderr == ""
+# One fresh interpreter imports the head cores (torch, not scikit-learn), says which of the libraries they
+# must not need they imported, then forks a child per sweep case: one interpreter's start-up, not four.
+FRESH_INTERPRETER = """
+import json, os, sys
+import numpy as np
+import pipeline.probes, pipeline.joint, pipeline.sweep, pipeline.sweep_report, pipeline.analysis
+cores = sorted(m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules)
+from pipeline import logistic_worker
+from pipeline.sweep import expand_grid, run_sweep
+X, y = np.random.default_rng(0).normal(size=(30, 4)).astype('float32'), np.arange(30) % 3
+results = []
+for grid, mode in {cases!r}:
+    sys.stdout.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        logistic_worker.WORKER = mode
+        out = run_sweep(expand_grid(grid), X, y, X, y)
+        os.write(write, json.dumps([len(out.results), 'sklearn' in sys.modules]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    results.append(json.loads(text) if text else 'child died')
+print(json.dumps({{"cores": cores, "sweeps": results}}))
+"""
+WITH_LOGISTIC = {"ncm": {}, "logistic": {"C": [1.0]}}
+SWEEP_CASES = [({"knn": {"k": [1, 3]}, "ncm": {}}, "auto"), (WITH_LOGISTIC, "off"), (WITH_LOGISTIC, "on")]
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreter() -> dict:
+    out = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER.format(cases=SWEEP_CASES)], capture_output=True,
+                         text=True, check=True)
+    return {"stderr": out.stderr, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def test_the_cores_import_no_sklearn_matplotlib_or_torchvision(fresh_interpreter):
+    assert fresh_interpreter["cores"] == [] and fresh_interpreter["stderr"] == ""
+
+
+def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs(fresh_interpreter):
+    """The sweep imports scikit-learn only when it will use it (the knn + ncm grid: no; logistic fitted here:
+    yes), and not at all when its child process fits the logistic configs (pipeline/logistic_worker.py)."""
+    assert fresh_interpreter["sweeps"] == [[3, False], [2, True], [2, False]]
 
 
 def test_mlps_with_and_without_dropout_train_as_one_group(data):
