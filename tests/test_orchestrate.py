@@ -212,3 +212,50 @@ def test_a_cache_damaged_between_its_check_and_its_open_is_extracted_again_and_c
     assert not extract_entry["cache_hit"] and extract_entry["seconds"] > 1000     # the extraction again
     assert extract_entry["views_built"] and extract_entry["train_views"] == 2
     assert 0 <= entry["seconds"] < 1000
+
+
+def flip_a_feature_byte(path) -> None:
+    """One byte inside the train features (not the file's structure): it opens, its checksum fails on read."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f["train/features"]
+        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("budget", [None, "head.max_memory_gb=0.000001"])    # in memory, streamed
+def test_a_damaged_features_file_is_named_and_left_as_it_is(tiny_cfg, tmp_path, budget):
+    from pathlib import Path
+
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    path = tmp_path / "alone.h5"
+    shutil.copyfile(run_extract(tiny_cfg(), CPU)["cache_file"], path)
+    flip_a_feature_byte(path)
+    damaged = path.read_bytes()
+    cfg = tiny_cfg(f"features.file={path}", "run.name=alone", *([budget] if budget else []))
+    with pytest.raises(fc.CacheError) as e:
+        run_head(cfg, CPU)
+    assert str(path) in str(e.value) and "extract it again" in str(e.value)
+    assert ("is not changed by this tool" if budget is None else "was left as it is") in str(e.value)
+    assert Path(path).read_bytes() == damaged and not (cfg.run_dir / "head.pt").exists()
+
+
+def test_a_cache_found_damaged_while_streaming_is_removed_and_the_stage_says_to_run_again(tiny_cfg):
+    from pathlib import Path
+
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    path = Path(run_extract(tiny_cfg(), CPU)["cache_file"])
+    flip_a_feature_byte(path)
+    cfg = tiny_cfg("head.max_memory_gb=0.000001")
+    with pytest.raises(fc.CacheError, match="the damaged cache was removed: run the stage again"):
+        run_head(cfg, CPU)
+    assert not path.exists() and not (cfg.run_dir / "head.pt").exists()
+    assert run_head(cfg, CPU)["streamed"]                               # run again: extracted anew, then trained
+    assert fc.is_intact(path)
