@@ -194,6 +194,55 @@ def test_resuming_after_the_split_settings_changed_fails_naming_them(tiny_cfg):
         resume_checkpoint(job, spec, data)
 
 
+def test_resume_checkpoint_says_what_to_do_in_each_case(tiny_cfg, capsys):
+    """No resume with a best-so-far file: starting over, said; resume with none, or from a finetune with
+    other settings, or already at finetune.epochs: one line each naming the file and the fix."""
+    from pipeline import PipelineError
+    from pipeline.backbones import resolve_backbone
+    from pipeline.data import load_image_folder
+    from pipeline.finetune import BEST_SO_FAR_FILE, data_split, resume_checkpoint
+    from pipeline.records import ModelArtifact
+
+    def job_of(*extra):
+        return FinetuneJob.of(tiny_cfg("finetune.epochs=2", *extra))
+
+    job = job_of("finetune.resume=true")
+    spec, data = resolve_backbone(job.backbone, job.seed), load_image_folder(str(job.data.root))
+    path = job.run_dir / BEST_SO_FAR_FILE
+    with pytest.raises(PipelineError, match=r"finetune.resume is true but there is no '.*best-so-far.pt'.*run without"):
+        resume_checkpoint(job, spec, data)
+    job.run_dir.mkdir(parents=True)
+
+    def saved(epoch: int) -> None:
+        torch.save(ModelArtifact("finetune", list(data.classes), {"w": torch.zeros(1)}, dataclasses.asdict(job.finetune),
+                                 spec.to_dict(), dataclasses.asdict(job.backbone), job.seed, str(data.root),
+                                 extra={"epoch": epoch, "val_acc": 0.5, "optimizer": {}, "scheduler": {},
+                                        "data_split": data_split(job.data)}).to_dict(), path)
+
+    saved(1)
+    assert resume_checkpoint(job_of(), spec, data) is None
+    assert f"finetune: '{path}' holds the best epoch of an interrupted finetune; starting over" in capsys.readouterr().out
+    with pytest.raises(PipelineError, match="was saved by a finetune with other data, backbone or finetune settings"):
+        resume_checkpoint(job_of("finetune.resume=true", "finetune.lr=0.5"), spec, data)
+    saved(2)
+    with pytest.raises(PipelineError, match=r"is already at epoch 2 of finetune.epochs=2: raise finetune.epochs"):
+        resume_checkpoint(job, spec, data)
+    assert resume_checkpoint(job_of("finetune.resume=true", "finetune.epochs=3"), spec, data).extra["epoch"] == 2
+
+
+def test_init_head_cached_needs_a_linear_head_on_these_classes(tiny_cfg, tmp_path):
+    from pipeline import PipelineError
+    from pipeline.head import run_head
+
+    run_head(tiny_cfg("head.type=ncm"), CPU)
+    with pytest.raises(PipelineError, match="is a ncm head, which cannot sit in the network: train a linear head"):
+        run_finetune(tiny_cfg("finetune.init_head=cached"), CPU)
+    other = make_image_folder(tmp_path / "other", classes=("cats", "dogs"), n_train=2, n_val=1)
+    run_head(load_config(None, tiny_overrides(tmp_path, other) + ["head.epochs=1"]), CPU)   # same run folder
+    with pytest.raises(PipelineError, match=r"predicts \['cats', 'dogs'\] but the data has \['ants', 'bees'\]"):
+        run_finetune(tiny_cfg("finetune.init_head=cached"), CPU)
+
+
 def test_the_new_layers_are_seeded_by_the_build_not_by_the_caller(tiny_cfg):
     from pipeline.backbones import resolve_backbone
     from pipeline.finetune import build_finetune_model
