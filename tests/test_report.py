@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,24 @@ def test_report_without_models_is_a_clear_error(tiny_cfg):
     (cfg.run_dir / "resnet18").mkdir(parents=True)
     (cfg.run_dir / "resnet18" / "head.pt").write_bytes(b"")  # as a benchmark leaves them
     with pytest.raises(PipelineError, match="benchmark sub-folders have models: --set run.name=t/resnet18"):
+        run_report(cfg, CPU)
+
+
+def test_report_names_a_features_file_that_is_not_the_models_and_images_whose_classes_changed(tiny_cfg, image_root):
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    run_head(tiny_cfg("head.epochs=1"), CPU)
+    other = run_extract(tiny_cfg("backbone.image_size=40", "run.name=other"), CPU)["cache_file"]   # another key
+    with pytest.raises(fc.CacheError, match=r"report: head: features.file does not hold the features head.pt was "
+                                            r"trained on: cache '.*' does not match"):
+        run_report(tiny_cfg(f"features.file={other}"), CPU)
+    cfg = tiny_cfg()
+    for path in Path(cfg.extract.cache_dir).glob("*.h5"):
+        path.unlink()                                   # the cache is gone: report runs the backbone on the images
+    make_image_folder(image_root, classes=("ants", "bees", "wasps"), n_train=1, n_val=1)    # a class added since
+    with pytest.raises(PipelineError, match=r"the classes in '.*' \(ants, bees, wasps\) are not the ones head.pt "
+                                            r"was trained on \(ants, bees\)"):
         run_report(cfg, CPU)
 
 
