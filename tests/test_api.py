@@ -87,6 +87,7 @@ def test_fit_any_classifier_on_a_feature_set(tmp_path, image_root):
 
 
 def test_load_model_predicts_as_the_predict_stage(trained_run, capfd):
+    from pipeline import PipelineError
     from pipeline.config import load_config
     from pipeline.predict import run_predict
 
@@ -105,6 +106,9 @@ def test_load_model_predicts_as_the_predict_stage(trained_run, capfd):
     assert sum(c for _, _, c in evaluation["confused_pairs"]) == sum(r.label != r.true for r in rows)
     (single,) = model.predict(str(folder / "ants" / "img_000.png"))
     assert single.ok and single.true is None and single.label in model.classes
+    with pytest.raises(PipelineError, match=r"has no readable images in folders named after the model's classes "
+                                            r"\(ants, bees\): expected .*/<class>/\*.jpg"):
+        model.evaluate(folder / "ants")                     # images, but not in folders named after classes
 
 
 def readme_example() -> str:

@@ -182,6 +182,9 @@ def test_hand_made_model_with_missing_keys_is_one_line_even_with_trust(tmp_path)
                 "backbone": {"name": "resnet18"}}, tmp_path / "head.pt")
     with pytest.raises(PipelineError, match="lacks backbone.weights_id, backbone.preprocess: run the head stage"):
         load_artifact(tmp_path, "head", trust=True)
+    torch.save({"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, tmp_path / "head.pt")   # a bare state dict
+    with pytest.raises(PipelineError, match=r"'.*head.pt' is not a head model written by this tool"):
+        load_artifact(tmp_path, "head", trust=True)
 
 
 def test_labelled_folder_prints_top1_mean_per_class_and_confused_pairs(trained_run, tmp_path, capsys):

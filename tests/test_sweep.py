@@ -218,6 +218,14 @@ def test_scikit_learn_is_imported_only_for_a_grid_with_logistic_configs(fresh_in
     assert fresh_interpreter["sweeps"] == [[3, False], [2, True], [2, False]]
 
 
+def test_a_sweep_without_val_rows_says_val_chooses(data):
+    from pipeline.sweep import SweepError
+
+    (X, y), (Xv, yv), _ = data
+    with pytest.raises(SweepError, match="a sweep needs val rows: they choose the best epochs, C and the winner"):
+        run_sweep(expand_grid({"ncm": {}}), X, y, Xv[:0], yv[:0])
+
+
 def test_mlps_with_and_without_dropout_train_as_one_group(data):
     (X, y), (Xv, yv), _ = data
     grid = {"mlp": {"hidden": [4, 8], "dropout": [0.0, 0.3], "epochs": 3, "batch_size": 8, "lr": 0.05}}
