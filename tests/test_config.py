@@ -101,10 +101,23 @@ def test_int_accepted_for_float():
     ("run.name=../../x", "run.name: '../../x' must be a relative folder name"),
     ("logistic.c_grid=[1e300]", "logistic.c_grid[0]: must be <= 1000000.0"),
     ("data.rot=x", "unknown key 'data.rot' .did you mean 'data.root'."),
+    ("logistic.c_grid=5", "logistic.c_grid: expected a list of float, got 5"),
+    ("logistic.c_grid=[1, -1]", "logistic.c_grid[1]: must be > 0, got -1.0"),
+    ('backbone.name=""', "backbone.name: must not be empty"),
+    ("head.lr.x=1", "--set 'head.lr.x=1': expected section.key=value .e.g. head.lr=0.01."),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "the top level must be an object of sections"),
+                                           ('{"heads": {"lr": 0.1}}', "unknown section 'heads' .known: run, data, ")])
+def test_a_file_that_is_not_sections_names_itself(tmp_path, text, message):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        load_config(path)
 
 
 def test_unknown_key_in_file(tmp_path):
