@@ -104,6 +104,19 @@ def test_pickled_object_is_refused(tmp_path):
         build_network(cfg, spec)
 
 
+def test_a_checkpoint_wrapping_its_state_dict_is_unwrapped_and_a_bare_tensor_is_refused(tmp_path):
+    from pipeline.weight_files import load_state_file
+
+    state = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
+    for key in ("state_dict", "model"):                       # what training scripts usually save
+        torch.save({key: state, "epoch": 7}, tmp_path / f"{key}.pth")
+        loaded = load_state_file(str(tmp_path / f"{key}.pth"))
+        assert set(loaded) == set(state) and torch.equal(loaded["fc.weight"], state["fc.weight"])
+    torch.save(torch.ones(3), tmp_path / "tensor.pth")
+    with pytest.raises(BackboneError, match=r"backbone.weights '.*tensor.pth' holds a Tensor, not a state dict"):
+        load_state_file(str(tmp_path / "tensor.pth"))
+
+
 @pytest.mark.parametrize("name, dim, path", [("resnet18", 512, "fc"), ("vgg11", 4096, "classifier.6"),
                                              ("alexnet", 4096, "classifier.6"),
                                              ("squeezenet1_1", 512, "classifier.1"),

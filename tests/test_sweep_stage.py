@@ -111,6 +111,14 @@ def test_sweep_png_follows_report_enabled_and_report_redraws_it_from_sweep_json(
     assert "sweep" not in json.loads((run_dir / "reports" / "summary.json").read_text())
 
 
+def test_a_cache_over_head_max_memory_gb_is_refused_naming_the_budget(tmp_path, image_root, capsys):
+    overrides = tiny_overrides(tmp_path, image_root)
+    assert run_pipeline.main(sets(overrides, grid_set({"ncm": {}}), "head.max_memory_gb=0.000001") + ["sweep"]) == 2
+    err = capsys.readouterr().err
+    assert "head.max_memory_gb=1e-06" in err and "a sweep keeps the features in memory: raise head.max_memory_gb" in err
+    assert not (tmp_path / "runs" / "t" / "sweep.json").exists()
+
+
 def test_a_bad_grid_names_the_parameter_before_any_extraction(tmp_path, image_root, capsys):
     overrides = tiny_overrides(tmp_path, image_root)
     assert run_pipeline.main(sets(overrides, grid_set({"knn": {"k": [0]}})) + ["sweep"]) == 2
