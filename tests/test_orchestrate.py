@@ -228,8 +228,6 @@ def flip_a_feature_byte(path) -> None:
 
 @pytest.mark.parametrize("budget", [None, "head.max_memory_gb=0.000001"])    # in memory, streamed
 def test_a_damaged_features_file_is_named_and_left_as_it_is(tiny_cfg, tmp_path, budget):
-    from pathlib import Path
-
     from pipeline.extract import run_extract
     from pipeline.head import run_head
 
@@ -242,7 +240,7 @@ def test_a_damaged_features_file_is_named_and_left_as_it_is(tiny_cfg, tmp_path, 
         run_head(cfg, CPU)
     assert str(path) in str(e.value) and "extract it again" in str(e.value)
     assert ("is not changed by this tool" if budget is None else "was left as it is") in str(e.value)
-    assert Path(path).read_bytes() == damaged and not (cfg.run_dir / "head.pt").exists()
+    assert path.read_bytes() == damaged and not (cfg.run_dir / "head.pt").exists()
 
 
 def test_a_cache_found_damaged_while_streaming_is_removed_and_the_stage_says_to_run_again(tiny_cfg):
