@@ -59,3 +59,23 @@ def test_help_describes_the_new_stages_and_keys():
                  "head.dropout", "head.k (default 20)", "head.temperature (default 0.07)", "sweep.grid (default {",
                  "sweep.top", "leaderboard.all (default false)", "leaderboard.top", "linear, mlp, knn, ncm"):
         assert word in text, word
+
+
+def test_a_fresh_cache_says_how_to_fill_it_damaged_lines_are_counted_and_a_missing_file_is_named(tmp_path, image_root,
+                                                                                                capsys):
+    from pipeline.head_outputs import ledger_path
+
+    overrides = tiny_overrides(tmp_path, image_root)
+    assert run_pipeline.main(sets(overrides) + ["head"]) == 0
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides, "backbone.image_size=40") + ["leaderboard"]) == 0   # nothing on it yet
+    assert "train heads with: python run_pipeline.py head | logistic | sweep" in capsys.readouterr().out
+    ledger = ledger_path(tmp_path / "runs")
+    with open(ledger, "a", encoding="utf-8") as f:
+        f.write('{"cache_key": "torn\n')                    # a line cut short, as by a full disk
+    assert run_pipeline.main(sets(overrides) + ["leaderboard"]) == 0
+    out = capsys.readouterr().out
+    assert f"leaderboard: skipped 1 damaged line(s) of {ledger}" in out and len(table_rows(out)) == 1
+    missing = tmp_path / "nowhere.h5"
+    assert run_pipeline.main(sets(overrides, f"features.file={missing}") + ["leaderboard"]) == 2
+    assert f"features.file '{missing}' is not a file: give the path of a cache" in capsys.readouterr().err

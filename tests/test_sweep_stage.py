@@ -119,6 +119,25 @@ def test_a_cache_over_head_max_memory_gb_is_refused_naming_the_budget(tmp_path, 
     assert not (tmp_path / "runs" / "t" / "sweep.json").exists()
 
 
+def test_ctrl_c_before_any_configuration_finished_exits_130_and_writes_nothing(tmp_path, image_root, capsys,
+                                                                             monkeypatch):
+    from pipeline import sweep as sw
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+        yield
+
+    overrides = tiny_overrides(tmp_path, image_root)
+    assert run_pipeline.main(sets(overrides) + ["extract"]) == 0
+    monkeypatch.setattr(sw, "_run_unit", interrupted)
+    capsys.readouterr()
+    assert run_pipeline.main(sets(overrides, grid_set({"ncm": {}})) + ["sweep"]) == 130
+    assert "sweep: interrupted before any configuration finished; nothing was written" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "sweep.json").exists() and not (run_dir / "head.pt").exists()
+    assert "head" not in read_metrics(run_dir)
+
+
 def test_a_bad_grid_names_the_parameter_before_any_extraction(tmp_path, image_root, capsys):
     overrides = tiny_overrides(tmp_path, image_root)
     assert run_pipeline.main(sets(overrides, grid_set({"knn": {"k": [0]}})) + ["sweep"]) == 2
