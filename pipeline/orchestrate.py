@@ -124,45 +124,39 @@ def from_images(cfg: Config, device) -> StageFeatures:
     plan, entry = ensure_cache(job, device)
     if not entry["cache_hit"]:
         update_metrics(cfg.run_dir, "extract", entry)
-    # what the stage's StageFeatures reports, kept current when a damaged cache is extracted again (which
-    # can happen before that object exists: the file is replaced between ensure_cache and its open)
-    state = {"plan": plan, "entry": entry, "seconds": 0.0 if entry["cache_hit"] else entry["seconds"]}
-    made: list[StageFeatures] = []
-
-    def extracted(seconds: float, new_entry: dict) -> None:
-        state["entry"], state["seconds"] = new_entry, state["seconds"] + seconds
-        for inputs in made:
-            inputs.extract_entry, inputs.extract_seconds = new_entry, state["seconds"]
+    state = {"plan": plan}
 
     def rebuild() -> fc.FeatureSet:
         state["plan"], again = ensure_cache(job, device)
         if not again["cache_hit"]:
             update_metrics(cfg.run_dir, "extract", again)
-            extracted(again["seconds"], again)
+            inputs.extract_entry = again
+            inputs.extract_seconds += again["seconds"]
         return fc.open_cache(state["plan"].path, state["plan"].key)
 
     def views(n_views: int):
         """The view bank; one built now is the extract entry's (views_seconds), not the stage's time."""
         if not n_views:
             return None
-        bank = ensure_views(job, state["plan"], made[0].features.feature_dim, device)
+        bank = ensure_views(job, state["plan"], inputs.features.feature_dim, device)
         if bank.built:
-            new_entry = {**state["entry"], **views_entry(job, bank)}
-            update_metrics(cfg.run_dir, "extract", new_entry)
-            extracted(bank.seconds, new_entry)
+            inputs.extract_seconds += bank.seconds
+            inputs.extract_entry = {**inputs.extract_entry, **views_entry(job, bank)}
+            update_metrics(cfg.run_dir, "extract", inputs.extract_entry)
         return bank
 
+    # built before the cache is opened: a file replaced or damaged since ensure_cache looked at it is
+    # extracted again (rebuild), which updates this object's extract entry and seconds
+    inputs = StageFeatures(None, plan.data.root, cfg.run.seed, cfg.backbone.recorded(), str(plan.data.root), entry,
+                           discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
+                           rebuild=rebuild, views=views,
+                           extract_seconds=0.0 if entry["cache_hit"] else entry["seconds"])
     try:
-        features = fc.open_cache(plan.path, plan.key)
-    except fc.CacheError as e:  # replaced or damaged since ensure_cache looked at it
+        inputs.features = fc.open_cache(plan.path, plan.key)
+    except fc.CacheError as e:
         print(f"extract: {e}; extracting again")
         discard_if_damaged(plan, cfg.extract.lock_timeout)
-        features = rebuild()
-    inputs = StageFeatures(features, plan.data.root, cfg.run.seed, cfg.backbone.recorded(),
-                           str(plan.data.root), state["entry"],
-                           discard=lambda: discard_if_damaged(state["plan"], cfg.extract.lock_timeout),
-                           rebuild=rebuild, views=views, extract_seconds=state["seconds"])
-    made.append(inputs)
+        inputs.features = rebuild()
     return inputs
 
 

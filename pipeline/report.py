@@ -324,14 +324,13 @@ def _redraw_sweep_chart(run_dir: Path, pub: Publication, metrics: dict) -> Optio
 
     try:
         outcome = outcome_from_summary(json.loads(path.read_text(encoding="utf-8")))
-        if outcome.results:
-            plot_sweep(outcome, pub.staging / SWEEP_PNG)
+        if not outcome.results:
+            return None
+        plot_sweep(outcome, pub.staging / SWEEP_PNG)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         (pub.staging / SWEEP_PNG).unlink(missing_ok=True)
         print(f"report: {path} cannot be read ({type(e).__name__}: {e}); {SWEEP_PNG} is not redrawn (run sweep "
               "again to rewrite both)")
-        return None
-    if not outcome.results:
         return None
     print(f"report: sweep: {len(outcome.results)} configurations drawn in {run_dir / SWEEP_PNG}")
     return run_dir / SWEEP_PNG
