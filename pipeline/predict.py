@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +42,33 @@ class ImagePrediction:
         return self.top[0][1] if self.top else None
 
 
-def collect_images(paths: Sequence[str]) -> list[tuple[str, Optional[str]]]:
-    """(path, error) in the order given: files as named (any extension: the user chose them), the image
-    files inside folders (recursively, sorted), and an error for a path that is missing or holds no images."""
+def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, Optional[str]]], int]:
+    """((path, error) in the order given: files as named (any extension: the user chose them), the image
+    files inside folders (recursively, sorted), and an error for a path that is missing or holds no images;
+    how many files were left out because an earlier path already gave the same file (a file and its
+    folder, a folder twice, a link to a file already listed): each image is classified and scored once)."""
     out: list[tuple[str, Optional[str]]] = []
+    seen: set[str] = set()
+
+    def add(path: str, error: Optional[str]) -> int:
+        key = os.path.realpath(path) if error is None else path
+        if key in seen:
+            return 1
+        seen.add(key)
+        out.append((path, error))
+        return 0
+
+    repeated = 0
     for text in paths:
         p = Path(text)
         if p.is_dir():
             found = find_images(p)
-            out += [(str(f), None) for f in found] or [(text, "folder has no image files")]
+            repeated += sum(add(str(f), None) for f in found) if found else add(text, "folder has no image files")
         elif p.exists():
-            out.append((text, None))
+            repeated += add(text, None)
         else:
-            out.append((text, "no such file or folder"))
-    return out
+            repeated += add(text, "no such file or folder")
+    return out, repeated
 
 
 class _Images(Dataset):
@@ -225,11 +239,15 @@ def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int, k
                   num_workers: int = 0) -> tuple[list[ImagePrediction], list[str]]:
     """Rows for the given files and folders in order (errors included, true classes from labelled
     folders), and the lines about class folders the model does not know."""
-    found = collect_images(paths)
+    found, repeated = collect_images(paths)
     files = [p for p, error in found if error is None]
     done = iter(classify_files(predictor, files, batch_size, k, num_workers))
     rows = [next(done) if error is None else ImagePrediction(p, [], error) for p, error in found]
     labels, notes = folder_labels(paths, found, predictor.classes)
+    if repeated:
+        notes.insert(0, f"predict: {repeated} {'file was' if repeated == 1 else 'files were'} named more than once "
+                        "(a file and a folder holding it, a folder twice, or a link): each image is classified "
+                        "and scored once")
     for r in rows:
         r.true = labels.get(r.path)
     return rows, notes

@@ -115,9 +115,29 @@ def test_collect_images_keeps_the_given_order(tmp_path):
     for name in ("b.png", "a.jpg", "notes.txt", ".hidden/x.png"):
         (tmp_path / "d" / name).write_bytes(b"")
     (tmp_path / "f.tif").write_bytes(b"")
-    found = collect_images([str(tmp_path / "f.tif"), str(tmp_path / "d"), str(tmp_path / "gone")])
-    assert found == [(str(tmp_path / "f.tif"), None), (str(tmp_path / "d" / "a.jpg"), None),
+    found, repeated = collect_images([str(tmp_path / "f.tif"), str(tmp_path / "d"), str(tmp_path / "gone")])
+    assert repeated == 0 and found == [(str(tmp_path / "f.tif"), None), (str(tmp_path / "d" / "a.jpg"), None),
                      (str(tmp_path / "d" / "b.png"), None), (str(tmp_path / "gone"), "no such file or folder")]
+
+
+def test_a_file_named_twice_is_listed_once(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    (tmp_path / "link.png").symlink_to(tmp_path / "d" / "sub" / "b.png")
+    a, d = str(tmp_path / "d" / "a.jpg"), str(tmp_path / "d")
+    found, repeated = collect_images([a, d, str(tmp_path / "d" / "sub"), str(tmp_path / "link.png"), a, "gone", "gone"])
+    assert found == [(a, None), (str(tmp_path / "d" / "sub" / "b.png"), None), ("gone", "no such file or folder")]
+    assert repeated == 5
+
+
+def test_an_image_and_its_labelled_folder_are_scored_once(trained_run, capsys):
+    val = trained_run.root / "val"
+    one = str(val / "ants" / "img_000.png")
+    rows = run_predict(cfg_for(trained_run, "head"), CPU, [one, str(val)])
+    out = capsys.readouterr().out
+    assert [r.path for r in rows].count(one) == 1 and len(rows) == 6
+    assert "predict: 1 file was named more than once" in out and "on 6 labelled images" in out
 
 
 def test_missing_model_points_at_benchmark_sub_folders(tmp_path):
