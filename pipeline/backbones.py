@@ -22,7 +22,7 @@ from pipeline.data import Preprocess
 from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_weights_file,  # noqa: F401
                            lite_network, lite_preprocess, lite_weights_file)
 from pipeline.taps import normalize_taps
-from pipeline.weight_files import (BackboneError, check_hub_file, download_error, file_sha256,  # noqa: F401
+from pipeline.weight_files import (BackboneError, build_loaded, check_hub_file, download_error, file_sha256,  # noqa: F401
                                    download_hub_file, is_local_file, load_state_file, weights_enum)
 
 if TYPE_CHECKING:
@@ -178,15 +178,19 @@ def ensure_weights(cfg: BackboneConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- building
-def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
-    """Load a state dict; classifier layers of another class count (a finetuned file) are left out."""
+def _load_body(net: nn.Module, name: str, state: dict, source: str, assign: bool = False) -> None:
+    """Load a state dict; classifier layers of another class count (a finetuned file) are left out.
+    assign: the tensors become the network's own (weight_files.build_loaded), in its dtypes."""
     heads = (classifier_path(name, net),) + AUX_CLASSIFIERS.get(name, ())
     is_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
     own = net.state_dict()
     skip = lambda k: is_head(k) and (k not in state or state[k].shape != own[k].shape)  # noqa: E731
     body = {k: v for k, v in state.items() if not (is_head(k) and k in own and skip(k))}
+    if assign:
+        body = {k: v.to(own[k].dtype).contiguous() if k in own and isinstance(v, torch.Tensor) else v
+                for k, v in body.items()}
     try:
-        result = net.load_state_dict(body, strict=False)
+        result = net.load_state_dict(body, strict=False, assign=assign)
     except RuntimeError as e:  # a tensor of the wrong shape
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise BackboneError(f"backbone.weights '{source}' does not fit {name}: {detail}") from None
@@ -196,12 +200,17 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str) -> None:
                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
+def load_into(build, name: str, path: str) -> nn.Module:
+    """build()'s network with the state dict in path loaded, its random init skipped (build_loaded)."""
+    state = load_state_file(path)
+    return build_loaded(build, lambda net, assign: _load_body(net, name, state, path, assign))
+
+
 def _build_lite(name: str, weights: str, image_size: int) -> nn.Module:
-    net = lite_network(name, image_size)
-    if weights != "none":
-        path = str(lite_weights_file(name)) if weights == "DEFAULT" else weights
-        _load_body(net, name, load_state_file(path), path)
-    return net
+    if weights == "none":
+        return lite_network(name, image_size)
+    path = str(lite_weights_file(name)) if weights == "DEFAULT" else weights
+    return load_into(lambda: lite_network(name, image_size), name, path)
 
 
 def build_network(cfg: BackboneConfig, spec: BackboneSpec, seed: Optional[int] = None) -> nn.Module:
@@ -239,9 +248,8 @@ def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
     if cfg.weights == "none":
         return torchvision.models.get_model(cfg.name, weights=None, **RANDOM_KWARGS.get(cfg.name, {}))
     if is_local_file(cfg.weights):
-        net = torchvision.models.get_model(cfg.name, weights=None, **PRETRAINED_KWARGS.get(cfg.name, {}))
-        _load_body(net, cfg.name, load_state_file(cfg.weights), cfg.weights)
-        return net
+        kwargs = PRETRAINED_KWARGS.get(cfg.name, {})
+        return load_into(lambda: torchvision.models.get_model(cfg.name, weights=None, **kwargs), cfg.name, cfg.weights)
     enum = weights_enum(cfg.name, cfg.weights)
     try:
         return torchvision.models.get_model(cfg.name, weights=enum)

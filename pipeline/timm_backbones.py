@@ -20,8 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline.backbones import LITE0, BackboneError, _load_body
-from pipeline.weight_files import file_sha256, is_local_file, load_state_file
+from pipeline.backbones import LITE0, BackboneError, load_into
+from pipeline.weight_files import file_sha256, is_local_file
 from pipeline.data import Preprocess
 
 PREFIX = "timm/"
@@ -206,10 +206,9 @@ def build(name: str, weights: str, image_size: int) -> nn.Module:
             return timm.create_model(model, pretrained=True, **kwargs)
         except OSError as e:  # the cached file went missing, or the Hub had another file than ensure_weights
             raise download_error(name, _source(model) or model, e) from None
-    net = timm.create_model(model, pretrained=False, **kwargs)
-    if weights != "none":
-        _load_body(net, name, load_state_file(weights), weights)
-    return net
+    if weights == "none":
+        return timm.create_model(model, pretrained=False, **kwargs)
+    return load_into(lambda: timm.create_model(model, pretrained=False, **kwargs), name, weights)
 
 
 def classifier_path(net: nn.Module) -> str:

@@ -4,7 +4,9 @@
   ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors (imported only when such a
   file is loaded); their SHA-256 is what the cache key records;
 - torchvision's weights enums: the member that ``backbone.weights`` names, the check that a cached
-  checkpoint still matches the hash prefix in its name, and the download done before any work.
+  checkpoint still matches the hash prefix in its name, and the download done before any work;
+- ``build_loaded``: a network built on the meta device and its weights assigned, so that the random
+  initialisation the weights replace is never run (VGG16's took 1.8 s here, ViT-B/16's 1.0 s).
 
 ``BackboneError`` is defined here, the lowest module of the backbone family, so that
 ``backbones``, ``lite`` and ``timm_backbones`` raise the same error (``backbones`` re-exports it).
@@ -14,9 +16,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+from torch import nn
 
 from pipeline import PipelineError
 from pipeline.fsutil import file_sha256
@@ -58,9 +61,44 @@ def _load_safetensors(path: str) -> dict:
     except ImportError:
         raise BackboneError(f"backbone.weights '{path}' is a .safetensors file: pip install safetensors") from None
     try:
-        return load_file(path, device="cpu")
+        # safetensors maps the file; cloned, the tensors own their memory, so a network they are assigned
+        # to (build_loaded) never reads a file that is rewritten in place later
+        return {k: v.clone() for k, v in load_file(path, device="cpu").items()}
     except Exception as e:  # SafetensorError and friends: a damaged or foreign file
         raise BackboneError(f"backbone.weights '{path}' is not a loadable .safetensors state dict: {e}") from None
+
+
+# ----------------------------------------------------------------------------- building without the random init
+def has_meta_tensors(net: nn.Module) -> bool:
+    """Whether any parameter, buffer or tensor attribute (or list of tensors) of net is still on the meta device."""
+    def meta(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return any(meta(v) for v in value)
+        return isinstance(value, torch.Tensor) and value.is_meta
+    return (any(t.is_meta for t in net.parameters()) or any(t.is_meta for t in net.buffers())
+            or any(meta(v) for m in net.modules() for v in vars(m).values()))
+
+
+def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool], None]) -> nn.Module:
+    """build() with its weights put in by load(net, assign), never running the random initialisation they replace.
+
+    The network is built on the meta device (no memory, no init) and load assigns the state dict's
+    tensors to it (load_state_dict(assign=True)). Where that leaves something unset (a classifier of
+    another class count that load leaves out, a buffer the state dict does not hold) or the constructor
+    cannot run on the meta device, it is built again for real and loaded by copy, as before. A file that
+    does not fit the network fails in load either way, with the same message."""
+    try:
+        with torch.device("meta"):
+            net = build()
+    except Exception:  # noqa: BLE001  a constructor computing with its tensors (.item(), numpy): build for real
+        net = None
+    if net is not None:
+        load(net, True)
+        if not has_meta_tensors(net):
+            return net
+    net = build()
+    load(net, False)
+    return net
 
 
 # ----------------------------------------------------------------------------- torchvision checkpoints

@@ -264,6 +264,16 @@ def test_local_safetensors_file_for_torchvision(tmp_path):
     assert spec.weights_id.startswith("file:sha256=")
     net = build_network(cfg, spec)
     assert torch.equal(net.conv1.weight, source.conv1.weight) and net.fc.out_features == 1000
+    save_file(torchvision.models.resnet18().state_dict(), str(tmp_path / "fits.safetensors"))
+    cfg, spec = spec_of("resnet18", str(tmp_path / "fits.safetensors"))
+    net = build_network(cfg, spec)                                  # assigned (build_loaded), not copied
+    expected = net.conv1.weight.detach().clone()
+    with open(tmp_path / "fits.safetensors", "r+b") as f:           # every tensor zeroed in place
+        start = 8 + int.from_bytes(f.read(8), "little")             # past the 8-byte length and the header
+        size = f.seek(0, 2)
+        f.seek(start)
+        f.write(bytes(size - start))
+    assert torch.equal(net.conv1.weight, expected)                  # the network never reads the file again
 
 
 @pytest.mark.parametrize("override", ["backbone.weights=null", "backbone.weights=None", "backbone.weights=none"])
@@ -304,3 +314,82 @@ def test_local_file_with_a_wrong_shaped_tensor_is_one_line(tmp_path):
     cfg, spec = spec_of("resnet18", str(tmp_path / "shape.pth"))
     with pytest.raises(BackboneError, match=r"does not fit resnet18: .*size mismatch for conv1.weight"):
         build_network(cfg, spec)
+
+
+def _real_inits(monkeypatch) -> list:
+    """Records every nn.init.kaiming_normal_ call on a real (not meta) tensor: ResNet's conv init."""
+    calls, init = [], torch.nn.init.kaiming_normal_
+
+    def recording(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            calls.append(tuple(tensor.shape))
+        return init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", recording)
+    return calls
+
+
+def test_a_fitting_local_file_is_assigned_without_running_the_random_init(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18().eval()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    torch.save(half, tmp_path / "half.pth")                # stored in float16: loaded as the model's float32
+    cfg, spec = spec_of("resnet18", str(tmp_path / "half.pth"))
+    calls = _real_inits(monkeypatch)
+    net = build_network(cfg, spec).eval()
+    assert calls == []
+    assert all(t.dtype == s.dtype and not t.is_meta for t, s in zip(net.state_dict().values(), source.state_dict().values()))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, half[k].to(v.dtype)), k
+    x = torch.randn(2, 3, 64, 64)
+    reference = torchvision.models.resnet18().eval()
+    reference.load_state_dict(half)
+    with torch.no_grad():
+        assert torch.equal(net(x), reference(x))
+
+
+def test_a_file_that_leaves_the_classifier_out_is_built_for_real(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "seven.pth")
+    cfg, spec = spec_of("resnet18", str(tmp_path / "seven.pth"))
+    calls = _real_inits(monkeypatch)
+    net = build_network(cfg, spec, seed=3)
+    assert calls and not any(t.is_meta for t in net.state_dict().values())
+    torch.manual_seed(3)
+    assert torch.equal(net.fc.weight, torchvision.models.resnet18().fc.weight)   # the seeded init, as before
+
+
+def test_build_loaded_falls_back_where_the_meta_build_leaves_something_unset():
+    from pipeline.weight_files import build_loaded
+
+    class Buffered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(3.0), persistent=False)   # not in any state dict
+
+    class Computing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rate = torch.linspace(0, 1, 3)[1].item()    # cannot run on the meta device
+            self.lin = torch.nn.Linear(2, 2)
+
+    state = {"lin.weight": torch.ones(2, 2), "lin.bias": torch.zeros(2)}
+    how = []
+
+    def load(net, assign):
+        how.append(assign)
+        net.load_state_dict(state, strict=False, assign=assign)
+
+    for cls, tries in ((Buffered, [True, False]), (Computing, [False])):
+        how.clear()
+        net = build_loaded(cls, load)
+        assert how == tries and torch.equal(net.lin.weight, state["lin.weight"])
+    assert torch.equal(net.lin.weight, torch.ones(2, 2)) and net.rate == 0.5
+    assert torch.equal(build_loaded(Buffered, load).table, torch.arange(3.0))
+
+    def refuse(net, assign):
+        raise BackboneError("backbone.weights 'x.pth' does not fit")
+
+    with pytest.raises(BackboneError, match="does not fit"):           # a file that does not fit: raised at once
+        build_loaded(Buffered, refuse)
