@@ -64,25 +64,28 @@ class StageFeatures:
         try:
             return self.features.load()
         except fc.CacheError as e:
-            if self.rebuild is None:
-                raise fc.CacheError(f"{e}; features.file is not changed by this tool: extract it again "
-                                    "(python run_pipeline.py extract with data.root set)") from None
-            print(f"extract: {e}; extracting again")
-            self.discard()
-            self.features = self.rebuild().with_tap(self.features.tap)
+            self._extract_again(e)
             return self.features.load()
+
+    def _extract_again(self, e: fc.CacheError) -> None:
+        """A cache that failed its check on opening or reading: deleted and extracted again (data.root), or
+        named with the fix (features.file, never changed)."""
+        if self.rebuild is None:
+            raise fc.CacheError(f"{e}; features.file is not changed by this tool: extract it again "
+                                "(python run_pipeline.py extract with data.root set)") from None
+        print(f"extract: {e}; extracting again")
+        self.discard()
+        self.features = self.rebuild().with_tap(self.features.tap)
 
     @contextmanager
     def stream(self) -> Iterator[fc.FeatureReader]:
-        """The file open for streaming. A checksum that fails while streaming deletes a damaged data.root
+        """The file open for streaming. A file that fails its check on opening is extracted again (data.root)
+        or named (features.file), as in load; a checksum that fails while streaming deletes a damaged data.root
         cache (if it does not verify in full when read again) and says to run the stage again."""
         try:
             reader = self.features.stream()
-        except fc.CacheError:
-            if self.rebuild is None:
-                raise
-            self.discard()
-            self.features = self.rebuild().with_tap(self.features.tap)
+        except fc.CacheError as e:           # replaced or damaged since it was opened
+            self._extract_again(e)
             reader = self.features.stream()
         try:
             yield reader

@@ -257,3 +257,48 @@ def test_a_cache_found_damaged_while_streaming_is_removed_and_the_stage_says_to_
     assert not path.exists() and not (cfg.run_dir / "head.pt").exists()
     assert run_head(cfg, CPU)["streamed"]                               # run again: extracted anew, then trained
     assert fc.is_intact(path)
+
+
+def _replaced_before_streaming(monkeypatch, path) -> list:
+    """Writes garbage over path just before the first time it is opened for streaming; returns the opens."""
+    from pipeline.cache import stream
+
+    real, opens = stream.open_features, []
+
+    def open_features(file, *args, **kwargs):
+        opens.append(str(file))
+        if len(opens) == 1:
+            path.write_bytes(b"not an HDF5 file")      # replaced after the stage opened it, before streaming
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "open_features", open_features)
+    return opens
+
+
+def test_a_cache_replaced_before_streaming_is_extracted_again_and_streamed(tiny_cfg, monkeypatch, capsys):
+    from pathlib import Path
+
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    path = Path(run_extract(tiny_cfg(), CPU)["cache_file"])
+    opens = _replaced_before_streaming(monkeypatch, path)
+    cfg = tiny_cfg("head.max_memory_gb=0.000001", "head.epochs=2")
+    entry = run_head(cfg, CPU)
+    assert entry["streamed"] and opens == [str(path), str(path)] and fc.is_intact(path)
+    assert "extracting again" in capsys.readouterr().out
+    assert not json.loads((cfg.run_dir / "metrics.json").read_text())["extract"]["cache_hit"]
+
+
+def test_a_features_file_replaced_before_streaming_is_named_and_left_as_it_is(tiny_cfg, tmp_path, monkeypatch):
+    from pipeline.extract import run_extract
+    from pipeline.head import run_head
+
+    path = tmp_path / "alone.h5"
+    shutil.copyfile(run_extract(tiny_cfg(), CPU)["cache_file"], path)
+    _replaced_before_streaming(monkeypatch, path)
+    cfg = tiny_cfg(f"features.file={path}", "run.name=alone", "head.max_memory_gb=0.000001")
+    with pytest.raises(fc.CacheError) as e:
+        run_head(cfg, CPU)
+    assert str(path) in str(e.value) and "features.file is not changed by this tool: extract it again" in str(e.value)
+    assert path.read_bytes() == b"not an HDF5 file" and not (cfg.run_dir / "head.pt").exists()
