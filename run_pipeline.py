@@ -42,7 +42,8 @@ DISTRIBUTED_STAGES = ("extract", "finetune")
 def get_args_parser() -> argparse.ArgumentParser:
     from pipeline.config import describe_keys
 
-    stages = "\n".join(f"  {name:<10} {text}" for name, text in STAGE_HELP.items())
+    width = max(map(len, STAGE_HELP))
+    stages = "\n".join(f"  {name:<{width}} {text}" for name, text in STAGE_HELP.items())
     parser = argparse.ArgumentParser(
         description="Feature-caching transfer learning: extract once, train many heads.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
