@@ -264,7 +264,8 @@ class Model:
         return list(self.predictor.classes)
 
     def predict(self, paths: str | Path | Sequence[str | Path]) -> list:
-        """One row per image (files as given, folders searched recursively), in order.
+        """One row per image (files as given, folders searched recursively), in order; a file named again
+        (by a folder holding it, or a folder given twice) is not repeated (self.notes says so).
 
         Each row (pipeline.predict.ImagePrediction) has path, label, probability, top (the top_k
         (class, probability) pairs), error (None, or why the file could not be read) and true (its

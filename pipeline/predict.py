@@ -45,13 +45,14 @@ class ImagePrediction:
 def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, Optional[str]]], int]:
     """((path, error) in the order given: files as named (any extension: the user chose them), the image
     files inside folders (recursively, sorted), and an error for a path that is missing or holds no images;
-    how many files were left out because an earlier path already gave the same file (a file and its
-    folder, a folder twice, a link to a file already listed): each image is classified and scored once)."""
+    how many files were left out because an earlier path already named the same file (a file and its
+    folder, a folder twice): each is classified and scored once). A link is a file of its own, as in a
+    dataset that links one photo into two class folders."""
     out: list[tuple[str, Optional[str]]] = []
     seen: set[str] = set()
 
     def add(path: str, error: Optional[str]) -> int:
-        key = os.path.realpath(path) if error is None else path
+        key = os.path.abspath(path) if error is None else path
         if key in seen:
             return 1
         seen.add(key)
@@ -246,8 +247,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int, k
     labels, notes = folder_labels(paths, found, predictor.classes)
     if repeated:
         notes.insert(0, f"predict: {repeated} {'file was' if repeated == 1 else 'files were'} named more than once "
-                        "(a file and a folder holding it, a folder twice, or a link): each image is classified "
-                        "and scored once")
+                        "(a file and a folder holding it, or a folder twice): each is classified and scored once")
     for r in rows:
         r.true = labels.get(r.path)
     return rows, notes

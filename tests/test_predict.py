@@ -126,9 +126,12 @@ def test_a_file_named_twice_is_listed_once(tmp_path):
         (tmp_path / "d" / name).write_bytes(b"")
     (tmp_path / "link.png").symlink_to(tmp_path / "d" / "sub" / "b.png")
     a, d = str(tmp_path / "d" / "a.jpg"), str(tmp_path / "d")
-    found, repeated = collect_images([a, d, str(tmp_path / "d" / "sub"), str(tmp_path / "link.png"), a, "gone", "gone"])
-    assert found == [(a, None), (str(tmp_path / "d" / "sub" / "b.png"), None), ("gone", "no such file or folder")]
-    assert repeated == 5
+    again = str(tmp_path / "d" / "sub" / ".." / "a.jpg")
+    found, repeated = collect_images([a, d, str(tmp_path / "d" / "sub"), str(tmp_path / "link.png"), again, "gone",
+                                      "gone"])
+    assert found == [(a, None), (str(tmp_path / "d" / "sub" / "b.png"), None), (str(tmp_path / "link.png"), None),
+                     ("gone", "no such file or folder")]          # a link is a file of its own
+    assert repeated == 4
 
 
 def test_an_image_and_its_labelled_folder_are_scored_once(trained_run, capsys):
