@@ -79,20 +79,27 @@ def has_meta_tensors(net: nn.Module) -> bool:
             or any(meta(v) for m in net.modules() for v in vars(m).values()))
 
 
+def shares_tensors(net: nn.Module) -> bool:
+    """Whether one parameter or buffer of net is registered under two names (tied weights)."""
+    return (len(list(net.named_parameters(remove_duplicate=False))) != len(list(net.named_parameters()))
+            or len(list(net.named_buffers(remove_duplicate=False))) != len(list(net.named_buffers())))
+
+
 def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool], None]) -> nn.Module:
     """build() with its weights put in by load(net, assign), never running the random initialisation they replace.
 
     The network is built on the meta device (no memory, no init) and load assigns the state dict's
     tensors to it (load_state_dict(assign=True)). Where that leaves something unset (a classifier of
-    another class count that load leaves out, a buffer the state dict does not hold) or the constructor
-    cannot run on the meta device, it is built again for real and loaded by copy, as before. A file that
-    does not fit the network fails in load either way, with the same message."""
+    another class count that load leaves out, a buffer the state dict does not hold), the network ties
+    one parameter or buffer to two names, or the constructor cannot run on the meta device, it is built
+    again for real and loaded by copy, as before. A file that does not fit the network fails in load
+    either way, with the same message."""
     try:
         with torch.device("meta"):
             net = build()
     except Exception:  # noqa: BLE001  a constructor computing with its tensors (.item(), numpy): build for real
         net = None
-    if net is not None:
+    if net is not None and not shares_tensors(net):      # assigning would untie tied weights
         load(net, True)
         if not has_meta_tensors(net):
             return net

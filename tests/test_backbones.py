@@ -374,6 +374,12 @@ def test_build_loaded_falls_back_where_the_meta_build_leaves_something_unset():
             self.rate = torch.linspace(0, 1, 3)[1].item()    # cannot run on the meta device
             self.lin = torch.nn.Linear(2, 2)
 
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.again = self.lin                             # one layer under two names: tied weights
+
     state = {"lin.weight": torch.ones(2, 2), "lin.bias": torch.zeros(2)}
     how = []
 
@@ -381,11 +387,13 @@ def test_build_loaded_falls_back_where_the_meta_build_leaves_something_unset():
         how.append(assign)
         net.load_state_dict(state, strict=False, assign=assign)
 
-    for cls, tries in ((Buffered, [True, False]), (Computing, [False])):
+    for cls, tries in ((Buffered, [True, False]), (Tied, [False]), (Computing, [False])):
         how.clear()
         net = build_loaded(cls, load)
         assert how == tries and torch.equal(net.lin.weight, state["lin.weight"])
-    assert torch.equal(net.lin.weight, torch.ones(2, 2)) and net.rate == 0.5
+        if cls is Tied:
+            assert net.again.weight is net.lin.weight
+    assert net.rate == 0.5
     assert torch.equal(build_loaded(Buffered, load).table, torch.arange(3.0))
 
     def refuse(net, assign):
