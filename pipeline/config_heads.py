@@ -11,7 +11,7 @@ from pipeline.config_fields import MAX_BATCH, MAX_EPOCHS, MAX_LR, ConfigError, _
 
 HEAD_TYPES = ("linear", "mlp", "knn", "ncm", "classifier")
 SWEEP_TYPES = ("linear", "mlp", "knn", "ncm", "logistic")  # pipeline.sweep checks each type's parameters
-# The example grid: 12 linear heads (one joint run), 4 kNN, NCM, 4 logistic C, one MLP.
+# The default grid, 22 configurations: 12 linear heads (one joint run), 4 kNN, NCM, 4 logistic C, one MLP.
 DEFAULT_GRID = {"linear": {"lr": [0.001, 0.003, 0.01, 0.03], "weight_decay": [0.0, 0.0001, 0.001]},
                 "knn": {"k": [5, 10, 20, 50]}, "ncm": {}, "logistic": {"C": [0.01, 0.1, 1.0, 10.0]},
                 "mlp": {"hidden": [512], "lr": [0.001]}}
