@@ -1,6 +1,6 @@
 """Extraction speed against the bare-forward ceiling, and peak memory against the image count.
 
-    python benchmarks/extract_throughput.py [--data demo:digits] [--rss-images 180]
+    python benchmarks/extract_throughput.py [--data demo:digits] [--rss-images 180] [--autocast bfloat16]
 
 1. bare forward: the unmodified frozen backbone's forward alone on already-decoded, already-resized
    tensors held in memory, at the extraction batch size (channels_last, inference mode): the
@@ -9,7 +9,10 @@
 3. pipeline: the extract stage end to end on an empty cache (hashing, decoding, resizing, forward,
    HDF5 writes), same batch size, same process;
    printed as images/s each and their ratio to 1 (best of --repeat runs each, interleaved);
-4. peak RSS of the extract stage in fresh processes on N and 10*N images.
+   with --autocast float16|bfloat16 also 2. and 3. under extract.autocast, interleaved with the others,
+   their ratio to the float32 pipeline, and the cached features' relative difference from float32's
+   (||a - b|| / ||b|| over all rows);
+4. peak RSS of the extract stage in fresh processes on N and 10*N images (--rss-images 0: skipped).
 """
 from __future__ import annotations
 
@@ -33,25 +36,66 @@ from pipeline.extract import ExtractJob, ensure_cache
 
 
 @torch.inference_mode()
-def bare_forward_seconds(cfg, images: torch.Tensor, fold: bool) -> float:
+def bare_forward_seconds(cfg, images: torch.Tensor, fold: bool, autocast: str = "none") -> float:
     spec = resolve_backbone(cfg.backbone, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     extractor = build_feature_extractor(cfg.backbone, spec, fold=fold).to(memory_format=torch.channels_last)
     bs = cfg.extract.batch_size
-    extractor(images[:bs])  # warm-up: oneDNN picks its kernels on the first call
-    t0 = time.perf_counter()
-    for start in range(0, len(images), bs):
-        extractor(images[start:start + bs])
-    return time.perf_counter() - t0
+    with torch.autocast("cpu", dtype=getattr(torch, autocast, None), enabled=autocast != "none"):
+        extractor(images[:bs])  # warm-up: oneDNN picks its kernels on the first call
+        t0 = time.perf_counter()
+        for start in range(0, len(images), bs):
+            extractor(images[start:start + bs])
+        return time.perf_counter() - t0
 
 
-def pipeline_seconds(cfg_args, work: Path, run: int) -> float:
-    cfg = load_config(cfg_args[0], cfg_args[1] + [f"extract.cache_dir={work / f'cache{run}'}"])
+def pipeline_seconds(cfg_args, work: Path, run: int, autocast: str = "none") -> tuple[float, str]:
+    """Seconds of the extract stage on an empty cache, and the cache file it wrote."""
+    cfg = load_config(cfg_args[0], cfg_args[1] + [f"extract.cache_dir={work / f'cache{run}-{autocast}'}",
+                                                  f"extract.autocast={autocast}"])
     t0 = time.perf_counter()
-    _, entry = ensure_cache(ExtractJob.of(cfg), torch.device("cpu"))
+    plan, entry = ensure_cache(ExtractJob.of(cfg), torch.device("cpu"))
     seconds = time.perf_counter() - t0
     assert not entry["cache_hit"]
-    return seconds
+    return seconds, str(plan.path)
+
+
+def feature_difference(path: str, reference: str) -> float:
+    """||a - b|| / ||b|| of two caches' features (train and val rows, the same images in the same order)."""
+    from pipeline.cache import open_cache
+
+    a, b = open_cache(path).load(), open_cache(reference).load()
+    fa = torch.cat([torch.as_tensor(a.train.features), torch.as_tensor(a.val.features)]).double()
+    fb = torch.cat([torch.as_tensor(b.train.features), torch.as_tensor(b.val.features)]).double()
+    return float((fa - fb).norm() / fb.norm())
+
+
+def timed_sides(args, cfg, sets, decoded: torch.Tensor, n: int, work: Path) -> tuple[list[tuple], dict]:
+    """The table's rows (each side's best images/s over --repeat interleaved runs, and its ratio), and
+    every run's images/s by side."""
+    sides: dict[str, list[float]] = {}
+    files: dict[str, str] = {}
+    for run in range(args.repeat):  # interleaved so that every side sees the same machine
+        sides.setdefault("ceiling", []).append(n / bare_forward_seconds(cfg, decoded, fold=False))
+        sides.setdefault("folded", []).append(n / bare_forward_seconds(cfg, decoded, fold=True))
+        seconds, files["none"] = pipeline_seconds((args.params, sets), work, run)
+        sides.setdefault("pipeline", []).append(n / seconds)
+        if args.autocast != "none":
+            sides.setdefault("folded_ac", []).append(n / bare_forward_seconds(cfg, decoded, True, args.autocast))
+            seconds, files["ac"] = pipeline_seconds((args.params, sets), work, run, args.autocast)
+            sides.setdefault("pipeline_ac", []).append(n / seconds)
+    best = {k: max(v) for k, v in sides.items()}
+    rows = [("bare forward, unmodified network", f"{best['ceiling']:.1f}", "1.000"),
+            ("bare forward, batch norm folded", f"{best['folded']:.1f}", f"{best['folded'] / best['ceiling']:.3f}"),
+            ("pipeline extract (folded)", f"{best['pipeline']:.1f}", f"{best['pipeline'] / best['ceiling']:.3f}")]
+    if args.autocast != "none":
+        diff = feature_difference(files["ac"], files["none"])
+        rows += [(f"bare forward, folded, autocast {args.autocast}", f"{best['folded_ac']:.1f}",
+                  f"{best['folded_ac'] / best['ceiling']:.3f} ({best['folded_ac'] / best['folded']:.2f}x folded)"),
+                 (f"pipeline extract, autocast {args.autocast}", f"{best['pipeline_ac']:.1f}",
+                  f"{best['pipeline_ac'] / best['ceiling']:.3f} ({best['pipeline_ac'] / best['pipeline']:.2f}x "
+                  f"float32's; features {diff:.4f} from float32's)")]
+    return rows, sides
 
 
 def subset_folder(data, n: int, target: Path) -> Path:
@@ -87,7 +131,9 @@ def main() -> None:
     parser.add_argument("--params", default=str(REPO / "params.json"), help="params file (default params.json)")
     parser.add_argument("--data", default=None, help="data.root override (default: the params file's)")
     parser.add_argument("--repeat", type=int, default=2, help="best of N runs of each side (default 2)")
-    parser.add_argument("--rss-images", type=int, default=170, help="N for the peak-RSS check (default 170)")
+    parser.add_argument("--rss-images", type=int, default=170, help="N for the peak-RSS check (default 170; 0: none)")
+    parser.add_argument("--autocast", default="none", choices=("none", "float16", "bfloat16"),
+                        help="also time extraction under extract.autocast=this (default: none)")
     parser.add_argument("--output", default=None, help="write the figures as JSON here (default: no file)")
     args = parser.parse_args()
 
@@ -105,30 +151,21 @@ def main() -> None:
     decoded = decoded.contiguous(memory_format=torch.channels_last)
 
     work = Path(tempfile.mkdtemp(prefix="extract_tp-"))
-    ceiling, folded, pipeline = [], [], []
-    for run in range(args.repeat):  # interleaved so that every side sees the same machine
-        ceiling.append(n / bare_forward_seconds(cfg, decoded, fold=False))
-        folded.append(n / bare_forward_seconds(cfg, decoded, fold=True))
-        pipeline.append(n / pipeline_seconds((args.params, sets), work, run))
-    best_c, best_f, best_p = max(ceiling), max(folded), max(pipeline)
-    print(table([("bare forward, unmodified network", f"{best_c:.1f}", "1.000"),
-                 ("bare forward, batch norm folded", f"{best_f:.1f}", f"{best_f / best_c:.3f}"),
-                 ("pipeline extract (folded)", f"{best_p:.1f}", f"{best_p / best_c:.3f}")],
-                ("side", "images/s", "ratio")))
-
-    small = subset_folder(data, args.rss_images, work / "small")
-    large = subset_folder(data, 10 * args.rss_images, work / "large")
-    n_small = sum(1 for _ in small.rglob("*.*"))
-    n_large = sum(1 for _ in large.rglob("*.*"))
-    rss_small = child_peak_rss(args.params, sets, small, work / "rss_small")
-    rss_large = child_peak_rss(args.params, sets, large, work / "rss_large")
-    print(table([(n_small, f"{rss_small:.0f}"), (n_large, f"{rss_large:.0f}")], ("images", "peak RSS MiB")))
-    print(f"peak RSS ratio ({n_large} vs {n_small} images): {rss_large / rss_small:.3f}")
+    rows, sides = timed_sides(args, cfg, sets, decoded, n, work)
+    print(table(rows, ("side", "images/s", "ratio")))
+    figures = {f"{side}_images_per_second": rates for side, rates in sides.items()}
+    if args.rss_images:
+        small = subset_folder(data, args.rss_images, work / "small")
+        large = subset_folder(data, 10 * args.rss_images, work / "large")
+        n_small = sum(1 for _ in small.rglob("*.*"))
+        n_large = sum(1 for _ in large.rglob("*.*"))
+        rss_small = child_peak_rss(args.params, sets, small, work / "rss_small")
+        rss_large = child_peak_rss(args.params, sets, large, work / "rss_large")
+        print(table([(n_small, f"{rss_small:.0f}"), (n_large, f"{rss_large:.0f}")], ("images", "peak RSS MiB")))
+        print(f"peak RSS ratio ({n_large} vs {n_small} images): {rss_large / rss_small:.3f}")
+        figures["rss_mb"] = {n_small: rss_small, n_large: rss_large}
     if args.output:
-        Path(args.output).write_text(json.dumps({"ceiling_images_per_second": ceiling,
-                                                 "folded_images_per_second": folded,
-                                                 "pipeline_images_per_second": pipeline,
-                                                 "rss_mb": {n_small: rss_small, n_large: rss_large}}, indent=2))
+        Path(args.output).write_text(json.dumps(figures, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 
