@@ -144,6 +144,10 @@ class FinetuneConfig:
     backbone_lr_mult: float = _c(1.0, "backbone learning rate = lr x this; the classifier keeps lr", gt=0, le=1)
     resume: bool = _c(False, "continue from finetune.best-so-far.pt, the best epoch an interrupted finetune kept "
                       "beside finetune.pt (same data, backbone and settings; epochs may grow); false starts over")
+    autocast: str = _c("none", "mixed-precision training steps (torch.autocast on the run's device; float16 with a "
+                       "gradient scaler): none, float16 or bfloat16; for CUDA (on a CPU with AMX bfloat16 made an "
+                       "epoch 1.2x slower); val is scored in float32, as predict runs",
+                       choices=("none", "float16", "bfloat16"))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """train_one_epoch / evaluate, shared by the linear head (on cached features) and finetuning."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Optional
 
@@ -54,8 +55,37 @@ def compute_loss(outputs, targets: torch.Tensor, criterion: nn.Module) -> tuple[
     return loss, logits
 
 
+class MixedPrecision:
+    """Training steps under torch.autocast (finetune.autocast: none, float16 or bfloat16); float16's
+    gradients go through a GradScaler, whose state a resumed run carries on."""
+
+    DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode, self.device_type, self.dtype = mode, device.type, self.DTYPES.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "float16" else None
+
+    def autocast(self):
+        """The context a step's forward and loss run in (none: a no-op, not even autocast's own bookkeeping)."""
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """backward and the optimizer's step (skipped by the scaler when float16's gradients overflowed)."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+FULL_PRECISION = MixedPrecision("none", torch.device("cpu"))
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    batches: Iterable, device: torch.device, desc: Optional[str] = None) -> dict:
+                    batches: Iterable, device: torch.device, desc: Optional[str] = None,
+                    precision: MixedPrecision = FULL_PRECISION) -> dict:
     """One pass of SGD over batches; returns mean loss and accuracy on what it trained on, and how many samples."""
     model.train()
     # Running sums stay on the device: a .item() per step would wait for the GPU every step.
@@ -66,9 +96,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = compute_loss(model(x), y, criterion)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            loss, logits = compute_loss(model(x), y, criterion)
+        precision.step(loss, optimizer)
         with torch.no_grad():
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()

@@ -29,7 +29,7 @@ from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, 
 from pipeline.config import BackboneConfig, Config, DataConfig, FinetuneConfig
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_dataset, train_transform
 from pipeline.distributed import SINGLE, DistContext
-from pipeline.engine import check_finite_loss, make_sgd, predict, score, train_one_epoch
+from pipeline.engine import MixedPrecision, check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
 from pipeline.metrics import BEST_EPOCH
 from pipeline.records import ModelArtifact, StageResult
@@ -121,9 +121,11 @@ def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.devic
 
 
 def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                device: torch.device, desc: str, dist: DistContext = SINGLE) -> dict:
-    """One epoch; under torchrun loss and accuracy are over every rank's images."""
-    out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc)
+                device: torch.device, desc: str, dist: DistContext = SINGLE,
+                precision: MixedPrecision | None = None) -> dict:
+    """One epoch (its steps under precision's autocast); under torchrun loss and accuracy are over every rank's images."""
+    out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc,
+                          precision=precision or MixedPrecision("none", device))
     parts = dist.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
     seen = sum(p[2] for p in parts)
     return {"loss": sum(p[0] for p in parts) / max(seen, 1), "acc": sum(p[1] for p in parts) / max(seen, 1),
@@ -190,7 +192,8 @@ def _banner(ft: FinetuneConfig, spec, data, device: torch.device, dist: DistCont
     return (f"finetune: {spec.name} on {len(data.train)} train / {len(data.val)} val images at "
             f"{spec.preprocess.crop_size} px, {ft.epochs} epochs on {device}{ranks}"
             + (", classifier from head.pt" if ft.init_head == "cached" else "")
-            + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else ""))
+            + (f", backbone lr x{ft.backbone_lr_mult:g}" if ft.backbone_lr_mult != 1 else "")
+            + (f", {ft.autocast} autocast" if ft.autocast != "none" else ""))
 
 
 def save_best_so_far(artifact: dict, path) -> None:
@@ -228,7 +231,8 @@ def resume_checkpoint(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderDat
         raise PipelineError(f"finetune.resume is true but there is no '{path}' (no interrupted finetune in this "
                             "run folder): run without finetune.resume")
     ckpt = read_finetune_file(path)
-    settings = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "resume")}  # noqa: E731
+    # a file written before finetune.autocast existed trained in float32
+    settings = lambda d: {"autocast": "none", **{k: v for k, v in d.items() if k not in ("epochs", "resume")}}  # noqa: E731
     if (ckpt.classes != list(data.classes) or ckpt.data_root != str(data.root)
             or ckpt.backbone.get("weights_id") != spec.weights_id
             or ckpt.backbone_config != dataclasses.asdict(job.backbone)
@@ -248,13 +252,15 @@ def resume_checkpoint(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderDat
     return ckpt
 
 
-def _resume_state(resumed: ModelArtifact | None, optimizer, scheduler,
+def _resume_state(resumed: ModelArtifact | None, optimizer, scheduler, precision: MixedPrecision,
                   run_dir) -> tuple[list, float, int, dict | None]:
     """(history, best_acc, best_epoch, artifact) to start the epochs from: a fresh run's, or the resumed one's."""
     if resumed is None:
         return [], -1.0, 0, None
     optimizer.load_state_dict(resumed.extra["optimizer"])
     scheduler.load_state_dict(resumed.extra["scheduler"])
+    if precision.scaler is not None and resumed.extra.get("scaler"):
+        precision.scaler.load_state_dict(resumed.extra["scaler"])
     epoch, val_acc = resumed.extra["epoch"], resumed.extra["val_acc"]
     print(f"finetune: resuming from the best epoch so far, {epoch} (val_acc {val_acc:.4f}), "
           f"in {run_dir / BEST_SO_FAR_FILE}")
@@ -262,14 +268,16 @@ def _resume_state(resumed: ModelArtifact | None, optimizer, scheduler,
 
 
 def _snapshot(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderData, model: nn.Module, optimizer, scheduler,
-              epoch: int, best_acc: float, history: list[dict], device: torch.device, dist: DistContext) -> dict:
+              epoch: int, best_acc: float, history: list[dict], device: torch.device, dist: DistContext,
+              precision: MixedPrecision) -> dict:
     """A consistent snapshot of the best epoch: enough to predict, or to resume from it."""
     return ModelArtifact(
         "finetune", list(data.classes), model.state_dict(), dataclasses.asdict(job.finetune), spec.to_dict(),
         dataclasses.asdict(job.backbone), job.seed, str(data.root), history=history,
         versions=environment_info(device),
         extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-               "val_acc": best_acc, "processes": dist.world_size, "data_split": data_split(job.data)}).to_dict()
+               "val_acc": best_acc, "processes": dist.world_size, "data_split": data_split(job.data),
+               "scaler": precision.scaler.state_dict() if precision.scaler is not None else None}).to_dict()
 
 
 def _prepare(job: FinetuneJob, device: torch.device):
@@ -293,8 +301,8 @@ def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = S
     ft = job.finetune
     data, spec, model, optimizer, scheduler, resumed = _prepare(job, device)
     train_loader, val_loader = make_loaders(data, spec.preprocess, job, device, dist)
-    criterion = nn.CrossEntropyLoss()
-    history, best_acc, best_epoch, artifact = _resume_state(resumed, optimizer, scheduler, job.run_dir)
+    criterion, precision = nn.CrossEntropyLoss(), MixedPrecision(ft.autocast, device)
+    history, best_acc, best_epoch, artifact = _resume_state(resumed, optimizer, scheduler, precision, job.run_dir)
     # DDP averages gradients over ranks in backward; `model` stays the plain network for saving.
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_distributed else model
@@ -306,7 +314,7 @@ def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = S
             train_loader.sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
         lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
         train = train_epoch(trained, criterion, optimizer, train_loader, device,
-                            f"finetune {epoch}/{ft.epochs}", dist)
+                            f"finetune {epoch}/{ft.epochs}", dist, precision)
         check_finite_loss("finetune", train["loss"], epoch, "finetune.lr")
         scheduler.step()
         dist.sync_buffers(model)
@@ -319,7 +327,8 @@ def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = S
               f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s)")
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
-            artifact = _snapshot(job, spec, data, model, optimizer, scheduler, epoch, best_acc, history, device, dist)
+            artifact = _snapshot(job, spec, data, model, optimizer, scheduler, epoch, best_acc, history, device, dist,
+                                 precision)
             if dist.is_main:
                 save_best_so_far(artifact, best_path)
     entry = _entry(job, data, best_acc, best_epoch, epoch_seconds, resumed, history, t0, dist)
