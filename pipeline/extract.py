@@ -23,7 +23,7 @@ from pipeline.config import BackboneConfig, Config, DataConfig, ExtractConfig
 from pipeline.data import (ImageFolderData, ImageListDataset, Split, eval_transform, ignore_sigint,
                            load_image_folder, resolve_data_root)
 from pipeline.distributed import SINGLE, DistContext, host
-from pipeline.frozen import frozen_features
+from pipeline.frozen import bfloat16_hint, frozen_features
 from pipeline.fsutil import FileLock, LockedError
 from pipeline.metrics import update_metrics
 from pipeline.runtime import GracefulInterrupt, environment_info, progress
@@ -205,7 +205,7 @@ def plan_work(chunk_size: int, plan: CachePlan, store: cache.ChunkStore, device:
     ranks = f" x {dist.world_size} processes" if dist.is_distributed else ""
     print(f"extract: cache miss ({reason}); {stats.rows_extracted} of {len(needed)} images need the backbone "
           f"({stats.rows_reused} reused{resumed}); {plan.spec.name} at {plan.spec.preprocess.crop_size} px "
-          f"on {device}{ranks}")
+          f"on {device}{ranks}" + bfloat16_hint(device, plan.features.get("autocast", "none"), stats.rows_extracted))
     return BuildWork(work, stats, previous, feature_dim or saved_dim)
 
 

@@ -123,7 +123,7 @@ def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.devic
 def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                 device: torch.device, desc: str, dist: DistContext = SINGLE,
                 precision: MixedPrecision | None = None) -> dict:
-    """One epoch (its steps under precision's autocast); under torchrun loss and accuracy are over every rank's images."""
+    """One epoch (its steps under precision's autocast); under torchrun, loss and accuracy over every rank's images."""
     out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc,
                           precision=precision or MixedPrecision("none", device))
     parts = dist.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
@@ -232,7 +232,8 @@ def resume_checkpoint(job: FinetuneJob, spec: BackboneSpec, data: ImageFolderDat
                             "run folder): run without finetune.resume")
     ckpt = read_finetune_file(path)
     # a file written before finetune.autocast existed trained in float32
-    settings = lambda d: {"autocast": "none", **{k: v for k, v in d.items() if k not in ("epochs", "resume")}}  # noqa: E731
+    settings = lambda d: {"autocast": "none", **{k: v for k, v in d.items()  # noqa: E731
+                                                 if k not in ("epochs", "resume")}}
     if (ckpt.classes != list(data.classes) or ckpt.data_root != str(data.root)
             or ckpt.backbone.get("weights_id") != spec.weights_id
             or ckpt.backbone_config != dataclasses.asdict(job.backbone)

@@ -142,3 +142,19 @@ def test_autocast_extraction_is_close_to_float32_and_returns_float32():
     assert full.dtype == half.dtype == "float32" and half.shape == full.shape
     assert (half != full).any()  # the forward really ran in bfloat16
     assert abs(half - full).max() <= 0.05 * abs(full).max()
+
+
+def test_a_long_float32_extraction_on_a_cpu_with_amx_suggests_bfloat16(monkeypatch):
+    from pipeline import frozen
+
+    monkeypatch.setattr(frozen, "cpu_computes_bfloat16", lambda: True)
+    cpu, n = torch.device("cpu"), frozen.HINT_IMAGES
+    hint = frozen.bfloat16_hint(cpu, "none", n)
+    assert hint.startswith("\nextract: this CPU computes bfloat16 natively (AMX): --set extract.autocast=bfloat16")
+    assert frozen.bfloat16_hint(cpu, "none", n - 1) == ""                 # a short extraction: no line
+    assert frozen.bfloat16_hint(cpu, "bfloat16", n) == ""                 # already asked for
+    assert frozen.bfloat16_hint(torch.device("cuda"), "none", n) == ""    # not a CPU
+    monkeypatch.setattr(frozen, "cpu_computes_bfloat16", lambda: False)
+    assert frozen.bfloat16_hint(cpu, "none", n) == ""
+    monkeypatch.undo()
+    assert isinstance(frozen.cpu_computes_bfloat16(), bool)               # torch's probe, whatever this CPU is
