@@ -38,7 +38,7 @@ def bfloat16_hint(device: torch.device, autocast: str, images: int) -> str:
     if device.type != "cpu" or autocast != "none" or images < HINT_IMAGES or not cpu_computes_bfloat16():
         return ""
     return ("\nextract: this CPU computes bfloat16 natively (AMX): --set extract.autocast=bfloat16 may extract "
-            "1.5-1.7x as fast (features a few % from float32's, cached apart; docs/benchmarks.md)")
+            "1.5-1.7x as fast (features a few % from float32's, in a cache of their own; docs/benchmarks.md)")
 
 
 @torch.inference_mode()
