@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline import PipelineError
+from pipeline.frozen import AUTOCAST_DTYPES
 from pipeline.runtime import progress
 
 
@@ -59,10 +60,8 @@ class MixedPrecision:
     """Training steps under torch.autocast (finetune.autocast: none, float16 or bfloat16); float16's
     gradients go through a GradScaler, whose state a resumed run carries on."""
 
-    DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
     def __init__(self, mode: str, device: torch.device) -> None:
-        self.mode, self.device_type, self.dtype = mode, device.type, self.DTYPES.get(mode)
+        self.device_type, self.dtype = device.type, AUTOCAST_DTYPES.get(mode)
         self.scaler = torch.amp.GradScaler(device.type) if mode == "float16" else None
 
     def autocast(self):

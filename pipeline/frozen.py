@@ -25,7 +25,7 @@ HINT_IMAGES = 1000          # extractions of at least this many images on such a
 
 def cpu_computes_bfloat16() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bfloat16 natively."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)    # torch's own check, private since 2.1
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)    # torch's own check (private)
     try:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
