@@ -33,6 +33,7 @@ from pipeline.backbones import build_feature_extractor, resolve_backbone
 from pipeline.config import load_config
 from pipeline.data import ImageListDataset, eval_transform, load_image_folder
 from pipeline.extract import ExtractJob, ensure_cache
+from pipeline.frozen import AUTOCAST_DTYPES
 
 
 @torch.inference_mode()
@@ -41,7 +42,7 @@ def bare_forward_seconds(cfg, images: torch.Tensor, fold: bool, autocast: str = 
     torch.manual_seed(cfg.run.seed)
     extractor = build_feature_extractor(cfg.backbone, spec, fold=fold).to(memory_format=torch.channels_last)
     bs = cfg.extract.batch_size
-    with torch.autocast("cpu", dtype=getattr(torch, autocast, None), enabled=autocast != "none"):
+    with torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(autocast), enabled=autocast != "none"):
         extractor(images[:bs])  # warm-up: oneDNN picks its kernels on the first call
         t0 = time.perf_counter()
         for start in range(0, len(images), bs):

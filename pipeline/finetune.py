@@ -29,7 +29,7 @@ from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, 
 from pipeline.config import BackboneConfig, Config, DataConfig, FinetuneConfig
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_dataset, train_transform
 from pipeline.distributed import SINGLE, DistContext
-from pipeline.engine import MixedPrecision, check_finite_loss, make_sgd, predict, score, train_one_epoch
+from pipeline.engine import FULL_PRECISION, MixedPrecision, check_finite_loss, make_sgd, predict, score, train_one_epoch
 from pipeline.fsutil import atomic_path
 from pipeline.metrics import BEST_EPOCH
 from pipeline.records import ModelArtifact, StageResult
@@ -122,10 +122,9 @@ def gather_predictions(model: nn.Module, loader: DataLoader, device: torch.devic
 
 def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                 device: torch.device, desc: str, dist: DistContext = SINGLE,
-                precision: MixedPrecision | None = None) -> dict:
+                precision: MixedPrecision = FULL_PRECISION) -> dict:
     """One epoch (its steps under precision's autocast); under torchrun, loss and accuracy over every rank's images."""
-    out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc,
-                          precision=precision or MixedPrecision("none", device))
+    out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc, precision=precision)
     parts = dist.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
     seen = sum(p[2] for p in parts)
     return {"loss": sum(p[0] for p in parts) / max(seen, 1), "acc": sum(p[1] for p in parts) / max(seen, 1),
