@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterable, Optional
 
 import numpy as np
@@ -63,6 +64,8 @@ class MixedPrecision:
     def __init__(self, mode: str, device: torch.device) -> None:
         self.device_type, self.dtype = device.type, AUTOCAST_DTYPES.get(mode)
         self.scaler = torch.amp.GradScaler(device.type) if mode == "float16" else None
+        # steps skipped since take_skipped() last ran, counted on the device
+        self._skipped = torch.zeros((), dtype=torch.long, device=device) if self.scaler is not None else None
 
     def autocast(self):
         """The context a step's forward and loss run in (none: a no-op, not even autocast's own bookkeeping)."""
@@ -74,9 +77,28 @@ class MixedPrecision:
             loss.backward()
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()     # scale() creates the scale tensor on the first step
+        # The scale compared on the device (get_scale() would wait for the step every step): update() lowers it
+        # exactly when step() skipped the optimizer because a gradient overflowed.
+        before = self.scaler._get_scale_async().clone()
         self.scaler.step(optimizer)
         self.scaler.update()
+        self._skipped += self.scaler._get_scale_async() < before
+
+    def skipped_note(self, epoch: dict) -> str:
+        """', float16's gradient scaler skipped k of n steps (...)' for an epoch of train_one_epoch with k > 0, else ''."""
+        if not epoch.get("skipped"):
+            return ""
+        return (f"; float16's gradient scaler skipped {epoch['skipped']} of {epoch['steps']} steps, whose gradients "
+                f"overflowed (it lowered its scale to {self.scaler.get_scale():g})")
+
+    def take_skipped(self) -> int:
+        """How many steps the scaler skipped since the last call (0 without a scaler); waits for the device."""
+        if self._skipped is None:
+            return 0
+        skipped = int(self._skipped.item())
+        self._skipped.zero_()
+        return skipped
 
 
 FULL_PRECISION = MixedPrecision("none", torch.device("cpu"))
@@ -85,12 +107,14 @@ FULL_PRECISION = MixedPrecision("none", torch.device("cpu"))
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable, device: torch.device, desc: Optional[str] = None,
                     precision: MixedPrecision = FULL_PRECISION) -> dict:
-    """One pass of SGD over batches; returns mean loss and accuracy on what it trained on, and how many samples."""
+    """One pass of SGD over batches; returns mean loss and accuracy on what it trained on, how many samples
+    and steps, and how many of the steps float16's gradient scaler skipped."""
     model.train()
     # Running sums stay on the device: a .item() per step would wait for the GPU every step.
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    seen = steps = 0
+    precision.take_skipped()
     bar = progress(batches, desc=desc, unit="batch", leave=False) if desc else batches
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -102,7 +126,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return {"loss": total_loss.item() / max(seen, 1), "acc": correct.item() / max(seen, 1), "samples": seen}
+        steps += 1
+    return {"loss": total_loss.item() / max(seen, 1), "acc": correct.item() / max(seen, 1), "samples": seen,
+            "steps": steps, "skipped": precision.take_skipped()}
 
 
 @torch.inference_mode()
@@ -137,6 +163,14 @@ def check_finite_loss(stage: str, loss: float, epoch: int, lr_key: str) -> None:
     if not math.isfinite(loss):
         raise PipelineError(f"{stage}: the training loss diverged ({loss}) in epoch {epoch}: lower {lr_key} "
                             "(the previous model is unchanged)")
+
+
+def step_schedule(scheduler) -> None:
+    """scheduler.step() at an epoch's end, without torch's warning that it ran before optimizer.step(): in an
+    epoch whose steps float16's gradient scaler all skipped, the epoch line says so instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
 
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float, step_size: int, gamma: float,

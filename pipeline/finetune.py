@@ -29,7 +29,8 @@ from pipeline.backbones import AUX_CLASSIFIERS, BackboneSpec, build_classifier, 
 from pipeline.config import BackboneConfig, Config, DataConfig, FinetuneConfig
 from pipeline.data import ImageFolderData, ImageListDataset, Split, eval_transform, load_dataset, train_transform
 from pipeline.distributed import SINGLE, DistContext
-from pipeline.engine import FULL_PRECISION, MixedPrecision, check_finite_loss, make_sgd, predict, score, train_one_epoch
+from pipeline.engine import (FULL_PRECISION, MixedPrecision, check_finite_loss, make_sgd, predict, score, step_schedule,
+                             train_one_epoch)
 from pipeline.fsutil import atomic_path
 from pipeline.metrics import BEST_EPOCH
 from pipeline.records import ModelArtifact, StageResult
@@ -127,8 +128,9 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.O
     out = train_one_epoch(model, criterion, optimizer, loader, device, desc=desc, precision=precision)
     parts = dist.all_gather((out["loss"] * out["samples"], out["acc"] * out["samples"], out["samples"]))
     seen = sum(p[2] for p in parts)
+    # steps and skipped steps are this rank's: every rank takes the same steps on the same all-reduced gradients
     return {"loss": sum(p[0] for p in parts) / max(seen, 1), "acc": sum(p[1] for p in parts) / max(seen, 1),
-            "samples": seen}
+            "samples": seen, "steps": out["steps"], "skipped": out["skipped"]}
 
 
 def load_cached_head(job: FinetuneJob, spec: BackboneSpec, model: nn.Module, classes: tuple[str, ...]) -> list[str]:
@@ -316,15 +318,15 @@ def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = S
         train = train_epoch(trained, criterion, optimizer, train_loader, device,
                             f"finetune {epoch}/{ft.epochs}", dist, precision)
         check_finite_loss("finetune", train["loss"], epoch, "finetune.lr")
-        scheduler.step()
+        step_schedule(scheduler)
         dist.sync_buffers(model)
         val = score(*gather_predictions(model, val_loader, device, dist), criterion)
         epoch_seconds.append(time.perf_counter() - te)
         history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
                         "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
-                        "seconds": epoch_seconds[-1]})
+                        "seconds": epoch_seconds[-1], **({"skipped_steps": train["skipped"]} if precision.scaler else {})})
         print(f"finetune: epoch {epoch}/{ft.epochs} train_loss {train['loss']:.4f} "
-              f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s)")
+              f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s){precision.skipped_note(train)}")
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
             artifact = _snapshot(job, spec, data, model, optimizer, scheduler, epoch, best_acc, history, device, dist,

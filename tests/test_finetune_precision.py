@@ -39,9 +39,6 @@ def test_bfloat16_autocast_trains_in_bfloat16_keeps_float32_weights_and_scores_v
     assert "bfloat16 autocast" in capsys.readouterr().out
 
 
-# Three steps an epoch: the scaler's first scale (2^16) overflows in each and skips it, as GradScaler does,
-# so torch warns that StepLR stepped before any optimizer step.
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_float16_autocast_scales_its_gradients_and_a_resumed_run_carries_the_scaler_on(tiny_cfg, monkeypatch):
     from pipeline import PipelineError
 
@@ -61,6 +58,20 @@ def test_float16_autocast_scales_its_gradients_and_a_resumed_run_carries_the_sca
         run_finetune(tiny_cfg(small, "finetune.epochs=2", "finetune.resume=true"), CPU)
     entry = run_finetune(tiny_cfg(small, "finetune.epochs=2", "finetune.resume=true", "finetune.autocast=float16"), CPU)
     assert loaded == [ckpt["scaler"]["scale"]] and [h["epoch"] for h in entry["history"]] == [1, 2]
+
+
+# torch warns when an epoch-end StepLR step comes before any optimizer step, as it does when the scaler
+# skips every step of the first epoch; the epoch line says what happened instead.
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`")
+def test_an_epoch_whose_steps_the_float16_scaler_all_skipped_says_so_in_its_line_without_torchs_warning(
+        tiny_cfg, monkeypatch, capsys):
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, init_scale=2.0 ** 100, **k))  # overflows
+    cfg = tiny_cfg("backbone.name=mobilenet_v3_small", "finetune.epochs=1", "finetune.autocast=float16")
+    entry = run_finetune(cfg, CPU)
+    assert entry["history"][0]["skipped_steps"] == 3                 # 12 train images, batch 4: every step
+    out = capsys.readouterr().out
+    assert "float16's gradient scaler skipped 3 of 3 steps, whose gradients overflowed (it lowered its scale to" in out
 
 
 def test_a_file_saved_before_autocast_existed_resumes_in_float32(tiny_cfg):
