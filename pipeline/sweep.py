@@ -160,6 +160,8 @@ class SweepOutcome:
     interrupted: bool
     seconds: float
     planned: int                            # configurations in the grid
+    n_val: Optional[int] = None             # images the val figures were measured on (None: not known)
+    n_test: Optional[int] = None
 
     def ranked(self) -> list[SweepResult]:
         """Best first by val top-1, then val mean per-class; ties keep the grid's order."""
@@ -307,7 +309,8 @@ def run_sweep(configs: Sequence[SweepConfig], X: Array, y: Array, X_val: Array, 
     units = _order(configs, defaults, device)
     evals = [x_val.numpy()] + ([x_test.numpy()] if has_test else [])
     logistic, ahead = _start_logistic(units, defaults, x, labels, evals, seed, num_classes)
-    outcome = SweepOutcome([], has_test, False, 0.0, len(configs))
+    outcome = SweepOutcome([], has_test, False, 0.0, len(configs), len(labels_val),
+                           len(labels_test) if has_test else None)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.analysis import wilson_interval
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.plots import PNG, text_width
 from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
@@ -56,8 +57,37 @@ def headline(outcome: SweepOutcome) -> str:
     return f"sweep winner: {w.head_type} {w.config.label()}: {figure}; {done}"
 
 
+def winner_interval(outcome: SweepOutcome) -> Optional[tuple[float, float]]:
+    """The 95 % Wilson interval of the winner's val top-1, or None (no winner, or val's size not known)."""
+    if outcome.winner is None or not outcome.n_val:
+        return None
+    return wilson_interval(outcome.winner.val_acc, outcome.n_val)
+
+
+def interval_note(outcome: SweepOutcome) -> Optional[str]:
+    """How much val's size lets a ranking say: one image's share of top-1, the winner's 95 % interval and
+    how many other configurations score inside it (and the winner's test interval, with a test split)."""
+    interval = winner_interval(outcome)
+    if interval is None:
+        return None
+    lo, hi = interval
+    others = [r for r in outcome.ranked()[1:] if lo <= r.val_acc <= hi]
+    note = (f"val has {outcome.n_val} images (one is {1 / outcome.n_val:.4f} of top-1): the winner's 95% interval "
+            f"is {lo:.4f}-{hi:.4f} (Wilson) and {len(others)} of the other {len(outcome.results) - 1} "
+            f"configurations score inside it")
+    if others:
+        note += ", which val does not tell apart from the winner reliably"
+    w = outcome.winner
+    if outcome.n_test and w.test_acc is not None:
+        t_lo, t_hi = wilson_interval(w.test_acc, outcome.n_test)
+        note += f"; test has {outcome.n_test} images: the winner's test top-1 is within {t_lo:.4f}-{t_hi:.4f}"
+    return note
+
+
 def notes(outcome: SweepOutcome) -> list[str]:
     out = [TEST_NOTE if outcome.has_test else NO_TEST_NOTE]
+    if interval_note(outcome):
+        out.append(interval_note(outcome))
     if any(r.joint for r in outcome.results):
         out.append(JOINT_NOTE)
     if outcome.interrupted:
@@ -87,6 +117,7 @@ def sweep_summary(outcome: SweepOutcome, grid: Optional[dict] = None) -> dict:
     w = outcome.winner
     return {"grid": grid, "has_test": outcome.has_test, "interrupted": outcome.interrupted,
             "planned": outcome.planned, "finished": len(outcome.results), "seconds": round(outcome.seconds, 3),
+            "n_val": outcome.n_val, "n_test": outcome.n_test,
             "selection": "val", "notes": notes(outcome), "winner": w.to_dict() if w else None,
             "results": [dict(rank=i, **r.to_dict()) for i, r in enumerate(outcome.ranked(), 1)]}
 
@@ -106,8 +137,11 @@ def outcome_from_summary(summary: dict) -> SweepOutcome:
                            position=i)
 
     results = [result(i, r) for i, r in enumerate(summary["results"])]
+    def count(v) -> Optional[int]:           # sweep.json files written before these fields: None
+        return None if v is None else int(v)
+
     return SweepOutcome(results, bool(summary["has_test"]), bool(summary["interrupted"]), float(summary["seconds"]),
-                        int(summary["planned"]))
+                        int(summary["planned"]), count(summary.get("n_val")), count(summary.get("n_test")))
 
 
 def write_sweep_reports(outcome: SweepOutcome, out_dir: Path, grid: Optional[dict] = None,
@@ -131,7 +165,8 @@ TYPE_COLOURS = {"linear": "#1f77b4", "mlp": "#9467bd", "knn": "#2ca02c", "ncm": 
 def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     """Horizontal bars of val top-1, best at the top, coloured by head type and labelled with their
     value: the best `top` plus the best of every head type, so each type is on the chart; the winner
-    outlined, test top-1 marked where it was scored."""
+    outlined, test top-1 marked where it was scored, and behind the bars the winner's 95% interval
+    (winner_interval) when val's size is known."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -143,7 +178,10 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
     ys = np.arange(len(ranked))[::-1]
     tested = [(y, r.test_acc) for y, r in zip(ys, ranked) if r.test_acc is not None]
     label_w = 0.2 + max(text_width(t, 8) for t in labels)
-    legend_w = 0.6 + text_width(TEST_LABEL if tested else max(SWEEP_TYPES, key=len), 8)
+    interval = winner_interval(outcome)
+    interval_label = f"winner's 95% interval ({outcome.n_val} val images)"
+    entries = list(SWEEP_TYPES) + ([TEST_LABEL] if tested else []) + ([interval_label] if interval else [])
+    legend_w = 0.6 + max(text_width(t, 8) for t in entries)
     width, height = label_w + BARS_INCHES + legend_w, 1.2 + 0.28 * len(ranked)
     fig = Figure(figsize=(width, height))   # no pyplot: no global figure state, no GUI backend
     FigureCanvasAgg(fig)
@@ -151,6 +189,8 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
                         bottom=AXIS_INCHES / height)
     ax = fig.subplots()
     accs = [r.val_acc for r in ranked]
+    if interval is not None:   # behind the bars: the configurations it spans, val cannot rank reliably
+        ax.axvspan(*interval, color="0.88", zorder=0, label=interval_label)
     ax.barh(ys, accs, color=[TYPE_COLOURS[r.head_type] for r in ranked],
             edgecolor=["black" if i == 0 else "none" for i in range(len(ranked))], linewidth=1.5)
     for y, acc in zip(ys, accs):
@@ -159,8 +199,9 @@ def plot_sweep(outcome: SweepOutcome, path: Path, top: int = 20) -> Path:
         ax.scatter([t for _, t in tested], [y for y, _ in tested], marker="D", color="black", zorder=3,
                    label=TEST_LABEL)
     ax.set_yticks(ys, labels, fontsize=8)
-    low = min(accs + [t for _, t in tested])
-    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(accs) + 0.03) if max(accs) < 0.97 else 1.0)
+    low = min(accs + [t for _, t in tested] + ([interval[0]] if interval else []))
+    high = max(accs + ([interval[1]] if interval else []))
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, high + 0.03) if high < 0.97 else 1.0)
     ax.set_xlabel("val top-1" + ("" if outcome.has_test else " (also used for selection)"))
     shown = (f"best {min(top, len(everything))} of {len(everything)} and the best of each head type"
              if len(everything) > len(ranked) else f"{len(ranked)} configurations")

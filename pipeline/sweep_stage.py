@@ -143,7 +143,7 @@ def _sweep_taps(cfg: Config, device: torch.device, inputs: StageFeatures, config
         if run.interrupted:
             break
     outcome = SweepOutcome(results, any(r.has_test for r in runs), runs[-1].interrupted,
-                           sum(r.seconds for r in runs), len(configs) * len(taps))
+                           sum(r.seconds for r in runs), len(configs) * len(taps), runs[0].n_val, runs[0].n_test)
     winner = outcome.winner.config.param_dict["tap"] if results else taps[0]
     inputs.features = base.with_tap(winner)
     return outcome, loaded[winner]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.analysis import (confused_pairs, format_confused_pairs, labelled_summary, prediction_rows, score_labels,
-                               score_proba,
-                               write_predictions_csv)
+                               score_proba, wilson_interval, write_predictions_csv)
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -61,3 +60,14 @@ def test_labelled_summary_puts_both_scores_and_the_confusions_together():
     text = labelled_summary([0, 0, 1, 1, 2], proba, CLASSES)
     assert text.splitlines()[0] == "top-1 0.8000, mean per-class 0.8333 on 5 labelled images"
     assert "dog   cat" in text
+
+
+def test_wilson_interval_matches_the_formulas_published_values():
+    # scipy.stats.binomtest(k, n).proportion_ci(method="wilson")'s values, for k of n correct
+    assert wilson_interval(0.9, 100) == pytest.approx((0.8256343385, 0.9447708629), abs=1e-9)
+    assert wilson_interval(1.0, 20) == pytest.approx((0.8388748419, 1.0), abs=1e-9)     # stays inside [0, 1]
+    lo, hi = wilson_interval(0.0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611251581, abs=1e-9)
+    assert wilson_interval(0.9, 10000)[1] - wilson_interval(0.9, 10000)[0] < 0.013     # more images: narrower
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.probes import build_probe, fit_module
 from pipeline.sweep import JOINT_NOTE, NO_TEST_NOTE, TEST_NOTE, SweepError, expand_grid, run_sweep
-from pipeline.sweep_report import format_leaderboard, format_markdown, notes, outcome_from_summary, write_sweep_reports
+from pipeline.sweep_report import (format_leaderboard, format_markdown, interval_note, notes, outcome_from_summary,
+                                   sweep_summary, write_sweep_reports)
 
 ISSUE_GRID = {"linear": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0, 1e-4, 1e-3]}, "knn": {"k": [5, 10, 20, 50]},
               "ncm": {}, "logistic": {"C": [0.01, 0.1, 1, 10]}, "mlp": {"hidden": [512], "lr": [1e-3]}}
@@ -103,6 +104,26 @@ def test_test_split_is_scored_after_selection_for_the_chosen_only(data):
     assert TEST_NOTE in text and "test top-1" in text and f"test top-1 {w.test_acc:.4f}" in text.splitlines()[0]
 
 
+def test_the_leaderboard_says_how_many_configurations_the_winners_interval_holds(data):
+    from pipeline.analysis import wilson_interval
+
+    (X, y), (Xv, yv), (Xt, yt) = data
+    outcome = run_sweep(expand_grid(SMALL_GRID), X, y, Xv, yv, Xt, yt)
+    assert (outcome.n_val, outcome.n_test) == (len(yv), len(yt))
+    w, ranked = outcome.winner, outcome.ranked()
+    lo, hi = wilson_interval(w.val_acc, len(yv))
+    inside = sum(lo <= r.val_acc <= hi for r in ranked[1:])                 # brute force over the others
+    note = interval_note(outcome)
+    assert note.startswith(f"val has {len(yv)} images (one is {1 / len(yv):.4f} of top-1): the winner's 95% "
+                           f"interval is {lo:.4f}-{hi:.4f} (Wilson) and {inside} of the other {len(ranked) - 1} ")
+    t_lo, t_hi = wilson_interval(w.test_acc, len(yt))
+    assert note.endswith(f"test has {len(yt)} images: the winner's test top-1 is within {t_lo:.4f}-{t_hi:.4f}")
+    assert note in format_leaderboard(outcome) and note in format_markdown(outcome)
+    old = sweep_summary(outcome)
+    del old["n_val"], old["n_test"]                                        # a sweep.json from before the fields
+    assert interval_note(outcome_from_summary(old)) is None and notes(outcome_from_summary(old))
+
+
 def test_ctrl_c_keeps_the_finished_configurations(data):
     (X, y), (Xv, yv), _ = data
 
@@ -136,6 +157,7 @@ def test_reports_are_written_whole(data, tmp_path):
         [(r.head_type, r.config.label(), r.val_acc, r.test_acc) for r in outcome.ranked()]
     assert [r.config for r in again.chosen()] == [r.config for r in outcome.chosen()]
     assert notes(again) == notes(outcome) and again.has_test and again.planned == outcome.planned
+    assert (again.n_val, again.n_test) == (outcome.n_val, outcome.n_test) == (len(yv), len(yt))
 
 
 def test_warm_started_logistic_path_matches_a_cold_fit_per_c(data):
