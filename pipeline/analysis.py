@@ -48,6 +48,16 @@ def wilson_interval(acc: float, n: int, z: float = 1.959963984540054) -> tuple[f
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def ranking_note(n: int, best: float, others: Sequence[float], noun: str, leader: str = "winner") -> str:
+    """How far n val images let a ranking go: one image's share of top-1, the leader's 95% Wilson interval
+    and how many of the others (their val top-1) score inside it."""
+    lo, hi = wilson_interval(best, n)
+    inside = sum(lo <= a <= hi for a in others)
+    note = (f"val has {n} images (one is {1 / n:.4f} of top-1): the {leader}'s 95% interval is {lo:.4f}-{hi:.4f} "
+            f"(Wilson) and {inside} of the other {len(others)} {noun} score inside it")
+    return note + (f", which val does not tell apart from the {leader} reliably" if inside else "")
+
+
 def score_proba(y_true, proba) -> dict:
     """score_labels of the most probable class of every row of proba (n_samples, num_classes)."""
     return score_labels(y_true, np.asarray(proba).argmax(1))

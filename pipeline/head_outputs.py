@@ -68,9 +68,10 @@ def ledger_entry(features, head_type: str, params: dict, val_acc: Optional[float
     """One ledger line for a head trained on features (a cache.FeatureSet); a tap other than pool is a param."""
     tap = getattr(features, "tap", "pool")
     params = params if tap == "pool" or "tap" in params else {"tap": tap, **params}
+    val = getattr(features, "manifests", {}).get("val")
     return LedgerEntry(features.key, str(features.backbone.get("name", "")), head_type, params, val_acc,
                        val_mean_per_class, test.get("test_acc"), test.get("test_mean_per_class"), seconds,
-                       str(run_dir), source, cache_file=str(features.path))
+                       str(run_dir), source, cache_file=str(features.path), n_val=len(val) if val else None)
 
 
 def append_heads(output_dir: str | Path, entries: Sequence[LedgerEntry]) -> Optional[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from pipeline.analysis import ranking_note
 from pipeline.metrics import selection_note
 
 LEDGER_FILE = "ledger.jsonl"
@@ -37,6 +38,7 @@ class LedgerEntry:
     source: str = ""                        # head, logistic, sweep, benchmark, api
     time: str = ""                          # UTC, ISO 8601; filled in by append_entries when empty
     cache_file: str = ""                    # where the cache was when the head was trained
+    n_val: Optional[int] = None             # val images its val figures were measured on (None: not recorded)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LedgerEntry":
@@ -161,7 +163,13 @@ def format_best(entries: Sequence[LedgerEntry], cache_key: str, top: Optional[in
     header = ["rank", "head", "params", *(["test top-1", "test mean/class"] if tested else []), "val top-1",
               "val mean/class", "seconds", "by", "run", "time"]
     note = selection_note(tested, "ranked by val top-1 (selection uses val only)")
-    return f"best heads on cache {cache_key} ({best[0].backbone})\n{_table(header, rows)}\n{note}"
+    out = f"best heads on cache {cache_key} ({best[0].backbone})\n{_table(header, rows)}\n{note}"
+    mine = best_heads(entries, cache_key)      # one cache key, one val set: any entry's n_val holds for all
+    n_val = next((e.n_val for e in mine if e.n_val), None)
+    scored = [e.val_acc for e in mine[1:] if e.val_acc is not None]
+    if n_val and best[0].val_acc is not None:
+        out += "\n" + ranking_note(n_val, best[0].val_acc, scored, "heads trained on this cache", "best head")
+    return out
 
 
 def format_caches(entries: Sequence[LedgerEntry]) -> str:

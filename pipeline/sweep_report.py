@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.analysis import wilson_interval
+from pipeline.analysis import ranking_note, wilson_interval
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.plots import PNG, text_width
 from pipeline.sweep import (JOINT_NOTE, NO_TEST_NOTE, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, SWEEP_TYPES, TEST_NOTE,
@@ -70,14 +70,8 @@ def interval_note(outcome: SweepOutcome) -> Optional[str]:
     interval = winner_interval(outcome)
     if interval is None:
         return None
-    lo, hi = interval
-    others = [r for r in outcome.ranked()[1:] if lo <= r.val_acc <= hi]
-    note = (f"val has {outcome.n_val} images (one is {1 / outcome.n_val:.4f} of top-1): the winner's 95% interval "
-            f"is {lo:.4f}-{hi:.4f} (Wilson) and {len(others)} of the other {len(outcome.results) - 1} "
-            f"configurations score inside it")
-    if others:
-        note += ", which val does not tell apart from the winner reliably"
     w = outcome.winner
+    note = ranking_note(outcome.n_val, w.val_acc, [r.val_acc for r in outcome.ranked()[1:]], "configurations")
     if outcome.n_test and w.test_acc is not None:
         t_lo, t_hi = wilson_interval(w.test_acc, outcome.n_test)
         note += f"; test has {outcome.n_test} images: the winner's test top-1 is within {t_lo:.4f}-{t_hi:.4f}"

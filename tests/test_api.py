@@ -153,6 +153,7 @@ def test_fit_on_a_cached_feature_set_is_in_the_ledger_and_arrays_are_not(tmp_pat
                                                                       "api")]
     assert entries[0].cache_key == fs.key == fc.open_cache(fs.path).key and entries[0].val_acc == knn["val"]["acc"]
     assert entries[1].run_dir == str(fs.run_dir) and entries[1].cache_file == str(fs.path)
+    assert entries[0].n_val == entries[1].n_val == len(fs.val.y)
     assert len(best_heads(entries, fs.key)) == 2                              # what `leaderboard` lists
     assert run_pipeline.main(["--set", f"features.file={fs.path}", "--set", f"run.output_dir={tmp_path / 'runs'}",
                               "leaderboard"]) == 0

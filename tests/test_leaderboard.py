@@ -34,6 +34,8 @@ def test_best_heads_on_this_cache_best_first_from_the_cache_file_alone(tmp_path,
     scores = [score for _, score in rows]
     assert scores == sorted(scores, reverse=True) and scores[0] == 1.0
     assert "no test split was scored" in out
+    n_val = sum(1 for _ in (image_root / "val").rglob("*.png"))
+    assert f"val has {n_val} images" in out and "the best head's 95% interval is" in out   # each entry keeps n_val
     cache_file = read_metrics(tmp_path / "runs" / "t")["extract"]["cache_file"]
     shutil.rmtree(image_root)                                   # a laptop with the cache file but no images
     assert run_pipeline.main(sets(overrides, f"features.file={cache_file}") + ["leaderboard"]) == 0

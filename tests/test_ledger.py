@@ -98,3 +98,17 @@ def test_the_leaderboard_ranks_by_val_but_leads_with_test_when_it_was_scored():
         "ranked by val top-1 (selection uses val only); these val figures were also used for selection (no test "
         "split was scored), so optimistic: add a test/ folder (or data.test_fraction) for a figure nothing was "
         "chosen on")
+
+
+def test_the_leaderboard_says_how_many_heads_the_best_ones_interval_holds():
+    # 90 of 100 correct: 0.8256-0.9448; 0.83 and 0.90 are inside, 0.80 is not; an entry from before n_val
+    # was recorded (n_val None) is on the same cache key, so the same val set: it still counts
+    entries = [entry(val=0.90, lr=0.1), entry(val=0.83, lr=0.01), entry(val=0.80, lr=0.001), entry(val=0.90)]
+    for e in entries[:3]:
+        e.n_val = 100
+    lines = format_best(entries, "k1").splitlines()
+    assert lines[-1] == ("val has 100 images (one is 0.0100 of top-1): the best head's 95% interval is 0.8256-0.9448 "
+                         "(Wilson) and 2 of the other 3 heads trained on this cache score inside it, which val does "
+                         "not tell apart from the best head reliably")
+    old = format_best([entry(val=0.9), entry(val=0.8, lr=0.1)], "k1")       # no entry knows val's size
+    assert "95% interval" not in old
