@@ -74,7 +74,8 @@ def interval_note(outcome: SweepOutcome) -> Optional[str]:
     note = ranking_note(outcome.n_val, w.val_acc, [r.val_acc for r in outcome.ranked()[1:]], "configurations")
     if outcome.n_test and w.test_acc is not None:
         t_lo, t_hi = wilson_interval(w.test_acc, outcome.n_test)
-        note += f"; test has {outcome.n_test} images: the winner's test top-1 is within {t_lo:.4f}-{t_hi:.4f}"
+        note += (f"; test has {outcome.n_test} images: the winner's test top-1 {w.test_acc:.4f} has a 95% interval "
+                 f"of {t_lo:.4f}-{t_hi:.4f}")
     return note
 
 

@@ -117,7 +117,8 @@ def test_the_leaderboard_says_how_many_configurations_the_winners_interval_holds
     assert note.startswith(f"val has {len(yv)} images (one is {1 / len(yv):.4f} of top-1): the winner's 95% "
                            f"interval is {lo:.4f}-{hi:.4f} (Wilson) and {inside} of the other {len(ranked) - 1} ")
     t_lo, t_hi = wilson_interval(w.test_acc, len(yt))
-    assert note.endswith(f"test has {len(yt)} images: the winner's test top-1 is within {t_lo:.4f}-{t_hi:.4f}")
+    assert note.endswith(f"test has {len(yt)} images: the winner's test top-1 {w.test_acc:.4f} has a 95% interval of "
+                         f"{t_lo:.4f}-{t_hi:.4f}")
     assert note in format_leaderboard(outcome) and note in format_markdown(outcome)
     old = sweep_summary(outcome)
     del old["n_val"], old["n_test"]                                        # a sweep.json from before the fields
