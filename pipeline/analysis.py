@@ -39,8 +39,9 @@ def score_labels(y_true, y_pred) -> dict:
 
 
 def wilson_interval(acc: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval (95 % for the default z, the normal's 97.5 % quantile) of a top-1 of acc measured on n images: how far the
-    figure could be from the accuracy on more images like these (Wilson 1927; it stays inside [0, 1])."""
+    """The Wilson score interval of a top-1 of acc measured on n images (95 % for the default z, the normal
+    distribution's 97.5 % quantile): how far the figure could be from the accuracy on more images like
+    these (Wilson 1927; it stays inside [0, 1])."""
     if n <= 0:
         raise ValueError(f"an interval needs images, got n={n}")
     centre = (acc + z * z / (2 * n)) / (1 + z * z / n)

@@ -86,7 +86,7 @@ class MixedPrecision:
         self._skipped += self.scaler._get_scale_async() < before
 
     def skipped_note(self, epoch: dict) -> str:
-        """', float16's gradient scaler skipped k of n steps (...)' for an epoch of train_one_epoch with k > 0, else ''."""
+        """'; float16's gradient scaler skipped k of n steps ...' for a train_one_epoch result with k > 0, else ''."""
         if not epoch.get("skipped"):
             return ""
         return (f"; float16's gradient scaler skipped {epoch['skipped']} of {epoch['steps']} steps, whose gradients "

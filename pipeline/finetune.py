@@ -324,7 +324,8 @@ def finetune_stage(job: FinetuneJob, device: torch.device, dist: DistContext = S
         epoch_seconds.append(time.perf_counter() - te)
         history.append({"epoch": epoch, "lr": lr, "backbone_lr": backbone_lr, "train_loss": train["loss"],
                         "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
-                        "seconds": epoch_seconds[-1], **({"skipped_steps": train["skipped"]} if precision.scaler else {})})
+                        "seconds": epoch_seconds[-1],
+                        **({"skipped_steps": train["skipped"]} if precision.scaler is not None else {})})
         print(f"finetune: epoch {epoch}/{ft.epochs} train_loss {train['loss']:.4f} "
               f"val_acc {val['acc']:.4f} ({epoch_seconds[-1]:.1f} s){precision.skipped_note(train)}")
         if val["acc"] > best_acc:

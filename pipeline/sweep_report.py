@@ -81,8 +81,9 @@ def interval_note(outcome: SweepOutcome) -> Optional[str]:
 
 def notes(outcome: SweepOutcome) -> list[str]:
     out = [TEST_NOTE if outcome.has_test else NO_TEST_NOTE]
-    if interval_note(outcome):
-        out.append(interval_note(outcome))
+    interval = interval_note(outcome)
+    if interval:
+        out.append(interval)
     if any(r.joint for r in outcome.results):
         out.append(JOINT_NOTE)
     if outcome.interrupted:
@@ -131,10 +132,10 @@ def outcome_from_summary(summary: dict) -> SweepOutcome:
                            r.get("best_epoch"), number(r.get("test_acc")), number(r.get("test_mean_per_class")),
                            position=i)
 
-    results = [result(i, r) for i, r in enumerate(summary["results"])]
-    def count(v) -> Optional[int]:           # sweep.json files written before these fields: None
+    def count(v) -> Optional[int]:           # sweep.json files written before n_val / n_test: None
         return None if v is None else int(v)
 
+    results = [result(i, r) for i, r in enumerate(summary["results"])]
     return SweepOutcome(results, bool(summary["has_test"]), bool(summary["interrupted"]), float(summary["seconds"]),
                         int(summary["planned"]), count(summary.get("n_val")), count(summary.get("n_test")))
 
