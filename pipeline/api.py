@@ -238,8 +238,7 @@ def _record(estimator, fs: FeatureSet, result: dict) -> dict:
     test = {"test_acc": result["test"]["acc"], "test_mean_per_class": result["test"]["mean_per_class"]} \
         if "test" in result else {}
     entry = ledger_entry(fs, kind, params, result["val"]["acc"], result["val"]["mean_per_class"], test,
-                         result["seconds"], fs.run_dir, "api")
-    entry.n_val = result["val"]["n"]
+                         result["seconds"], fs.run_dir, "api", n_val=result["val"]["n"])
     problem = append_heads(fs.output_dir, [entry])
     if problem:
         return {"ledger": None, "ledger_error": problem}

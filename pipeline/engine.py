@@ -114,7 +114,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = steps = 0
-    precision.take_skipped()
     bar = progress(batches, desc=desc, unit="batch", leave=False) if desc else batches
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -64,14 +64,16 @@ def ledger_path(output_dir: str | Path) -> Path:
 
 def ledger_entry(features, head_type: str, params: dict, val_acc: Optional[float],
                  val_mean_per_class: Optional[float], test: dict, seconds: float, run_dir: Path,
-                 source: str) -> LedgerEntry:
-    """One ledger line for a head trained on features (a cache.FeatureSet); a tap other than pool is a param."""
+                 source: str, n_val: Optional[int] = None) -> LedgerEntry:
+    """One ledger line for a head trained on features (a cache.FeatureSet); a tap other than pool is a param.
+    n_val, the val images scored, defaults to the cache's val rows."""
     tap = getattr(features, "tap", "pool")
     params = params if tap == "pool" or "tap" in params else {"tap": tap, **params}
-    val = getattr(features, "manifests", {}).get("val")
+    if n_val is None and getattr(features, "manifests", {}).get("val"):
+        n_val = len(features.manifests["val"])
     return LedgerEntry(features.key, str(features.backbone.get("name", "")), head_type, params, val_acc,
                        val_mean_per_class, test.get("test_acc"), test.get("test_mean_per_class"), seconds,
-                       str(run_dir), source, cache_file=str(features.path), n_val=len(val) if val else None)
+                       str(run_dir), source, cache_file=str(features.path), n_val=n_val)
 
 
 def append_heads(output_dir: str | Path, entries: Sequence[LedgerEntry]) -> Optional[str]:

@@ -151,7 +151,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_best(entries: Sequence[LedgerEntry], cache_key: str, top: Optional[int] = 20) -> str:
     """The leaderboard of one cache: rank, head, params, val and test scores, seconds, source, run, time."""
-    best = best_heads(entries, cache_key, top)
+    mine = best_heads(entries, cache_key)
+    best = mine[:top]
     if not best:
         return f"no heads in the ledger for cache {cache_key}"
     tested = any(e.test_acc is not None for e in best)
@@ -164,7 +165,7 @@ def format_best(entries: Sequence[LedgerEntry], cache_key: str, top: Optional[in
               "val mean/class", "seconds", "by", "run", "time"]
     note = selection_note(tested, "ranked by val top-1 (selection uses val only)")
     out = f"best heads on cache {cache_key} ({best[0].backbone})\n{_table(header, rows)}\n{note}"
-    mine = best_heads(entries, cache_key)      # one cache key, one val set: any entry's n_val holds for all
+    # one cache key, one val set: any entry's n_val holds for all
     n_val = next((e.n_val for e in mine if e.n_val), None)
     scored = [e.val_acc for e in mine[1:] if e.val_acc is not None]
     if n_val and best[0].val_acc is not None:

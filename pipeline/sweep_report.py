@@ -67,10 +67,9 @@ def winner_interval(outcome: SweepOutcome) -> Optional[tuple[float, float]]:
 def interval_note(outcome: SweepOutcome) -> Optional[str]:
     """How much val's size lets a ranking say: one image's share of top-1, the winner's 95 % interval and
     how many other configurations score inside it (and the winner's test interval, with a test split)."""
-    interval = winner_interval(outcome)
-    if interval is None:
-        return None
     w = outcome.winner
+    if w is None or not outcome.n_val:
+        return None
     note = ranking_note(outcome.n_val, w.val_acc, [r.val_acc for r in outcome.ranked()[1:]], "configurations")
     if outcome.n_test and w.test_acc is not None:
         t_lo, t_hi = wilson_interval(w.test_acc, outcome.n_test)
