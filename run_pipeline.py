@@ -77,12 +77,13 @@ def split_stages(tokens: list[str]) -> tuple[list[str], list[str]]:
 
 def check_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(stages, image paths) named on the command line; ConfigError for a combination that cannot run."""
-    from pipeline.config import STAGES, ConfigError
+    from pipeline.config import STAGES, ConfigError, did_you_mean
 
     stages, paths = split_stages(args.stages)
     unknown = [s for s in stages if s not in STAGES + COMMANDS]
     if unknown:
-        raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES + COMMANDS)})")
+        raise ConfigError(f"unknown stage '{unknown[0]}'{did_you_mean(unknown[0], STAGES + COMMANDS)} "
+                          f"(stages: {', '.join(STAGES + COMMANDS)})")
     if any(s in COMMANDS for s in stages) and len(stages) > 1:
         raise ConfigError("'caches' runs on its own: python run_pipeline.py caches [--set extract.cache_dir=DIR]")
     if "predict" in stages and not paths:

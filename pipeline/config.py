@@ -321,14 +321,20 @@ def config_from_dict(raw: Any, source: str = "params") -> Config:
         raise ConfigError(f"{source}: the top level must be an object of sections")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{source}: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)})")
+        raise ConfigError(f"{source}: unknown section '{unknown[0]}'{did_you_mean(unknown[0], SECTIONS)} "
+                          f"(known: {', '.join(SECTIONS)})")
     return Config(**{name: _build_section(name, cls, raw.get(name, {}))
                      for name, cls in SECTIONS.items()})
 
 
+def did_you_mean(word: str, known, prefix: str = "") -> str:
+    """" (did you mean 'prefix<closest>'?)" for the known name closest to a misspelt word, or ""."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def _did_you_mean(section: str, key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f" (did you mean '{section}.{close[0]}'?)" if close else ""
+    return did_you_mean(key, known, f"{section}.")
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -339,7 +345,8 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set '{text}': expected section.key=value (e.g. head.lr=0.01)")
     section, key = dotted.split(".")
     if section not in SECTIONS:
-        raise ConfigError(f"--set '{text}': unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        raise ConfigError(f"--set '{text}': unknown section '{section}'{did_you_mean(section, SECTIONS)} "
+                          f"(known: {', '.join(SECTIONS)})")
     field_names = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key not in field_names:
         raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(section, key, field_names)} "

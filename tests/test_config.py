@@ -58,7 +58,8 @@ def test_int_accepted_for_float():
 
 @pytest.mark.parametrize("override, message", [
     ("head.lrr=0.1", "unknown key 'head.lrr'"),
-    ("heads.lr=0.1", "unknown section 'heads'"),
+    ("heads.lr=0.1", "unknown section 'heads' .did you mean 'head'.. .known: run, "),
+    ("zzz.lr=0.1", "unknown section 'zzz' .known: run, "),
     ("head.lr=fast", "head.lr: expected a number"),
     ("head.lr=-1", "head.lr: must be > 0"),
     ("head.epochs=2.5", "head.epochs: expected an integer"),
@@ -112,7 +113,8 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 @pytest.mark.parametrize("text, message", [("[1, 2]", "the top level must be an object of sections"),
-                                           ('{"heads": {"lr": 0.1}}', "unknown section 'heads' .known: run, data, ")])
+                                           ('{"heads": {"lr": 0.1}}', "unknown section 'heads' .did you mean 'head'.. "
+                                            ".known: run, data, ")])
 def test_a_file_that_is_not_sections_names_itself(tmp_path, text, message):
     path = tmp_path / "p.json"
     path.write_text(text)

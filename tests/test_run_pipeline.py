@@ -54,8 +54,14 @@ def test_errors_are_one_line_without_traceback(params_file, capsys):
     assert run_pipeline.main(["--params", str(params_file), "train"]) == 2
     assert run_pipeline.main(["--params", str(params_file), "--set", "data.root=/no/such/dir"]) == 2
     err = capsys.readouterr().err
-    assert "head.lr: must be > 0" in err and "unknown stage 'train'" in err
+    assert "head.lr: must be > 0" in err and "unknown stage 'train' (stages: " in err
     assert "data.root '/no/such/dir' is not a folder" in err and "Traceback" not in err
+
+
+def test_a_misspelt_stage_gets_the_closest_name(params_file, capsys):
+    assert run_pipeline.main(["--params", str(params_file), "haed"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'haed' (did you mean 'head'?) (stages: extract, head," in err
 
 
 def test_help_lists_stages_and_keys():
