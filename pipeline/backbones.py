@@ -22,8 +22,9 @@ from pipeline.data import Preprocess
 from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_weights_file,  # noqa: F401
                            lite_network, lite_preprocess, lite_weights_file)
 from pipeline.taps import normalize_taps
-from pipeline.weight_files import (BackboneError, build_loaded, check_hub_file, download_error, file_sha256,  # noqa: F401
-                                   download_hub_file, is_local_file, load_state_file, weights_enum)
+from pipeline.weight_files import (BackboneError, build_hub_loaded, build_loaded, check_hub_file,  # noqa: F401
+                                   download_error, download_hub_file, file_sha256, hub_file, is_local_file,
+                                   load_state_file, weights_enum)
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -251,8 +252,10 @@ def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
         kwargs = PRETRAINED_KWARGS.get(cfg.name, {})
         return load_into(lambda: torchvision.models.get_model(cfg.name, weights=None, **kwargs), cfg.name, cfg.weights)
     enum = weights_enum(cfg.name, cfg.weights)
+    path = hub_file(enum)
     try:
-        return torchvision.models.get_model(cfg.name, weights=enum)
+        return build_hub_loaded(lambda: torchvision.models.get_model(cfg.name, weights=enum), path,
+                                lambda net: _load_body(net, cfg.name, load_state_file(str(path)), str(path), True))
     except OSError as e:  # URLError, HTTPError, socket errors, a partial file on disk
         raise download_error(cfg.name, enum, e, LITE0) from None
 

@@ -6,7 +6,8 @@
 - torchvision's weights enums: the member that ``backbone.weights`` names, the check that a cached
   checkpoint still matches the hash prefix in its name, and the download done before any work;
 - ``build_loaded``: a network built on the meta device and its weights assigned, so that the random
-  initialisation the weights replace is never run (building VGG16 from a file: 1.60 -> 0.42 s, docs/backbones.md).
+  initialisation the weights replace is never run (building VGG16 from a file: 1.60 -> 0.42 s, docs/backbones.md);
+  ``build_hub_loaded`` does the same for torchvision's builders with a downloaded weights enum.
 
 ``BackboneError`` is defined here, the lowest module of the backbone family, so that
 ``backbones``, ``lite`` and ``timm_backbones`` raise the same error (``backbones`` re-exports it).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -106,6 +108,31 @@ def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool
     net = build()
     load(net, False)
     return net
+
+
+def build_hub_loaded(build: Callable[[], nn.Module], path: Path, assign: Callable[[nn.Module], None]) -> nn.Module:
+    """torchvision's builder with a weights enum (build(): it sets the arguments those weights need and
+    loads its checkpoint, path in torch.hub's folder), without the random initialisation it replaces.
+
+    build() runs on the meta device, where its own strict load checks the checkpoint's keys and shapes
+    but copies nothing; assign(net) then assigns the checkpoint's tensors. Where the constructor cannot
+    run on the meta device, the network ties weights, assign rejects the file (a checkpoint whose keys
+    the builder renames, as densenet's) or leaves something unset, build() runs for real, as before."""
+    if path.is_file():
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+                net = build()
+        except Exception:  # noqa: BLE001  a constructor or builder computing with its tensors: build for real
+            net = None
+        if net is not None and not shares_tensors(net):
+            try:
+                assign(net)
+            except BackboneError:
+                net = None
+            if net is not None and not has_meta_tensors(net):
+                return net
+    return build()
 
 
 # ----------------------------------------------------------------------------- torchvision checkpoints

@@ -163,3 +163,20 @@ def read_only():
     for folder in made:
         subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
         folder.chmod(0o755)
+
+
+@pytest.fixture
+def real_inits(monkeypatch) -> list:
+    """Records every nn.init.kaiming_normal_ call on a real (not meta) tensor (ResNet's conv init) from
+    the start of the test: clear it before the build under test."""
+    import torch
+
+    calls, init = [], torch.nn.init.kaiming_normal_
+
+    def recording(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            calls.append(tuple(tensor.shape))
+        return init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", recording)
+    return calls

@@ -316,26 +316,14 @@ def test_local_file_with_a_wrong_shaped_tensor_is_one_line(tmp_path):
         build_network(cfg, spec)
 
 
-def _real_inits(monkeypatch) -> list:
-    """Records every nn.init.kaiming_normal_ call on a real (not meta) tensor: ResNet's conv init."""
-    calls, init = [], torch.nn.init.kaiming_normal_
-
-    def recording(tensor, *args, **kwargs):
-        if not tensor.is_meta:
-            calls.append(tuple(tensor.shape))
-        return init(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", recording)
-    return calls
-
-
-def test_a_fitting_local_file_is_assigned_without_running_the_random_init(tmp_path, monkeypatch):
+def test_a_fitting_local_file_is_assigned_without_running_the_random_init(tmp_path, real_inits):
     torch.manual_seed(1)
     source = torchvision.models.resnet18().eval()
     half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
     torch.save(half, tmp_path / "half.pth")                # stored in float16: loaded as the model's float32
     cfg, spec = spec_of("resnet18", str(tmp_path / "half.pth"))
-    calls = _real_inits(monkeypatch)
+    calls = real_inits
+    calls.clear()                                    # the inits above drew the file's weights
     net = build_network(cfg, spec).eval()
     assert calls == []
     assert all(t.dtype == s.dtype and not t.is_meta for t, s in zip(net.state_dict().values(), source.state_dict().values()))
@@ -348,11 +336,12 @@ def test_a_fitting_local_file_is_assigned_without_running_the_random_init(tmp_pa
         assert torch.equal(net(x), reference(x))
 
 
-def test_a_file_that_leaves_the_classifier_out_is_built_for_real(tmp_path, monkeypatch):
+def test_a_file_that_leaves_the_classifier_out_is_built_for_real(tmp_path, real_inits):
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "seven.pth")
     cfg, spec = spec_of("resnet18", str(tmp_path / "seven.pth"))
-    calls = _real_inits(monkeypatch)
+    calls = real_inits
+    calls.clear()                                    # the inits above drew the file's weights
     net = build_network(cfg, spec, seed=3)
     assert calls and not any(t.is_meta for t in net.state_dict().values())
     torch.manual_seed(3)
