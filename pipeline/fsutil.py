@@ -11,7 +11,9 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,15 +201,67 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def stat_signature(st: os.stat_result) -> tuple[int, ...]:
+    """(device, inode, size, mtime_ns, ctime_ns): unchanged while the file is. ctime cannot be set by a
+    user, so an edit that restores the size and mtime (`touch -r`, `os.utime`) still changes it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+RACY_SECONDS = 2.0          # a file changed this recently is not remembered (an edit within one timestamp tick)
+HASH_MEMO_ENV = "FEATURE_PIPELINE_HASH_MEMO"   # the weights hash memo's file, or "off"
+HASH_MEMO_ENTRIES = 64
+
+
+def hash_memo_path() -> Optional[Path]:
+    """Where file_sha256 remembers the hashes of weights files across processes: $FEATURE_PIPELINE_HASH_MEMO
+    ("off" or "": nowhere), else feature-pipeline/weights-sha256.json in $XDG_CACHE_HOME or ~/.cache."""
+    value = os.environ.get(HASH_MEMO_ENV)
+    if value is not None:
+        return None if value in ("", "off") else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "feature-pipeline" / "weights-sha256.json"
+
+
+def _read_hash_memo(memo: Path) -> dict:
+    try:
+        data = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or damaged: only a speed-up, start again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_hash(memo: Path, path: str, signature: tuple[int, ...], digest: str) -> None:
+    entries = _read_hash_memo(memo)
+    entries.pop(path, None)
+    entries[path] = [*signature, digest]
+    kept = dict(list(entries.items())[-HASH_MEMO_ENTRIES:])
+    try:
+        atomic_write_bytes(memo, json.dumps(kept, indent=0).encode("utf-8"),
+                           memo.with_name(f".{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp"))
+    except OSError:  # a read-only home or a full disk: hashed again next time
+        pass
+
+
 @functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
+def _sha256_cached(path: str, signature: tuple[int, ...]) -> str:
+    memo = hash_memo_path()
+    known = _read_hash_memo(memo).get(path) if memo is not None else None
+    if (isinstance(known, list) and len(known) == len(signature) + 1 and tuple(known[:-1]) == signature
+            and isinstance(known[-1], str) and len(known[-1]) == 64):
+        return known[-1]
+    stable_before_ns = time.time_ns() - int(RACY_SECONDS * 1e9)
+    digest = sha256_file(path)
+    settled = (stat_signature(os.stat(path)) == signature
+               and max(signature[3], signature[4]) < stable_before_ns)
+    if memo is not None and settled:
+        _remember_hash(memo, path, signature, digest)
+    return digest
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256_file, remembered while the file's (resolved path, size, mtime_ns) is unchanged (weights files)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    """sha256_file of a weights file, remembered while its stat_signature holds: in this process and, in
+    hash_memo_path(), across processes (a 1.2 GB checkpoint takes seconds to hash; scan.py's rule for images)."""
+    return _sha256_cached(str(Path(path).resolve()), stat_signature(os.stat(path)))
 
 
 def data_name(root: str | Path) -> str:

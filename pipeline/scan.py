@@ -30,13 +30,14 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.distributed import SINGLE, DistContext, unshard
+from pipeline.fsutil import stat_signature
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
 from pipeline.splits import carve_train, check_split_settings, count_leaks, warn_leaks
 
 BAD_FILES = "bad_files.json"
-RACY_SECONDS = 2.0
+RACY_SECONDS = 2.0       # the rule fsutil.RACY_SECONDS applies to weights files
 APPLEDOUBLE_REASON = "macOS AppleDouble metadata file (._*), not an image"
 
 
@@ -70,10 +71,6 @@ class TooManyBadFiles(PipelineError):
     pass
 
 
-def _stat_signature(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _check_file(root: Path, rel: str, known: Optional[ScanEntry], use_stat: bool,
                 stable_before_ns: int) -> tuple[Optional[ScanEntry], bool, bool]:
     """(entry, hashed now, safe to remember) for one file."""
@@ -90,12 +87,12 @@ def _check_file(root: Path, rel: str, known: Optional[ScanEntry], use_stat: bool
         return ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
     if not stat.S_ISREG(st.st_mode):
         return ScanEntry((), "", "unreadable", "not a regular file"), False, False
-    signature = _stat_signature(st)
+    signature = stat_signature(st)
     if use_stat and known is not None and known.stat == signature:
         return known, False, False
     try:
         data = read_image_bytes(path)  # re-checks: regular file, size cap
-        after = _stat_signature(os.stat(path))
+        after = stat_signature(os.stat(path))
     except OSError as e:
         return ScanEntry((), "", "unreadable", e.strerror or str(e)), False, False
     problem = image_problem(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from pathlib import Path
 # should sleep, not spin, while another worker has the core (as the CLI sets it: run_pipeline.main).
 # Read when torch loads OpenMP: set before any test module imports torch. A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Weights hashes are remembered across processes (fsutil.hash_memo_path): in a folder of this session's
+# own, never in the user's ~/.cache; the CLI tests' child processes inherit it.
+os.environ.setdefault("FEATURE_PIPELINE_HASH_MEMO", os.path.join(tempfile.mkdtemp(prefix="hash-memo-"),
+                                                                  "weights-sha256.json"))
 
 import numpy as np
 import pytest
