@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -218,8 +219,9 @@ def hash_memo_path() -> Optional[Path]:
     value = os.environ.get(HASH_MEMO_ENV)
     if value is not None:
         return None if value in ("", "off") else Path(value)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "feature-pipeline" / "weights-sha256.json"
+    home = os.path.expanduser("~")
+    base = os.environ.get("XDG_CACHE_HOME") or (None if home == "~" else os.path.join(home, ".cache"))
+    return None if base is None else Path(base) / "feature-pipeline" / "weights-sha256.json"   # no home: nowhere
 
 
 def _read_hash_memo(memo: Path) -> dict:
@@ -247,12 +249,12 @@ def _sha256_cached(path: str, signature: tuple[int, ...]) -> str:
     memo = hash_memo_path()
     known = _read_hash_memo(memo).get(path) if memo is not None else None
     if (isinstance(known, list) and len(known) == len(signature) + 1 and tuple(known[:-1]) == signature
-            and isinstance(known[-1], str) and len(known[-1]) == 64):
+            and isinstance(known[-1], str) and re.fullmatch("[0-9a-f]{64}", known[-1])):
         return known[-1]
     stable_before_ns = time.time_ns() - int(RACY_SECONDS * 1e9)
     digest = sha256_file(path)
-    settled = (stat_signature(os.stat(path)) == signature
-               and max(signature[3], signature[4]) < stable_before_ns)
+    settled = (stat_signature(os.stat(path)) == signature                  # unchanged while read, and
+               and max(signature[3], signature[4]) < stable_before_ns)    # its mtime and ctime settled
     if memo is not None and settled:
         _remember_hash(memo, path, signature, digest)
     return digest

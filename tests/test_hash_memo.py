@@ -73,9 +73,10 @@ def test_a_damaged_memo_is_ignored_and_rewritten(tmp_path, memo, damage):
     assert fresh_process_hash(weights) == hashlib.sha256(b"w").hexdigest()
     entries = json.loads(memo_path.read_text())
     assert str(weights.resolve()) in entries
-    forged = {**entries, str(weights.resolve()): entries[str(weights.resolve())][:-1] + ["0" * 63]}
-    memo_path.write_text(json.dumps(forged))                 # not a SHA-256: hashed again
-    assert fresh_process_hash(weights) == hashlib.sha256(b"w").hexdigest() and len(reads) == 2
+    for n, forged_digest in enumerate(["0" * 63, "z" * 64], start=2):        # not a SHA-256: hashed again
+        forged = {**entries, str(weights.resolve()): entries[str(weights.resolve())][:-1] + [forged_digest]}
+        memo_path.write_text(json.dumps(forged))
+        assert fresh_process_hash(weights) == hashlib.sha256(b"w").hexdigest() and len(reads) == n
 
 
 def test_an_unwritable_memo_or_off_only_costs_the_hash(tmp_path, memo, monkeypatch):
@@ -106,6 +107,11 @@ def test_the_default_memo_is_in_the_users_cache_folder(monkeypatch, tmp_path):
     monkeypatch.delenv(fsutil.HASH_MEMO_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert fsutil.hash_memo_path() == tmp_path / "feature-pipeline" / "weights-sha256.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fsutil.hash_memo_path() == tmp_path / "home" / ".cache" / "feature-pipeline" / "weights-sha256.json"
+    monkeypatch.setattr(fsutil.os.path, "expanduser", lambda p: p)        # no home to be found: no memo
+    assert fsutil.hash_memo_path() is None
 
 
 def test_a_second_process_reads_the_memo(tmp_path, monkeypatch):
