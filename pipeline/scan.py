@@ -30,14 +30,13 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline import cache as fc
 from pipeline.distributed import SINGLE, DistContext, unshard
-from pipeline.fsutil import stat_signature
+from pipeline.fsutil import RACY_SECONDS, stat_signature
 from pipeline.data import ImageFolderData, Split, image_problem, read_image_bytes, resolve_in_root
 from pipeline.metrics import write_json
 from pipeline.scan_index import ScanEntry, read_scan_index, remove_stale_scan_temps, write_scan_index
 from pipeline.splits import carve_train, check_split_settings, count_leaks, warn_leaks
 
 BAD_FILES = "bad_files.json"
-RACY_SECONDS = 2.0       # the rule fsutil.RACY_SECONDS applies to weights files
 APPLEDOUBLE_REASON = "macOS AppleDouble metadata file (._*), not an image"
 
 

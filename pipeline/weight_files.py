@@ -87,6 +87,22 @@ def shares_tensors(net: nn.Module) -> bool:
             or len(list(net.named_buffers(remove_duplicate=False))) != len(list(net.named_buffers())))
 
 
+def _assigned_on_meta(build: Callable[[], nn.Module], assign: Callable[[nn.Module], None]) -> Optional[nn.Module]:
+    """build() on the meta device (no memory, no init) with assign(net) assigning its tensors; None where
+    that cannot work: the constructor computes with its tensors, the network ties one parameter or buffer
+    to two names (assigning would untie them), or assign leaves something unset. What assign raises passes."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")   # a builder's own load
+            net = build()
+    except Exception:  # noqa: BLE001  a constructor computing with its tensors (.item(), numpy): build for real
+        return None
+    if shares_tensors(net):
+        return None
+    assign(net)
+    return None if has_meta_tensors(net) else net
+
+
 def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool], None]) -> nn.Module:
     """build() with its weights put in by load(net, assign), never running the random initialisation they replace.
 
@@ -96,15 +112,9 @@ def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool
     one parameter or buffer to two names, or the constructor cannot run on the meta device, it is built
     again for real and loaded by copy, as before. A file that does not fit the network fails in load
     either way, with the same message."""
-    try:
-        with torch.device("meta"):
-            net = build()
-    except Exception:  # noqa: BLE001  a constructor computing with its tensors (.item(), numpy): build for real
-        net = None
-    if net is not None and not shares_tensors(net):      # assigning would untie tied weights
-        load(net, True)
-        if not has_meta_tensors(net):
-            return net
+    net = _assigned_on_meta(build, lambda net: load(net, True))
+    if net is not None:
+        return net
     net = build()
     load(net, False)
     return net
@@ -120,18 +130,11 @@ def build_hub_loaded(build: Callable[[], nn.Module], path: Path, assign: Callabl
     the builder renames, as densenet's) or leaves something unset, build() runs for real, as before."""
     if path.is_file():
         try:
-            with warnings.catch_warnings(), torch.device("meta"):
-                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-                net = build()
-        except Exception:  # noqa: BLE001  a constructor or builder computing with its tensors: build for real
+            net = _assigned_on_meta(build, assign)
+        except BackboneError:
             net = None
-        if net is not None and not shares_tensors(net):
-            try:
-                assign(net)
-            except BackboneError:
-                net = None
-            if net is not None and not has_meta_tensors(net):
-                return net
+        if net is not None:
+            return net
     return build()
 
 
