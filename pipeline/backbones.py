@@ -254,8 +254,7 @@ def _build_network(cfg: BackboneConfig, spec: BackboneSpec) -> nn.Module:
     enum = weights_enum(cfg.name, cfg.weights)
     path = hub_file(enum)
     try:
-        return build_hub_loaded(lambda: torchvision.models.get_model(cfg.name, weights=enum), path,
-                                lambda net: _load_body(net, cfg.name, load_state_file(str(path)), str(path), True))
+        return build_hub_loaded(lambda: torchvision.models.get_model(cfg.name, weights=enum), path)
     except OSError as e:  # URLError, HTTPError, socket errors, a partial file on disk
         raise download_error(cfg.name, enum, e, LITE0) from None
 

@@ -8,7 +8,9 @@ Imported only when a timm name is asked for, so the other backbones never import
   (input size, crop_pct, mean/std, interpolation), mapped onto the project's Preprocess so the
   cache key, finetuning and predict use the same resize / centre-crop as timm's eval transform.
 - weights: DEFAULT (timm's own download through the Hugging Face Hub cache, or its URL), a local
-  ``.pth`` / ``.bin`` / ``.safetensors`` state dict (its SHA-256 is in the cache key), or none.
+  ``.pth`` / ``.bin`` / ``.safetensors`` state dict (its SHA-256 is in the cache key), or none. DEFAULT
+  builds with timm's own loader on the meta device, its load assigning the checkpoint
+  (weight_files.build_hub_loaded; fill_computed_buffers adds what no checkpoint holds).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones import LITE0, BackboneError, load_into
-from pipeline.weight_files import file_sha256, is_local_file
+from pipeline.weight_files import build_hub_loaded, file_sha256, is_local_file
 from pipeline.data import Preprocess
 
 PREFIX = "timm/"
@@ -202,13 +204,50 @@ def build(name: str, weights: str, image_size: int) -> nn.Module:
     kwargs = _size_kwargs(model, image_size)
     if weights == "DEFAULT":
         ensure_weights(name, weights)
+        source, cached = _source(model) or "", None
+        if source.startswith("hf-hub:"):
+            cached = _hub_cached(source[len("hf-hub:"):])
         try:
-            return timm.create_model(model, pretrained=True, **kwargs)
+            return build_hub_loaded(lambda: timm.create_model(model, pretrained=True, **kwargs),
+                                    Path(cached) if cached else None, fill_computed_buffers)
         except OSError as e:  # the cached file went missing, or the Hub had another file than ensure_weights
             raise download_error(name, _source(model) or model, e) from None
     if weights == "none":
         return timm.create_model(model, pretrained=False, **kwargs)
     return load_into(lambda: timm.create_model(model, pretrained=False, **kwargs), name, weights)
+
+
+def _sentinel(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+def _holds_sentinel(t: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+    if t is None or t.is_meta:
+        return True
+    return bool(t.isnan().any() if dtype.is_floating_point else (t == torch.iinfo(dtype).max).any())
+
+
+def fill_computed_buffers(net: nn.Module) -> None:
+    """Compute, on the CPU, the buffers that no checkpoint holds (timm's non-persistent buffers: relative
+    position indices, RoPE tables, attention masks, zero k-biases) of a network built on the meta device,
+    through each module's own init_non_persistent_buffers. Each is first filled with a sentinel (NaN, or
+    the dtype's largest integer): one left holding any, or a bool or complex buffer, goes back to the
+    meta device, so that build_hub_loaded builds the network for real instead."""
+    for module in net.modules():
+        metas = {n: b for n, b in module._buffers.items() if b is not None and b.is_meta}
+        if not metas or not hasattr(module, "init_non_persistent_buffers"):
+            continue
+        if any(b.dtype == torch.bool or b.is_complex() for b in metas.values()):
+            continue
+        for n, b in metas.items():
+            module._buffers[n] = torch.full(b.shape, _sentinel(b.dtype), dtype=b.dtype)
+        try:
+            module.init_non_persistent_buffers()
+            filled = not any(_holds_sentinel(module._buffers.get(n), b.dtype) for n, b in metas.items())
+        except Exception:  # noqa: BLE001  it computes from something still on the meta device
+            filled = False
+        if not filled:
+            module._buffers.update(metas)
 
 
 def classifier_path(net: nn.Module) -> str:

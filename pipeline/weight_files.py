@@ -7,13 +7,15 @@
   checkpoint still matches the hash prefix in its name, and the download done before any work;
 - ``build_loaded``: a network built on the meta device and its weights assigned, so that the random
   initialisation the weights replace is never run (building VGG16 from a file: 1.60 -> 0.42 s, docs/backbones.md);
-  ``build_hub_loaded`` does the same for torchvision's builders with a downloaded weights enum.
+  ``build_hub_loaded`` does the same for torchvision's and timm's builders with downloaded weights, their
+  own load made to assign (``assigning_loads``).
 
 ``BackboneError`` is defined here, the lowest module of the backbone family, so that
 ``backbones``, ``lite`` and ``timm_backbones`` raise the same error (``backbones`` re-exports it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -87,12 +89,27 @@ def shares_tensors(net: nn.Module) -> bool:
             or len(list(net.named_buffers(remove_duplicate=False))) != len(list(net.named_buffers())))
 
 
+class _MetaFillsSkipped(torch.overrides.TorchFunctionMode):
+    """In-place fills of meta tensors (a constructor's random init) return at once: on the meta device they
+    hold nothing to fill, and torch's reference kernels there cost 0.5 ms (normal_) to 1.5 ms (clamp_) a call,
+    which made building DenseNet-121 on the meta device slower than building it for real."""
+
+    FILLS = frozenset(getattr(torch.Tensor, name) for name in (
+        "normal_", "uniform_", "erfinv_", "clamp_", "clamp_min_", "clamp_max_", "exponential_", "log_normal_",
+        "cauchy_", "geometric_", "random_", "bernoulli_", "fill_", "zero_", "mul_", "add_", "sub_", "div_"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def _assigned_on_meta(build: Callable[[], nn.Module], assign: Callable[[nn.Module], None]) -> Optional[nn.Module]:
     """build() on the meta device (no memory, no init) with assign(net) assigning its tensors; None where
     that cannot work: the constructor computes with its tensors, the network ties one parameter or buffer
     to two names (assigning would untie them), or assign leaves something unset. What assign raises passes."""
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
+        with warnings.catch_warnings(), torch.device("meta"), _MetaFillsSkipped():
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")   # a builder's own load
             net = build()
     except Exception:  # noqa: BLE001  a constructor computing with its tensors (.item(), numpy): build for real
@@ -100,7 +117,23 @@ def _assigned_on_meta(build: Callable[[], nn.Module], assign: Callable[[nn.Modul
     if shares_tensors(net):
         return None
     assign(net)
-    return None if has_meta_tensors(net) else net
+    if has_meta_tensors(net):
+        return None
+    realign(net)
+    return net
+
+
+def realign(net: nn.Module) -> None:
+    """Copy each CPU parameter or buffer of net that does not start on a 64-byte boundary (a tensor assigned
+    from a safetensors file is a view at the file's offset) into memory of its own, as a network built for real
+    holds them: the SIMD kernels round otherwise (ViTs' outputs differed by 6e-8 from the same weights copied)."""
+    for module in net.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.device.type == "cpu" and p.data_ptr() % 64:
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.device.type == "cpu" and b.data_ptr() % 64:
+                module._buffers[name] = b.clone()
 
 
 def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool], None]) -> nn.Module:
@@ -120,19 +153,44 @@ def build_loaded(build: Callable[[], nn.Module], load: Callable[[nn.Module, bool
     return net
 
 
-def build_hub_loaded(build: Callable[[], nn.Module], path: Path, assign: Callable[[nn.Module], None]) -> nn.Module:
-    """torchvision's builder with a weights enum (build(): it sets the arguments those weights need and
-    loads its checkpoint, path in torch.hub's folder), without the random initialisation it replaces.
+@contextlib.contextmanager
+def assigning_loads():
+    """While active, nn.Module.load_state_dict into a network that still has meta tensors (and ties none)
+    assigns the state dict's tensors (assign=True) instead of copying into tensors that hold nothing, with
+    the factory calls inside it on the CPU (BatchNorm's num_batches_tracked for checkpoints older than it);
+    every other load is unchanged. A library builder's own load (torchvision's weights enums, timm's
+    pretrained=True: their key renames and checkpoint filters included) so fills a network built on the meta
+    device, reading the checkpoint once. The patch is on the class, for the duration of the block."""
+    original = nn.Module.load_state_dict
 
-    build() runs on the meta device, where its own strict load checks the checkpoint's keys and shapes
-    but copies nothing; assign(net) then assigns the checkpoint's tensors. Where the constructor cannot
-    run on the meta device, the network ties weights, assign rejects the file (a checkpoint whose keys
-    the builder renames, as densenet's) or leaves something unset, build() runs for real, as before."""
-    if path.is_file():
-        try:
-            net = _assigned_on_meta(build, assign)
-        except BackboneError:
-            net = None
+    def load(self, state_dict, strict=True, assign=False):
+        if assign or not has_meta_tensors(self) or shares_tensors(self):
+            return original(self, state_dict, strict=strict, assign=assign)
+        with torch.device("cpu"):
+            return original(self, state_dict, strict=strict, assign=True)
+
+    nn.Module.load_state_dict = load
+    try:
+        yield
+    finally:
+        nn.Module.load_state_dict = original
+
+
+def build_hub_loaded(build: Callable[[], nn.Module], path: Optional[Path] = None,
+                     finish: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """A library builder that loads its own downloaded checkpoint (torchvision with a weights enum, timm with
+    pretrained=True), without the random initialisation the checkpoint replaces.
+
+    build() runs on the meta device under assigning_loads, so the builder's own strict load assigns the
+    checkpoint's tensors; finish(net) then fills what no checkpoint holds (timm's computed buffers). Where
+    the checkpoint is not at path yet (the builder would download it), the constructor cannot run on the
+    meta device, the builder fails there, the network ties weights or something is left unset, build() runs
+    for real, as before: a damaged checkpoint fails there, with the builder's own error."""
+    if path is None or path.is_file():
+        def on_meta() -> nn.Module:
+            with assigning_loads():
+                return build()
+        net = _assigned_on_meta(on_meta, finish or (lambda net: None))
         if net is not None:
             return net
     return build()

@@ -92,6 +92,7 @@ def test_local_safetensors_file_is_loaded(tmp_path):
     torch.manual_seed(2)  # a different draw: only the file can make the weights equal
     net = build_network(cfg, spec)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
+    assert all(t.data_ptr() % 64 == 0 for t in net.state_dict().values())   # as a real build allocates them
 
 
 def test_damaged_safetensors_file_is_one_line(tmp_path):
@@ -157,3 +158,71 @@ def test_pipeline_on_a_tiny_timm_model(tiny_cfg, tmp_path, capsys):
 
 # That other backbones import no timm (resolve_backbone + build_feature_extractor of resnet18) is checked
 # by tests/test_imports.py, in the one interpreter that probes every stage's imports.
+
+
+@pytest.fixture
+def hub_weights(monkeypatch, tmp_path):
+    """put(name) writes a state dict for timm's `name` where timm's Hub download finds it (no network)."""
+    import timm.models._hub as timm_hub
+
+    files = {}
+    monkeypatch.setattr(timm_hub, "hf_hub_download", lambda repo_id, filename=None, **kwargs: files[repo_id])
+    monkeypatch.setattr("pipeline.timm_backbones._hub_cached", lambda repo_id: files.get(repo_id))
+
+    def put(name):
+        torch.manual_seed(1)
+        state = timm.create_model(name.split(".")[0]).state_dict()
+        path = tmp_path / f"{name}.safetensors"
+        safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[timm.models.get_pretrained_cfg(name).hf_hub_id] = str(path)
+        return state
+    return put
+
+
+@pytest.mark.parametrize("size", [160, 128])   # 128: timm's checkpoint filter resamples the position embeddings
+def test_default_weights_are_assigned_without_the_random_init(hub_weights, monkeypatch, size):
+    state = hub_weights("test_vit.r160_in1k")
+    devices, create = [], timm.create_model
+
+    def recording(*args, **kwargs):
+        devices.append(torch.get_default_device().type)
+        return create(*args, **kwargs)
+    monkeypatch.setattr(timm, "create_model", recording)
+    cfg, spec = spec_of("timm/test_vit.r160_in1k", "DEFAULT", image_size=size)
+    net = build_network(cfg, spec).eval()
+    assert devices == ["meta"]                                    # built once, on the meta device
+    reference = create("test_vit.r160_in1k", pretrained=True, **({} if size == 160 else {"img_size": size})).eval()
+    ours, theirs = dict(net.named_buffers()) | net.state_dict(), dict(reference.named_buffers()) | reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k, v in ours.items():
+        assert not v.is_meta and v.data_ptr() % 64 == 0 and torch.equal(v, theirs[k]), k
+    assert size != 160 or torch.equal(net.pos_embed, state["pos_embed"])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(net(x), reference(x))                  # aligned as built for real: the same rounding
+
+
+def test_computed_buffers_are_filled_or_left_for_the_real_build():
+    from timm.models.swin_transformer import WindowAttention
+
+    from pipeline.timm_backbones import fill_computed_buffers
+
+    real = WindowAttention(dim=8, num_heads=2, window_size=2)
+    with torch.device("meta"):
+        meta = WindowAttention(dim=8, num_heads=2, window_size=2)
+    fill_computed_buffers(meta)
+    assert not meta.relative_position_index.is_meta
+    assert torch.equal(meta.relative_position_index, real.relative_position_index)
+
+    class Forgetful(torch.nn.Module):                             # its init leaves one buffer out
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.zeros(3), persistent=False)
+            self.register_buffer("index", torch.zeros(3, dtype=torch.long), persistent=False)
+
+        def init_non_persistent_buffers(self):
+            self.table.copy_(torch.arange(3.0))
+    with torch.device("meta"):
+        forgetful = Forgetful()
+    fill_computed_buffers(forgetful)
+    assert forgetful.table.is_meta and forgetful.index.is_meta   # back on meta: build_hub_loaded builds for real
