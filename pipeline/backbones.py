@@ -23,8 +23,8 @@ from pipeline.lite import (LITE0, LITE0_PREPROCESS, LITE_SIZES, is_lite, lite0_w
                            lite_network, lite_preprocess, lite_weights_file)
 from pipeline.taps import normalize_taps
 from pipeline.weight_files import (BackboneError, build_hub_loaded, build_loaded, check_hub_file,  # noqa: F401
-                                   download_error, download_hub_file, file_sha256, hub_file, is_local_file,
-                                   load_state_file, weights_enum)
+                                   download_error, download_hub_file, file_sha256, hub_file, in_own_dtypes,
+                                   is_local_file, load_state_file, weights_enum)
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -188,8 +188,7 @@ def _load_body(net: nn.Module, name: str, state: dict, source: str, assign: bool
     skip = lambda k: is_head(k) and (k not in state or state[k].shape != own[k].shape)  # noqa: E731
     body = {k: v for k, v in state.items() if not (is_head(k) and k in own and skip(k))}
     if assign:
-        body = {k: v.to(own[k].dtype).contiguous() if k in own and isinstance(v, torch.Tensor) else v
-                for k, v in body.items()}
+        body = in_own_dtypes(net, body)
     try:
         result = net.load_state_dict(body, strict=False, assign=assign)
     except RuntimeError as e:  # a tensor of the wrong shape

@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -167,13 +168,26 @@ def assigning_loads():
         if assign or not has_meta_tensors(self) or shares_tensors(self):
             return original(self, state_dict, strict=strict, assign=assign)
         with torch.device("cpu"):
-            return original(self, state_dict, strict=strict, assign=True)
+            return original(self, in_own_dtypes(self, state_dict), strict=strict, assign=True)
 
     nn.Module.load_state_dict = load
     try:
         yield
     finally:
         nn.Module.load_state_dict = original
+
+
+def in_own_dtypes(net: nn.Module, state_dict: dict) -> dict:
+    """state_dict with each tensor cast to the dtype of net's entry of that name and made contiguous, as
+    copying it into the entry would make it (assign keeps the file's dtype: a float16 checkpoint would make a
+    float16 network); its _metadata (module versions, which BatchNorm reads) kept."""
+    own = net.state_dict()
+    cast = OrderedDict((k, v.to(own[k].dtype).contiguous() if k in own and isinstance(v, torch.Tensor) else v)
+                       for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        cast._metadata = metadata
+    return cast
 
 
 def build_hub_loaded(build: Callable[[], nn.Module], path: Optional[Path] = None,

@@ -169,9 +169,10 @@ def hub_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(timm_hub, "hf_hub_download", lambda repo_id, filename=None, **kwargs: files[repo_id])
     monkeypatch.setattr("pipeline.timm_backbones._hub_cached", lambda repo_id: files.get(repo_id))
 
-    def put(name):
+    def put(name, dtype=torch.float32):
         torch.manual_seed(1)
-        state = timm.create_model(name.split(".")[0]).state_dict()
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in timm.create_model(name.split(".")[0]).state_dict().items()}
         path = tmp_path / f"{name}.safetensors"
         safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         files[timm.models.get_pretrained_cfg(name).hf_hub_id] = str(path)
@@ -226,3 +227,13 @@ def test_computed_buffers_are_filled_or_left_for_the_real_build():
         forgetful = Forgetful()
     fill_computed_buffers(forgetful)
     assert forgetful.table.is_meta and forgetful.index.is_meta   # back on meta: build_hub_loaded builds for real
+
+
+def test_a_float16_checkpoint_gives_the_float32_network_timm_builds(hub_weights):
+    hub_weights("test_resnet.r160_in1k", torch.float16)                 # a Hub file stored in half precision
+    cfg, spec = spec_of("timm/test_resnet.r160_in1k", "DEFAULT", image_size=160)
+    net = build_network(cfg, spec)
+    reference = timm.create_model("test_resnet.r160_in1k", pretrained=True)   # copies into float32
+    for k, v in net.state_dict().items():
+        assert v.dtype == reference.state_dict()[k].dtype and torch.equal(v, reference.state_dict()[k]), k
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
