@@ -204,14 +204,13 @@ def build(name: str, weights: str, image_size: int) -> nn.Module:
     kwargs = _size_kwargs(model, image_size)
     if weights == "DEFAULT":
         ensure_weights(name, weights)
-        source, cached = _source(model) or "", None
-        if source.startswith("hf-hub:"):
-            cached = _hub_cached(source[len("hf-hub:"):])
+        source = _source(model) or model
+        cached = _hub_cached(source[len("hf-hub:"):]) if source.startswith("hf-hub:") else None
         try:
             return build_hub_loaded(lambda: timm.create_model(model, pretrained=True, **kwargs),
                                     Path(cached) if cached else None, fill_computed_buffers)
         except OSError as e:  # the cached file went missing, or the Hub had another file than ensure_weights
-            raise download_error(name, _source(model) or model, e) from None
+            raise download_error(name, source, e) from None
     if weights == "none":
         return timm.create_model(model, pretrained=False, **kwargs)
     return load_into(lambda: timm.create_model(model, pretrained=False, **kwargs), name, weights)
@@ -224,7 +223,7 @@ def _sentinel(dtype: torch.dtype):
 def _holds_sentinel(t: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
     if t is None or t.is_meta:
         return True
-    return bool(t.isnan().any() if dtype.is_floating_point else (t == torch.iinfo(dtype).max).any())
+    return bool(t.isnan().any() if dtype.is_floating_point else (t == _sentinel(dtype)).any())
 
 
 def fill_computed_buffers(net: nn.Module) -> None:
